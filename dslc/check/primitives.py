@@ -1,0 +1,390 @@
+"""The primitive ops and their shape/dtype rules. Layers are written in the DSL over these.
+
+A rule takes the argument types (a `TType`, a Python scalar or list for build-time values, or
+`NONE_TYPE` for an absent optional weight) and keyword values, and returns the result types or
+raises `OpTypeError` with an error code and a message naming the numbers involved.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from dslc.check.dims import NONE_TYPE, Dim, Sym, TType, dim_add, dim_div, product
+
+FLOAT_DTYPES = ("float", "f32", "f16", "bf16", "f64")
+
+
+class OpTypeError(Exception):
+    def __init__(self, code: str, message: str, *help: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.help = tuple(h for h in help if h)
+
+
+def _t(x, what: str) -> TType:
+    if not isinstance(x, TType):
+        raise OpTypeError("E041", f"{what} must be a tensor, got {_desc(x)}")
+    return x
+
+
+def _desc(x) -> str:
+    if isinstance(x, TType):
+        return f"a tensor {x}"
+    if x == NONE_TYPE:
+        return "an absent optional weight (none)"
+    return f"`{x}`"
+
+
+def _dim_index(d, rank: int, what: str = "dim") -> int:
+    if not isinstance(d, int) or isinstance(d, bool):
+        raise OpTypeError("E041", f"{what} must be an int, got {_desc(d)}")
+    if not -rank <= d < rank:
+        raise OpTypeError("E031", f"{what} {d} is out of range for a rank-{rank} tensor")
+    return d % rank
+
+
+def _fmt(dims) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+def broadcast(a: TType, b: TType, opname: str) -> tuple[Dim, ...]:
+    out = []
+    da, db = a.dims[::-1], b.dims[::-1]
+    for i in range(max(len(da), len(db))):
+        x = da[i] if i < len(da) else 1
+        y = db[i] if i < len(db) else 1
+        if x == y or y == 1:
+            out.append(x)
+        elif x == 1:
+            out.append(y)
+        else:
+            raise OpTypeError(
+                "E030",
+                f"`{opname}` of {a} and {b}: dim {x} does not match {y}",
+                "shapes broadcast from the right: each pair of dims must be equal or 1",
+            )
+    return tuple(reversed(out))
+
+
+def join_dtype(a: str, b: str, opname: str) -> str:
+    if a == b:
+        return a
+    raise OpTypeError(
+        "E032",
+        f"`{opname}` mixes dtypes {a} and {b}",
+        "cast one side: `cast(x, f32)` or `cast(x, y.dtype)`",
+    )
+
+
+def _elementwise(name: str):
+    def rule(args, kw):
+        if len(args) != 1:
+            raise OpTypeError("E040", f"`{name}` takes 1 argument, got {len(args)}")
+        x = _t(args[0], f"`{name}`'s argument")
+        if x.dtype not in FLOAT_DTYPES and name not in ("identity", "neg", "abs"):
+            raise OpTypeError("E032", f"`{name}` needs a floating-point tensor, got {x.dtype}", "cast it first")
+        return [x]
+
+    return rule
+
+
+def _binary(name: str):
+    def rule(args, kw):
+        if len(args) != 2:
+            raise OpTypeError("E040", f"`{name}` takes 2 arguments, got {len(args)}")
+        a, b = args
+        if a == NONE_TYPE or b == NONE_TYPE:
+            if name in ("add", "sub") and (a == NONE_TYPE) != (b == NONE_TYPE):
+                other = b if a == NONE_TYPE else a
+                if name == "sub" and a == NONE_TYPE:
+                    raise OpTypeError("E041", "cannot subtract from an absent weight")
+                return [other]
+            raise OpTypeError("E041", f"`{name}` of an absent optional weight", "only `+` and `-` skip a none")
+        if not isinstance(a, TType):
+            return [_t(b, "operand")]
+        if not isinstance(b, TType):
+            return [a]
+        if name == "matmul":
+            return _matmul(a, b)
+        return [TType(broadcast(a, b, name), join_dtype(a.dtype, b.dtype, name))]
+
+    return rule
+
+
+def _matmul(a: TType, b: TType):
+    if a.rank < 2 or b.rank < 2:
+        raise OpTypeError("E031", f"`@` needs rank >= 2 on both sides, got {a} and {b}")
+    if a.dims[-1] != b.dims[-2]:
+        raise OpTypeError("E030", f"`@` of {a} and {b}: inner dims {a.dims[-1]} and {b.dims[-2]} differ")
+    batch = broadcast(TType(a.dims[:-2], a.dtype), TType(b.dims[:-2], b.dtype), "@")
+    return [TType(batch + (a.dims[-2], b.dims[-1]), join_dtype(a.dtype, b.dtype, "@"))]
+
+
+def _where(args, kw):
+    if len(args) != 3:
+        raise OpTypeError("E040", f"`where` takes 3 arguments, got {len(args)}")
+    c = _t(args[0], "`where`'s condition")
+    if c.dtype != "bool":
+        raise OpTypeError("E032", f"`where`'s condition must be bool, got {c.dtype}")
+    tensors = [x for x in args[1:] if isinstance(x, TType)]
+    if not tensors:
+        raise OpTypeError("E041", "`where` needs at least one tensor branch")
+    dims = c.dims
+    for t in tensors:
+        dims = broadcast(TType(dims, "bool"), t, "where")
+    dtype = tensors[0].dtype if len(tensors) == 1 else join_dtype(tensors[0].dtype, tensors[1].dtype, "where")
+    return [TType(dims, dtype)]
+
+
+def _reduction(name: str):
+    def rule(args, kw):
+        if len(args) != 1:
+            raise OpTypeError("E040", f"`{name}` takes 1 tensor and `dim =`, got {len(args)} arguments")
+        x = _t(args[0], f"`{name}`'s argument")
+        dims = kw.get("dim", -1)
+        dims = dims if isinstance(dims, list) else [dims]
+        axes = {_dim_index(d, x.rank) for d in dims}
+        keep = kw.get("keepdim", False)
+        out = tuple(1 if i in axes else d for i, d in enumerate(x.dims) if keep or i not in axes)
+        return [TType(out, x.dtype)]
+
+    return rule
+
+
+def _softmax(name: str):
+    def rule(args, kw):
+        x = _t(args[0] if args else None, f"`{name}`'s argument")
+        _dim_index(kw.get("dim", -1), x.rank)
+        return [x]
+
+    return rule
+
+
+def _linear(args, kw):
+    if len(args) not in (2, 3):
+        raise OpTypeError("E040", f"`linear` takes (x, weight, bias), got {len(args)} arguments")
+    x, w = _t(args[0], "`linear`'s input"), _t(args[1], "`linear`'s weight")
+    if w.rank != 2:
+        raise OpTypeError("E033", f"`linear`'s weight must be [out, in], got {w}")
+    if x.rank < 1 or x.dims[-1] != w.dims[1]:
+        raise OpTypeError(
+            "E033",
+            f"`linear` of input {x} with weight {w}: input width {x.dims[-1] if x.rank else '?'} "
+            f"does not match weight in_features {w.dims[1]}",
+        )
+    if len(args) == 3 and args[2] not in (NONE_TYPE, None):
+        b = _t(args[2], "`linear`'s bias")
+        if b.dims != (w.dims[0],):
+            raise OpTypeError("E033", f"`linear`'s bias must be [{w.dims[0]}], got {b}")
+    return [TType(x.dims[:-1] + (w.dims[0],), join_dtype(x.dtype, w.dtype, "linear"))]
+
+
+def _gather(args, kw):
+    if len(args) != 2:
+        raise OpTypeError("E040", f"`gather` takes (table, ids), got {len(args)} arguments")
+    table, ids = _t(args[0], "`gather`'s table"), _t(args[1], "`gather`'s ids")
+    if ids.dtype not in ("i64", "i32"):
+        raise OpTypeError("E032", f"`gather`'s ids must be integers, got {ids.dtype}")
+    if table.rank != 2:
+        raise OpTypeError("E031", f"`gather`'s table must be rank 2, got {table}")
+    return [TType(ids.dims + (table.dims[1],), table.dtype)]
+
+
+def _cast(args, kw):
+    if len(args) != 2:
+        raise OpTypeError("E040", "`cast` takes (x, dtype)")
+    x = _t(args[0], "`cast`'s input")
+    dtype = args[1]
+    if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES + ("i64", "i32", "bool"):
+        raise OpTypeError("E032", f"`cast` needs a dtype such as f32 or `x.dtype`, got {_desc(dtype)}")
+    return [TType(x.dims, dtype)]
+
+
+def _reshape(args, kw):
+    if len(args) != 2 or not isinstance(args[1], list):
+        raise OpTypeError("E040", "`reshape` takes (x, [dims])")
+    x = _t(args[0], "`reshape`'s input")
+    target = list(args[1])
+    holes = [i for i, d in enumerate(target) if d == -1]
+    if len(holes) > 1:
+        raise OpTypeError("E034", "`reshape` allows one -1")
+    for d in target:
+        if isinstance(d, bool) or not isinstance(d, (int, Sym)) or (isinstance(d, int) and d < -1):
+            raise OpTypeError("E034", f"`reshape` dims must be sizes, got {_desc(d)}")
+    total = product(x.dims)
+    known = product(d for d in target if d != -1)
+    if holes:
+        q = dim_div(total, known)
+        if q is None:
+            raise OpTypeError("E034", f"cannot reshape {x} into {_fmt(target)}: {total} is not divisible by {known}")
+        target[holes[0]] = q
+    elif _comparable(total, known) and total != known:
+        raise OpTypeError(
+            "E034",
+            f"cannot reshape {x} ({total} elements) into {_fmt(target)} ({known} elements)",
+            "a head split needs the width to equal heads * head_dim",
+        )
+    return [TType(tuple(target), x.dtype)]
+
+
+def _comparable(a: Dim, b: Dim) -> bool:
+    return not any(isinstance(d, Sym) and any(n.startswith("(") for n in d.names) for d in (a, b))
+
+
+def _transpose(args, kw):
+    if len(args) != 3:
+        raise OpTypeError("E040", "`transpose` takes (x, dim0, dim1)")
+    x = _t(args[0], "`transpose`'s input")
+    i, j = _dim_index(args[1], x.rank), _dim_index(args[2], x.rank)
+    dims = list(x.dims)
+    dims[i], dims[j] = dims[j], dims[i]
+    return [TType(tuple(dims), x.dtype)]
+
+
+def _unsqueeze(args, kw):
+    x = _t(args[0] if args else None, "`unsqueeze`'s input")
+    if len(args) != 2:
+        raise OpTypeError("E040", "`unsqueeze` takes (x, dim)")
+    d = _dim_index(args[1], x.rank + 1)
+    dims = list(x.dims)
+    dims.insert(d, 1)
+    return [TType(tuple(dims), x.dtype)]
+
+
+def _squeeze(args, kw):
+    x = _t(args[0] if args else None, "`squeeze`'s input")
+    d = _dim_index(args[1], x.rank)
+    if x.dims[d] != 1:
+        raise OpTypeError("E030", f"`squeeze` of dim {args[1]} of {x}: size is {x.dims[d]}, not 1")
+    return [TType(x.dims[:d] + x.dims[d + 1 :], x.dtype)]
+
+
+def _split_sizes(x: TType, sizes, dim: int, name: str):
+    d = _dim_index(dim, x.rank)
+    total = sizes[0]
+    for s in sizes[1:]:
+        total = dim_add(total, s)
+    if _comparable(total, x.dims[d]) and total != x.dims[d]:
+        raise OpTypeError("E030", f"`{name}` sizes {_fmt(sizes)} add up to {total}, but dim {dim} of {x} is {x.dims[d]}")
+    return [TType(x.dims[:d] + (s,) + x.dims[d + 1 :], x.dtype) for s in sizes]
+
+
+def _chunk(args, kw):
+    if len(args) != 2:
+        raise OpTypeError("E040", "`chunk` takes (x, n, dim = d)")
+    x = _t(args[0], "`chunk`'s input")
+    n = args[1]
+    if not isinstance(n, int) or n < 1:
+        raise OpTypeError("E041", f"`chunk` count must be a positive int, got {_desc(n)}")
+    d = _dim_index(kw.get("dim", -1), x.rank)
+    size = dim_div(x.dims[d], n)
+    if size is None:
+        raise OpTypeError("E034", f"`chunk` cannot split dim {x.dims[d]} of {x} into {n} equal parts")
+    return [TType(x.dims[:d] + (size,) + x.dims[d + 1 :], x.dtype) for _ in range(n)]
+
+
+def _split(args, kw):
+    if len(args) != 2 or not isinstance(args[1], list):
+        raise OpTypeError("E040", "`split` takes (x, [sizes], dim = d)")
+    x = _t(args[0], "`split`'s input")
+    return _split_sizes(x, args[1], kw.get("dim", -1), "split")
+
+
+def _concat(args, kw):
+    tensors = [_t(a, "`concat`'s inputs") for a in args]
+    if not tensors:
+        raise OpTypeError("E040", "`concat` needs tensors")
+    first = tensors[0]
+    d = _dim_index(kw.get("dim", -1), first.rank)
+    size = first.dims[d]
+    for t in tensors[1:]:
+        if t.rank != first.rank:
+            raise OpTypeError("E031", f"`concat` of {first} and {t}: ranks differ")
+        for i, (a, b) in enumerate(zip(first.dims, t.dims)):
+            if i != d and a != b:
+                raise OpTypeError("E030", f"`concat` of {first} and {t}: dim {i} differs ({a} vs {b})")
+        join_dtype(first.dtype, t.dtype, "concat")
+        size = dim_add(size, t.dims[d])
+    return [TType(first.dims[:d] + (size,) + first.dims[d + 1 :], first.dtype)]
+
+
+def _arange(args, kw):
+    vals = list(args) + [1] * (3 - len(args)) if len(args) >= 2 else None
+    if vals is None or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals[:3]):
+        raise OpTypeError("E040", "`arange` takes build-time ints (start, end[, step])")
+    start, end, step = vals[:3]
+    if step <= 0 or end < start:
+        raise OpTypeError("E034", f"`arange({start}, {end}, {step})` is empty or runs backwards")
+    return [TType((max(0, (end - start + step - 1) // step),), "i64")]
+
+
+def _attention(args, kw):
+    if len(args) != 3:
+        raise OpTypeError("E040", f"`attention` takes (q, k, v), got {len(args)} arguments")
+    q, k, v = (_t(a, "`attention`'s inputs") for a in args)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.rank != 4:
+            raise OpTypeError("E031", f"`attention` needs {name} as [B, heads, T, head_dim], got {t}",
+                              "use split_heads(x, heads) first")
+    if q.dims[3] != k.dims[3]:
+        raise OpTypeError("E030", f"`attention`: q head_dim {q.dims[3]} differs from k head_dim {k.dims[3]}")
+    if k.dims[1] != v.dims[1] or k.dims[2] != v.dims[2]:
+        raise OpTypeError("E030", f"`attention`: k {k} and v {v} disagree on heads or length")
+    hq, hk = q.dims[1], k.dims[1]
+    if isinstance(hq, int) and isinstance(hk, int) and hq % hk:
+        raise OpTypeError("E034", f"`attention`: {hq} query heads are not a multiple of {hk} key/value heads",
+                          "grouped-query attention shares each key/value head among a whole number of query heads")
+    join_dtype(q.dtype, k.dtype, "attention")
+    join_dtype(q.dtype, v.dtype, "attention")
+    for key in kw:
+        if key not in ATTENTION_OPTIONS:
+            raise OpTypeError("E040", f"`attention` has no option `{key}`", f"options: {', '.join(ATTENTION_OPTIONS)}")
+    return [TType((q.dims[0], hq, q.dims[2], v.dims[3]), q.dtype)]
+
+
+ATTENTION_OPTIONS = ("causal", "window", "softcap", "scale")
+
+
+def _dropout(args, kw):
+    x = _t(args[0] if args else None, "`dropout`'s input")
+    return [x]
+
+
+def _topk(args, kw):
+    x = _t(args[0] if args else None, "`topk`'s input")
+    k = args[1] if len(args) > 1 else None
+    if not isinstance(k, int):
+        raise OpTypeError("E040", "`topk` takes (x, k)")
+    return [TType(x.dims[:-1] + (k,), x.dtype), TType(x.dims[:-1] + (k,), "i64")]
+
+
+UNARY = ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "relu", "cos", "sin",
+         "abs", "erf", "neg", "identity")
+BINARY = ("add", "sub", "mul", "div", "pow", "matmul", "maximum", "minimum")
+
+PRIMITIVES: dict[str, Callable] = {
+    **{n: _elementwise(n) for n in UNARY},
+    **{n: _binary(n) for n in BINARY},
+    "where": _where,
+    **{n: _reduction(n) for n in ("sum", "mean", "amax", "amin")},
+    "softmax": _softmax("softmax"),
+    "log_softmax": _softmax("log_softmax"),
+    "linear": _linear,
+    "gather": _gather,
+    "cast": _cast,
+    "reshape": _reshape,
+    "transpose": _transpose,
+    "unsqueeze": _unsqueeze,
+    "squeeze": _squeeze,
+    "chunk": _chunk,
+    "split": _split,
+    "concat": _concat,
+    "arange": _arange,
+    "attention": _attention,
+    "dropout": _dropout,
+    "topk": _topk,
+}
+
+# how many results an op gives (default 1); chunk/split give as many as asked
+MULTI_RESULT = {"chunk", "split", "topk"}

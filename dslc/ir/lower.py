@@ -1,0 +1,1102 @@
+"""AST -> IR: evaluate the config for one arch, resolve names, lower forwards to SSA, instantiate.
+
+`lower(files, arch=..., overrides=...)` returns a `Program`; problems become located diagnostics.
+Shapes and dtypes are checked afterwards by `dslc.check`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dslc.check.primitives import PRIMITIVES
+from dslc.diagnostics import DslcError, Reporter, Span, did_you_mean
+from dslc.ir import nodes as N
+from dslc.ir.evaluate import EvalError, evaluate, free_refs
+from dslc.ir.names import identifier_problem
+from dslc.syntax import ast as A
+
+SCALAR_TYPES = ("int", "float", "bool", "str")
+TASKS = ("causal_lm", "masked_lm", "sequence_classification", "embedding", "base")
+INITS = ("normal", "zeros", "ones")
+TRANSFORMS = ("transpose", "split", "concat")
+
+
+class _Abort(Exception):
+    """Stop lowering one declaration; the reporter already holds the diagnostic."""
+
+
+def _check_type(value, type_: str, optional: bool) -> bool:
+    if value is None:
+        return optional
+    if type_ == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if type_ == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if type_ == "bool":
+        return isinstance(value, bool)
+    if type_ == "str":
+        return isinstance(value, str)
+    return False
+
+
+def _coerce(value, type_: str):
+    return float(value) if type_ == "float" and isinstance(value, int) else value
+
+
+def _show(v) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if v is None:
+        return "none"
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def parse_override_value(text: str):
+    """`--set key=value` values: true/false/none, ints, floats, else a string."""
+    t = text.strip()
+    if t in ("true", "false"):
+        return t == "true"
+    if t == "none":
+        return None
+    for conv in (int, float):
+        try:
+            return conv(t.replace("_", ""))
+        except ValueError:
+            pass
+    return t
+
+
+@dataclass
+class _Decls:
+    configs: dict[str, A.ConfigDecl]
+    modules: dict[str, A.ModuleDecl]
+    fns: dict[str, A.FnDecl]
+    archs: list[A.ArchDecl]
+    checkpoints: list[A.CheckpointDecl]
+    trains: list[A.TrainDecl]
+
+
+class Lowering:
+    def __init__(self, spec: A.File, std: A.File | None, arch: str | None, overrides: dict[str, str]):
+        self.spec = spec
+        self.std = std
+        self.arch = arch
+        self.overrides = overrides
+        self.rep = Reporter()
+
+    # ---- entry ------------------------------------------------------------------------
+    def run(self) -> N.Program:
+        decls = self._collect()
+        models = [m for m in decls.modules.values() if m.is_model]
+        if not models:
+            self.rep.error(
+                "E014",
+                "no `model` declaration",
+                Span.at(self.spec.path, 1, 1),
+                "declare the top-level network: `model Name(Config): causal_lm` followed by its members",
+            )
+            self.rep.raise_if_errors()
+        if len(models) > 1:
+            self.rep.error("E011", f"more than one `model` declaration (`{models[0].name}` and `{models[1].name}`)",
+                           models[1].span)
+        model = models[0]
+        config_decl = decls.configs.get(model.config or "")
+        if config_decl is None:
+            span = model.span
+            self.rep.error("E010", f"unknown config `{model.config}`", span,
+                           did_you_mean(model.config or "", decls.configs) or "declare it with `config Name:`")
+            self.rep.raise_if_errors()
+        if model.task not in TASKS:
+            self.rep.error("E015", f"unknown task `{model.task}`", model.span,
+                           did_you_mean(model.task or "", TASKS) or f"tasks: {', '.join(TASKS)}")
+        self.config_fields = {f.name: f for f in config_decl.fields}
+        config = self._lower_config(config_decl, decls.archs)
+        values = self._evaluate_config(config)
+        self.rep.raise_if_errors()
+        self.values = values
+        self.decls = decls
+
+        module_defs: dict[str, N.ModuleDef] = {}
+        fn_defs: dict[str, N.FnDef] = {}
+        for name, m in decls.modules.items():
+            try:
+                module_defs[name] = self._lower_module(m)
+            except _Abort:
+                pass
+        for name, f in decls.fns.items():
+            try:
+                fn_defs[name] = self._lower_fn(f)
+            except _Abort:
+                pass
+        self.rep.raise_if_errors()
+        self.module_defs = module_defs
+        self.fn_defs = fn_defs
+
+        order = self._dependency_order(model.name)
+        fns_used = self._fns_used(order)
+        weights = self._instantiate(model.name, {}, "", (), model.span)
+        weights = self._apply_ties(weights)
+        checkpoint = self._lower_checkpoint(decls.checkpoints)
+        train = self._lower_train(decls.trains, order)
+        self.rep.raise_if_errors()
+        return N.Program(
+            source=self.spec.path,
+            model=model.name,
+            config=config,
+            arch=self.arch,
+            values=tuple(values.items()),
+            modules=tuple(module_defs[n] for n in order),
+            fns=tuple(fn_defs[n] for n in fns_used),
+            checkpoint=checkpoint,
+            train=train,
+            weights=tuple(weights),
+        )
+
+    # ---- declarations ---------------------------------------------------------------------
+    def _collect(self) -> _Decls:
+        d = _Decls({}, {}, {}, [], [], [])
+        files = [self.spec]
+        uses = {u.name: u for u in self.spec.uses}
+        for name, use in uses.items():
+            if name != "std":
+                self.rep.error("E010", f"unknown library `{name}`", use.span, did_you_mean(name, ["std"]))
+        if "std" in uses and self.std is not None:
+            files.insert(0, self.std)
+        seen: dict[str, Span] = {}
+        for f in files:
+            for kind, items in (("config", f.configs), ("module", f.modules), ("fn", f.fns)):
+                for item in items:
+                    problem = identifier_problem(item.name, role=kind)
+                    if problem:
+                        self.rep.error("E012", problem, item.span)
+                    if item.name in seen and f is self.spec and seen[item.name].file != f.path:
+                        pass  # a spec may redefine a std declaration: its own wins
+                    elif item.name in seen:
+                        self.rep.error("E011", f"`{item.name}` is defined twice", item.span,
+                                       notes=(f"first defined at {seen[item.name]}",))
+                        continue
+                    seen[item.name] = item.span
+                    target = {"config": d.configs, "module": d.modules, "fn": d.fns}[kind]
+                    for other in (d.configs, d.modules, d.fns):
+                        other.pop(item.name, None)
+                    target[item.name] = item
+        d.archs = list(self.spec.archs)
+        d.checkpoints = list(self.spec.checkpoints)
+        d.trains = list(self.spec.trains)
+        return d
+
+    # ---- expressions ---------------------------------------------------------------------------
+    def _static(self, expr: A.Expr, resolve) -> N.E:
+        """Lower a static (build-time) expression; `resolve(Name) -> N.E` binds names."""
+        if isinstance(expr, A.Lit):
+            return N.Const(expr.value)
+        if isinstance(expr, A.Name):
+            return resolve(expr)
+        if isinstance(expr, A.BinOp):
+            return N.BinE(expr.op, self._static(expr.left, resolve), self._static(expr.right, resolve))
+        if isinstance(expr, A.UnaryOp):
+            return N.UnE(expr.op, self._static(expr.operand, resolve))
+        if isinstance(expr, A.Cond):
+            return N.CondE(self._static(expr.then, resolve), self._static(expr.test, resolve),
+                           self._static(expr.orelse, resolve))
+        if isinstance(expr, A.ListLit):
+            return N.ListE(tuple(self._static(i, resolve) for i in expr.items))
+        self.rep.error("E016", "expected a value known at build time", expr.span,
+                       "calls and attributes are not allowed here")
+        raise _Abort
+
+    def _unknown(self, name: A.Name, candidates, what: str = "name") -> None:
+        self.rep.error("E010", f"unknown {what} `{name.id}`", name.span, did_you_mean(name.id, candidates))
+        raise _Abort
+
+    def _config_resolver(self, extra: dict[str, N.E] | None = None):
+        def resolve(n: A.Name) -> N.E:
+            if extra and n.id in extra:
+                return extra[n.id]
+            if n.id in self.config_fields:
+                return N.Ref("config", n.id)
+            self._unknown(n, list(self.config_fields) + list(extra or ()))
+            raise AssertionError
+
+        return resolve
+
+    # ---- config -----------------------------------------------------------------------------------
+    def _lower_config(self, decl: A.ConfigDecl, archs: list[A.ArchDecl]) -> N.ConfigDef:
+        fields, seen = [], set()
+        resolve = self._config_resolver()
+        for f in decl.fields:
+            problem = identifier_problem(f.name, role="config field")
+            if problem:
+                self.rep.error("E012", problem, f.span)
+            if f.name in seen:
+                self.rep.error("E011", f"config field `{f.name}` is defined twice", f.span)
+            seen.add(f.name)
+            if f.type.name not in SCALAR_TYPES:
+                self.rep.error("E021", f"unknown type `{f.type.name}`", f.type.span,
+                               did_you_mean(f.type.name, SCALAR_TYPES) or f"types: {', '.join(SCALAR_TYPES)}")
+            try:
+                default = self._static(f.default, resolve) if f.default is not None else None
+            except _Abort:
+                default = None
+            fields.append(N.FieldDef(f.name, f.type.name, f.type.optional, default, f.doc, f.span))
+        aliases = []
+        for a in decl.aliases:
+            if a.field not in seen:
+                self.rep.error("E010", f"alias target `{a.field}` is not a config field", a.span,
+                               did_you_mean(a.field, seen))
+            aliases.append((a.hf_key, a.field))
+        requires = []
+        for r in decl.requires:
+            try:
+                test = self._static(r.test, resolve)
+            except _Abort:
+                continue
+            requires.append(N.RequireDef(test, r.message or "", r.span))
+        arch_defs, names = [], set()
+        for a in archs:
+            if a.name in names:
+                self.rep.error("E011", f"arch `{a.name}` is defined twice", a.span)
+            names.add(a.name)
+            ovs = []
+            for o in a.overrides:
+                if o.name not in seen:
+                    self.rep.error("E010", f"unknown config field `{o.name}`", o.span, did_you_mean(o.name, seen))
+                    continue
+                try:
+                    ovs.append((o.name, self._static(o.value, resolve)))
+                except _Abort:
+                    pass
+            arch_defs.append(N.ArchDef(a.name, a.base, tuple(ovs), a.span))
+        for a in arch_defs:
+            if a.base is not None and a.base not in names:
+                self.rep.error("E022", f"unknown base arch `{a.base}`", a.span, did_you_mean(a.base, names))
+        return N.ConfigDef(decl.name, tuple(fields), tuple(aliases), tuple(requires), tuple(arch_defs), decl.span)
+
+    def _arch_chain(self, config: N.ConfigDef, name: str, span: Span) -> list[N.ArchDef]:
+        by_name = {a.name: a for a in config.archs}
+        chain, cur = [], name
+        while cur is not None:
+            if cur not in by_name:
+                self.rep.error("E022", f"unknown arch `{cur}`", span,
+                               did_you_mean(cur, by_name) or f"archs: {', '.join(by_name) or '(none declared)'}")
+                raise _Abort
+            a = by_name[cur]
+            if a in chain:
+                self.rep.error("E023", f"arch `{name}` extends itself", a.span)
+                raise _Abort
+            chain.append(a)
+            cur = a.base
+        return list(reversed(chain))
+
+    def _evaluate_config(self, config: N.ConfigDef) -> dict:
+        """Field values for the chosen arch and `--set` overrides; derived defaults follow overrides."""
+        fixed: dict[str, N.E] = {}
+        spec_span = Span.at(self.spec.path, 1, 1)
+        for a in config.archs:  # every arch is checked for cycles and unknown bases
+            try:
+                self._arch_chain(config, a.name, a.span)
+            except _Abort:
+                pass
+        if self.arch is not None:
+            try:
+                for a in self._arch_chain(config, self.arch, spec_span):
+                    fixed.update(dict(a.overrides))
+            except _Abort:
+                return {}
+        fields = {f.name: f for f in config.fields}
+        for key, text in self.overrides.items():
+            if key not in fields:
+                self.rep.error("E024", f"`--set {key}`: no config field `{key}`", spec_span,
+                               did_you_mean(key, fields))
+                continue
+            fixed[key] = N.Const(parse_override_value(text))
+        values: dict = {}
+        visiting: list[str] = []
+
+        def value_of(name: str):
+            if name in values:
+                return values[name]
+            f = fields[name]
+            if name in visiting:
+                cycle = " -> ".join(visiting[visiting.index(name):] + [name])
+                raise EvalError(f"config fields depend on each other: {cycle}")
+            visiting.append(name)
+            expr = fixed.get(name, f.default)
+            if expr is None:
+                v = None
+                if not f.optional:
+                    visiting.pop()
+                    raise EvalError(f"config field `{name}` has no default and no value")
+            else:
+                v = evaluate(expr, lambda r: value_of(r.name))
+            visiting.pop()
+            if not _check_type(v, f.type, f.optional):
+                raise EvalError(f"config field `{name}` is {f.type}{'?' if f.optional else ''}, got {_show(v)}")
+            values[name] = _coerce(v, f.type)
+            return values[name]
+
+        for f in config.fields:
+            try:
+                value_of(f.name)
+            except EvalError as e:
+                span = f.span
+                self.rep.error("E021", str(e), span)
+                values.setdefault(f.name, None)
+        if self.rep.has_errors:
+            return values
+        for r in config.requires:
+            try:
+                ok = evaluate(r.test, lambda ref: values[ref.name])
+            except EvalError as e:
+                self.rep.error("E020", f"requirement cannot be evaluated: {e}", r.span)
+                continue
+            if not ok:
+                used = sorted({ref.name for ref in free_refs(r.test)})
+                shown = ", ".join(f"{u} = {_show(values[u])}" for u in used)
+                self.rep.error("E020", f"requirement failed: {r.message or 'condition is false'}", r.span,
+                               f"with {shown}" if shown else "",
+                               "change the arch or the `--set` values so the condition holds")
+        return values
+
+    # ---- modules ---------------------------------------------------------------------------------
+    def _module_resolver(self, params: dict[str, A.Param], uses: set):
+        def resolve(n: A.Name) -> N.E:
+            if n.id in params:
+                return N.Ref("param", n.id)
+            if n.id in self.config_fields:
+                uses.add("config")
+                return N.Ref("config", n.id)
+            self._unknown(n, list(params) + list(self.config_fields))
+            raise AssertionError
+
+        return resolve
+
+    def _lower_module(self, m: A.ModuleDecl) -> N.ModuleDef:
+        uses: set = set()
+        params: dict[str, A.Param] = {}
+        param_defs = []
+        for p in m.params:
+            problem = identifier_problem(p.name, role="parameter")
+            if problem:
+                self.rep.error("E012", problem, p.span)
+            if p.name in params:
+                self.rep.error("E011", f"parameter `{p.name}` is defined twice", p.span)
+            if p.type.name not in SCALAR_TYPES:
+                self.rep.error("E021", f"unknown type `{p.type.name}`", p.type.span, did_you_mean(p.type.name, SCALAR_TYPES))
+            default = self._static(p.default, self._module_resolver(params, uses)) if p.default is not None else None
+            params[p.name] = p
+            param_defs.append(N.ParamDef(p.name, p.type.name, default, p.span))
+        resolve = self._module_resolver(params, uses)
+        member_names: dict[str, Span] = {}
+
+        def claim(name: str, span: Span, role: str) -> None:
+            problem = identifier_problem(name, role=role)
+            if problem:
+                self.rep.error("E012", problem, span)
+            if name in member_names:
+                self.rep.error("E011", f"`{name}` is defined twice in module `{m.name}`", span,
+                               notes=(f"first defined at {member_names[name]}",))
+            member_names[name] = span
+
+        weights = []
+        for w in m.weights:
+            claim(w.name, w.span, "weight")
+            try:
+                weights.append(self._lower_weight(w, resolve))
+            except _Abort:
+                pass
+        subs = []
+        for s in m.submodules:
+            claim(s.name, s.span, "submodule")
+            try:
+                subs.append(self._lower_submodule(s, resolve))
+            except _Abort:
+                pass
+        ties = []
+        for t in m.ties:
+            cond = None
+            if t.condition is not None:
+                try:
+                    cond = self._static(t.condition, resolve)
+                except _Abort:
+                    pass
+            ties.append(N.TieDef(".".join(t.target), ".".join(t.source), cond, t.span))
+        forward = None
+        if m.forward is None:
+            self.rep.error("E017", f"module `{m.name}` has no forward", m.span,
+                           "add `forward(x: [B, T, dim]) -> [B, T, dim]:` with its body")
+            raise _Abort
+        scope = _Scope(self, m.name, params, {w.name: w for w in weights}, {s.name: s for s in subs}, uses)
+        forward = scope.lower_graph(m.forward.sig, m.forward.body, m.forward.span)
+        return N.ModuleDef(
+            name=m.name,
+            params=tuple(param_defs),
+            weights=tuple(weights),
+            submodules=tuple(subs),
+            ties=tuple(ties),
+            forward=forward,
+            uses_config="config" in uses,
+            task=m.task,
+            doc=m.doc,
+            span=m.span,
+        )
+
+    def _lower_weight(self, w: A.WeightDecl, resolve) -> N.WeightDef:
+        dims = []
+        for d in w.shape.dims:
+            if isinstance(d, A.Ellipsis_):
+                self.rep.error("E031", "a weight's shape cannot contain `...`", d.span)
+                raise _Abort
+            dims.append(self._static(d, resolve))
+        dtype = w.shape.dtype or "float"
+        if dtype not in N.DTYPES:
+            self.rep.error("E032", f"unknown dtype `{dtype}`", w.span, did_you_mean(dtype, N.DTYPES))
+        init, std = "normal", None
+        if w.init is not None:
+            call = w.init if isinstance(w.init, A.Call) else None
+            head = call.func if call else w.init
+            if not isinstance(head, A.Name) or head.id not in INITS:
+                self.rep.error("E018", "unknown initializer", w.init.span,
+                               did_you_mean(head.id if isinstance(head, A.Name) else "", INITS)
+                               or f"initializers: {', '.join(INITS)}")
+                raise _Abort
+            init = head.id
+            if call:
+                for kw in call.kwargs:
+                    if kw.name != "std" or init != "normal":
+                        self.rep.error("E040", f"`{init}` takes no argument `{kw.name}`", kw.span)
+                        continue
+                    std = self._static(kw.value, resolve)
+        cond = self._static(w.condition, resolve) if w.condition is not None else None
+        return N.WeightDef(w.name, tuple(dims), dtype, init, std, cond, w.doc, w.span)
+
+    def _lower_submodule(self, s: A.SubmoduleDecl, resolve) -> N.SubmoduleDef:
+        ctor = s.ctor
+        repeat = None
+        if not isinstance(ctor, A.Call) or not isinstance(ctor.func, A.Name):
+            self.rep.error("E041", "a submodule is created by calling a module: `name = Module(args)`", s.span)
+            raise _Abort
+        if ctor.func.id == "repeat":
+            if len(ctor.args) != 2 or ctor.kwargs or not isinstance(ctor.args[1], A.Call):
+                self.rep.error("E040", "`repeat` takes a count and a module: `repeat(n, Block())`", ctor.span)
+                raise _Abort
+            repeat = self._static(ctor.args[0], resolve)
+            ctor = ctor.args[1]
+            if not isinstance(ctor.func, A.Name):
+                self.rep.error("E041", "expected a module name", ctor.span)
+                raise _Abort
+        name = ctor.func.id
+        if name not in self.decls_modules():
+            self._unknown(ctor.func, [n for n, m in self.decls_modules().items() if not m.is_model], "module")
+        args = tuple(self._static(a, resolve) for a in ctor.args)
+        kwargs = tuple((k.name, self._static(k.value, resolve)) for k in ctor.kwargs)
+        cond = self._static(s.condition, resolve) if s.condition is not None else None
+        return N.SubmoduleDef(s.name, name, args, kwargs, repeat, cond, s.doc, s.span)
+
+    def decls_modules(self) -> dict[str, A.ModuleDecl]:
+        return self.decls.modules
+
+    def fn_names(self) -> set[str]:
+        return set(self.decls.fns)
+
+    def _lower_fn(self, f: A.FnDecl) -> N.FnDef:
+        problem = identifier_problem(f.name, role="function")
+        if problem:
+            self.rep.error("E012", problem, f.span)
+        scope = _Scope(self, f.name, {}, {}, {}, set(), is_fn=True)
+        graph = scope.lower_graph(f.sig, f.body, f.span)
+        return N.FnDef(f.name, graph, f.doc, f.span)
+
+    # ---- program structure ---------------------------------------------------------------------
+    def _dependency_order(self, root: str) -> list[str]:
+        order: list[str] = []
+        stack: list[str] = []
+
+        def visit(name: str, span: Span) -> None:
+            if name in order:
+                return
+            if name in stack:
+                self.rep.error("E060", f"module `{name}` contains itself", span,
+                               notes=("through " + " -> ".join(stack[stack.index(name):] + [name]),))
+                raise _Abort
+            stack.append(name)
+            for s in self.module_defs[name].submodules:
+                visit(s.module, s.span)
+            stack.pop()
+            order.append(name)
+
+        try:
+            visit(root, self.module_defs[root].span)
+        except _Abort:
+            self.rep.raise_if_errors()
+        return order
+
+    def _fns_used(self, modules: list[str]) -> list[str]:
+        used: list[str] = []
+
+        def visit_body(body) -> None:
+            for st in body:
+                if isinstance(st, N.Loop):
+                    visit_body(st.body)
+                elif st.op == "fn" and st.target not in used:
+                    visit_body(self.fn_defs[st.target].graph.body)
+                    used.append(st.target)
+
+        for m in modules:
+            if self.module_defs[m].forward is not None:
+                visit_body(self.module_defs[m].forward.body)
+        return used
+
+    def bind_params(self, mdef: N.ModuleDef, args, kwargs, outer_lookup, span: Span) -> dict:
+        """Evaluate a submodule's constructor arguments and the callee's defaults."""
+        values: dict = {}
+        names = [p.name for p in mdef.params]
+        if len(args) > len(names):
+            self.rep.error("E040", f"`{mdef.name}` takes {len(names)} argument(s), got {len(args)}", span)
+            raise _Abort
+        given: dict[str, N.E] = dict(zip(names, args))
+        for k, v in kwargs:
+            if k not in names:
+                self.rep.error("E040", f"`{mdef.name}` has no parameter `{k}`", span, did_you_mean(k, names))
+                raise _Abort
+            if k in given:
+                self.rep.error("E040", f"parameter `{k}` of `{mdef.name}` given twice", span)
+                raise _Abort
+            given[k] = v
+        for p in mdef.params:
+            try:
+                if p.name in given:
+                    v = evaluate(given[p.name], outer_lookup)
+                elif p.default is not None:
+                    v = evaluate(p.default, lambda r: values[r.name] if r.kind == "param" else self.values[r.name])
+                else:
+                    self.rep.error("E040", f"`{mdef.name}` needs parameter `{p.name}`", span,
+                                   f"pass it: `{mdef.name}({', '.join(names)})`")
+                    raise _Abort
+            except EvalError as e:
+                self.rep.error("E021", f"parameter `{p.name}` of `{mdef.name}`: {e}", span)
+                raise _Abort from None
+            if not _check_type(v, p.type, False):
+                self.rep.error("E021", f"parameter `{p.name}` of `{mdef.name}` is {p.type}, got {_show(v)}", span)
+                raise _Abort
+            values[p.name] = _coerce(v, p.type)
+        return values
+
+    def instance_lookup(self, params: dict):
+        def lookup(r: N.Ref):
+            if r.kind == "param":
+                return params[r.name]
+            if r.kind == "config":
+                return self.values[r.name]
+            raise EvalError(f"`{r.name}` is not known at build time")
+
+        return lookup
+
+    def _instantiate(self, name: str, params: dict, prefix: str, ties: tuple, span: Span) -> list[N.WeightInfo]:
+        mdef = self.module_defs[name]
+        lookup = self.instance_lookup(params)
+        out: list[N.WeightInfo] = []
+        for w in mdef.weights:
+            try:
+                if w.condition is not None and not evaluate(w.condition, lookup):
+                    continue
+                shape = tuple(evaluate(d, lookup) for d in w.shape)
+            except EvalError as e:
+                self.rep.error("E021", f"weight `{w.name}`: {e}", w.span)
+                continue
+            bad = [d for d in shape if not isinstance(d, int) or isinstance(d, bool) or d <= 0]
+            if bad:
+                self.rep.error("E030", f"weight `{prefix}{w.name}` has a non-positive or non-integer size: "
+                               f"[{', '.join(_show(d) for d in shape)}]", w.span,
+                               notes=(f"instantiated from {span}",))
+                continue
+            out.append(N.WeightInfo(prefix + w.name, shape, w.dtype, w.init, None, w.span))
+        for s in mdef.submodules:
+            try:
+                if s.condition is not None and not evaluate(s.condition, lookup):
+                    continue
+                child = self.module_defs[s.module]
+                child_params = self.bind_params(child, s.args, s.kwargs, lookup, s.span)
+                if s.repeat is None:
+                    out += self._instantiate(s.module, child_params, f"{prefix}{s.name}.", ties, s.span)
+                    continue
+                n = evaluate(s.repeat, lookup)
+                if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                    self.rep.error("E021", f"repeat count must be a positive int, got {_show(n)}", s.span)
+                    continue
+                layer0 = self._instantiate(s.module, child_params, f"{prefix}{s.name}.0.", ties, s.span)
+                out += layer0
+                for i in range(1, n):  # every copy has layer 0's shapes
+                    p0, pi = f"{prefix}{s.name}.0.", f"{prefix}{s.name}.{i}."
+                    out += [N.WeightInfo(pi + w.name[len(p0):], w.shape, w.dtype, w.init, None, w.span)
+                            for w in layer0]
+            except EvalError as e:
+                self.rep.error("E021", f"submodule `{s.name}`: {e}", s.span)
+            except _Abort:
+                pass
+        self._pending_ties = getattr(self, "_pending_ties", [])
+        for t in mdef.ties:
+            try:
+                if t.condition is not None and not evaluate(t.condition, lookup):
+                    continue
+            except EvalError as e:
+                self.rep.error("E021", f"tie: {e}", t.span)
+                continue
+            self._pending_ties.append((prefix + t.target, prefix + t.source, t.span))
+        return out
+
+    def _apply_ties(self, weights: list[N.WeightInfo]) -> list[N.WeightInfo]:
+        by_name = {w.name: w for w in weights}
+        for target, source, span in getattr(self, "_pending_ties", []):
+            for name in (target, source):
+                if name not in by_name:
+                    self.rep.error("E010", f"tie names unknown weight `{name}`", span, did_you_mean(name, by_name))
+            if target in by_name and source in by_name:
+                t, s = by_name[target], by_name[source]
+                if t.shape != s.shape:
+                    self.rep.error("E033", f"tied weights differ in shape: `{target}` is {list(t.shape)}, "
+                                   f"`{source}` is {list(s.shape)}", span)
+                    continue
+                by_name[target] = N.WeightInfo(t.name, t.shape, t.dtype, t.init, source, t.span)
+        return [by_name[w.name] for w in weights]
+
+    # ---- checkpoint and train --------------------------------------------------------------------
+    def _lower_checkpoint(self, decls: list[A.CheckpointDecl]) -> N.CheckpointDef:
+        rules, ignores = [], []
+        no_names = self._config_resolver()
+        for d in decls:
+            for r in d.rules:
+                transforms = []
+                for t in r.transforms:
+                    name = t.func.id if isinstance(t.func, A.Name) else ""
+                    if name not in TRANSFORMS:
+                        self.rep.error("E050", f"unknown checkpoint transform `{name}`", t.span,
+                                       did_you_mean(name, TRANSFORMS) or f"transforms: {', '.join(TRANSFORMS)}")
+                        continue
+                    if t.args:
+                        self.rep.error("E050", f"`{name}` takes keyword arguments only, e.g. `{name}(dim = 0)`", t.span)
+                    try:
+                        kws = tuple((k.name, self._static(k.value, no_names)) for k in t.kwargs)
+                    except _Abort:
+                        continue
+                    transforms.append((name, kws))
+                names = [x for x, _ in transforms]
+                if len(r.sources) > 1 and "concat" not in names:
+                    self.rep.error("E050", "several checkpoint tensors need `concat(dim = N)`", r.span)
+                if len(r.targets) > 1 and "split" not in names:
+                    self.rep.error("E050", "several parameters need `split(dim = N)`", r.span)
+                rules.append(N.LayoutRuleDef(r.sources, tuple(transforms), r.targets, r.span))
+            ignores += [i.pattern for i in d.ignores]
+        return N.CheckpointDef(tuple(rules), tuple(ignores))
+
+    def _lower_train(self, decls: list[A.TrainDecl], modules: list[str]) -> N.TrainDef:
+        ckpt, par = [], []
+        for d in decls:
+            for name, span in d.checkpointing:
+                if name not in modules:
+                    self.rep.error("E010", f"activation checkpointing names unknown module `{name}`", span,
+                                   did_you_mean(name, modules))
+                ckpt.append(name)
+            for pattern, style, span in d.parallel:
+                if style not in ("colwise", "rowwise"):
+                    self.rep.error("E019", f"unknown parallel style `{style}`", span,
+                                   did_you_mean(style, ("colwise", "rowwise")) or "styles: colwise, rowwise")
+                par.append((pattern, style))
+        return N.TrainDef(tuple(ckpt), tuple(par))
+
+
+# ---- forward bodies -----------------------------------------------------------------------------
+
+
+class _Scope:
+    """Lowers one forward (or fn) body to SSA ops."""
+
+    def __init__(self, low: Lowering, owner: str, params, weights, subs, uses: set, is_fn: bool = False):
+        self.low = low
+        self.rep = low.rep
+        self.owner = owner
+        self.params = params
+        self.weights: dict[str, N.WeightDef] = weights
+        self.subs: dict[str, N.SubmoduleDef] = subs
+        self.uses = uses
+        self.is_fn = is_fn
+        self.env: dict[str, str] = {}  # variable -> current SSA value
+        self.scalars: dict[str, N.E] = {}  # fn scalar arguments
+        self.loop_vars: dict[str, str] = {}  # loop variable -> repeat submodule
+        self.taken: set[str] = set()
+        self.read: set[str] = set()
+        self.defined_at: dict[str, Span] = {}
+        self.used_members: set[str] = set()
+        self.body: list = []
+        self.syms: set[str] = set()  # size symbols bound by the signature (B, T, ...)
+
+    # names ------------------------------------------------------------------------------
+    def fresh(self, var: str) -> str:
+        """A new SSA name: the variable's own name if free, else `var_1`, ...; temporaries are `t<n>`."""
+        if var:
+            name, i = var, 1
+            while name in self.taken:
+                name, i = f"{var}_{i}", i + 1
+        else:
+            i = len(self.taken)
+            name = f"t{i}"
+            while name in self.taken:
+                i += 1
+                name = f"t{i}"
+        self.taken.add(name)
+        return name
+
+    def candidates(self) -> list[str]:
+        return (list(self.env) + list(self.weights) + list(self.subs) + list(self.params) + list(self.scalars)
+                + list(self.low.config_fields) + list(self.low.fn_names()) + list(PRIMITIVES))
+
+    def resolve(self, n: A.Name) -> N.E:
+        i = n.id
+        if i in self.env:
+            self.read.add(self.env[i])
+            return N.Ref("value", self.env[i])
+        if i in self.scalars:
+            self.read.add(i)
+            return self.scalars[i]
+        if i in self.weights:
+            self.used_members.add(i)
+            return N.Ref("weight", i)
+        if i in self.params:
+            return N.Ref("param", i)
+        if i in N.DTYPES:
+            return N.Ref("dtype", i)
+        if i in self.syms:
+            return N.Ref("sym", i)
+        if i in self.low.config_fields and not self.is_fn:
+            self.uses.add("config")
+            return N.Ref("config", i)
+        if i in self.subs or i in self.loop_vars:
+            self.rep.error("E041", f"`{i}` is a module: call it, `{i}(x)`", n.span)
+            raise _Abort
+        if i in self.low.fn_names() or i in PRIMITIVES:
+            self.rep.error("E041", f"`{i}` is a function: call it", n.span)
+            raise _Abort
+        self.low._unknown(n, self.candidates())
+        raise AssertionError
+
+    # graphs -------------------------------------------------------------------------------------
+    def lower_sig_type(self, t, fn_ok: bool) -> tuple[N.TensorSig | None, str | None]:
+        if isinstance(t, A.TypeRef):
+            if not fn_ok:
+                self.rep.error("E021", "forward arguments are tensors: give a shape, e.g. `x: [B, T, dim]`", t.span)
+                raise _Abort
+            if t.name not in SCALAR_TYPES:
+                self.rep.error("E021", f"unknown type `{t.name}`", t.span, did_you_mean(t.name, SCALAR_TYPES))
+                raise _Abort
+            return None, t.name
+        return self.tensor_sig(t), None
+
+    def tensor_sig(self, t: A.TensorType) -> N.TensorSig:
+        dims: list[N.E] = []
+        for d in t.dims:
+            if isinstance(d, A.Ellipsis_):
+                if any(isinstance(x, N.Const) and x.value == "..." for x in dims):
+                    self.rep.error("E031", "only one `...` per shape", d.span)
+                dims.append(N.Const("..."))
+            else:
+                dims.append(self.low._static(d, self.sig_resolver))
+        dtype = t.dtype or "float"
+        if dtype not in N.DTYPES:
+            self.rep.error("E032", f"unknown dtype `{dtype}`", t.span, did_you_mean(dtype, N.DTYPES))
+        return N.TensorSig(tuple(dims), dtype)
+
+    def sig_resolver(self, n: A.Name) -> N.E:
+        """Shape dims: params, config fields and fn scalar args are sizes; other names are symbols."""
+        if n.id in self.params:
+            return N.Ref("param", n.id)
+        if n.id in self.scalars:
+            return self.scalars[n.id]
+        if n.id in self.low.config_fields and not self.is_fn:
+            self.uses.add("config")
+            return N.Ref("config", n.id)
+        return N.Ref("sym", n.id)
+
+    def lower_graph(self, sig: A.Signature, body: tuple, span: Span) -> N.Graph:
+        args = []
+        for a in sig.args:
+            problem = identifier_problem(a.name, role="argument")
+            if problem:
+                self.rep.error("E012", problem, a.span)
+            if a.name in self.env or a.name in self.scalars:
+                self.rep.error("E011", f"argument `{a.name}` is defined twice", a.span)
+            tensor, scalar = self.lower_sig_type(a.type, self.is_fn)
+            if scalar is not None:
+                self.scalars[a.name] = N.Ref("param", a.name)
+            else:
+                name = self.fresh(a.name)
+                self.env[a.name] = name
+                self.defined_at[name] = a.span
+            args.append(N.ArgDef(a.name, tensor, scalar, a.span))
+        results = tuple(self.tensor_sig(t) for t in sig.results) if sig.results else None
+        for a in args:
+            for d in a.tensor.dims if a.tensor else ():
+                if isinstance(d, N.Ref) and d.kind == "sym":
+                    self.syms.add(d.name)
+        outputs: tuple[str, ...] = ()
+        for i, st in enumerate(body):
+            try:
+                if isinstance(st, A.Return):
+                    if i != len(body) - 1:
+                        self.rep.error("E013", "statements after `return` never run", body[i + 1].span)
+                    outputs = tuple(self.value_of(self.expr(v), v.span) for v in st.values)
+                else:
+                    self.stmt(st)
+            except _Abort:
+                pass
+        if not body or not isinstance(body[-1], A.Return):
+            self.rep.error("E013", "forward must end with `return`", span)
+        if results is not None and outputs and len(results) != len(outputs):
+            self.rep.error("E042", f"declared {len(results)} result(s), returns {len(outputs)}", body[-1].span)
+        for name, at in self.defined_at.items():
+            if name not in self.read and not name.startswith("_"):
+                var = name
+                self.rep.warn("W001", f"`{var}` is never used", at, "remove it or prefix it with `_`")
+        if not self.is_fn:
+            for w in self.weights.values():
+                if w.name not in self.used_members:
+                    self.rep.warn("W002", f"weight `{w.name}` is never used in forward", w.span)
+            for s in self.subs.values():
+                if s.name not in self.used_members:
+                    self.rep.warn("W002", f"submodule `{s.name}` is never used in forward", s.span)
+        return N.Graph(tuple(args), tuple(self.body), outputs, results, span)
+
+    def value_of(self, e: N.E, span: Span) -> str:
+        if isinstance(e, N.Ref) and e.kind == "value":
+            return e.name
+        # a weight or static returned directly: materialize it
+        name = self.fresh("")
+        self.body.append(N.Op("identity", (e,), (), (name,), ("",), "", span))
+        return name
+
+    def stmt(self, st) -> None:
+        if isinstance(st, A.Assign):
+            for t in st.targets:
+                problem = identifier_problem(t, role="variable")
+                if problem:
+                    self.rep.error("E012", problem, st.span)
+                    raise _Abort
+            if len(st.targets) == 1:
+                var = st.targets[0]
+                e = self.expr(st.value)
+                fresh_temp = (isinstance(e, N.Ref) and e.kind == "value" and self.body
+                              and e.name in self.body[-1].results and e.name not in self.defined_at)
+                if fresh_temp:
+                    value = self.rename_result(e.name, var)
+                else:  # `y = x`, a weight or a build-time value: an explicit copy keeps SSA
+                    value = self.fresh(var)
+                    self.body.append(N.Op("identity", (e,), (), (value,), (var,), "", st.span))
+                self.bind(var, value, st.span)
+            else:
+                names = self.call_multi(st.value, st.targets, st.span)
+                for t, n in zip(st.targets, names):
+                    self.bind(t, n, st.span)
+        elif isinstance(st, A.For):
+            self.loop(st)
+        elif isinstance(st, A.Return):
+            self.rep.error("E013", "`return` inside a loop", st.span)
+
+    def rename_result(self, old: str, var: str) -> str:
+        """Give the last op's temporary result `old` the assigned variable's name."""
+        op = self.body[-1]
+        new = self.fresh(var)
+        self.taken.discard(old)
+        self.body[-1] = _replace(
+            op,
+            results=tuple(new if r == old else r for r in op.results),
+            vars=tuple(var if r == old else v for r, v in zip(op.results, op.vars)),
+        )
+        return new
+
+    def bind(self, var: str, value: str, span: Span) -> None:
+        self.env[var] = value
+        self.defined_at[value] = span
+
+    def loop(self, st: A.For) -> None:
+        if self.is_fn:
+            self.rep.error("E041", "loops over modules are only allowed in a module's forward", st.span)
+            raise _Abort
+        sub = self.subs.get(st.iterable)
+        if sub is None or sub.repeat is None:
+            self.rep.error("E041", f"`{st.iterable}` is not a `repeat` stack", st.span,
+                           did_you_mean(st.iterable, [s.name for s in self.subs.values() if s.repeat is not None]))
+            raise _Abort
+        self.used_members.add(sub.name)
+        assigned = _assigned_vars(st.body)
+        carried = [v for v in assigned if v in self.env]
+        inputs = tuple(self.env[v] for v in carried)
+        for v in inputs:
+            self.read.add(v)
+        outer_body, outer_env = self.body, dict(self.env)
+        self.body = []
+        params = []
+        for v in carried:
+            p = self.fresh(v)
+            params.append(p)
+            self.env[v] = p
+            self.read.add(p)
+        self.loop_vars[st.var] = sub.name
+        for s in st.body:
+            try:
+                self.stmt(s)
+            except _Abort:
+                pass
+        del self.loop_vars[st.var]
+        yields = tuple(self.env[v] for v in carried)
+        for y in yields:
+            self.read.add(y)
+        body, self.body = tuple(self.body), outer_body
+        self.env = outer_env
+        results = []
+        for v in carried:
+            r = self.fresh(v)
+            results.append(r)
+            self.bind(v, r, st.span)
+        self.body.append(N.Loop(st.var, sub.name, body, inputs, tuple(params), yields, tuple(results),
+                                tuple(carried), st.span))
+
+    # expressions ------------------------------------------------------------------------------
+    def expr(self, e: A.Expr) -> N.E:
+        if isinstance(e, (A.Lit, A.ListLit)) or isinstance(e, A.Name):
+            if isinstance(e, A.ListLit):
+                return N.ListE(tuple(self.expr(i) for i in e.items))
+            if isinstance(e, A.Lit):
+                return N.Const(e.value)
+            return self.resolve(e)
+        if isinstance(e, A.Attr):
+            if e.name != "dtype":
+                self.rep.error("E041", f"unknown attribute `.{e.name}`", e.span, "tensors have `.dtype`")
+                raise _Abort
+            inner = self.expr(e.obj)
+            if not (isinstance(inner, N.Ref) and inner.kind in ("value", "weight")):
+                self.rep.error("E041", "`.dtype` needs a tensor", e.span)
+                raise _Abort
+            return N.Ref("dtype_of", inner.name if inner.kind == "value" else f"weight:{inner.name}")
+        if isinstance(e, A.BinOp):
+            left, right = self.expr(e.left), self.expr(e.right)
+            if not (_is_tensor(left) or _is_tensor(right)):
+                return N.BinE(e.op, left, right)
+            op = _BINARY.get(e.op)
+            if op is None:
+                self.rep.error("E041", f"`{e.op}` is not defined on tensors", e.span,
+                               "use where(), maximum() or minimum()" if e.op in ("<", ">", "<=", ">=", "==", "!=")
+                               else "")
+                raise _Abort
+            return self.emit(op, (left, right), (), e.span)
+        if isinstance(e, A.UnaryOp):
+            operand = self.expr(e.operand)
+            if not _is_tensor(operand):
+                return N.UnE(e.op, operand)
+            if e.op != "-":
+                self.rep.error("E041", "`not` is not defined on tensors", e.span)
+                raise _Abort
+            return self.emit("neg", (operand,), (), e.span)
+        if isinstance(e, A.Cond):
+            then, test, orelse = self.expr(e.then), self.expr(e.test), self.expr(e.orelse)
+            if any(_is_tensor(x) for x in (then, test, orelse)):
+                self.rep.error("E041", "`a if c else b` needs build-time values", e.span, "use where(cond, a, b)")
+                raise _Abort
+            return N.CondE(then, test, orelse)
+        if isinstance(e, A.Call):
+            names = self.call(e, 1)
+            return N.Ref("value", names[0])
+        self.rep.error("E041", "unexpected expression", e.span)
+        raise _Abort
+
+    def emit(self, op: str, args, kwargs, span: Span, target: str = "", n: int = 1, vars_=None) -> N.E:
+        names = tuple(self.fresh("") for _ in range(n))
+        self.body.append(N.Op(op, tuple(args), tuple(kwargs), names, vars_ or ("",) * n, target, span))
+        return N.Ref("value", names[0])
+
+    def call_multi(self, e: A.Expr, targets: tuple[str, ...], span: Span) -> tuple[str, ...]:
+        if not isinstance(e, A.Call):
+            self.rep.error("E042", f"{len(targets)} names on the left, but the right side gives one value", span)
+            raise _Abort
+        names = self.call(e, len(targets))
+        op = self.body[-1]
+        new = tuple(self.fresh(t) for t in targets)
+        for old in op.results:
+            self.taken.discard(old)
+        self.body[-1] = _replace(op, results=new, vars=tuple(targets))
+        return new
+
+    def call(self, e: A.Call, n: int) -> tuple[str, ...]:
+        if not isinstance(e.func, A.Name):
+            self.rep.error("E041", "only names can be called", e.span)
+            raise _Abort
+        f = e.func.id
+        args = tuple(self.expr(a) for a in e.args)
+        kwargs = tuple((k.name, self.expr(k.value)) for k in e.kwargs)
+        if f in self.env or f in self.weights or f in self.scalars:
+            self.rep.error("E041", f"`{f}` is a value, not a function", e.func.span)
+            raise _Abort
+        if f in self.loop_vars or f in self.subs:
+            if f in self.subs:
+                if self.subs[f].repeat is not None:
+                    self.rep.error("E041", f"`{f}` is a `repeat` stack: loop over it with `for layer in {f}:`",
+                                   e.span)
+                    raise _Abort
+                self.used_members.add(f)
+            if kwargs:
+                self.rep.error("E040", "modules take positional arguments only", e.span)
+                raise _Abort
+            self.emit("call", args, (), e.span, target=f, n=n)
+        elif f in self.low.fn_names():
+            if kwargs:
+                self.rep.error("E040", "functions take positional arguments only", e.span)
+                raise _Abort
+            self.emit("fn", args, (), e.span, target=f, n=n)
+        elif f in PRIMITIVES:
+            if f == "attention" and self.is_fn:
+                self.rep.error("E041", "`attention` keeps a KV cache, so it must be called in a module's forward",
+                               e.span)
+                raise _Abort
+            self.emit(f, args, kwargs, e.span, n=n)
+        elif f in self.low.decls.modules:
+            self.rep.error("E041", f"`{f}` is a module type: declare a submodule `name = {f}(...)` and call that",
+                           e.func.span)
+            raise _Abort
+        else:
+            self.low._unknown(e.func, [c for c in self.candidates() if c not in self.env], "function")
+        return self.body[-1].results
+
+
+def _assigned_vars(body) -> list[str]:
+    out: list[str] = []
+    for st in body:
+        if isinstance(st, A.Assign):
+            out += [t for t in st.targets if t not in out]
+        elif isinstance(st, A.For):
+            out += [v for v in _assigned_vars(st.body) if v not in out]
+    return out
+
+
+def _is_tensor(e: N.E) -> bool:
+    return any(r.kind in ("value", "weight") for r in free_refs(e))
+
+
+def _replace(op, **kw):
+    from dataclasses import replace
+
+    return replace(op, **kw)
+
+
+_BINARY = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow", "@": "matmul"}
+
+
+def lower(spec: A.File, std: A.File | None, arch: str | None = None,
+          overrides: dict[str, str] | None = None) -> tuple[N.Program, list]:
+    """Lower a parsed spec (with the parsed standard library) to (Program, warnings), or raise DslcError."""
+    low = Lowering(spec, std, arch, overrides or {})
+    try:
+        program = low.run()
+    except _Abort:
+        low.rep.raise_if_errors()
+        raise
+    program_warnings = [d for d in low.rep.diagnostics if not d.is_error]
+    return program, program_warnings
+

@@ -1,0 +1,316 @@
+"""The typed, immutable IR.
+
+Two layers, as codegen and checking need them:
+- definitions (`ModuleDef`, `FnDef`): parametric in module params and config fields, one per source
+  declaration; codegen renders each as one class or function;
+- the instance tree (`WeightInfo` list in `Program.weights`): the model instantiated for one
+  evaluated config, with exact checkpoint names and concrete shapes.
+
+Static values inside definitions are `E` trees (no spans: the enclosing node carries the span).
+Forward bodies are SSA: every `Op` defines fresh value names; `Loop` runs a body over a `repeat`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from dslc.diagnostics import Span
+
+# ---- expressions ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Const:
+    value: int | float | bool | str | None
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A name: kind is 'value' (SSA tensor), 'param' (module param), 'config' (config field),
+    'dtype' (a dtype literal such as f32), or 'dtype_of' (the dtype of an SSA value)."""
+
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True)
+class BinE:
+    op: str
+    left: "E"
+    right: "E"
+
+
+@dataclass(frozen=True)
+class UnE:
+    op: str  # "-" | "not"
+    operand: "E"
+
+
+@dataclass(frozen=True)
+class CondE:
+    then: "E"
+    test: "E"
+    orelse: "E"
+
+
+@dataclass(frozen=True)
+class ListE:
+    items: tuple["E", ...]
+
+
+E = Union[Const, Ref, BinE, UnE, CondE, ListE]
+
+DTYPES = ("f32", "f16", "bf16", "f64", "i64", "i32", "bool", "float")
+"""`float` is the model's compute dtype, chosen at load time (float32, bfloat16, ...)."""
+
+# ---- types ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSig:
+    """A declared tensor type: dims are E (static sizes), Ref('sym', B) symbols, or Const('...')."""
+
+    dims: tuple[E, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ArgDef:
+    name: str
+    tensor: TensorSig | None  # None for a scalar argument (fn only)
+    scalar_type: str | None
+    span: Span = field(compare=True)
+
+
+# ---- forward bodies ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    """`results = op(args, kwargs)`.
+
+    op is a primitive name (see dslc/check/primitives.py), 'call' (a submodule; attr `module`),
+    or 'fn' (a function; attr `fn`). `var` names the source variable each result was assigned to
+    ("" for temporaries), so generated code keeps the user's names.
+    """
+
+    op: str
+    args: tuple[E, ...]
+    kwargs: tuple[tuple[str, E], ...]
+    results: tuple[str, ...]
+    vars: tuple[str, ...]
+    target: str  # submodule or fn name for 'call' / 'fn'; "" otherwise
+    span: Span
+
+
+@dataclass(frozen=True)
+class Loop:
+    """`for var in submodule: body` over a `repeat` stack; `carried` pairs (outer value, body value)
+    give, per loop-carried variable, the value entering the loop and the value leaving one pass;
+    `results` names the values after the loop."""
+
+    var: str
+    over: str
+    body: tuple["Stmt", ...]
+    inputs: tuple[str, ...]  # value entering the loop, per carried variable
+    params: tuple[str, ...]  # name of that variable inside the body
+    yields: tuple[str, ...]  # value at the end of one pass
+    results: tuple[str, ...]  # value after the loop
+    vars: tuple[str, ...]
+    span: Span
+
+
+Stmt = Union[Op, Loop]
+
+
+@dataclass(frozen=True)
+class Graph:
+    args: tuple[ArgDef, ...]
+    body: tuple[Stmt, ...]
+    outputs: tuple[str, ...]
+    result_sigs: tuple[TensorSig, ...] | None
+    span: Span
+
+
+# ---- definitions --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamDef:
+    name: str
+    type: str
+    default: E | None
+    span: Span
+
+
+@dataclass(frozen=True)
+class WeightDef:
+    name: str
+    shape: tuple[E, ...]
+    dtype: str
+    init: str  # normal | zeros | ones
+    init_std: E | None
+    condition: E | None
+    doc: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class SubmoduleDef:
+    name: str
+    module: str
+    args: tuple[E, ...]
+    kwargs: tuple[tuple[str, E], ...]
+    repeat: E | None  # number of copies for `repeat(n, M())`
+    condition: E | None
+    doc: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class TieDef:
+    target: str  # dotted path from this module, e.g. lm_head.weight
+    source: str
+    condition: E | None
+    span: Span
+
+
+@dataclass(frozen=True)
+class ModuleDef:
+    name: str
+    params: tuple[ParamDef, ...]
+    weights: tuple[WeightDef, ...]
+    submodules: tuple[SubmoduleDef, ...]
+    ties: tuple[TieDef, ...]
+    forward: Graph | None
+    uses_config: bool
+    task: str | None
+    doc: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class FnDef:
+    name: str
+    graph: Graph
+    doc: str
+    span: Span
+
+
+# ---- config ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldDef:
+    name: str
+    type: str  # int | float | bool | str
+    optional: bool
+    default: E | None
+    doc: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class RequireDef:
+    test: E
+    message: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class ArchDef:
+    name: str
+    base: str | None
+    overrides: tuple[tuple[str, E], ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class ConfigDef:
+    name: str
+    fields: tuple[FieldDef, ...]
+    aliases: tuple[tuple[str, str], ...]  # (config.json key, field)
+    requires: tuple[RequireDef, ...]
+    archs: tuple[ArchDef, ...]
+    span: Span
+
+
+# ---- checkpoint and training ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayoutRuleDef:
+    sources: tuple[str, ...]  # checkpoint key patterns, `{i}` for a layer index
+    transforms: tuple[tuple[str, tuple[tuple[str, E], ...]], ...]  # (transpose | split | concat, kwargs)
+    targets: tuple[str, ...]  # parameter name patterns
+    span: Span
+
+
+@dataclass(frozen=True)
+class CheckpointDef:
+    rules: tuple[LayoutRuleDef, ...]
+    ignores: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TrainDef:
+    checkpointing: tuple[str, ...]  # module names whose calls recompute activations in backward
+    parallel: tuple[tuple[str, str], ...]  # (parameter-path pattern, colwise | rowwise)
+
+
+# ---- the whole program -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    """One parameter of the instantiated model: checkpoint name, shape, dtype, tie source."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    init: str
+    tied_to: str | None
+    span: Span
+
+
+@dataclass(frozen=True)
+class Program:
+    source: str  # spec path
+    model: str  # the `model` declaration's name
+    config: ConfigDef
+    arch: str | None
+    values: tuple[tuple[str, int | float | bool | str | None], ...]  # evaluated config
+    modules: tuple[ModuleDef, ...]  # dependency order: callees first, the model last
+    fns: tuple[FnDef, ...]
+    checkpoint: CheckpointDef
+    train: TrainDef
+    weights: tuple[WeightInfo, ...]
+
+    def module(self, name: str) -> ModuleDef:
+        for m in self.modules:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def fn(self, name: str) -> FnDef:
+        for f in self.fns:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    @property
+    def config_values(self) -> dict:
+        return dict(self.values)
+
+    @property
+    def param_count(self) -> int:
+        """Parameters counted once per tensor (tied weights count once)."""
+        total = 0
+        for w in self.weights:
+            if w.tied_to is None:
+                n = 1
+                for d in w.shape:
+                    n *= d
+                total += n
+        return total
