@@ -50,7 +50,7 @@ def check_ast(spec, arch=None, overrides=None) -> Checked:
         raise
     except Exception as e:  # an _Abort escaping run(): its diagnostics are in the reporter
         if low.rep.has_errors:
-            raise DslcError(low.rep.diagnostics) from None
+            raise DslcError(_dedupe([d for d in low.rep.diagnostics if d.is_error])) from None
         raise e
     rep = Reporter()
     checker = Checker(program, low.bind_params, rep)

@@ -85,7 +85,7 @@ class Reporter:
 
     def raise_if_errors(self) -> None:
         if self.has_errors:
-            raise DslcError(self.diagnostics)
+            raise DslcError([d for d in self.diagnostics if d.is_error])
 
 
 def edit_distance(a: str, b: str) -> int:

@@ -752,6 +752,8 @@ class _Scope:
 
     def resolve(self, n: A.Name) -> N.E:
         i = n.id
+        if self.env.get(i) == _POISON:
+            raise _Abort
         if i in self.env:
             self.read.add(self.env[i])
             return N.Ref("value", self.env[i])
@@ -847,7 +849,8 @@ class _Scope:
                 else:
                     self.stmt(st)
             except _Abort:
-                pass
+                for var in _assigned_vars([st]):  # later uses of a failed assignment stay quiet
+                    self.env[var] = _POISON
         if not body or not isinstance(body[-1], A.Return):
             self.rep.error("E013", "forward must end with `return`", span)
         if results is not None and outputs and len(results) != len(outputs):
@@ -944,7 +947,8 @@ class _Scope:
             try:
                 self.stmt(s)
             except _Abort:
-                pass
+                for var in _assigned_vars([s]):
+                    self.env[var] = _POISON
         del self.loop_vars[st.var]
         yields = tuple(self.env[v] for v in carried)
         for y in yields:
@@ -1085,6 +1089,7 @@ def _replace(op, **kw):
     return replace(op, **kw)
 
 
+_POISON = "<error>"  # the value of a variable whose assignment failed
 _BINARY = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow", "@": "matmul"}
 
 

@@ -1,0 +1,148 @@
+"""`dslc` command line: check, show, build, generate.
+
+The compiler commands never import torch, so they start fast; `generate` imports the built package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dslc.diagnostics import Diagnostic, DslcError, render_all, to_json
+
+
+def _overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for p in pairs or ():
+        key, sep, value = p.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"error: --set expects key=value, got {p!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _sources(diags: list[Diagnostic]) -> dict[str, list[str]]:
+    out = {}
+    for d in diags:
+        f = d.span.file
+        if f not in out:
+            try:
+                out[f] = Path(f).read_bytes().decode("utf-8", errors="replace").split("\n")
+            except OSError:
+                out[f] = []
+    return out
+
+
+def _report(diags: list[Diagnostic], as_json: bool) -> None:
+    if as_json:
+        print(to_json(diags))
+    elif diags:
+        print(render_all(diags, _sources(diags)), file=sys.stderr)
+
+
+def _check(args) -> int:
+    from dslc.api import check_file
+
+    try:
+        checked = check_file(args.file, args.arch, _overrides(args.set))
+    except DslcError as e:
+        _report(e.diagnostics, args.json)
+        if not args.json:
+            n = len(e.diagnostics)
+            print(f"\nerror: {args.file}: {n} error{'s' * (n != 1)}", file=sys.stderr)
+        return 1
+    _report(checked.warnings, args.json)
+    if not args.json:
+        p = checked.program
+        arch = f" (arch {p.arch})" if p.arch else ""
+        print(f"ok: {args.file}: {p.model}{arch}, {p.param_count:,} parameters, "
+              f"{len(checked.warnings)} warning{'s' * (len(checked.warnings) != 1)}")
+    return 0
+
+
+def _show(args) -> int:
+    from dslc.api import check_file
+    from dslc.show import show_program
+
+    try:
+        checked = check_file(args.file, args.arch, _overrides(args.set))
+    except DslcError as e:
+        _report(e.diagnostics, False)
+        return 1
+    show_program(checked, ir=args.ir, graph=args.graph, fusion=args.fusion)
+    return 0
+
+
+def _build(args) -> int:
+    from dslc.build import build_command
+
+    return build_command(args)
+
+
+def _generate(args) -> int:
+    from dslc.generate import generate_command
+
+    return generate_command(args)
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="the .model spec")
+    p.add_argument("--arch", help="a named arch declared in the spec")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dslc", description="Compile .model specs into PyTorch packages.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check", help="parse and check a spec; exit 0 when clean")
+    _add_spec_args(p)
+    p.add_argument("--json", action="store_true", help="diagnostics as JSON on stdout")
+    p.set_defaults(run=_check)
+
+    p = sub.add_parser("show", help="print the config, the weight tree and the IR")
+    _add_spec_args(p)
+    p.add_argument("--ir", action="store_true", help="print the full IR")
+    p.add_argument("--fusion", action="store_true", help="print the fusion report")
+    p.add_argument("--graph", metavar="OUT", help="write the IR graph as .dot or .svg")
+    p.set_defaults(run=_show)
+
+    p = sub.add_parser("build", help="generate a standalone Python package")
+    _add_spec_args(p)
+    p.add_argument("-o", "--out", default="build", help="output folder (the package goes in OUT/<name>)")
+    p.add_argument("--name", help="package name (default: the spec's file stem)")
+    p.add_argument("--report", action="store_true", help="print the fusion report")
+    p.set_defaults(run=_build)
+
+    p = sub.add_parser("generate", help="build, load a checkpoint folder and generate text")
+    p.add_argument("file", help="the .model spec")
+    p.add_argument("--weights", required=True, help="Hugging Face checkpoint folder")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default=None)
+    p.add_argument("--build-dir", default=None, help="where to cache the build (default: ~/.cache/dslc)")
+    p.set_defaults(run=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except DslcError as e:
+        _report(e.diagnostics, getattr(args, "json", False))
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
