@@ -81,6 +81,8 @@ def _elementwise(name: str):
     def rule(args, kw):
         if len(args) != 1:
             raise OpTypeError("E040", f"`{name}` takes 1 argument, got {len(args)}")
+        if name == "identity" and not isinstance(args[0], TType) and args[0] != NONE_TYPE:
+            return [args[0]]  # `s = 2.0 * k`: a build-time value copied into a variable stays build-time
         x = _t(args[0], f"`{name}`'s argument")
         if x.dtype not in FLOAT_DTYPES and name not in ("identity", "neg", "abs"):
             raise OpTypeError("E032", f"`{name}` needs a floating-point tensor, got {x.dtype}", "cast it first")
@@ -260,6 +262,21 @@ def _squeeze(args, kw):
     return [TType(x.dims[:d] + x.dims[d + 1 :], x.dtype)]
 
 
+def _select(args, kw):
+    """`select(x, dim, index)`: the slice at `index` along `dim`, which is removed (x[:, 0] for dim 1)."""
+    if len(args) != 3:
+        raise OpTypeError("E040", f"`select` takes (x, dim, index), got {len(args)} arguments")
+    x = _t(args[0], "`select`'s input")
+    d = _dim_index(args[1], x.rank)
+    i = args[2]
+    if not isinstance(i, int) or isinstance(i, bool):
+        raise OpTypeError("E041", f"`select`'s index must be an int, got {_desc(i)}")
+    size = x.dims[d]
+    if isinstance(size, int) and not -size <= i < size:
+        raise OpTypeError("E031", f"`select` index {i} is out of range for dim {args[1]} of {x} (size {size})")
+    return [TType(x.dims[:d] + x.dims[d + 1 :], x.dtype)]
+
+
 def _split_sizes(x: TType, sizes, dim: int, name: str):
     d = _dim_index(dim, x.rank)
     total = sizes[0]
@@ -377,6 +394,7 @@ PRIMITIVES: dict[str, Callable] = {
     "transpose": _transpose,
     "unsqueeze": _unsqueeze,
     "squeeze": _squeeze,
+    "select": _select,
     "chunk": _chunk,
     "split": _split,
     "concat": _concat,

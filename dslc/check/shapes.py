@@ -7,6 +7,9 @@ signature, binding symbols (`B`, `T`, `...`) and comparing sizes.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 from dslc.check.dims import NONE_TYPE, Dim, Sym, TType, dim_add, dim_div, dim_mul
 from dslc.check.primitives import PRIMITIVES, OpTypeError
 from dslc.diagnostics import Reporter, Span
@@ -105,7 +108,8 @@ class Checker:
             raise _Stop
         return v
 
-    def _bind_sig(self, sig_args, actual: list, params: dict, span: Span, callee: str) -> dict:
+    def _bind_sig(self, sig_args, actual: list, params: dict, span: Span, callee: str,
+                  mdef: N.ModuleDef | None = None) -> dict:
         """Unify declared argument types with actual ones; returns symbol bindings."""
         tensor_args = [a for a in sig_args]
         if len(actual) != len(tensor_args):
@@ -156,11 +160,46 @@ class Checker:
         scalar_params.update({k[1]: v for k, v in bindings.items() if isinstance(k, tuple)})
         for a, d, actual_d, t in pending:
             want = self._eval_dim(d, scalar_params, bindings, span)
+            if want != actual_d and mdef is not None and self._sized_weight(mdef, d, params):
+                w, wt = self._sized_weight(mdef, d, params)
+                self.rep.error("E033", f"argument `{a.name}` of `{callee}` is {t}, but its weight `{w}` {wt} "
+                               f"needs size {want} where it has {actual_d}", span,
+                               f"declared as [{', '.join(_show_dim(x) for x in a.tensor.dims)}]"
+                               + self._where(d, scalar_params),
+                               "check the sizes the submodule is declared with")
+                raise _Stop
             if want != actual_d:
                 self.rep.error("E030", f"argument `{a.name}` of `{callee}`: expected size {want}, got {actual_d} "
-                               f"(in {t})", span, f"declared as [{', '.join(_show_dim(x) for x in a.tensor.dims)}]")
+                               f"(in {t})", span, f"declared as [{', '.join(_show_dim(x) for x in a.tensor.dims)}]"
+                               + self._where(d, scalar_params))
                 raise _Stop
         return bindings
+
+    def _sized_weight(self, mdef: N.ModuleDef, d: N.E, params: dict):
+        """(name, type) of a weight of `mdef` whose shape uses a param that the declared dim `d` uses."""
+        from dslc.ir.evaluate import free_refs
+
+        names = {r.name for r in free_refs(d) if r.kind == "param"}
+        for w in mdef.weights:
+            if names & {r.name for dim in w.shape for r in free_refs(dim) if r.kind == "param"}:
+                try:
+                    t = self._weights_of(mdef, params).get(w.name)
+                except _Stop:
+                    return None
+                if isinstance(t, TType):
+                    return w.name, t
+        return None
+
+    def _where(self, e: N.E, params: dict) -> str:
+        """` where n = 4, ...` for the params and config fields a declared dim names."""
+        from dslc.ir.evaluate import free_refs
+
+        shown = []
+        for r in free_refs(e):
+            v = params.get(r.name) if r.kind == "param" else self.values.get(r.name) if r.kind == "config" else None
+            if v is not None and f"{r.name} = {v}" not in shown:
+                shown.append(f"{r.name} = {v}")
+        return f" where {', '.join(shown)}" if shown else ""
 
     # ---- modules and fns --------------------------------------------------------------------
     def _weights_of(self, mdef: N.ModuleDef, params: dict) -> dict:
@@ -180,11 +219,16 @@ class Checker:
         if key in self.memo:
             return self.memo[key]
         g = mdef.forward
-        bindings = self._bind_sig(g.args, actual, params, span, mdef.name)
+        bindings = self._bind_sig(g.args, actual, params, span, mdef.name, mdef)
         env: dict = {a.name: t for a, t in zip(g.args, actual)}
         ctx = _Ctx(mdef, params, self._weights_of(mdef, params), {})
         ctx.bindings = bindings
-        results = self._infer_body(g, ctx, env, bindings)
+        mark = len(self.rep.diagnostics)
+        try:
+            results = self._infer_body(g, ctx, env, bindings)
+        except _Stop:
+            self._relocate(mark, span, f"module `{mdef.name}`")
+            raise
         self.memo[key] = results
         self.types[key[:3]] = dict(ctx.types)
         return results
@@ -199,9 +243,23 @@ class Checker:
         env = {a.name: t for a, t in zip(g.args, actual) if a.tensor is not None}
         ctx = _Ctx(None, params, {}, {})
         ctx.bindings = bindings
-        results = self._infer_body(g, ctx, env, bindings)
+        mark = len(self.rep.diagnostics)
+        try:
+            results = self._infer_body(g, ctx, env, bindings)
+        except _Stop:
+            self._relocate(mark, span, f"fn `{fdef.name}`")
+            raise
         self.memo[key] = results
         return results
+
+    def _relocate(self, mark: int, call_site: Span, callee: str) -> None:
+        """Errors raised inside the standard library point at the spec's call site, with a note."""
+        for i in range(mark, len(self.rep.diagnostics)):
+            d = self.rep.diagnostics[i]
+            if d.span.file == self.p.source or call_site.file == d.span.file:
+                continue
+            note = f"inside {callee}, {Path(d.span.file).name}:{d.span.line}:{d.span.col}"
+            self.rep.diagnostics[i] = replace(d, span=call_site, notes=d.notes + (note,))
 
     def _infer_body(self, g: N.Graph, ctx: "_Ctx", env: dict, bindings: dict) -> list:
         # SSA names of the arguments equal their variable names (fresh() keeps the first use)
@@ -386,4 +444,4 @@ def _dt(d: str) -> str:
 def _show_dim(d: N.E) -> str:
     from dslc.ir.printer import expr_text
 
-    return expr_text(d)
+    return expr_text(d).replace("$", "")  # params by their plain names

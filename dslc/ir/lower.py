@@ -25,6 +25,10 @@ class _Abort(Exception):
     """Stop lowering one declaration; the reporter already holds the diagnostic."""
 
 
+class _Reported(EvalError):
+    """A config value depends on a field whose error is already reported."""
+
+
 def _check_type(value, type_: str, optional: bool) -> bool:
     if value is None:
         return optional
@@ -36,7 +40,7 @@ def _check_type(value, type_: str, optional: bool) -> bool:
         return isinstance(value, bool)
     if type_ == "str":
         return isinstance(value, str)
-    return False
+    return True  # an unknown type name: already reported as such
 
 
 def _coerce(value, type_: str):
@@ -223,6 +227,7 @@ class Lowering:
     # ---- config -----------------------------------------------------------------------------------
     def _lower_config(self, decl: A.ConfigDecl, archs: list[A.ArchDecl]) -> N.ConfigDef:
         fields, seen = [], set()
+        self._failed_fields: set[str] = set()
         resolve = self._config_resolver()
         for f in decl.fields:
             problem = identifier_problem(f.name, role="config field")
@@ -238,6 +243,7 @@ class Lowering:
                 default = self._static(f.default, resolve) if f.default is not None else None
             except _Abort:
                 default = None
+                self._failed_fields.add(f.name)
             fields.append(N.FieldDef(f.name, f.type.name, f.type.optional, default, f.doc, f.span))
         aliases = []
         for a in decl.aliases:
@@ -277,12 +283,20 @@ class Lowering:
         chain, cur = [], name
         while cur is not None:
             if cur not in by_name:
-                self.rep.error("E022", f"unknown arch `{cur}`", span,
+                if chain:  # an unknown base: _lower_config reported it at the `extends`
+                    raise _Abort
+                self.rep.error("E022", f"`--arch {cur}`: no arch named `{cur}`", span,
                                did_you_mean(cur, by_name) or f"archs: {', '.join(by_name) or '(none declared)'}")
                 raise _Abort
             a = by_name[cur]
             if a in chain:
-                self.rep.error("E023", f"arch `{name}` extends itself", a.span)
+                cycle = [c.name for c in chain[chain.index(a):]]
+                reported = getattr(self, "_arch_cycles", set())
+                self._arch_cycles = reported | {frozenset(cycle)}
+                if frozenset(cycle) not in reported:
+                    what = (f"arch `{a.name}` extends itself" if len(cycle) == 1 else
+                            "archs extend each other in a cycle: " + " -> ".join(f"`{c}`" for c in cycle + [a.name]))
+                    self.rep.error("E023", what, a.span, "remove one `extends` to break the cycle")
                 raise _Abort
             chain.append(a)
             cur = a.base
@@ -291,7 +305,8 @@ class Lowering:
     def _evaluate_config(self, config: N.ConfigDef) -> dict:
         """Field values for the chosen arch and `--set` overrides; derived defaults follow overrides."""
         fixed: dict[str, N.E] = {}
-        spec_span = Span.at(self.spec.path, 1, 1)
+        spec_span = Span(config.span.file, config.span.line, config.span.col, config.span.line,
+                         config.span.col + len("config ") + len(config.name))
         for a in config.archs:  # every arch is checked for cycles and unknown bases
             try:
                 self._arch_chain(config, a.name, a.span)
@@ -307,7 +322,7 @@ class Lowering:
         for key, text in self.overrides.items():
             if key not in fields:
                 self.rep.error("E024", f"`--set {key}`: no config field `{key}`", spec_span,
-                               did_you_mean(key, fields))
+                               did_you_mean(key, fields) or f"fields: {', '.join(fields)}")
                 continue
             fixed[key] = N.Const(parse_override_value(text))
         values: dict = {}
@@ -322,6 +337,9 @@ class Lowering:
                 raise EvalError(f"config fields depend on each other: {cycle}")
             visiting.append(name)
             expr = fixed.get(name, f.default)
+            if expr is None and name in self._failed_fields:
+                visiting.pop()
+                raise _Reported(name)
             if expr is None:
                 v = None
                 if not f.optional:
@@ -338,6 +356,8 @@ class Lowering:
         for f in config.fields:
             try:
                 value_of(f.name)
+            except _Reported:
+                values.setdefault(f.name, None)
             except EvalError as e:
                 span = f.span
                 self.rep.error("E021", str(e), span)
@@ -399,19 +419,20 @@ class Lowering:
             member_names[name] = span
 
         weights = []
+        failed: set[str] = set()  # members whose declaration was reported: forward uses stay quiet
         for w in m.weights:
             claim(w.name, w.span, "weight")
             try:
                 weights.append(self._lower_weight(w, resolve))
             except _Abort:
-                pass
+                failed.add(w.name)
         subs = []
         for s in m.submodules:
             claim(s.name, s.span, "submodule")
             try:
                 subs.append(self._lower_submodule(s, resolve))
             except _Abort:
-                pass
+                failed.add(s.name)
         ties = []
         for t in m.ties:
             cond = None
@@ -427,6 +448,7 @@ class Lowering:
                            "add `forward(x: [B, T, dim]) -> [B, T, dim]:` with its body")
             raise _Abort
         scope = _Scope(self, m.name, params, {w.name: w for w in weights}, {s.name: s for s in subs}, uses)
+        scope.failed = failed
         forward = scope.lower_graph(m.forward.sig, m.forward.body, m.forward.span)
         return N.ModuleDef(
             name=m.name,
@@ -557,7 +579,8 @@ class Lowering:
         given: dict[str, N.E] = dict(zip(names, args))
         for k, v in kwargs:
             if k not in names:
-                self.rep.error("E040", f"`{mdef.name}` has no parameter `{k}`", span, did_you_mean(k, names))
+                self.rep.error("E040", f"`{mdef.name}` has no parameter `{k}`", span,
+                               did_you_mean(k, names) or f"parameters: {', '.join(names) or '(none)'}")
                 raise _Abort
             if k in given:
                 self.rep.error("E040", f"parameter `{k}` of `{mdef.name}` given twice", span)
@@ -729,6 +752,7 @@ class _Scope:
         self.used_members: set[str] = set()
         self.body: list = []
         self.syms: set[str] = set()  # size symbols bound by the signature (B, T, ...)
+        self.failed: set[str] = set()  # members whose declaration failed (already reported)
 
     # names ------------------------------------------------------------------------------
     def fresh(self, var: str) -> str:
@@ -752,7 +776,7 @@ class _Scope:
 
     def resolve(self, n: A.Name) -> N.E:
         i = n.id
-        if self.env.get(i) == _POISON:
+        if self.env.get(i) == _POISON or (i in self.failed and i not in self.env):
             raise _Abort
         if i in self.env:
             self.read.add(self.env[i])
@@ -851,8 +875,9 @@ class _Scope:
             except _Abort:
                 for var in _assigned_vars([st]):  # later uses of a failed assignment stay quiet
                     self.env[var] = _POISON
-        if not body or not isinstance(body[-1], A.Return):
-            self.rep.error("E013", "forward must end with `return`", span)
+        if not any(isinstance(st, A.Return) for st in body):
+            self.rep.error("E013", "forward must end with `return`", span,
+                           "return the result: `return y`")
         if results is not None and outputs and len(results) != len(outputs):
             self.rep.error("E042", f"declared {len(results)} result(s), returns {len(outputs)}", body[-1].span)
         for name, at in self.defined_at.items():
@@ -862,10 +887,12 @@ class _Scope:
         if not self.is_fn:
             for w in self.weights.values():
                 if w.name not in self.used_members:
-                    self.rep.warn("W002", f"weight `{w.name}` is never used in forward", w.span)
+                    self.rep.warn("W002", f"weight `{w.name}` is never used in forward", w.span,
+                                  "remove it, or use it in forward")
             for s in self.subs.values():
                 if s.name not in self.used_members:
-                    self.rep.warn("W002", f"submodule `{s.name}` is never used in forward", s.span)
+                    self.rep.warn("W002", f"submodule `{s.name}` is never used in forward", s.span,
+                                  "remove it, or call it in forward")
         return N.Graph(tuple(args), tuple(self.body), outputs, results, span)
 
     def value_of(self, e: N.E, span: Span) -> str:
@@ -1033,6 +1060,8 @@ class _Scope:
             self.rep.error("E041", "only names can be called", e.span)
             raise _Abort
         f = e.func.id
+        if f in self.failed and f not in self.env:
+            raise _Abort
         args = tuple(self.expr(a) for a in e.args)
         kwargs = tuple((k.name, self.expr(k.value)) for k in e.kwargs)
         if f in self.env or f in self.weights or f in self.scalars:

@@ -41,6 +41,17 @@ def _parser():
 
 def decode_source(data: bytes, path: str) -> str:
     """Decode a spec's bytes as UTF-8, refusing NUL bytes and other encodings with a location."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DslcError(
+            [
+                Diagnostic(
+                    "E003",
+                    "file is UTF-16 encoded (it starts with a UTF-16 byte-order mark)",
+                    Span.at(path, 1, 1),
+                    ("save the file as UTF-8 text",),
+                )
+            ]
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -148,13 +159,51 @@ def _token_text(tok) -> str:
     return f"`{value[:40]}`"
 
 
+def _open_brackets(text: str, upto: tuple[int, int] | None = None) -> list[tuple[int, int, str]]:
+    """Brackets still open (line, col, char), innermost last, at `upto` (line, col) or at the end."""
+    stack: list[tuple[int, int, str]] = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        in_str = False
+        for col, ch in enumerate(line, 1):
+            if upto is not None and (lineno, col) >= upto:
+                return stack
+            if ch == '"':
+                in_str = not in_str
+            elif in_str:
+                continue
+            elif ch == "#":
+                break
+            elif ch in "([":
+                stack.append((lineno, col, ch))
+            elif ch in ")]" and stack:
+                stack.pop()
+    return stack
+
+
+def _unclosed(stack: list[tuple[int, int, str]], path: str) -> DslcError:
+    line, col, ch = stack[-1]
+    close = ")" if ch == "(" else "]"
+    return DslcError(
+        [Diagnostic("E002", f"unclosed `{ch}`", Span.at(path, line, col), (f"close it with `{close}`",))]
+    )
+
+
 def _wrap_lark_error(e: Exception, text: str, path: str) -> DslcError:
     from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken
     from lark.indenter import DedentError
 
     lines = text.split("\n")
     last_line = len(lines)
-    end = Span.at(path, last_line, len(lines[-1]) + 1)
+    # the end of input is just after the last character of the file (parse_tree appended a newline)
+    content = text[:-1].split("\n") if text.endswith("\n") else lines
+    end = Span.at(path, len(content), len(content[-1]) + 1)
+    at_end = isinstance(e, UnexpectedEOF) or (
+        isinstance(e, UnexpectedToken) and e.token.type in ("$END", "_DEDENT")
+    )
+    if at_end:
+        stack = _open_brackets(text)
+        if stack:
+            return _unclosed(stack, path)
     if isinstance(e, UnexpectedToken):
         tok = e.token
         if tok.type in ("$END", "_DEDENT") or tok.line is None:
@@ -175,22 +224,47 @@ def _wrap_lark_error(e: Exception, text: str, path: str) -> DslcError:
             )
         width = len(str(tok.value)) if tok.type not in ("_NL", "_INDENT") else 1
         line, col = tok.line, tok.column
+        help_: tuple[str, ...] = ()
         if tok.type == "_NL":
             # point at the end of the line that ended too early
             col = len(lines[line - 1]) + 1 if line <= last_line else 1
+        elif tok.type == "_INDENT":
+            # point at the indentation of the next code line, the one indented too far
+            for nxt in range(line + 1, last_line + 1):
+                stripped = lines[nxt - 1].strip()
+                if stripped and not stripped.startswith("#"):
+                    indent = len(lines[nxt - 1]) - len(lines[nxt - 1].lstrip(" "))
+                    line, col, width = nxt, 1, max(indent, 1)
+                    break
+            help_ = ("this line is indented more than the lines before it",)
+        opened = _open_brackets(text, (tok.line, tok.column))
+        if opened and opened[-1][0] < tok.line:
+            o_line, o_col, o_ch = opened[-1]
+            help_ += (f"the `{o_ch}` at line {o_line}, column {o_col} is not closed",)
         return DslcError(
             [
                 Diagnostic(
                     "E001",
                     f"unexpected {_token_text(tok)}",
                     Span.at(path, line, col, min(width, 80)),
-                    (f"expected {_describe(e.expected)}",),
+                    help_ + (f"expected {_describe(e.expected)}",),
                 )
             ]
         )
     if isinstance(e, UnexpectedCharacters):
         ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else ""
         shown = ch if ch.isprintable() else f"\\u{ord(ch):04x}" if ch else "?"
+        if ch == '"':
+            return DslcError(
+                [
+                    Diagnostic(
+                        "E001",
+                        "unterminated string",
+                        Span.at(path, e.line, e.column, len(lines[e.line - 1]) - e.column + 1),
+                        ("a string ends with `\"` on the same line",),
+                    )
+                ]
+            )
         help_ = "strings use double quotes" if ch == "'" else ""
         return DslcError(
             [
@@ -215,6 +289,7 @@ def _wrap_lark_error(e: Exception, text: str, path: str) -> DslcError:
             if indent > stack[-1]:
                 stack.append(indent)
             else:
+                levels = " or ".join(str(n) for n in stack)
                 while indent < stack[-1]:
                     stack.pop()
                 if indent != stack[-1]:
@@ -224,7 +299,7 @@ def _wrap_lark_error(e: Exception, text: str, path: str) -> DslcError:
                                 "E004",
                                 "dedent does not match any outer indentation level",
                                 Span.at(path, lineno, 1, max(indent, 1)),
-                                (f"indent this line by {stack[-1]} spaces to match the enclosing block",),
+                                (f"indent this line by {levels} spaces to match an enclosing block",),
                             )
                         ]
                     )
@@ -255,7 +330,36 @@ def parse_text(text: str, path: str = "<input>"):
     try:
         return to_ast(tree, text, path)
     except RecursionError:
-        raise DslcError([Diagnostic("E005", "expression nested too deeply", Span.at(path, 1, 1))]) from None
+        line, col = _deep_point(tree)
+        raise DslcError(
+            [
+                Diagnostic(
+                    "E005",
+                    "expression nested too deeply",
+                    Span.at(path, line, col),
+                    ("split the expression into named steps",),
+                )
+            ]
+        ) from None
+
+
+def _deep_point(tree, depth_limit: int = 100) -> tuple[int, int]:
+    """(line, col) of the first node nested `depth_limit` deep (else of the deepest), found without recursion."""
+    from lark import Tree
+
+    best, best_depth = (1, 1), -1
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, Tree):
+            continue
+        meta = node.meta
+        if not getattr(meta, "empty", True) and depth > best_depth:
+            best, best_depth = (meta.line, meta.column), depth
+            if depth >= depth_limit:
+                break
+        stack.extend((c, depth + 1) for c in node.children)
+    return best
 
 
 def parse_file(path: str | Path):

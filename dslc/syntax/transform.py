@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast as pyast
+import warnings
 
 from lark import Token, Transformer, v_args
 
@@ -23,10 +24,19 @@ def _line_comment(line: str) -> str:
 
 def _decode_string(tok: Token, path: str) -> str:
     try:
-        value = pyast.literal_eval(str(tok))
-    except (ValueError, SyntaxError):
+        with warnings.catch_warnings():  # `"\q"`: Python only warns; here it is an error
+            warnings.simplefilter("error")
+            value = pyast.literal_eval(str(tok))
+    except (ValueError, SyntaxError, Warning):
         raise DslcError(
-            [Diagnostic("E001", "invalid escape in string", Span.at(path, tok.line, tok.column, len(tok)))]
+            [
+                Diagnostic(
+                    "E001",
+                    "invalid escape in string",
+                    Span.at(path, tok.line, tok.column, len(tok)),
+                    ("escapes: \\\\, \\\", \\n, \\t, \\r, \\xHH, \\uHHHH",),
+                )
+            ]
         ) from None
     if not isinstance(value, str):  # pragma: no cover - the STRING terminal only admits "..."
         raise DslcError([Diagnostic("E001", "invalid string", Span.at(path, tok.line, tok.column, len(tok)))])
@@ -174,7 +184,8 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def alias_decl(self, meta, children):
-        return A.Alias(str(children[0]), str(children[1]), self._span(meta))
+        key, field = children
+        return A.Alias(".".join(key), str(field), self._span(meta))
 
     @v_args(meta=True)
     def require_decl(self, meta, children):
@@ -376,4 +387,11 @@ class _ToAst(Transformer):
 
 
 def to_ast(tree, text: str, path: str) -> A.File:
-    return _ToAst(text, path).transform(tree)
+    from lark.exceptions import VisitError
+
+    try:
+        return _ToAst(text, path).transform(tree)
+    except VisitError as e:  # Lark wraps what a rule raises; a DslcError must reach the caller as it is
+        if isinstance(e.orig_exc, (DslcError, RecursionError)):
+            raise e.orig_exc from None
+        raise

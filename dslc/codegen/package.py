@@ -1,0 +1,347 @@
+"""Program -> the files of a standalone Python package (rendered with the Jinja templates).
+
+Python decides (names, expressions, which modules take `config` or `ctx`); the templates hold text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dslc.check.dims import TType
+from dslc.codegen.python import BodyContext, BodyRenderer, static_text
+from dslc.ir import nodes as N
+from dslc.resources import templates_dir
+
+STATIC_FILES = ("attention.py", "checkpoint.py", "generation.py", "losses.py", "model_base.py", "outputs.py")
+TASK_OUTPUTS = {
+    "causal_lm": ("logits",),
+    "masked_lm": ("logits",),
+    "sequence_classification": ("logits",),
+    "embedding": ("embeddings",),
+    "base": ("last_hidden_state", "pooler_output"),
+}
+PY_TYPES = {"int": "int", "float": "float", "bool": "bool", "str": "str"}
+
+
+@dataclass
+class ModuleView:
+    name: str
+    doc: str
+    where: str
+    base: str
+    init_params: str
+    init_lines: list[str]
+    reset_lines: list[str]
+    forward_name: str
+    forward_args: str
+    forward_lines: list[str]
+    is_model: bool = False
+    class_attrs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FnView:
+    name: str
+    doc: str
+    where: str
+    args: str
+    lines: list[str]
+
+
+def _closure(modules: tuple[N.ModuleDef, ...], direct) -> dict[str, bool]:
+    """A property of a module that holds when it or any of its submodules has it directly."""
+    out: dict[str, bool] = {}
+    for m in modules:  # dependency order: callees first
+        out[m.name] = direct(m) or any(out.get(s.module, False) for s in m.submodules)
+    return out
+
+
+def _uses_attention(body) -> bool:
+    for st in body:
+        if isinstance(st, N.Loop):
+            if _uses_attention(st.body):
+                return True
+        elif st.op == "attention":
+            return True
+    return False
+
+
+def _dim_names(params: dict, config_values: dict) -> dict[int, str]:
+    """Map sizes back to the name that produced them, where that name is unambiguous."""
+    names: dict[int, str] = {}
+    for source in (config_values, params):  # module params win over config fields
+        seen: dict[int, list[str]] = {}
+        for k, v in source.items():
+            if isinstance(v, int) and not isinstance(v, bool) and v > 1:
+                seen.setdefault(v, []).append(k)
+        for v, ks in seen.items():
+            if len(ks) == 1:
+                names[v] = ks[0]
+    return names
+
+
+def _type_text(t, dim_names: dict[int, str]) -> str:
+    if not isinstance(t, TType):
+        return ""
+    dims = ", ".join(dim_names.get(d, str(d)) if isinstance(d, int) else str(d) for d in t.dims)
+    return f"[{dims}]" + ("" if t.dtype == "float" else f" {t.dtype}")
+
+
+class PackageRenderer:
+    def __init__(self, checked, spec_name: str, package: str):
+        self.checked = checked
+        self.p: N.Program = checked.program
+        self.spec_name = spec_name
+        self.package = package
+        self.config_values = self.p.config_values
+        mods = self.p.modules
+        self.needs_config = _closure(mods, lambda m: m.uses_config)
+        self.needs_ctx = _closure(mods, lambda m: m.forward is not None and _uses_attention(m.forward.body))
+        self.checkpointed = set(self.p.train.checkpointing)
+        # the inferred types of each module's first instantiation, for shape comments
+        self.first_types: dict[str, tuple[dict, dict]] = {}
+        for (kind, name, params), types in checked.types.items():
+            if kind == "module" and name not in self.first_types:
+                self.first_types[name] = (dict(params), types)
+
+    def where(self, span) -> str:
+        return f"{Path(span.file).name}:{span.line}"
+
+    # ---- modules -------------------------------------------------------------------------------------
+    def module_view(self, m: N.ModuleDef) -> ModuleView:
+        is_model = m.name == self.p.model
+        ctx = BodyContext(spec_name=self.spec_name, in_module=True, module=m)
+        member_names = {w.name for w in m.weights} | {s.name for s in m.submodules}
+        forward_params = _forward_params(m)
+        for p in forward_params:
+            ctx.param_attrs[p] = p if p not in member_names else f"{p}_value"
+        ctx.conditional_weights = {w.name for w in m.weights if w.condition is not None}
+        ctx.needs_ctx = self.needs_ctx
+        ctx.module_of_sub = {s.name: s.module for s in m.submodules}
+        ctx.checkpointed = self.checkpointed
+        params, types = self.first_types.get(m.name, ({}, {}))
+        dim_names = _dim_names(params, self.config_values)
+        ctx.type_names = {k: _type_text(t, dim_names) for k, t in types.items()}
+
+        init_params = []
+        if self.needs_config[m.name]:
+            init_params.append(f"config: {self.config_class}")
+        for p in m.params:
+            ann = PY_TYPES.get(p.type, p.type)
+            if p.default is None:
+                init_params.append(f"{p.name}: {ann}")
+            else:
+                init_params.append(f"{p.name}: {ann} = {static_text(p.default, ctx, {}, 0, init=True)}")
+
+        init = []
+        if self.needs_config[m.name] and not is_model:
+            init.append("self.config = config")
+        for p in forward_params:
+            init.append(f"self.{ctx.param_attrs[p]} = {p}")
+        for w in m.weights:
+            shape = ", ".join(static_text(d, ctx, {}, 0, init=True) for d in w.shape)
+            dtype = "" if w.dtype == "float" else f", dtype={_torch_dtype(w.dtype)}"
+            make = f"nn.Parameter(torch.empty({shape}{dtype}))"
+            if w.condition is not None:
+                make += f" if {static_text(w.condition, ctx, {}, 2, init=True)} else None"
+            doc = f"  # {w.doc}" if w.doc else f"  # {self.where(w.span)}"
+            init.append(f"self.{w.name} = {make}{doc}")
+        for s in m.submodules:
+            args = [static_text(a, ctx, {}, 0, init=True) for a in s.args]
+            args += [f"{k}={static_text(v, ctx, {}, 0, init=True)}" for k, v in s.kwargs]
+            if self.needs_config[s.module]:
+                args.insert(0, "config")
+            make = f"{s.module}({', '.join(args)})"
+            if s.repeat is not None:
+                make = f"nn.ModuleList({s.module}({', '.join(args)}) for _ in range({static_text(s.repeat, ctx, {}, 0, init=True)}))"
+            if s.condition is not None:
+                make += f" if {static_text(s.condition, ctx, {}, 2, init=True)} else None"
+            init.append(f"self.{s.name} = {make}  # {self.where(s.span)}")
+        if m.ties:
+            pairs = []
+            for t in m.ties:
+                pair = f"{t.target!r}: {t.source!r}"
+                cond = f" if {static_text(t.condition, ctx, {}, 2, init=True)}" if t.condition is not None else ""
+                pairs.append((pair, cond))
+            init.append("self.tied = {")
+            init += [f"    **({{{pair}}}{cond + ' else {}' if cond else ''})," for pair, cond in pairs]
+            init.append("}")
+        if self.needs_ctx[m.name] and _uses_attention(m.forward.body):
+            init.append("self.kv_cache = None  # a KVCache while generating")
+        if m.name in self.checkpointed or any(s.module in self.checkpointed for s in m.submodules):
+            init.append("self.gradient_checkpointing = False")
+        if is_model:
+            init.append("self.tie_weights()")
+
+        reset = []
+        for w in m.weights:
+            if w.init == "normal":
+                std = static_text(w.init_std, ctx, {}, 0) if w.init_std is not None else "0.02"
+                line = f"nn.init.normal_(self.{w.name}, std={std})"
+            else:
+                line = f"nn.init.{w.init}_(self.{w.name})"
+            reset.append(line if w.condition is None else f"if self.{w.name} is not None:\n            {line}")
+
+        g = m.forward
+        renderer = BodyRenderer(g, ctx)
+        lines = renderer.render()
+        args = [a.name for a in g.args] + (["ctx"] if self.needs_ctx[m.name] else [])
+        attrs = []
+        if is_model:
+            attrs = self.model_class_attrs(m)
+        return ModuleView(
+            name=m.name,
+            doc=m.doc or f"The `{m.name}` module.",
+            where=self.where(m.span),
+            base="PreTrainedModel" if is_model else "nn.Module",
+            init_params=", ".join(["self"] + init_params),
+            init_lines=init,
+            reset_lines=reset,
+            forward_name="forward_graph" if is_model else "forward",
+            forward_args=", ".join(["self"] + args),
+            forward_lines=lines,
+            is_model=is_model,
+            class_attrs=attrs,
+        )
+
+    def model_class_attrs(self, m: N.ModuleDef) -> list[str]:
+        outputs = TASK_OUTPUTS.get(m.task or "base", ("logits",))
+        n_out = len(m.forward.outputs)
+        outputs = outputs[:n_out] if len(outputs) >= n_out else outputs + tuple(f"output_{i}" for i in range(len(outputs), n_out))
+        rules = []
+        for r in self.p.checkpoint.rules:
+            transforms = [(name, {k: self._const(v) for k, v in kw}) for name, kw in r.transforms]
+            rules.append({"sources": list(r.sources), "transforms": transforms, "targets": list(r.targets)})
+        return [
+            f"config_class = {self.config_class}",
+            f"task = {m.task!r}",
+            f"graph_inputs = {tuple(a.name for a in m.forward.args)!r}",
+            f"output_names = {outputs!r}",
+            f"layout_rules = {rules!r}",
+            f"ignored_keys = {list(self.p.checkpoint.ignores)!r}",
+            f"tp_plan = {dict(self.p.train.parallel)!r}",
+        ]
+
+    def _const(self, e: N.E):
+        from dslc.ir.evaluate import evaluate
+
+        return evaluate(e, lambda r: self.config_values[r.name])
+
+    def fn_view(self, f: N.FnDef) -> FnView:
+        ctx = BodyContext(spec_name=self.spec_name, in_module=False)
+        lines = BodyRenderer(f.graph, ctx).render()
+        args = []
+        for a in f.graph.args:
+            args.append(f"{a.name}: torch.Tensor" if a.tensor is not None else f"{a.name}: {PY_TYPES[a.scalar_type]}")
+        return FnView(f.name, f.doc, self.where(f.span), ", ".join(args), lines)
+
+    # ---- config ----------------------------------------------------------------------------------------
+    @property
+    def config_class(self) -> str:
+        return self.p.config.name
+
+    def config_view(self) -> dict:
+        c = self.p.config
+        ctx = BodyContext(spec_name=self.spec_name, in_module=False)
+        ctx.config_prefix = "self"
+        fields, derived = [], []
+        for f in c.fields:
+            ann = PY_TYPES[f.type] + (" | None" if f.optional else "")
+            from dslc.ir.evaluate import free_refs
+
+            is_derived = f.default is not None and any(r.kind == "config" for r in free_refs(f.default))
+            if is_derived:
+                derived.append((f.name, static_text(f.default, ctx, {}, 0)))
+                fields.append((f.name, f"{PY_TYPES[f.type]} | None", "None", f.doc or f"derived: {_src(f, ctx)}"))
+            elif f.default is None:
+                fields.append((f.name, ann, "None" if f.optional else None, f.doc))
+            else:
+                fields.append((f.name, ann, static_text(f.default, ctx, {}, 0), f.doc))
+        requires = [(static_text(r.test, ctx, {}, 0), r.message or "requirement failed",
+                     sorted({x.name for x in _refs(r.test)}), self.where(r.span)) for r in c.requires]
+        archs = {}
+        by_name = {a.name: a for a in c.archs}
+        for a in c.archs:
+            chain, cur = [], a
+            while cur is not None:
+                chain.append(cur)
+                cur = by_name.get(cur.base) if cur.base else None
+            values: dict = {}
+            for step in reversed(chain):
+                values.update({k: self._const(v) for k, v in step.overrides})
+            archs[a.name] = values
+        return {
+            "name": c.name,
+            "fields": fields,
+            "derived": derived,
+            "types": {f.name: (f.type, f.optional) for f in c.fields},
+            "aliases": dict(c.aliases),
+            "requires": requires,
+            "archs": archs,
+        }
+
+    # ---- files ---------------------------------------------------------------------------------------
+    def render(self, spec_text: str, metadata: dict) -> dict[str, str]:
+        import jinja2
+
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(templates_dir() / "package")),
+            keep_trailing_newline=True,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            undefined=jinja2.StrictUndefined,
+        )
+        modules = [self.module_view(m) for m in self.p.modules]
+        fns = [self.fn_view(f) for f in self.p.fns]
+        model = next(m for m in modules if m.is_model)
+        common = {"spec": self.spec_name, "package": self.package, "model": model.name,
+                  "config_class": self.config_class, "version": metadata["dslc_version"]}
+        files = {
+            "__init__.py": env.get_template("__init__.py.j2").render(**common, modules=modules),
+            "config.py": env.get_template("config.py.j2").render(**common, config=self.config_view()),
+            "modeling.py": env.get_template("modeling.py.j2").render(**common, modules=modules, fns=fns),
+        }
+        for name in STATIC_FILES:
+            files[name] = (templates_dir() / "package" / name).read_text()
+        files[self.spec_name] = spec_text
+        import json
+
+        files["build.json"] = json.dumps(metadata, indent=2, sort_keys=True) + "\n"
+        return files
+
+
+def _forward_params(m: N.ModuleDef) -> list[str]:
+    """Module params read by forward (stored on self in __init__)."""
+    from dslc.ir.evaluate import free_refs
+
+    found: list[str] = []
+
+    def visit(body) -> None:
+        for st in body:
+            if isinstance(st, N.Loop):
+                visit(st.body)
+                continue
+            for a in list(st.args) + [v for _, v in st.kwargs]:
+                for r in free_refs(a):
+                    if r.kind == "param" and r.name not in found:
+                        found.append(r.name)
+
+    visit(m.forward.body)
+    return found
+
+
+def _refs(e):
+    from dslc.ir.evaluate import free_refs
+
+    return [r for r in free_refs(e) if r.kind == "config"]
+
+
+def _src(f: N.FieldDef, ctx) -> str:
+    return static_text(f.default, ctx, {}, 0).replace("self.", "")
+
+
+def _torch_dtype(d: str) -> str:
+    from dslc.codegen.python import TORCH_DTYPES
+
+    return TORCH_DTYPES[d]

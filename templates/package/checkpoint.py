@@ -1,0 +1,199 @@
+"""Read and write Hugging Face safetensors checkpoints, applying the spec's layout rules.
+
+Loading consumes every checkpoint key exactly once and fills every parameter exactly once; anything
+else is reported in one `CheckpointError` that names each tensor with its shape. Pickle checkpoints
+(`.bin`, `.pt`) are refused: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder that does not fit the model; the message lists every problem."""
+
+
+def _pattern(p: str) -> re.Pattern:
+    return re.compile("^" + re.escape(p).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+def _fill(p: str, i: str | None) -> str:
+    return p.replace("{i}", i) if i is not None else p
+
+
+def _shape(t) -> str:
+    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+
+class CheckpointReader:
+    """The tensors of a folder's model.safetensors, or of the shards its index names."""
+
+    def __init__(self, folder: str | Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"checkpoint folder not found: {self.folder}")
+        index = self.folder / SAFETENSORS_INDEX
+        single = self.folder / SAFETENSORS
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        elif single.is_file():
+            files = [SAFETENSORS]
+        else:
+            pickles = [n for n in PICKLE_NAMES if (self.folder / n).exists()]
+            pickles += sorted(p.name for p in self.folder.glob("*.bin")) + sorted(p.name for p in self.folder.glob("*.pt"))
+            if pickles:
+                raise CheckpointError(
+                    f"{self.folder}: only pickle checkpoints found ({', '.join(sorted(set(pickles)))}); they are refused "
+                    "because unpickling can run arbitrary code. Convert them to safetensors first, e.g. "
+                    "`transformers` AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)."
+                )
+            raise CheckpointError(f"{self.folder}: no {SAFETENSORS} or {SAFETENSORS_INDEX}")
+        self.handles = {}
+        self.location: dict[str, str] = {}
+        for name in files:
+            path = self.folder / name
+            try:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+                keys = list(handle.keys())
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"{path}: cannot read safetensors file, it is truncated or corrupt ({e})") from None
+            self.handles[name] = handle
+            for k in keys:
+                self.location[k] = name
+
+    def keys(self) -> list[str]:
+        return list(self.location)
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self.handles[self.location[key]].get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{self.folder / self.location[key]}: tensor `{key}` cannot be read ({e})") from None
+
+
+def _apply(transforms, tensors: list[torch.Tensor], target_shapes: list[tuple]) -> list[torch.Tensor]:
+    for name, kw in transforms:
+        if name == "transpose":
+            tensors = [t.transpose(0, 1) if t.dim() == 2 else t for t in tensors]
+        elif name == "concat":
+            tensors = [torch.cat(tensors, dim=kw.get("dim", 0))]
+        elif name == "split":
+            dim = kw.get("dim", 0)
+            sizes = [s[dim] if len(s) > dim else s[0] for s in target_shapes]
+            (t,) = tensors
+            if t.shape[dim] != sum(sizes):
+                raise CheckpointError(f"cannot split {_shape(t)} along dim {dim} into {sizes}")
+            tensors = list(torch.split(t, sizes, dim=dim))
+    return [t.contiguous() for t in tensors]
+
+
+def _invert(transforms, tensors: list[torch.Tensor], source_shapes: list[tuple] | None) -> list[torch.Tensor]:
+    for name, kw in reversed(transforms):
+        if name == "transpose":
+            tensors = [t.transpose(0, 1) if t.dim() == 2 else t for t in tensors]
+        elif name == "split":
+            tensors = [torch.cat(tensors, dim=kw.get("dim", 0))]
+        elif name == "concat":
+            dim = kw.get("dim", 0)
+            sizes = [s[dim] for s in source_shapes]
+            tensors = list(torch.split(tensors[0], sizes, dim=dim))
+    return [t.contiguous() for t in tensors]
+
+
+def read_state(reader: CheckpointReader, params: dict[str, torch.Size], rules: list[dict], ignored: list[str],
+               tied: dict[str, str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map checkpoint tensors to parameter names. Returns (tensors, problems)."""
+    keys = set(reader.keys())
+    consumed: set[str] = set()
+    out: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+    for rule in rules:
+        first = _pattern(rule["sources"][0])
+        for key in sorted(keys):
+            m = first.match(key)
+            if not m:
+                continue
+            i = m.groupdict().get("i")
+            sources = [_fill(s, i) for s in rule["sources"]]
+            targets = [_fill(t, i) for t in rule["targets"]]
+            missing = [s for s in sources if s not in keys]
+            if missing:
+                problems.append(f"checkpoint lacks {', '.join(missing)} (needed with `{key}`)")
+                continue
+            unknown = [t for t in targets if t not in params]
+            if unknown:
+                problems.append(f"layout rule targets unknown parameter(s) {', '.join(unknown)}")
+                continue
+            try:
+                tensors = _apply(rule["transforms"], [reader.get(s) for s in sources], [params[t] for t in targets])
+            except CheckpointError as e:
+                problems.append(f"`{key}`: {e}")
+                continue
+            consumed.update(sources)
+            out.update(zip(targets, tensors))
+    ignore = [_pattern(p) for p in ignored]
+    for key in sorted(keys - consumed):
+        if key in params and key not in out:
+            out[key] = reader.get(key)
+            consumed.add(key)
+        elif key in tied:  # a tied copy saved alongside its source: loaded from the source instead
+            consumed.add(key)
+        elif any(p.match(key) for p in ignore):
+            consumed.add(key)
+    for key in sorted(keys - consumed):
+        t = reader.get(key)
+        problems.append(f"unexpected checkpoint tensor `{key}` {_shape(t)}: no parameter of the model takes it")
+    for name, shape in params.items():
+        if name in tied:
+            continue
+        if name not in out:
+            problems.append(f"parameter `{name}` [{', '.join(map(str, shape))}] is not in the checkpoint")
+        elif tuple(out[name].shape) != tuple(shape):
+            problems.append(
+                f"shape mismatch for `{name}`: checkpoint has {_shape(out[name])}, "
+                f"the model expects [{', '.join(map(str, shape))}]"
+            )
+    return out, problems
+
+
+def write_state(state: dict[str, torch.Tensor], rules: list[dict], tied: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Parameter tensors -> checkpoint tensors: inverse layout rules; tied copies left out (as HF does)."""
+    state = {k: v for k, v in state.items() if k not in tied}
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for rule in rules:
+        first = _pattern(rule["targets"][0])
+        for name in sorted(state):
+            m = first.match(name)
+            if not m:
+                continue
+            i = m.groupdict().get("i")
+            targets = [_fill(t, i) for t in rule["targets"]]
+            sources = [_fill(s, i) for s in rule["sources"]]
+            if not all(t in state for t in targets):
+                continue
+            shapes = None
+            if any(n == "concat" for n, _ in rule["transforms"]):
+                raise CheckpointError("saving through a `concat` layout rule needs the source shapes; not supported")
+            tensors = _invert(rule["transforms"], [state[t] for t in targets], shapes)
+            out.update(zip(sources, tensors))
+            used.update(targets)
+    for name, t in state.items():
+        if name not in used:
+            out[name] = t
+    return {k: v.detach().contiguous() for k, v in sorted(out.items())}

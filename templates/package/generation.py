@@ -1,0 +1,76 @@
+"""Token generation over a static KV cache: greedy or sampled, batched with left padding.
+
+Shapes stay fixed from step to step (the cache is allocated for prompt + max_new_tokens), so the
+decode step can later be captured in a CUDA graph. Greedy decoding equals Hugging Face's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, in Hugging Face's order and with its tie rules."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= 1 - top_p
+        remove[..., -1:] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1.0, top_k=None, top_p=None,
+             eos_token_id=None, attention_mask=None, pad_token_id=None, generator=None, streamer=None):
+    """Return [B, T + n] token ids (n <= max_new_tokens: stops early once every row hit EOS)."""
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    total = prompt_len + max_new_tokens
+    eos = torch.as_tensor(eos_token_id if eos_token_id is not None else [], device=device).reshape(-1)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
+
+    key_mask = torch.ones(batch, total, dtype=torch.bool, device=device)  # [B, S_max]
+    if attention_mask is not None:
+        key_mask[:, :prompt_len] = attention_mask.bool()
+    prompt_mask = key_mask[:, :prompt_len]
+    position_ids = (prompt_mask.long().cumsum(-1) - 1).masked_fill(~prompt_mask, 0)  # [B, T]
+    tokens = torch.full((batch, total), pad, dtype=input_ids.dtype, device=device)
+    tokens[:, :prompt_len] = input_ids
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    was_training = model.training
+    model.eval()
+    model.setup_cache(batch, total)
+    try:
+        logits = model.decode_step(input_ids, position_ids, key_mask, torch.arange(prompt_len, device=device))
+        next_pos = position_ids[:, -1:] + 1  # [B, 1]
+        end = total
+        for t in range(prompt_len, total):
+            scores = logits[:, -1, :].float()  # [B, V]
+            if do_sample:
+                probs = _warp(scores, temperature, top_k, top_p).softmax(dim=-1)
+                next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                next_token = scores.argmax(dim=-1)
+            if eos.numel():
+                next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
+                finished |= torch.isin(next_token, eos)
+            tokens[:, t] = next_token
+            if streamer is not None:
+                streamer(next_token)
+            if t == total - 1 or (eos.numel() and bool(finished.all())):
+                end = t + 1
+                break
+            cache_position = torch.tensor([t], device=device)
+            logits = model.decode_step(next_token[:, None], next_pos, key_mask, cache_position)
+            next_pos = next_pos + 1
+        return tokens[:, :end]
+    finally:
+        model.clear_cache()
+        model.train(was_training)

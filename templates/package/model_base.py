@@ -1,0 +1,200 @@
+"""What every generated top-level model shares: the Hugging Face-style forward, loading, saving,
+weight tying, KV caches, activation checkpointing and generation.
+
+The generated class sets `config_class`, `task`, `graph_inputs`, `layout_rules`, `ignored_keys`,
+`tp_plan`, and implements `forward_graph(*graph_inputs, ctx)`, the spec's own forward.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .attention import AttentionContext, KVCache
+from .checkpoint import CheckpointError, CheckpointReader, read_state, write_state
+from .losses import causal_lm_loss, masked_lm_loss, sequence_classification_loss
+from .outputs import ModelOutput
+
+LOSSES = {
+    "causal_lm": causal_lm_loss,
+    "masked_lm": masked_lm_loss,
+    "sequence_classification": sequence_classification_loss,
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def checkpoint_call(module, enabled: bool, *args):
+    """Call `module(*args)`, recomputing its activations in backward when `enabled`."""
+    if enabled:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
+class PreTrainedModel(nn.Module):
+    config_class = None
+    task = "base"
+    graph_inputs: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ("logits",)
+    layout_rules: list[dict] = []
+    ignored_keys: list[str] = []
+    tp_plan: dict[str, str] = {}
+    supports_gradient_checkpointing = True
+    main_input_name = "input_ids"
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+
+    # ---- weights -------------------------------------------------------------------------------
+    def tied_parameters(self) -> dict[str, str]:
+        """Full name of each tied parameter -> the parameter it shares storage with."""
+        out = {}
+        for prefix, module in self.named_modules():
+            for target, source in getattr(module, "tied", {}).items():
+                p = f"{prefix}." if prefix else ""
+                out[p + target] = p + source
+        return out
+
+    def tie_weights(self) -> None:
+        for target, source in self.tied_parameters().items():
+            owner, _, leaf = target.rpartition(".")
+            setattr(self.get_submodule(owner) if owner else self, leaf, self.get_parameter(source))
+
+    def parameter_shapes(self) -> dict[str, torch.Size]:
+        return {n: p.shape for n, p in self.named_parameters(remove_duplicate=False)}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def get_input_embeddings(self):
+        for m in self.modules():
+            if isinstance(m, nn.Module) and type(m).__name__ == "Embedding":
+                return m
+        return None
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=None, device=None, strict: bool = True):
+        """Load a Hugging Face folder (config.json + safetensors) as it is.
+
+        The model is built on the meta device and each checkpoint tensor is assigned in place,
+        so the weights are held once. `strict=False` warns about unused checkpoint tensors
+        instead of refusing them; missing or mis-shaped parameters are always refused.
+        """
+        folder = Path(folder)
+        config = cls.config_class.from_pretrained(folder)
+        if isinstance(dtype, str):
+            dtype = DTYPES[dtype]
+        reader = CheckpointReader(folder)
+        with torch.device("meta"):
+            model = cls(config)
+        tied = model.tied_parameters()
+        tensors, problems = read_state(reader, model.parameter_shapes(), cls.layout_rules, cls.ignored_keys, tied)
+        if not strict:
+            extra = [p for p in problems if p.startswith("unexpected")]
+            for p in extra:
+                warnings.warn(p, stacklevel=2)
+            problems = [p for p in problems if p not in extra]
+        if problems:
+            raise CheckpointError(f"{folder} does not fit {cls.__name__}:\n  - " + "\n  - ".join(problems))
+        for name, tensor in tensors.items():
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            if device is not None:
+                tensor = tensor.to(device)
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+        model.tie_weights()
+        return model.eval()
+
+    def save_pretrained(self, folder) -> None:
+        """Write config.json and model.safetensors that Hugging Face transformers loads back."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {n: p for n, p in self.named_parameters(remove_duplicate=False)}
+        tensors = write_state(state, self.layout_rules, self.tied_parameters())
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        config = self.config.to_dict()
+        config["architectures"] = [type(self).__name__]
+        dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    # ---- training --------------------------------------------------------------------------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        for m in self.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for m in self.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = False
+
+    # ---- KV caches -------------------------------------------------------------------------------
+    def setup_cache(self, batch: int, max_len: int) -> None:
+        """Give every attention site a static [batch, kv_heads, max_len, head_dim] cache."""
+        for m in self.modules():
+            if hasattr(m, "kv_cache"):
+                m.kv_cache = KVCache(batch, max_len)
+
+    def clear_cache(self) -> None:
+        for m in self.modules():
+            if hasattr(m, "kv_cache"):
+                m.kv_cache = None
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, labels=None, position_ids=None, token_type_ids=None,
+                num_items_in_batch=None, **kwargs):
+        """Hugging Face-style call: returns a ModelOutput with the task's outputs and `.loss` for labels."""
+        batch, length = input_ids.shape  # input_ids: [B, T]
+        device = input_ids.device
+        cache_position = torch.arange(length, device=device)
+        if position_ids is None:
+            position_ids = cache_position[None, :].expand(batch, length)  # HF: positions ignore padding here
+        key_mask = attention_mask.bool() if attention_mask is not None else None
+        ctx = AttentionContext(key_mask, cache_position)
+        outputs = self.run_graph(ctx, input_ids=input_ids, position_ids=position_ids, token_type_ids=token_type_ids,
+                                 attention_mask=attention_mask)
+        named = dict(zip(self.output_names, outputs))
+        loss = None
+        if labels is not None:
+            if self.task not in LOSSES:
+                raise ValueError(f"task `{self.task}` has no loss; labels cannot be used")
+            loss = LOSSES[self.task](named[self.output_names[0]], labels)
+        return ModelOutput(loss=loss, **named)
+
+    def run_graph(self, ctx: AttentionContext, **inputs) -> tuple:
+        args = []
+        for name in self.graph_inputs:
+            value = inputs.get(name)
+            if value is None and name == "token_type_ids":
+                value = torch.zeros_like(inputs["input_ids"])
+            if value is None:
+                raise ValueError(f"{type(self).__name__} needs `{name}`")
+            args.append(value)
+        out = self.forward_graph(*args, ctx)
+        return out if isinstance(out, tuple) else (out,)
+
+    def decode_step(self, input_ids, position_ids, key_mask, cache_position) -> torch.Tensor:
+        """One cached step: writes k/v at `cache_position`, returns the first output ([B, T, V] logits)."""
+        ctx = AttentionContext(key_mask, cache_position, use_cache=True)
+        return self.run_graph(ctx, input_ids=input_ids, position_ids=position_ids)[0]
+
+    def generate(self, input_ids, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id=None, attention_mask=None,
+                 pad_token_id=None, generator=None, streamer=None):
+        from .generation import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                        top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
+                        pad_token_id=pad_token_id, generator=generator, streamer=streamer)
