@@ -117,6 +117,22 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() or ch == " " else f"\\x{ord(ch):02x}" if ord(ch) < 256 else "?" for ch in text)
 
 
+def _code_len(line: str) -> int:
+    """Length of `line` without a trailing comment and trailing blanks (carets of a multi-line span stop there)."""
+    in_str, i = False, 0
+    while i < len(line):
+        ch = line[i]
+        if in_str and ch == "\\":
+            i += 2
+            continue
+        if ch == '"':
+            in_str = not in_str
+        elif ch == "#" and not in_str:
+            break
+        i += 1
+    return len(line[:i].rstrip())
+
+
 def render(diag: Diagnostic, source_lines: list[str] | None) -> str:
     """Render one diagnostic as text: header, location, source line with carets, help."""
     kind = "error" if diag.is_error else "warning"
@@ -125,7 +141,7 @@ def render(diag: Diagnostic, source_lines: list[str] | None) -> str:
     if source_lines is not None and 1 <= s.line <= len(source_lines):
         raw = source_lines[s.line - 1].rstrip("\r\n")
         col0 = max(s.col - 1, 0)
-        width = (s.end_col - s.col) if s.end_line == s.line else len(raw) - col0
+        width = (s.end_col - s.col) if s.end_line == s.line else _code_len(raw) - col0
         width = max(1, min(width, MAX_SHOWN_LINE // 2))
         start = 0
         if len(raw) > MAX_SHOWN_LINE:  # show a window around the caret

@@ -175,6 +175,11 @@ class BodyRenderer:
         if name == "gelu_tanh":
             return f'F.gelu({self.operand(a[0])}, approximate="tanh")', ATOM
         if name in ("maximum", "minimum"):
+            tensor_args = [x for x in a if _is_tensor(x)]
+            if len(tensor_args) == 1:  # a tensor against a scalar: clamp
+                scalar = a[1] if tensor_args[0] is a[0] else a[0]
+                bound = "min" if name == "maximum" else "max"
+                return f"{self.operand(tensor_args[0], ATOM)}.clamp({bound}={self.operand(scalar)})", ATOM
             return f"torch.{name}({self.operand(a[0])}, {self.operand(a[1])})", ATOM
         if name == "where":
             return f"torch.where({', '.join(self.operand(x) for x in a)})", ATOM
@@ -199,6 +204,8 @@ class BodyRenderer:
             return f"{self.operand(a[0], ATOM)}.reshape({', '.join(self.operand(d) for d in dims)})", ATOM
         if name == "transpose":
             return f"{self.operand(a[0], ATOM)}.transpose({self.operand(a[1])}, {self.operand(a[2])})", ATOM
+        if name == "select":
+            return f"{self.operand(a[0], ATOM)}.select({self.operand(a[1])}, {self.operand(a[2])})", ATOM
         if name in ("unsqueeze", "squeeze"):
             return f"{self.operand(a[0], ATOM)}.{name}({self.operand(a[1])})", ATOM
         if name == "chunk":
@@ -301,6 +308,12 @@ class BodyRenderer:
             else:
                 raise CodegenError(f"size symbol `{sym}` is not bound by any argument")
         return lines
+
+
+def _is_tensor(e: N.E) -> bool:
+    from dslc.ir.evaluate import free_refs
+
+    return any(r.kind in ("value", "weight") for r in free_refs(e))
 
 
 def _truthy(e: N.E) -> bool:

@@ -22,6 +22,23 @@ def _line_comment(line: str) -> str:
     return ""
 
 
+def _code_part(line: str) -> str:
+    """`line` without its trailing `# comment` (a `#` inside a string does not start one)."""
+    in_str = False
+    i = 0
+    while i < len(line):
+        ch = line[i]
+        if in_str and ch == "\\":
+            i += 2
+            continue
+        if ch == '"':
+            in_str = not in_str
+        elif ch == "#" and not in_str:
+            return line[:i]
+        i += 1
+    return line
+
+
 def _decode_string(tok: Token, path: str) -> str:
     try:
         with warnings.catch_warnings():  # `"\q"`: Python only warns; here it is an error
@@ -53,7 +70,23 @@ class _ToAst(Transformer):
     def _span(self, meta) -> Span:
         if getattr(meta, "empty", True):
             return Span.at(self.path, 1, 1)
-        return Span(self.path, meta.line, meta.column, meta.end_line, meta.end_column)
+        end_line, end_col = meta.end_line, meta.end_column
+        if end_line > meta.line:  # a statement's span takes in its newline: end it at its last code character
+            end_line, end_col = self._code_end(meta.line, meta.column, end_line, end_col)
+        return Span(self.path, meta.line, meta.column, end_line, end_col)
+
+    def _code_end(self, line: int, col: int, end_line: int, end_col: int) -> tuple[int, int]:
+        """The position just after the last code character (not blank, not a comment) before (end_line, end_col)."""
+        for ln in range(min(end_line, len(self.lines)), line - 1, -1):
+            text = self.lines[ln - 1]
+            if ln == end_line:
+                text = text[: end_col - 1]
+            code = _code_part(text).rstrip()
+            if ln == line and len(code) < col:
+                break
+            if code.strip():
+                return ln, len(code) + 1
+        return line, col + 1
 
     def _tspan(self, tok: Token) -> Span:
         return Span(self.path, tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + 1)

@@ -1,0 +1,288 @@
+"""Every spec in models/: checks clean, gives the published parameter counts, and names its weights as
+Hugging Face's own model of that family does (through the spec's checkpoint layout rules, if any)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from dslc.api import check_file
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+SPECS = sorted(p.stem for p in MODELS.glob("*.model"))
+
+
+def spec(name: str) -> Path:
+    return MODELS / f"{name}.model"
+
+
+# ---- every spec checks clean -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_spec_checks_clean(name):
+    checked = check_file(spec(name))
+    assert checked.warnings == [], [d.message for d in checked.warnings]
+    assert checked.program.param_count > 0
+
+
+def test_every_family_has_a_spec():
+    assert {"qwen2", "llama", "gpt2", "bert"} <= set(SPECS)
+
+
+# ---- published parameter counts (tied weights counted once, as safetensors stores them) ------------
+
+PUBLISHED = [
+    ("qwen2", "0.5b", 494_032_768),  # Qwen/Qwen2-0.5B
+    ("qwen2", "1.5b", 1_543_714_304),  # Qwen/Qwen2-1.5B
+    ("qwen2", "7b", 7_615_616_512),  # Qwen/Qwen2-7B
+    ("llama", "7b", 6_738_415_616),  # meta-llama/Llama-2-7b-hf
+    ("llama", "13b", 13_015_864_320),  # meta-llama/Llama-2-13b-hf
+    ("llama", "3-8b", 8_030_261_248),  # meta-llama/Meta-Llama-3-8B
+    ("llama", "3.1-8b", 8_030_261_248),  # meta-llama/Llama-3.1-8B
+    ("llama", "3.2-1b", 1_235_814_400),  # meta-llama/Llama-3.2-1B
+    ("gpt2", "124m", 124_439_808),  # openai-community/gpt2
+    ("gpt2", "355m", 354_823_168),  # openai-community/gpt2-medium
+    ("gpt2", "774m", 774_030_080),  # openai-community/gpt2-large
+    ("gpt2", "1558m", 1_557_611_200),  # openai-community/gpt2-xl
+    ("bert", "base", 109_482_240),  # google-bert/bert-base-uncased
+    ("bert", "large", 335_141_888),  # google-bert/bert-large-uncased
+    ("bert", "base-cased", 108_310_272),  # google-bert/bert-base-cased
+]
+
+
+@pytest.mark.parametrize("name,arch,count", PUBLISHED, ids=[f"{n}-{a}" for n, a, _ in PUBLISHED])
+def test_published_param_count(name, arch, count):
+    checked = check_file(spec(name), arch)
+    assert checked.warnings == []
+    assert checked.program.param_count == count
+
+
+# ---- weight names equal Hugging Face's -----------------------------------------------------------------
+
+V, H, L, NH, KV, I, P = 96, 64, 3, 4, 2, 80, 40  # tiny sizes; head_dim 16, GQA 2:1
+
+_DECODER = dict(
+    vocab_size=V,
+    hidden_size=H,
+    intermediate_size=I,
+    num_hidden_layers=L,
+    num_attention_heads=NH,
+    num_key_value_heads=KV,
+    max_position_embeddings=P,
+)
+
+# (id, spec, config values): the spec's field names equal the HF config keys, so one dict serves as the
+# `--set` overrides of the spec and as the HF config's keyword arguments.
+TINY = [
+    ("qwen2", "qwen2", dict(_DECODER, tie_word_embeddings=False)),
+    ("qwen2-tied", "qwen2", dict(_DECODER, tie_word_embeddings=True)),
+    ("llama", "llama", dict(_DECODER)),
+    (
+        "llama-bias-tied-headdim",
+        "llama",
+        dict(_DECODER, head_dim=24, attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    ),
+    ("gpt2", "gpt2", dict(vocab_size=V, n_embd=H, n_layer=L, n_head=NH, n_positions=P)),
+    (
+        "gpt2-untied-inner",
+        "gpt2",
+        dict(vocab_size=V, n_embd=H, n_layer=L, n_head=NH, n_positions=P, n_inner=I, tie_word_embeddings=False),
+    ),
+    (
+        "bert",
+        "bert",
+        dict(
+            vocab_size=V,
+            hidden_size=H,
+            num_hidden_layers=L,
+            num_attention_heads=NH,
+            intermediate_size=I,
+            max_position_embeddings=P,
+            type_vocab_size=3,
+        ),
+    ),
+]
+HF_CLASSES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+    "bert": ("BertConfig", "BertModel"),
+}
+
+
+def _dsl_program(spec_name: str, values: dict):
+    text = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in values.items()}
+    checked = check_file(spec(spec_name), None, text)
+    assert checked.warnings == []
+    return checked.program
+
+
+_HF_MODELS: dict = {}
+
+
+def _hf_model(case_id: str, spec_name: str, values: dict):
+    """HF's own model of the family with the same tiny config (built once per case)."""
+    if case_id not in _HF_MODELS:
+        transformers = pytest.importorskip("transformers")
+        torch = pytest.importorskip("torch")
+        torch.manual_seed(0)
+        config_class, model_class = HF_CLASSES[spec_name]
+        config = getattr(transformers, config_class)(**values)
+        _HF_MODELS[case_id] = getattr(transformers, model_class)(config).eval()
+    return _HF_MODELS[case_id]
+
+
+def _pattern(p: str) -> re.Pattern:
+    """A layout-rule name with `{i}` (a layer index) as a regex with a named group."""
+    return re.compile("^" + re.escape(p).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+def _fill(p: str, i: str | None) -> str:
+    return p.replace("{i}", i) if i is not None else p
+
+
+def _static(e):
+    """A transform argument: a build-time constant (layout rules cannot name config fields)."""
+    from dslc.ir.evaluate import evaluate
+
+    def no_names(r):
+        raise AssertionError(f"name `{r.name}` in a layout transform")
+
+    return evaluate(e, no_names)
+
+
+def map_checkpoint(program, ckpt: dict) -> tuple[dict, set[int]]:
+    """Checkpoint tensors (name -> tensor) -> parameter tensors via the spec's layout rules.
+
+    Follows the rules' meaning: sources matched by `{i}` patterns, `transpose` swaps the two dims of a
+    matrix, `split(dim = d)` cuts along d into the targets' sizes, `concat(dim = d)` joins the sources;
+    `ignore` patterns drop keys; every other key is a parameter of the same name. Returns the mapped
+    tensors and the indices of the rules that matched at least once.
+    """
+    import torch
+
+    shapes = {w.name: w.shape for w in program.weights}
+    rules = program.checkpoint.rules
+    out: dict = {}
+    consumed: set[str] = set()
+    fired: set[int] = set()
+    for n, rule in enumerate(rules):
+        first = _pattern(rule.sources[0])
+        for key in sorted(ckpt):
+            m = first.match(key)
+            if not m:
+                continue
+            i = m.groupdict().get("i")
+            sources = [_fill(s, i) for s in rule.sources]
+            targets = [_fill(t, i) for t in rule.targets]
+            assert all(s in ckpt for s in sources), f"rule {n}: checkpoint lacks one of {sources}"
+            assert all(t in shapes for t in targets), f"rule {n}: unknown parameter in {targets}"
+            tensors = [ckpt[s] for s in sources]
+            for name, kwargs in rule.transforms:
+                kw = {k: _static(v) for k, v in kwargs}
+                if name == "transpose":
+                    assert all(t.dim() == 2 for t in tensors), "transpose applies to matrices"
+                    tensors = [t.t() for t in tensors]
+                elif name == "concat":
+                    tensors = [torch.cat(tensors, dim=kw.get("dim", 0))]
+                elif name == "split":
+                    dim = kw.get("dim", 0)
+                    (t,) = tensors
+                    tensors = list(torch.split(t, [shapes[x][dim] for x in targets], dim=dim))
+                else:
+                    raise AssertionError(f"unknown transform {name}")
+            assert len(tensors) == len(targets)
+            out.update(zip(targets, tensors))
+            consumed.update(sources)
+            fired.add(n)
+    ignores = [_pattern(p) for p in program.checkpoint.ignores]
+    for key, t in ckpt.items():
+        if key not in consumed and not any(p.match(key) for p in ignores):
+            assert key not in out, f"`{key}` is both a rule target and a checkpoint key"
+            out[key] = t
+    return out, fired
+
+
+@pytest.mark.parametrize("case", TINY, ids=[c[0] for c in TINY])
+def test_weight_names_match_hf(case):
+    case_id, spec_name, values = case
+    program = _dsl_program(spec_name, values)
+    hf = _hf_model(case_id, spec_name, values)
+    state = hf.state_dict()
+
+    mapped, fired = map_checkpoint(program, state)
+    assert fired == set(range(len(program.checkpoint.rules))), "a layout rule matches no checkpoint key"
+    ours = {w.name: tuple(w.shape) for w in program.weights}
+    theirs = {k: tuple(v.shape) for k, v in mapped.items()}
+    assert sorted(ours) == sorted(theirs)
+    assert ours == theirs
+    # parameters counted once per tensor, tied ones once, as torch does
+    assert program.param_count == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("case", TINY, ids=[c[0] for c in TINY])
+def test_ties_match_hf(case):
+    case_id, spec_name, values = case
+    program = _dsl_program(spec_name, values)
+    hf = _hf_model(case_id, spec_name, values)
+    first_of: dict[int, str] = {}
+    hf_ties = {}
+    for name, p in hf.named_parameters(remove_duplicate=False):
+        if id(p) in first_of:
+            hf_ties[name] = first_of[id(p)]
+        else:
+            first_of[id(p)] = name
+    ours = {w.name: w.tied_to for w in program.weights if w.tied_to is not None}
+    assert ours == hf_ties
+
+
+def test_gpt2_layout_rules_compute_what_conv1d_computes():
+    """After the rules, Linear(x) with the mapped weights equals HF's Conv1D on the same input."""
+    torch = pytest.importorskip("torch")
+    case = next(c for c in TINY if c[0] == "gpt2-untied-inner")
+    case_id, spec_name, values = case
+    program = _dsl_program(spec_name, values)
+    hf = _hf_model(case_id, spec_name, values)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_()
+        mapped, _ = map_checkpoint(program, hf.state_dict())
+        x = torch.randn(2, 5, H)
+        for i, block in enumerate(hf.transformer.h):
+
+            def lin(name, inp, i=i):
+                pre = f"transformer.h.{i}.{name}"
+                return torch.nn.functional.linear(inp, mapped[pre + ".weight"], mapped[pre + ".bias"])
+
+            q, k, v = block.attn.c_attn(x).split(H, dim=-1)
+            torch.testing.assert_close(lin("attn.q_proj", x), q)
+            torch.testing.assert_close(lin("attn.k_proj", x), k)
+            torch.testing.assert_close(lin("attn.v_proj", x), v)
+            torch.testing.assert_close(lin("attn.c_proj", x), block.attn.c_proj(x))
+            torch.testing.assert_close(lin("mlp.c_fc", x), block.mlp.c_fc(x))
+            h = torch.randn(2, 5, I)
+            torch.testing.assert_close(lin("mlp.c_proj", h), block.mlp.c_proj(h))
+
+
+def test_map_checkpoint_expands_layer_patterns():
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from dslc.diagnostics import Span
+    from dslc.ir import nodes as N
+
+    rule = N.LayoutRuleDef(
+        ("a.{i}.w",), (("split", (("dim", N.Const(0)),)),), ("b.{i}.x", "b.{i}.y"), Span.at("t.model", 1, 1)
+    )
+    program = SimpleNamespace(
+        checkpoint=N.CheckpointDef((rule,), ("a.{i}.mask",)),
+        weights=[SimpleNamespace(name=n, shape=(2,)) for n in ("b.0.x", "b.0.y", "b.1.x", "b.1.y", "c")],
+    )
+    ckpt = {"a.0.w": torch.arange(4.0), "a.1.w": torch.arange(4.0) + 4, "a.0.mask": torch.zeros(1), "c": torch.ones(2)}
+    out, fired = map_checkpoint(program, ckpt)
+    assert fired == {0}
+    assert sorted(out) == ["b.0.x", "b.0.y", "b.1.x", "b.1.y", "c"]
+    assert out["b.1.y"].tolist() == [6.0, 7.0]
