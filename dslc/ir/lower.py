@@ -275,7 +275,8 @@ class Lowering:
             arch_defs.append(N.ArchDef(a.name, a.base, tuple(ovs), a.span))
         for a in arch_defs:
             if a.base is not None and a.base not in names:
-                self.rep.error("E022", f"unknown base arch `{a.base}`", a.span, did_you_mean(a.base, names))
+                self.rep.error("E022", f"unknown base arch `{a.base}`", a.span,
+                               did_you_mean(a.base, names) or f"archs: {', '.join(sorted(names))}")
         return N.ConfigDef(decl.name, tuple(fields), tuple(aliases), tuple(requires), tuple(arch_defs), decl.span)
 
     def _arch_chain(self, config: N.ConfigDef, name: str, span: Span) -> list[N.ArchDef]:
@@ -327,41 +328,51 @@ class Lowering:
             fixed[key] = N.Const(parse_override_value(text))
         values: dict = {}
         visiting: list[str] = []
+        failed: set[str] = set()  # fields whose error is reported: their dependents stay quiet
 
         def value_of(name: str):
+            """The field's value; an error is reported once, at the field, and its dependents stay quiet."""
             if name in values:
                 return values[name]
+            if name in failed:
+                raise _Reported(name)
             f = fields[name]
             if name in visiting:
                 cycle = " -> ".join(visiting[visiting.index(name):] + [name])
                 raise EvalError(f"config fields depend on each other: {cycle}")
             visiting.append(name)
+            try:
+                values[name] = own_value(name, f)
+            except _Reported:
+                failed.add(name)
+                raise
+            except EvalError as e:
+                self.rep.error("E021", str(e), f.span)
+                failed.add(name)
+                raise _Reported(name) from None
+            finally:
+                visiting.pop()
+            return values[name]
+
+        def own_value(name: str, f):
             expr = fixed.get(name, f.default)
             if expr is None and name in self._failed_fields:
-                visiting.pop()
                 raise _Reported(name)
             if expr is None:
-                v = None
                 if not f.optional:
-                    visiting.pop()
                     raise EvalError(f"config field `{name}` has no default and no value")
+                v = None
             else:
                 v = evaluate(expr, lambda r: value_of(r.name))
-            visiting.pop()
             if not _check_type(v, f.type, f.optional):
                 raise EvalError(f"config field `{name}` is {f.type}{'?' if f.optional else ''}, got {_show(v)}")
-            values[name] = _coerce(v, f.type)
-            return values[name]
+            return _coerce(v, f.type)
 
         for f in config.fields:
             try:
                 value_of(f.name)
-            except _Reported:
-                values.setdefault(f.name, None)
-            except EvalError as e:
-                span = f.span
-                self.rep.error("E021", str(e), span)
-                values.setdefault(f.name, None)
+            except EvalError:  # reported (once) inside value_of
+                pass
         if self.rep.has_errors:
             return values
         for r in config.requires:

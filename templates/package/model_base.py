@@ -70,8 +70,12 @@ class PreTrainedModel(nn.Module):
     def parameter_shapes(self) -> dict[str, torch.Size]:
         return {n: p.shape for n, p in self.named_parameters(remove_duplicate=False)}
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameter count, shared (tied) tensors once; HF Trainer calls it with exclude_embeddings=True."""
+        skip = set()
+        if exclude_embeddings:
+            skip = {id(p) for m in self.modules() if type(m).__name__ == "Embedding" for p in m.parameters(recurse=False)}
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip and (p.requires_grad or not only_trainable))
 
     def get_input_embeddings(self):
         for m in self.modules():
