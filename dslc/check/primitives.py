@@ -363,6 +363,15 @@ def _attention(args, kw):
 ATTENTION_OPTIONS = ("causal", "window", "softcap", "scale")
 
 
+def _rotate_half(args, kw):
+    x = _t(args[0] if args else None, "`rotate_half`'s input")
+    if len(args) != 1:
+        raise OpTypeError("E040", "`rotate_half` takes (x)")
+    if isinstance(x.dims[-1], int) and x.dims[-1] % 2:
+        raise OpTypeError("E034", f"`rotate_half` needs an even last dim, got {x}")
+    return [x]
+
+
 def _dropout(args, kw):
     x = _t(args[0] if args else None, "`dropout`'s input")
     return [x]
@@ -401,6 +410,7 @@ PRIMITIVES: dict[str, Callable] = {
     "arange": _arange,
     "attention": _attention,
     "dropout": _dropout,
+    "rotate_half": _rotate_half,
     "topk": _topk,
 }
 

@@ -309,10 +309,10 @@ class Checker:
                 self.rep.error("E010", f"`{e.name}` has no value here", span)
                 raise _Stop
             if e.kind == "weight":
-                return ctx.weights[e.name]
+                return self._weight(ctx, e.name, span)
             if e.kind == "dtype_of":
                 if e.name.startswith("weight:"):
-                    t = ctx.weights[e.name[len("weight:"):]]
+                    t = self._weight(ctx, e.name[len("weight:"):], span)
                 else:
                     t = ctx.types.get(e.name)
                 return t.dtype if isinstance(t, TType) else "float"
@@ -369,6 +369,15 @@ class Checker:
             self.rep.error(e.code, e.message, st.span, *e.help)
             raise _Stop from None
         return out
+
+    def _weight(self, ctx: "_Ctx", name: str, span: Span):
+        """A weight of this module, or `sub.weight` of a submodule (after inlining)."""
+        if "." not in name:
+            return ctx.weights[name]
+        sub, _, rest = name.partition(".")
+        found = self._submodule(ctx, sub, span)
+        child, params = found
+        return self._weight(_Ctx(child, params, self._weights_of(child, params), {}), rest, span)
 
     def _submodule(self, ctx: "_Ctx", name: str, span: Span):
         """(definition, parameter values) of a submodule or loop variable; params None when absent."""

@@ -204,6 +204,11 @@ class BodyRenderer:
             return f"{self.operand(a[0], ATOM)}.reshape({', '.join(self.operand(d) for d in dims)})", ATOM
         if name == "transpose":
             return f"{self.operand(a[0], ATOM)}.transpose({self.operand(a[1])}, {self.operand(a[2])})", ATOM
+        if name == "rotate_half":
+            x = self.operand(a[0], ATOM)
+            return f"torch.cat([-{x}.chunk(2, dim=-1)[1], {x}.chunk(2, dim=-1)[0]], dim=-1)", ATOM
+        if name == "region":
+            return f"kernels.{op.target}({', '.join(self.operand(x) for x in a)})", ATOM
         if name == "select":
             return f"{self.operand(a[0], ATOM)}.select({self.operand(a[1])}, {self.operand(a[2])})", ATOM
         if name in ("unsqueeze", "squeeze"):

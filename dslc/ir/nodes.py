@@ -286,6 +286,7 @@ class Program:
     checkpoint: CheckpointDef
     train: TrainDef
     weights: tuple[WeightInfo, ...]
+    regions: tuple = ()  # RowRegion (dslc/ir/regions.py) made by the fusion passes; `region` ops call them
 
     def module(self, name: str) -> ModuleDef:
         for m in self.modules:

@@ -1,0 +1,37 @@
+"""Type inference for an already-checked Program (after a pass rewrote it): value types per module."""
+
+from __future__ import annotations
+
+from dslc.check.shapes import Checker
+from dslc.diagnostics import DslcError, Reporter
+from dslc.ir import nodes as N
+from dslc.ir.evaluate import evaluate
+
+
+def bind_params(program: N.Program):
+    """Constructor-argument binding for module instances of a valid program (no diagnostics needed)."""
+    values = program.config_values
+
+    def bind(mdef: N.ModuleDef, args, kwargs, lookup, span) -> dict:
+        given = dict(zip([p.name for p in mdef.params], args))
+        given.update(dict(kwargs))
+        out: dict = {}
+        for p in mdef.params:
+            if p.name in given:
+                v = evaluate(given[p.name], lookup)
+            else:
+                v = evaluate(p.default, lambda r: out[r.name] if r.kind == "param" else values[r.name])
+            out[p.name] = float(v) if p.type == "float" and isinstance(v, int) else v
+        return out
+
+    return bind
+
+
+def infer_types(program: N.Program) -> dict:
+    """(kind, module, params) -> {value: TType} for every module instance; raises on an invalid program."""
+    rep = Reporter()
+    checker = Checker(program, bind_params(program), rep)
+    checker.run()
+    if rep.has_errors:
+        raise DslcError([d for d in rep.diagnostics if d.is_error])
+    return checker.types

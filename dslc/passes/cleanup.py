@@ -1,0 +1,100 @@
+"""Copy propagation, common-subexpression elimination and dead-code elimination."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from dslc.ir import nodes as N
+from dslc.passes.common import map_bodies, subst_op, use_counts
+
+PURE_EXCLUDED = {"call", "attention", "dropout", "region"}  # calls may hold state (KV cache, RNG)
+
+
+def _rename_ref(names: dict[str, str]):
+    def f(r: N.Ref) -> N.E:
+        if r.kind in ("value", "dtype_of") and r.name in names:
+            return N.Ref(r.kind, names[r.name])
+        return r
+
+    return f
+
+
+def _propagate(body, names: dict[str, str]) -> list:
+    """Drop `a = identity(b)` where b is a value, renaming uses of a to b (and keeping named results)."""
+    out = []
+    for st in body:
+        if isinstance(st, N.Loop):
+            inner = _propagate(st.body, names)
+            out.append(replace(st, body=tuple(inner), inputs=tuple(names.get(v, v) for v in st.inputs),
+                               yields=tuple(names.get(v, v) for v in st.yields)))
+            continue
+        st = subst_op(st, _rename_ref(names))
+        if st.op == "identity" and isinstance(st.args[0], N.Ref) and st.args[0].kind == "value":
+            names[st.results[0]] = st.args[0].name
+            continue
+        out.append(st)
+    return out
+
+
+def copy_propagate(program: N.Program) -> N.Program:
+    def fn(g: N.Graph, owner) -> N.Graph:
+        names: dict[str, str] = {}
+        body = _propagate(g.body, names)
+        return replace(g, body=tuple(body), outputs=tuple(names.get(o, o) for o in g.outputs))
+
+    return map_bodies(program, fn)
+
+
+def cse(program: N.Program) -> N.Program:
+    """Two pure ops with the same name, arguments and keywords compute the same value: keep the first."""
+
+    def fn(g: N.Graph, owner) -> N.Graph:
+        names: dict[str, str] = {}
+
+        def visit(body) -> list:
+            seen: dict = {}
+            out = []
+            for st in body:
+                if isinstance(st, N.Loop):
+                    out.append(replace(st, body=tuple(visit(st.body)), inputs=tuple(names.get(v, v) for v in st.inputs),
+                                       yields=tuple(names.get(v, v) for v in st.yields)))
+                    continue
+                st = subst_op(st, _rename_ref(names))
+                if st.op not in PURE_EXCLUDED:
+                    key = (st.op, st.target, st.args, st.kwargs, len(st.results))
+                    if key in seen:
+                        for r, prev in zip(st.results, seen[key].results):
+                            names[r] = prev
+                        continue
+                    seen[key] = st
+                out.append(st)
+            return out
+
+        body = visit(g.body)
+        return replace(g, body=tuple(body), outputs=tuple(names.get(o, o) for o in g.outputs))
+
+    return map_bodies(program, fn)
+
+
+def dce(program: N.Program) -> N.Program:
+    """Remove pure ops none of whose results are used."""
+
+    def fn(g: N.Graph, owner) -> N.Graph:
+        while True:
+            counts = use_counts(g)
+
+            def keep(st) -> bool:
+                if isinstance(st, N.Loop) or st.op in PURE_EXCLUDED:
+                    return True
+                return any(counts.get(r, 0) for r in st.results)
+
+            def visit(body) -> list:
+                return [replace(st, body=tuple(visit(st.body))) if isinstance(st, N.Loop) else st
+                        for st in body if keep(st)]
+
+            new = replace(g, body=tuple(visit(g.body)))
+            if new == g:
+                return g
+            g = new
+
+    return map_bodies(program, fn)

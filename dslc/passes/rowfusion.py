@@ -1,0 +1,329 @@
+"""Row fusion: chains of elementwise ops and last-dim reductions become one `RowRegion`.
+
+Pointwise chains (bias + activation, silu(gate) * up, residual adds, scaling) and row reductions
+with their prologue and epilogue (RMSNorm, LayerNorm, softmax, the residual add before a norm,
+producing both outputs) are the same thing here: ops whose results broadcast to one [.., N] shape,
+computed one row per program. Each region is replaced by a `region` op calling it; every candidate
+left unfused is recorded with the reason, for the fusion report.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from dslc.check.dims import TType
+from dslc.check.primitives import OpTypeError, broadcast
+from dslc.ir import nodes as N
+from dslc.ir.regions import RegionInput, RegionOp, RowRegion
+from dslc.passes.common import ELEMENTWISE, ROW_REDUCTIONS, use_counts, value_refs
+
+MAX_RANK = 4  # three leading dims and the row
+
+
+@dataclass
+class FusionReport:
+    regions: list[tuple[str, str, RowRegion, dict]] = field(default_factory=list)  # (module, name, region, bytes)
+    rejected: list[tuple[str, str, str]] = field(default_factory=list)  # (module, where, reason)
+
+
+def _where(span) -> str:
+    return f"{Path(span.file).name}:{span.line}"
+
+
+class _Fuser:
+    def __init__(self, module: N.ModuleDef, types: dict, taken: set[str], report: FusionReport):
+        self.m = module
+        self.types = types
+        self.taken = taken
+        self.report = report
+        self.regions: list[RowRegion] = []
+
+    def ttype(self, name: str) -> TType | None:
+        t = self.types.get(name)
+        return t if isinstance(t, TType) else None
+
+    def fusable(self, op) -> str | None:
+        """None when the op may join a region, else why not."""
+        if isinstance(op, N.Loop):
+            return "a loop"
+        if op.op not in ELEMENTWISE and op.op not in ROW_REDUCTIONS:
+            return f"`{op.op if op.op not in ('call', 'fn') else op.target}` is not elementwise"
+        if len(op.results) != 1:
+            return "more than one result"
+        t = self.ttype(op.results[0])
+        if t is None or t.rank < 1 or t.rank > MAX_RANK:
+            return "rank outside 1..4"
+        if op.op in ROW_REDUCTIONS:
+            kw = dict(op.kwargs)
+            dim = kw.get("dim", N.Const(-1))
+            keep = kw.get("keepdim", N.Const(False))
+            if not (isinstance(dim, N.Const) and dim.value in (-1, t.rank - 1)):
+                return "reduces a dim other than the last"
+            if not (isinstance(keep, N.Const) and keep.value is True):
+                return "reduction without keepdim"
+        if t.dtype not in ("float", "f32", "bf16", "f16"):
+            return f"{t.dtype} result"
+        return None
+
+    def schedule(self, body) -> list:
+        """Move ops that cannot be fused as early as their inputs allow (keeping their relative order),
+        so the fusable ops between them end up adjacent. Fusable ops are pure, so this is safe."""
+        defined_by: dict[str, int] = {}
+        for i, st in enumerate(body):
+            for r in (st.results if isinstance(st, N.Op) else st.results + st.params):
+                defined_by[r] = i
+        deps = [{defined_by[v] for v in value_refs(st) if v in defined_by} for st in body]
+        fixed = [self.fusable(st) is not None for st in body]
+        done: set[int] = set()
+        order: list[int] = []
+        pending_fixed = [i for i in range(len(body)) if fixed[i]]
+        while len(order) < len(body):
+            nxt = pending_fixed[0] if pending_fixed else None
+            if nxt is not None and deps[nxt] <= done:
+                pending_fixed.pop(0)
+                pick = nxt
+            else:
+                pick = next(i for i in range(len(body)) if i not in done and not fixed[i] and deps[i] <= done)
+            done.add(pick)
+            order.append(pick)
+        return [body[i] for i in order]
+
+    def run(self, body, counts: dict) -> list:
+        queue = self.schedule(body)
+        out: list = []
+        cur: list[N.Op] = []
+        shape: list = [None]
+        while queue:
+            st = queue.pop(0)
+            if isinstance(st, N.Loop):
+                queue = self.close(cur, shape[0], counts, out) + queue
+                cur, shape[0] = [], None
+                out.append(replace(st, body=tuple(self.run(list(st.body), counts))))
+                continue
+            if self.fusable(st) is not None:
+                queue = self.close(cur, shape[0], counts, out) + [st] + queue
+                cur, shape[0] = [], None
+                out.append(queue.pop(queue.index(st)))
+                continue
+            t = self.ttype(st.results[0])
+            if not self.try_join(st, t, cur, shape):
+                queue = self.close(cur, shape[0], counts, out) + [st] + queue
+                cur, shape[0] = [queue.pop(queue.index(st))], t.dims
+        self.close(cur, shape[0], counts, out)
+        return out
+
+    def try_join(self, op: N.Op, t: TType, cur: list, shape: list) -> bool:
+        if not cur:
+            return False
+        members = {r for o in cur for r in o.results}
+        if op.op == "rotate_half" and any(a in members for a in value_refs(op)):
+            return False  # a permutation reads its input at other columns: it must be a region input
+        s = shape[0]
+        if t.dims[-1] not in (s[-1], 1) and s[-1] != 1:
+            return False
+        try:
+            new = broadcast(TType(s, "float"), TType(t.dims, "float"), "fuse")
+        except OpTypeError:
+            return False
+        if len(new) > MAX_RANK or (new[-1] != s[-1] and s[-1] != 1):
+            return False
+        shape[0] = new
+        cur.append(op)
+        return True
+
+    # ---- closing: RowRegion + the `region` op ------------------------------------------------------
+    def close(self, ops: list[N.Op], shape, counts: dict, out: list) -> list:
+        """Emit the region for `ops` into `out`; return ops to process again (peeled off the region)."""
+        if not ops:
+            return []
+        peeled: list[N.Op] = []
+        while True:  # a value narrower than the row (a broadcast table) leaving the region: compute it outside
+            members = {r for op in ops for r in op.results}
+            used_inside = self._inside_uses(ops)
+            narrow = [op for op in ops if counts.get(op.results[0], 0) > used_inside.get(op.results[0], 0)
+                      and self.ttype(op.results[0]).dims[:-1] != tuple(shape[:-1])
+                      and self.ttype(op.results[0]).dims[:-1] != tuple(d for d in shape[:-1])
+                      and not (set(value_refs(op)) & members)]
+            if not narrow:
+                break
+            for op in narrow:
+                ops.remove(op)
+                peeled.append(op)
+            if not ops:
+                return peeled
+        members = {r for op in ops for r in op.results}
+        inside = self._inside_uses(ops)
+        outputs = [r for op in ops for r in op.results if counts.get(r, 0) > inside.get(r, 0)]
+        n_ops = sum(op.op != "identity" for op in ops)
+        if n_ops < 2:
+            op = ops[0]
+            self.report.rejected.append((self.m.name, _where(op.span), f"`{op.op}` alone: no neighbour to fuse with"))
+            out.extend(ops)
+            return peeled
+        region, args, why = self.build_region(ops, members, outputs, shape)
+        if region is None:
+            self.report.rejected.append((self.m.name, _where(ops[0].span), why))
+            out.extend(ops)
+            return peeled
+        self.regions.append(region)
+        before, after = _bytes(ops, region, self.types, shape)
+        self.report.regions.append((self.m.name, region.name, region, {"before": before, "after": after}))
+        vars_ = tuple(next((op.vars[op.results.index(o)] for op in ops if o in op.results), "") for o in outputs)
+        out.append(N.Op("region", tuple(args), (), tuple(outputs), vars_, region.name, ops[0].span))
+        return peeled
+
+    @staticmethod
+    def _inside_uses(ops) -> dict[str, int]:
+        inside: dict[str, int] = {}
+        for op in ops:
+            for a in value_refs(op):
+                inside[a] = inside.get(a, 0) + 1
+        return inside
+
+    def build_region(self, ops, members, outputs, shape):
+        inputs: list[RegionInput] = []
+        args: list[N.E] = []
+        names: dict = {}  # E (value ref / weight ref / static) -> region name
+
+        def input_name(e: N.E) -> str:
+            if e in names:
+                return names[e]
+            if isinstance(e, N.Ref) and e.kind in ("value", "weight"):
+                name = re.sub(r"\W", "_", e.name)
+                t = self.ttype(e.name) if e.kind == "value" else None
+                needs_grad = t is None or t.dtype in ("float", "f32", "bf16", "f16")
+                inputs.append(RegionInput(name, "tensor", needs_grad))
+            else:
+                name = f"s{sum(i.kind == 'scalar' for i in inputs)}"
+                inputs.append(RegionInput(name, "scalar", False))
+            names[e] = name
+            args.append(e)
+            return name
+
+        region_ops = []
+        float_input = None
+        for op in ops:
+            rargs: list = []
+            attrs: tuple = ()
+            for k, a in enumerate(op.args):
+                if op.op == "cast" and k == 1:
+                    dtype = self.cast_dtype(a, op, members, names, input_name)
+                    if dtype is None:
+                        return None, None, f"cast at {_where(op.span)} to the dtype of a value computed in the region"
+                    attrs = (("dtype", dtype),)
+                    continue
+                if isinstance(a, N.Ref) and a.kind == "value" and a.name in members:
+                    rargs.append(a.name)
+                elif isinstance(a, N.Const) and isinstance(a.value, (int, float)) and not isinstance(a.value, bool):
+                    rargs.append(float(a.value))
+                elif isinstance(a, N.Const):
+                    return None, None, f"`{op.op}` at {_where(op.span)} takes a non-numeric constant"
+                else:
+                    rargs.append(input_name(a))
+            if op.op == "pow" and not isinstance(rargs[1], float):
+                return None, None, f"`**` at {_where(op.span)} with a non-constant exponent"
+            region_ops.append(RegionOp(op.op, tuple(rargs), op.results[0], attrs))
+        for i in inputs:
+            if i.kind == "tensor" and float_input is None:
+                ref = next(e for e, n in names.items() if n == i.name)
+                t = self.ttype(ref.name) if isinstance(ref, N.Ref) and ref.kind == "value" else None
+                if t is not None and t.dtype == "float":
+                    float_input = i.name
+        if float_input is not None:
+            region_ops = [replace(o, attrs=(("dtype", f"input:{float_input}"),)) if o.attrs == (("dtype", "float"),)
+                          else o for o in region_ops]
+        elif any(o.attrs == (("dtype", "float"),) for o in region_ops):
+            return None, None, "no input carries the model's dtype for a cast"
+        out_dtypes = []
+        for o in outputs:
+            t = self.ttype(o)
+            if t.dtype == "float":
+                if float_input is None:
+                    return None, None, "no input carries the model's dtype for an output"
+                out_dtypes.append(f"input:{float_input}")
+            else:
+                out_dtypes.append(t.dtype)
+        for t in self.ttype_rows(outputs):
+            if t.dims[-1] != shape[-1] and t.dims[-1] != 1:
+                return None, None, "an output narrower than the row"
+        name = self.region_name(ops)
+        spans = sorted({_where(op.span) for op in ops})
+        region = RowRegion(name, tuple(inputs), tuple(region_ops), tuple(outputs),
+                           output_dtypes=tuple(out_dtypes), source=", ".join(spans))
+        return region, args, None
+
+    def ttype_rows(self, names):
+        return [self.ttype(n) for n in names]
+
+    def cast_dtype(self, a: N.E, op: N.Op, members, names, input_name) -> str | None:
+        if isinstance(a, N.Ref) and a.kind == "dtype" and a.name in ("f32", "bf16", "f16"):
+            return a.name
+        if isinstance(a, N.Ref) and a.kind == "dtype_of":
+            if a.name.startswith("weight:"):
+                return None
+            if a.name in members:  # a value computed here: its dtype is known from its type
+                t = self.ttype(a.name)
+                return "float" if t is not None and t.dtype == "float" else (t.dtype if t else None)
+            return f"input:{input_name(N.Ref('value', a.name))}"
+        return None
+
+    def region_name(self, ops) -> str:
+        tag = "pointwise"
+        for op in ops:
+            m = re.match(r"(.+?)__\d+_", op.results[0])
+            if m:
+                tag = m.group(1)
+                break
+        base = f"{_snake(self.m.name)}_{tag}"
+        name, i = base, 1
+        while name in self.taken:
+            name, i = f"{base}_{i}", i + 1
+        self.taken.add(name)
+        return name
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+
+
+def _bytes(ops, region: RowRegion, types: dict, shape) -> tuple[int, int]:
+    """Estimated bytes moved per row of N values, at 2 bytes per model-dtype value and 4 per f32."""
+    n = shape[-1] if isinstance(shape[-1], int) else 1
+
+    def size(name) -> int:
+        t = types.get(name)
+        if not isinstance(t, TType):
+            return n * 2
+        width = t.dims[-1] if isinstance(t.dims[-1], int) else n
+        return width * (4 if t.dtype == "f32" else 2)
+
+    before = 0
+    for op in ops:
+        for a in value_refs(op):
+            before += size(a)
+        before += sum(size(r) for r in op.results)
+    after = sum(n * 2 for i in region.inputs if i.kind == "tensor") + sum(size(o) for o in region.outputs)
+    return before, after
+
+
+def fuse_rows(program: N.Program, types: dict) -> tuple[N.Program, FusionReport]:
+    """Form row regions in every module forward (types: `infer_types` of this program)."""
+    report = FusionReport()
+    taken: set[str] = set()
+    regions: list[RowRegion] = []
+    first_types: dict[str, dict] = {}
+    for (kind, name, _params), t in types.items():
+        if kind == "module" and name not in first_types:
+            first_types[name] = t
+    modules = []
+    for m in program.modules:
+        if m.forward is None or m.name not in first_types:
+            modules.append(m)
+            continue
+        fuser = _Fuser(m, first_types[m.name], taken, report)
+        body = fuser.run(list(m.forward.body), use_counts(m.forward))
+        regions += fuser.regions
+        modules.append(replace(m, forward=replace(m.forward, body=tuple(body))))
+    return replace(program, modules=tuple(modules), regions=tuple(program.regions) + tuple(regions)), report
