@@ -23,6 +23,7 @@ class Checked:
     program: Program
     warnings: list[Diagnostic]
     types: dict  # (module, params) -> {value: TType}, from the checker
+    optimized: object = None  # dslc.passes.pipeline.Optimized, once a build ran the passes
 
 
 def check_file(path: str | Path, arch: str | None = None, overrides: dict[str, str] | None = None) -> Checked:

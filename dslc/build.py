@@ -25,8 +25,10 @@ def render(spec: Path, arch: str | None, overrides: dict[str, str], name: str | 
     """Check the spec and render every file of its package: (package name, {file: text}, checked)."""
     from dslc.api import check_file
     from dslc.codegen.package import PackageRenderer
+    from dslc.passes.pipeline import optimize
 
     checked = check_file(spec, arch, overrides)
+    optimized = optimize(checked.program)
     pkg = package_name(spec, name)
     text = spec.read_bytes().decode("utf-8")
     metadata = {
@@ -38,7 +40,8 @@ def render(spec: Path, arch: str | None, overrides: dict[str, str], name: str | 
         "model": checked.program.model,
         "parameters": checked.program.param_count,
     }
-    files = PackageRenderer(checked, spec.name, pkg).render(text, metadata)
+    files = PackageRenderer(checked, spec.name, pkg, optimized).render(text, metadata)
+    checked.optimized = optimized
     return pkg, files, checked
 
 
@@ -99,7 +102,7 @@ def build_command(args) -> int:
         f"{len(p.modules)} modules, {len(files)} files) in {ms:.0f} ms"
     )
     if getattr(args, "report", False):
-        from dslc.show import print_fusion_report
+        from dslc.report import print_fusion_report
 
-        print_fusion_report(checked)
+        print_fusion_report(checked.optimized)
     return 0

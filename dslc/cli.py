@@ -70,8 +70,7 @@ def _show(args) -> int:
     except DslcError as e:
         _report(e.diagnostics, False)
         return 1
-    show_program(checked, ir=args.ir, graph=args.graph, fusion=args.fusion)
-    return 0
+    return show_program(checked, ir=args.ir, graph=args.graph, fusion=args.fusion)
 
 
 def _build(args) -> int:

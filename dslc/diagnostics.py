@@ -7,8 +7,8 @@ Rendering never fails: a long line is cut around the caret, unprintable characte
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 MAX_SHOWN_LINE = 120
 
@@ -24,7 +24,7 @@ class Span:
     end_col: int
 
     @staticmethod
-    def at(file: str, line: int, col: int, width: int = 1) -> "Span":
+    def at(file: str, line: int, col: int, width: int = 1) -> Span:
         return Span(file, line, col, line, col + max(width, 1))
 
     def __str__(self) -> str:

@@ -159,7 +159,7 @@ def weight_tree(p: N.Program):
 
     root = build_tree(p)
 
-    def label(node: _Node, path: str) -> str:
+    def label(node: _Node) -> str:
         n = node.params()
         kind = f"{node.module} × {node.repeat}" if node.repeat is not None else node.module
         return f"{node.name}  {kind}  {n:,} params"
@@ -177,7 +177,7 @@ def weight_tree(p: N.Program):
             tree.add(weight_label(w))
         for c in node.children:
             cpath = f"{path}.{c.name}" if path else c.name
-            branch = tree.add(label(c, cpath))
+            branch = tree.add(label(c))
             if c.repeat is None:
                 add(branch, c, cpath)
                 continue
@@ -185,20 +185,25 @@ def weight_tree(p: N.Program):
             if not layers:
                 continue
             first = layers[0]
-            branch0 = branch.add(label(first, f"{cpath}.0"))
+            branch0 = branch.add(label(first))
             add(branch0, first, f"{cpath}.0")
             sig0 = _signature(first, f"{cpath}.0.")
-            same = [lay for lay in layers[1:] if _signature(lay, f"{cpath}.{lay.name}.") == sig0]
-            other = [lay for lay in layers[1:] if lay not in same]
+            alike = [_signature(lay, f"{cpath}.{lay.name}.") == sig0 for lay in layers[1:]]
+            same = [lay for lay, ok in zip(layers[1:], alike) if ok]
+            other = [lay for lay, ok in zip(layers[1:], alike) if not ok]
             if same:
                 idx = [int(lay.name) for lay in same]
-                span = f"{{{idx[0]}..{idx[-1]}}}" if idx == list(range(idx[0], idx[-1] + 1)) else \
-                    "{" + ",".join(map(str, idx)) + "}"
+                if len(idx) == 1:
+                    span = str(idx[0])
+                elif idx == list(range(idx[0], idx[-1] + 1)):
+                    span = f"{{{idx[0]}..{idx[-1]}}}"
+                else:
+                    span = "{" + ",".join(map(str, idx)) + "}"
                 each = first.params()
                 branch.add(f"{c.name}.{span}  {len(same)} × {first.module}, identical to {c.name}.0  "
                            f"{each:,} params each, {each * len(same):,} in all")
             for lay in other:
-                sub = branch.add(label(lay, f"{cpath}.{lay.name}"))
+                sub = branch.add(label(lay))
                 add(sub, lay, f"{cpath}.{lay.name}")
 
     tree = Tree(f"{root.name}  (model)  {root.params():,} params")
@@ -235,7 +240,7 @@ def program_dot(p: N.Program) -> str:
     dot = _Dot()
     cluster = 0
 
-    def graph(title: str, g: N.Graph, weights: set[str]) -> None:
+    def graph(title: str, g: N.Graph) -> None:
         nonlocal cluster
         cluster += 1
         dot.lines.append(f"  subgraph cluster_{cluster} {{")
@@ -250,7 +255,7 @@ def program_dot(p: N.Program) -> str:
             for r in free_refs(e):
                 if r.kind == "value" or (r.kind == "dtype_of" and not r.name.startswith("weight:")):
                     pending.append((r.name, target, "%" + r.name))
-                elif r.kind == "weight" and r.name in weights:
+                elif r.kind == "weight":
                     if r.name not in weight_nodes:
                         weight_nodes[r.name] = dot.node(2, "&" + r.name, shape="note")
                     dot.edge(weight_nodes[r.name], target)
@@ -301,9 +306,9 @@ def program_dot(p: N.Program) -> str:
 
     for m in p.modules:
         if m.forward is not None:
-            graph(f"module {m.name}", m.forward, {w.name for w in m.weights})
+            graph(f"module {m.name}", m.forward)
     for f in p.fns:
-        graph(f"fn {f.name}", f.graph, set())
+        graph(f"fn {f.name}", f.graph)
     dot.lines.append("}")
     return "\n".join(dot.lines) + "\n"
 

@@ -6,7 +6,7 @@ import dataclasses
 import random
 import re
 from dataclasses import replace
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -40,7 +40,7 @@ config TinyConfig:
     offset: int = -3
     tie: bool = true
     use_bias: bool = false
-    use_extra: bool = false
+    use_extra: bool = true
     name: str = "tiny \"model\" \\ v1\n\ttab"
     extra: int? = none
     derived: int = dim * 2 if not use_bias and dim > 4 else -(dim - 1) // 2 ** 2
@@ -118,7 +118,7 @@ model M(C): base
 '''
 
 
-@lru_cache(maxsize=None)
+@cache
 def _checked(source: str, arch: str | None):
     if source == "qwen2":
         return check_file(QWEN2, arch)
@@ -219,12 +219,13 @@ def _edge_program() -> N.Program:
     fields = config.fields + (
         N.FieldDef("in", "int", True, None, "a keyword as a name", _S),
         N.FieldDef("weird name", "str", False, C("x"), "", _S),
+        N.FieldDef("dots", "str", False, C("..."), "", _S),
     )
     config = replace(config, requires=config.requires + requires, fields=fields,
                      aliases=config.aliases + (("with space", "in"),),
                      archs=config.archs + (N.ArchDef("quote\"arch", "small", (("weird name", C("y")),), _S),))
     # values in an order the fields do not imply, with an extra float
-    values = tuple(reversed(p.values)) + (("in", None),)
+    values = tuple(reversed(p.values)) + (("in", None), ("dots", "..."), ("nan", float("inf")))
     block = p.module("Block")
     g = block.forward
     odd_ops = (
@@ -245,8 +246,26 @@ def _edge_program() -> N.Program:
     checkpoint = N.CheckpointDef(p.checkpoint.rules + (N.LayoutRuleDef((), (("x y", ()),), (), _S),),
                                  p.checkpoint.ignores + ("a\"b",))
     train = N.TrainDef(p.train.checkpointing + ("Empty Module",), p.train.parallel + (("p\\q", "odd style"),))
-    return replace(p, source="dir with space/\"x\".model", arch="quote\"arch", config=config, values=values,
-                   modules=modules, weights=weights, checkpoint=checkpoint, train=train)
+    extra = {"regions": _regions()} if HAS_REGIONS else {}
+    return replace(p, source="dir with space/\"x\"\n.model", arch="quote\"arch", config=config, values=values,
+                   modules=modules, weights=weights, checkpoint=checkpoint, train=train, **extra)
+
+
+HAS_REGIONS = "regions" in {f.name for f in dataclasses.fields(N.Program)}
+
+
+def _regions() -> tuple:
+    from dslc.ir.regions import RegionInput, RegionOp, RowRegion
+
+    norm = RowRegion(
+        "rms_norm_0",
+        (RegionInput("x"), RegionInput("w"), RegionInput("eps", "scalar", False)),
+        (RegionOp("cast", ("x",), "h", (("dtype", "f32"),)), RegionOp("mul", ("h", "h"), "t1"),
+         RegionOp("mean", ("t1",), "t2"), RegionOp("add", ("t2", "eps"), "t3"), RegionOp("rsqrt", ("t3",), "t4"),
+         RegionOp("mul", ("h", "t4"), "t5"), RegionOp("cast", ("t5",), "t6", (("dtype", "input:x"),)),
+         RegionOp("mul", ("w", "t6"), "y"), RegionOp("pow", ("y", -0.5), "z"), RegionOp("add", ("z", 2), "zz")),
+        ("y", "t4"), ("input:x", "f32"), "std.model:24-27", ("fused \"norm\"", "second note"))
+    return (norm, RowRegion("empty", (), (), ()))
 
 
 def test_round_trip_corner_cases():
@@ -257,6 +276,8 @@ def test_round_trip_corner_cases():
     assert "values {" in text  # the evaluated values' order differs from the fields'
     assert '%t99 as "t99"' in text and '%h_9 as ""' in text
     assert 'ref("config", "in")' in text and 'ref("foo", "bar")' in text
+    if HAS_REGIONS:
+        assert "row_region rms_norm_0 {" in text and '%t6 = cast(%t5) {dtype="input:x"}' in text
 
 
 def test_round_trip_random_expressions():
@@ -306,6 +327,11 @@ def test_grammar_keywords_as_names():
                     checkpoint=N.CheckpointDef((N.LayoutRuleDef((w,), ((w, ((w, N.Const(1)),)),), (w,), _S),), (w,)),
                     train=N.TrainDef((w,), ((w, w),)),
                     weights=(N.WeightInfo(w, (1,), w, w, w, _S),))
+        if HAS_REGIONS:
+            from dslc.ir.regions import RegionInput, RegionOp, RowRegion
+
+            p = replace(p, regions=(RowRegion(w, (RegionInput(w, w, True),), (RegionOp(w, (w, 1.0), w, ((w, w),)),),
+                                              (w,), (w,), w, (w,)),))
         _round_trip(p)
 
 
@@ -380,10 +406,18 @@ def test_verify_unknown_targets_and_refs():
         (replace(body[0], args=(N.Ref("param", "p"),)), r"unknown module parameter `\$p`"),
         (replace(body[1], args=(N.Ref("value", "t3"), N.Ref("config", "num_heads"))), r"unknown config field `num_heads`"),
         (replace(body[0], vars=()), r"1 result\(s\) but 0 var name\(s\)"),
+        (replace(body[0], args=(N.Ref("weight", "q_proj.nope"),)), r"unknown weight `&q_proj.nope`: `Linear` has no "),
     ]
     for op, pattern in cases:
         _one(verify_program(_with_body(p, "Attention", [op] + body[1:] if op.span == body[0].span else
                                        [body[0], op] + body[2:])), pattern)
+    # a submodule's weight by its path, as the inlining pass leaves it, is valid
+    inlined = _with_body(p, "Attention", [replace(body[0], op="linear", target="",
+                                                  args=(N.Ref("value", "x"), N.Ref("weight", "q_proj.weight")))]
+                         + body[1:])
+    assert verify_program(inlined) == []
+    _round_trip(inlined)
+    assert "linear(%x, &q_proj.weight)" in print_program(inlined)
     # a repeat stack is called through a loop, not directly
     m = p.module("Qwen2Model")
     direct = replace(m.forward.body[0], target="layers")
@@ -418,6 +452,28 @@ def test_verify_program_structure():
     _one(verify_program(replace(p, train=N.TrainDef(("Nope",), ()))), r"activation checkpointing names unknown module")
     att = p.module("Attention")
     _one(verify_program(_with_module(p, replace(att, uses_config=False))), r"reads config fields but `uses_config`")
+
+
+@pytest.mark.skipif(not HAS_REGIONS, reason="Program has no fused regions yet")
+def test_verify_regions():
+    p = _qwen2()
+    norm = p.module("RMSNorm")
+    g = norm.forward
+    op = N.Op("region", (N.Ref("value", "x"), N.Ref("weight", "weight"), N.Ref("param", "eps")), (), ("y", "r"),
+              ("", ""), "rms_norm_0", g.span)
+    fused = replace(p, regions=_regions())
+    fused = _with_module(fused, replace(norm, forward=replace(g, body=(op,), outputs=("y",))))
+    assert verify_program(fused) == []
+    _round_trip(fused)
+    _one(verify_program(_with_body(fused, "RMSNorm", [replace(op, target="rms")])), r"call of unknown region `rms`")
+    _one(verify_program(_with_body(fused, "RMSNorm", [replace(op, args=op.args[:2])])),
+         r"region `rms_norm_0` takes 3 input\(s\), got 2")
+    region = fused.regions[0]
+    broken = replace(region, ops=region.ops[1:])  # %h is read but no longer defined
+    _one(verify_program(replace(fused, regions=(broken,) + fused.regions[1:])),
+         r"region `rms_norm_0`: `%h` is used before it is defined")
+    twice = replace(region, ops=region.ops + (region.ops[0],))
+    _one(verify_program(replace(fused, regions=(twice,) + fused.regions[1:])), r"`%h` is defined more than once")
 
 
 # ---- dslc show -------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ class Sym:
     names: tuple[str, ...]
 
     @staticmethod
-    def of(name: str) -> "Sym":
+    def of(name: str) -> Sym:
         return Sym(1, (name,))
 
     def __str__(self) -> str:

@@ -7,7 +7,7 @@ raises `OpTypeError` with an error code and a message naming the numbers involve
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from dslc.check.dims import NONE_TYPE, Dim, Sym, TType, dim_add, dim_div, product
 

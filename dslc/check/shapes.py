@@ -261,7 +261,7 @@ class Checker:
             note = f"inside {callee}, {Path(d.span.file).name}:{d.span.line}:{d.span.col}"
             self.rep.diagnostics[i] = replace(d, span=call_site, notes=d.notes + (note,))
 
-    def _infer_body(self, g: N.Graph, ctx: "_Ctx", env: dict, bindings: dict) -> list:
+    def _infer_body(self, g: N.Graph, ctx: _Ctx, env: dict, bindings: dict) -> list:
         # SSA names of the arguments equal their variable names (fresh() keeps the first use)
         types: dict[str, TType] = {}
         for a in g.args:
@@ -299,7 +299,7 @@ class Checker:
         return TType(tuple(dims), sig.dtype)
 
     # ---- statements ------------------------------------------------------------------------------
-    def _operand(self, e: N.E, ctx: "_Ctx", span: Span):
+    def _operand(self, e: N.E, ctx: _Ctx, span: Span):
         if isinstance(e, N.Ref):
             if e.kind == "value":
                 if e.name in ctx.types:
@@ -329,7 +329,7 @@ class Checker:
             raise _Stop from None
         return v
 
-    def _run(self, body, ctx: "_Ctx") -> None:
+    def _run(self, body, ctx: _Ctx) -> None:
         for st in body:
             if isinstance(st, N.Loop):
                 self._loop(st, ctx)
@@ -347,7 +347,7 @@ class Checker:
                 else:
                     ctx.statics[name] = t
 
-    def _op_types(self, st: N.Op, args: list, kwargs: dict, ctx: "_Ctx") -> list:
+    def _op_types(self, st: N.Op, args: list, kwargs: dict, ctx: _Ctx) -> list:
         if st.op == "call":
             sub = self._submodule(ctx, st.target, st.span)
             if sub is None:
@@ -360,6 +360,8 @@ class Checker:
             return self.call_module(sdef, child_params, "", args, st.span)
         if st.op == "fn":
             return self.call_fn(self.p.fn(st.target), args, st.span)
+        if st.op == "region":
+            return self._region_types(st, args)
         rule = PRIMITIVES[st.op]
         if st.op == "reshape" and len(args) == 2 and isinstance(args[1], list):
             args[1] = self._reshape_dims(st, ctx)
@@ -370,7 +372,26 @@ class Checker:
             raise _Stop from None
         return out
 
-    def _weight(self, ctx: "_Ctx", name: str, span: Span):
+    def _region_types(self, st: N.Op, args: list) -> list:
+        """Type a fused region by running its ops through the primitive rules."""
+        region = next(r for r in self.p.regions if r.name == st.target)
+        env = {i.name: a for i, a in zip(region.inputs, args)}
+        for op in region.ops:
+            vals = [env[a] if isinstance(a, str) else a for a in op.args]
+            kw = {}
+            if op.op == "cast":
+                dtype = dict(op.attrs)["dtype"]
+                vals.append(env[dtype[len("input:"):]].dtype if dtype.startswith("input:") else dtype)
+            elif op.op in ("sum", "mean", "amax"):
+                kw = {"dim": -1, "keepdim": True}
+            try:
+                env[op.result] = PRIMITIVES[op.op](vals, kw)[0]
+            except OpTypeError as e:
+                self.rep.error(e.code, f"fused region `{region.name}`: {e.message}", st.span)
+                raise _Stop from None
+        return [env[o] for o in region.outputs]
+
+    def _weight(self, ctx: _Ctx, name: str, span: Span):
         """A weight of this module, or `sub.weight` of a submodule (after inlining)."""
         if "." not in name:
             return ctx.weights[name]
@@ -379,7 +400,7 @@ class Checker:
         child, params = found
         return self._weight(_Ctx(child, params, self._weights_of(child, params), {}), rest, span)
 
-    def _submodule(self, ctx: "_Ctx", name: str, span: Span):
+    def _submodule(self, ctx: _Ctx, name: str, span: Span):
         """(definition, parameter values) of a submodule or loop variable; params None when absent."""
         name = ctx.loop_vars.get(name, name)
         if name in ctx.sub_cache:
@@ -401,14 +422,14 @@ class Checker:
         ctx.sub_cache[name] = (child, params)
         return ctx.sub_cache[name]
 
-    def _reshape_dims(self, st: N.Op, ctx: "_Ctx") -> list:
+    def _reshape_dims(self, st: N.Op, ctx: _Ctx) -> list:
         """Reshape targets may name the symbols bound from the arguments (B, T) and sizes."""
         target = st.args[1]
         assert isinstance(target, N.ListE)
         return [self._eval_dim(d, ctx.params, ctx.bindings, st.span) if not (isinstance(d, N.Const) and d.value == -1)
                 else -1 for d in target.items]
 
-    def _loop(self, st: N.Loop, ctx: "_Ctx") -> None:
+    def _loop(self, st: N.Loop, ctx: _Ctx) -> None:
         for inp, param in zip(st.inputs, st.params):
             ctx.types[param] = ctx.types[inp]
         ctx.loop_vars[st.var] = st.over

@@ -89,9 +89,11 @@ def _type_text(t, dim_names: dict[int, str]) -> str:
 
 
 class PackageRenderer:
-    def __init__(self, checked, spec_name: str, package: str):
+    def __init__(self, checked, spec_name: str, package: str, optimized=None):
+        """`optimized` (dslc.passes.pipeline.Optimized): render its program; else the checked one."""
         self.checked = checked
-        self.p: N.Program = checked.program
+        self.p: N.Program = optimized.program if optimized is not None else checked.program
+        types = optimized.types if optimized is not None else checked.types
         self.spec_name = spec_name
         self.package = package
         self.config_values = self.p.config_values
@@ -101,9 +103,9 @@ class PackageRenderer:
         self.checkpointed = set(self.p.train.checkpointing)
         # the inferred types of each module's first instantiation, for shape comments
         self.first_types: dict[str, tuple[dict, dict]] = {}
-        for (kind, name, params), types in checked.types.items():
+        for (kind, name, params), value_types in types.items():
             if kind == "module" and name not in self.first_types:
-                self.first_types[name] = (dict(params), types)
+                self.first_types[name] = (dict(params), value_types)
 
     def where(self, span) -> str:
         return f"{Path(span.file).name}:{span.line}"
@@ -223,6 +225,21 @@ class PackageRenderer:
             f"tp_plan = {dict(self.p.train.parallel)!r}",
         ]
 
+    def region_view(self, r) -> dict:
+        from dslc.codegen.triton_region import render_region_torch, render_region_triton
+
+        args = ", ".join(i.name for i in r.inputs)
+        first = next(i.name for i in r.inputs if i.kind == "tensor")
+        return {
+            "name": r.name,
+            "args": args,
+            "first_tensor": first,
+            "source": r.source,
+            "summary": " -> ".join(o.op for o in r.ops),
+            "torch_source": render_region_torch(r).strip(),
+            "triton_source": render_region_triton(r).strip(),
+        }
+
     def _const(self, e: N.E):
         from dslc.ir.evaluate import evaluate
 
@@ -297,8 +314,11 @@ class PackageRenderer:
         model = next(m for m in modules if m.is_model)
         common = {"spec": self.spec_name, "package": self.package, "model": model.name,
                   "config_class": self.config_class, "version": metadata["dslc_version"]}
+        regions = [self.region_view(r) for r in self.p.regions]
         files = {
             "__init__.py": env.get_template("__init__.py.j2").render(**common, modules=modules),
+            "kernels.py": env.get_template("kernels.py.j2").render(**common, regions=regions),
+            "kernels_triton.py": env.get_template("kernels_triton.py.j2").render(**common, regions=regions),
             "config.py": env.get_template("config.py.j2").render(**common, config=self.config_view()),
             "modeling.py": env.get_template("modeling.py.j2").render(**common, modules=modules, fns=fns),
         }

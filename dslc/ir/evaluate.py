@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from dslc.ir.nodes import BinE, CondE, Const, E, ListE, Ref, UnE
 
@@ -57,7 +57,13 @@ def _binary(op: str, a, b):
             raise EvalError("exponent too large")
         if x == 0 and y < 0:
             raise EvalError("division by zero")
-        return x**y
+        try:
+            result = x**y
+        except OverflowError:
+            raise EvalError("result is not finite") from None
+        if isinstance(result, complex):
+            raise EvalError(f"`{x} ** {y}` is not a real number")
+        return result
     if op == "<":
         return x < y
     if op == "<=":

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dslc.check.primitives import PRIMITIVES
-from dslc.diagnostics import DslcError, Reporter, Span, did_you_mean
+from dslc.diagnostics import Reporter, Span, did_you_mean
 from dslc.ir import nodes as N
 from dslc.ir.evaluate import EvalError, evaluate, free_refs
 from dslc.ir.names import identifier_problem
@@ -763,6 +763,7 @@ class _Scope:
         self.used_members: set[str] = set()
         self.body: list = []
         self.syms: set[str] = set()  # size symbols bound by the signature (B, T, ...)
+        self.var_of: dict[str, str] = {}  # SSA value -> the source variable it was assigned to
         self.failed: set[str] = set()  # members whose declaration failed (already reported)
 
     # names ------------------------------------------------------------------------------
@@ -892,8 +893,8 @@ class _Scope:
         if results is not None and outputs and len(results) != len(outputs):
             self.rep.error("E042", f"declared {len(results)} result(s), returns {len(outputs)}", body[-1].span)
         for name, at in self.defined_at.items():
-            if name not in self.read and not name.startswith("_"):
-                var = name
+            var = self.var_of.get(name, name)
+            if name not in self.read and not var.startswith("_"):
                 self.rep.warn("W001", f"`{var}` is never used", at, "remove it or prefix it with `_`")
         if not self.is_fn:
             for w in self.weights.values():
@@ -956,6 +957,7 @@ class _Scope:
     def bind(self, var: str, value: str, span: Span) -> None:
         self.env[var] = value
         self.defined_at[value] = span
+        self.var_of[value] = var
 
     def loop(self, st: A.For) -> None:
         if self.is_fn:
@@ -1058,7 +1060,7 @@ class _Scope:
         if not isinstance(e, A.Call):
             self.rep.error("E042", f"{len(targets)} names on the left, but the right side gives one value", span)
             raise _Abort
-        names = self.call(e, len(targets))
+        self.call(e, len(targets))
         op = self.body[-1]
         new = tuple(self.fresh(t) for t in targets)
         for old in op.results:

@@ -37,26 +37,26 @@ class Ref:
 @dataclass(frozen=True)
 class BinE:
     op: str
-    left: "E"
-    right: "E"
+    left: E
+    right: E
 
 
 @dataclass(frozen=True)
 class UnE:
     op: str  # "-" | "not"
-    operand: "E"
+    operand: E
 
 
 @dataclass(frozen=True)
 class CondE:
-    then: "E"
-    test: "E"
-    orelse: "E"
+    then: E
+    test: E
+    orelse: E
 
 
 @dataclass(frozen=True)
 class ListE:
-    items: tuple["E", ...]
+    items: tuple[E, ...]
 
 
 E = Union[Const, Ref, BinE, UnE, CondE, ListE]
@@ -112,7 +112,7 @@ class Loop:
 
     var: str
     over: str
-    body: tuple["Stmt", ...]
+    body: tuple[Stmt, ...]
     inputs: tuple[str, ...]  # value entering the loop, per carried variable
     params: tuple[str, ...]  # name of that variable inside the body
     yields: tuple[str, ...]  # value at the end of one pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from functools import lru_cache
 
 from dslc.diagnostics import Span
 from dslc.ir import nodes as N
@@ -59,6 +60,7 @@ def expr_text(e: N.E, prec: int = 0) -> str:
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DOTTED = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)+")
+_WEIGHT_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)+")
 _BARE_FILE = re.compile(r"[A-Za-z0-9_./<>+~-]+")
 # words that are keywords where the reader also accepts a bare name; such names are quoted
 RESERVED = frozenset("true false none not and or if else in as dtype ref inf nan for return yield repeat".split())
@@ -71,9 +73,24 @@ def quote(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)
 
 
-def name_text(s: str) -> str:
-    """A declared name: bare when it is a plain identifier, else quoted."""
-    return s if _IDENT.fullmatch(s) and s not in RESERVED else quote(s)
+def name_text(s: str, after_name: bool = False) -> str:
+    """A declared name: bare when it is a plain identifier, else quoted. Right after another name (an op's
+    target, a weight's initializer) the reader's lexer also expects keywords, so those are quoted too."""
+    if not _IDENT.fullmatch(s) or s in RESERVED or (after_name and s in _grammar_keywords()):
+        return quote(s)
+    return s
+
+
+@lru_cache(maxsize=1)
+def _grammar_keywords() -> frozenset[str]:
+    from dslc.resources import grammar_path
+
+    return frozenset(re.findall(r'"([A-Za-z_]+)"', grammar_path("ir.lark").read_text()))
+
+
+def key_text(s: str) -> str:
+    """A keyword-argument key inside `{...}` or `(...)` where only keys can follow: bare when an identifier."""
+    return s if _IDENT.fullmatch(s) else quote(s)
 
 
 def path_text(s: str) -> str:
@@ -82,7 +99,8 @@ def path_text(s: str) -> str:
 
 
 def sigil_text(sigil: str, s: str) -> str:
-    return sigil + (s if _IDENT.fullmatch(s) else quote(s))
+    bare = _IDENT.fullmatch(s) or (sigil == "&" and _WEIGHT_PATH.fullmatch(s))  # `&norm.weight`: a submodule's
+    return sigil + (s if bare else quote(s))
 
 
 def span_text(s: Span) -> str:
@@ -158,8 +176,9 @@ def ir_expr(e: N.E, prec: int = 0) -> str:
 
 
 def default_var(result: str) -> str:
-    """The source variable a result name implies: `t3` -> "" (a temporary), `x_2` -> `x`, `q` -> `q`."""
-    if re.fullmatch(r"t[0-9]+", result):
+    """The source variable a result name implies (the printer writes `as "var"` only when it differs):
+    `t3` -> "" (a temporary), `x_2` -> `x`, `q` -> `q`."""
+    if re.fullmatch(r"(.*_)?t[0-9]+", result):  # also inlined temporaries, `input_layernorm__5_t8`
         return ""
     return re.sub(r"_[0-9]+$", "", result)
 
@@ -178,7 +197,7 @@ def sig_text(s: N.TensorSig) -> str:
 
 
 def _kwargs_text(kwargs) -> str:
-    return ", ".join(f"{name_text(k)}={ir_expr(v)}" for k, v in kwargs)
+    return ", ".join(f"{key_text(k)}={ir_expr(v)}" for k, v in kwargs)
 
 
 class _Printer:
@@ -192,13 +211,13 @@ class _Printer:
         if span is not None:
             line += "  " + span_text(span)
         if comment:
-            line += "  # " + comment.replace("\n", " ")
+            line += _comment("  # " + comment)
         self.out.append(line)
 
     # ---- header and config ------------------------------------------------------------------
     def program(self) -> str:
         p = self.p
-        self.out.append(f"# dslc IR: {p.model} from {p.source}" + (f", arch {p.arch}" if p.arch else ""))
+        self.out.append(_comment(f"# dslc IR: {p.model} from {p.source}" + (f", arch {p.arch}" if p.arch else "")))
         self.emit(0, f"source {quote(p.source)}")
         self.emit(0, f"model {name_text(p.model)}")
         self.emit(0, f"arch {'none' if p.arch is None else quote(p.arch)}")
@@ -206,7 +225,7 @@ class _Printer:
         values = dict(p.values)
         implied = tuple((n, values[n]) for n in field_names if n in values)
         if len(values) != len(p.values) or implied != p.values:  # order or names the fields do not imply
-            items = ", ".join(f"{name_text(k)} = {const_text(v)}" for k, v in p.values)
+            items = ", ".join(f"{key_text(k)} = {const_text(v)}" for k, v in p.values)
             self.emit(0, f"values {{{items}}}")
         self.out.append("")
         self.config(p.config, values)
@@ -222,6 +241,10 @@ class _Printer:
         self.train(p.train)
         self.out.append("")
         self.weights(p.weights)
+        regions = getattr(p, "regions", ())
+        if regions:
+            self.out.append("")
+            self.regions(regions)
         return "\n".join(self.out) + "\n"
 
     def config(self, c: N.ConfigDef, values: dict) -> None:
@@ -241,7 +264,7 @@ class _Printer:
             self.emit(1, f"require {ir_expr(r.test)}, {quote(r.message)}", r.span)
         for a in c.archs:
             base = f" extends {quote(a.base)}" if a.base is not None else ""
-            items = ", ".join(f"{name_text(k)} = {ir_expr(v)}" for k, v in a.overrides)
+            items = ", ".join(f"{key_text(k)} = {ir_expr(v)}" for k, v in a.overrides)
             self.emit(1, f"arch {quote(a.name)}{base} {{{items}}}", a.span)
         self.emit(0, "}")
 
@@ -299,7 +322,7 @@ class _Printer:
         if m.forward is not None:
             types, note = self._instance_types(m)
             if note:
-                self.out.append("  # " + note)
+                self.out.append(_comment("  # " + note))
             self.graph(1, "forward", m.forward, types, m.forward.span)
         self.emit(0, "}")
 
@@ -345,7 +368,7 @@ class _Printer:
             lhs = _results_text(st.results, st.vars, f"op {st.op}")
             text = (lhs + " = " if st.results else "") + name_text(st.op)
             if st.target:
-                text += " " + name_text(st.target)
+                text += " " + name_text(st.target, after_name=True)
             text += "(" + ", ".join(ir_expr(a) for a in st.args) + ")"
             if st.kwargs:
                 text += " {" + _kwargs_text(st.kwargs) + "}"
@@ -390,11 +413,38 @@ class _Printer:
         total = sum(math.prod(w.shape) for w in weights if w.tied_to is None)
         self.emit(0, "weights {", None, f"{len(weights)} tensors, {total:,} parameters (tied counted once)")
         for w in weights:
-            text = f"{path_text(w.name)}: [{', '.join(str(d) for d in w.shape)}] {name_text(w.dtype)} {name_text(w.init)}"
+            shape = ", ".join(str(d) for d in w.shape)
+            text = f"{path_text(w.name)}: [{shape}] {name_text(w.dtype)} {name_text(w.init, after_name=True)}"
             if w.tied_to is not None:
                 text += f" tied_to {path_text(w.tied_to)}"
             self.emit(1, text, w.span)
         self.emit(0, "}")
+
+    def regions(self, regions) -> None:
+        """Fused regions (dslc/ir/regions.py: RowRegion, RegionInput, RegionOp); they carry no spans."""
+        self.emit(0, "regions {")
+        for r in regions:
+            self.emit(1, f"row_region {name_text(r.name)} {{")
+            if r.source:
+                self.emit(2, f"source {quote(r.source)}")
+            for i in r.inputs:
+                self.emit(2, f"input {sigil_text('%', i.name)} {name_text(i.kind)} {'grad' if i.needs_grad else 'nograd'}")
+            for op in r.ops:
+                args = ", ".join(sigil_text("%", a) if isinstance(a, str) else const_text(a) for a in op.args)
+                attrs = " {" + ", ".join(f"{key_text(k)}={const_text(v)}" for k, v in op.attrs) + "}" if op.attrs else ""
+                self.emit(2, f"{sigil_text('%', op.result)} = {name_text(op.op)}({args}){attrs}")
+            self.emit(2, ("outputs " + ", ".join(sigil_text("%", o) for o in r.outputs)).rstrip())
+            if r.output_dtypes:
+                self.emit(2, "output_dtypes " + ", ".join(quote(d) for d in r.output_dtypes))
+            for n in r.notes:
+                self.emit(2, f"note {quote(n)}")
+            self.emit(1, "}")
+        self.emit(0, "}")
+
+
+def _comment(text: str) -> str:
+    """A comment stays on its line whatever it quotes."""
+    return text.replace("\r", " ").replace("\n", " ")
 
 
 def _type_note(types: dict, value: str, with_name: bool = False) -> str:

@@ -321,12 +321,65 @@ class _ToIR(Transformer):
     def weights(self, *infos):
         return infos
 
+    # ---- fused regions --------------------------------------------------------------------------------
+    def region_source(self, tok):
+        return ("source", _str(tok))
+
+    def region_input(self, tok, kind, grad):
+        from dslc.ir.regions import RegionInput
+
+        return ("input", RegionInput(_sigil_name(tok), kind, str(grad) == "grad"))
+
+    def region_attr(self, name, c):
+        return (name, c.value)
+
+    def region_op(self, tok, opname, *rest):
+        from dslc.ir.regions import RegionOp
+
+        args = []
+        attrs = []
+        for x in rest:
+            if isinstance(x, Token):
+                args.append(_sigil_name(x) if x.type == "VALUE" else _number(str(x)))
+            elif isinstance(x, tuple):
+                attrs.append(x)
+        return ("op", RegionOp(opname, tuple(args), _sigil_name(tok), tuple(attrs)))
+
+    def region_outputs(self, values):
+        return ("outputs", values or ())
+
+    def region_dtypes(self, *toks):
+        return ("dtypes", tuple(_str(t) for t in toks))
+
+    def region_note(self, tok):
+        return ("note", _str(tok))
+
+    def row_region(self, name, *items):
+        from dslc.ir.regions import RowRegion
+
+        parts: dict[str, list] = {"source": [], "input": [], "op": [], "outputs": [], "dtypes": [], "note": []}
+        for kind, x in items:
+            parts[kind].append(x)
+        return RowRegion(
+            name=name,
+            inputs=tuple(parts["input"]),
+            ops=tuple(parts["op"]),
+            outputs=parts["outputs"][0] if parts["outputs"] else (),
+            output_dtypes=parts["dtypes"][0] if parts["dtypes"] else (),
+            source=parts["source"][0] if parts["source"] else "",
+            notes=tuple(parts["note"]),
+        )
+
+    def regions(self, *rs):
+        return tuple(rs)
+
     def start(self, header, config, *rest):
         source, model, arch, explicit_values = header
         config_def, field_values = config
         modules = tuple(x for x in rest if isinstance(x, N.ModuleDef))
         fns = tuple(x for x in rest if isinstance(x, N.FnDef))
-        checkpoint, train, weights = rest[-3:]
+        checkpoint, train, weights, regions = rest[-4:]
+        extra = {"regions": regions} if regions else {}  # absent: the Program's default
         return N.Program(
             source=source,
             model=model,
@@ -338,6 +391,7 @@ class _ToIR(Transformer):
             checkpoint=checkpoint,
             train=train,
             weights=tuple(weights),
+            **extra,
         )
 
 

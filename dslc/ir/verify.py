@@ -9,16 +9,22 @@ The rules:
   only; weight dtypes, initializers and tie paths valid; `uses_config` set when config is read;
 - forward bodies (SSA): every value defined once (arguments, op results, loop params and results),
   defined before use and used only in its scope (a loop body's values stay inside the loop); ops are
-  primitives, `call` (a non-repeat submodule or the enclosing loop's variable) or `fn` (an existing
-  FnDef); weight/param/config/sym/dtype references resolve; outputs and loop yields are defined;
+  primitives (or `extra_ops`), `call` (a non-repeat submodule or the enclosing loop's variable), `fn` (an
+  existing FnDef) or `region` (an existing fused region, inputs and outputs matching); weight, param,
+  config, sym and dtype references resolve (`&norm.weight`, a submodule's weight, as inlining leaves it);
+  outputs and loop yields are defined;
   loops run over `repeat` submodules; fns contain no calls, loops, weights or config reads;
 - fns: names unique, callees listed before callers;
 - instance weights: names unique, positive int shapes, `tied_to` names an existing untied weight of the
   same shape;
-- checkpoint transforms and train hints name known things.
+- checkpoint transforms and train hints name known things;
+- fused regions (`Program.regions`): names unique, SSA inside (inputs, then one result per op), region
+  ops known, outputs defined.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 from dslc.check.primitives import PRIMITIVES
 from dslc.diagnostics import Span
@@ -46,12 +52,14 @@ def _dups(names) -> list[str]:
 
 
 class _Verifier:
-    def __init__(self, program: N.Program):
+    def __init__(self, program: N.Program, extra_ops: Collection[str] = ()):
         self.p = program
+        self.extra_ops = frozenset(extra_ops)
         self.errors: list[str] = []
         self.fields = {f.name for f in program.config.fields}
         self.modules = {m.name: m for m in program.modules}
         self.fns = {f.name: f for f in program.fns}
+        self.regions = {r.name: r for r in getattr(program, "regions", ())}
 
     def err(self, msg: str, span: Span | None = None) -> None:
         self.errors.append(msg + (_at(span) if span is not None else ""))
@@ -158,7 +166,7 @@ class _Verifier:
             ws = f"{where} submodule `{s.name}`"
             for a in s.args:
                 uses |= self.static(a, ws, s.span, params)
-            for k, v in s.kwargs:
+            for _, v in s.kwargs:
                 uses |= self.static(v, ws, s.span, params)
             uses |= self.static(s.repeat, ws, s.span, params)
             uses |= self.static(s.condition, ws, s.span, params)
@@ -257,7 +265,7 @@ class _Verifier:
             for name, kwargs in r.transforms:
                 if name not in TRANSFORMS:
                     self.err(f"checkpoint rule: unknown transform `{name}`", r.span)
-                for k, v in kwargs:
+                for _, v in kwargs:
                     self.static(v, f"checkpoint transform `{name}`", r.span, set())
         for name in self.p.train.checkpointing:
             if name not in self.modules:
@@ -265,6 +273,38 @@ class _Verifier:
         for pattern, style in self.p.train.parallel:
             if style not in PARALLEL_STYLES:
                 self.err(f"train: parallel `{pattern}` has unknown style `{style}`")
+
+    def fused_regions(self) -> None:
+        regions = getattr(self.p, "regions", ())
+        if not regions:
+            return
+        from dslc.ir.regions import REGION_OPS
+
+        for n in _dups(r.name for r in regions):
+            self.err(f"region `{n}` is defined twice")
+        for r in regions:
+            where = f"region `{r.name}`"
+            defined: set[str] = set()
+            for i in r.inputs:
+                if i.name in defined:
+                    self.err(f"{where}: input `%{i.name}` is defined twice")
+                if i.kind not in ("tensor", "scalar"):
+                    self.err(f"{where}: input `%{i.name}` has unknown kind `{i.kind}`")
+                defined.add(i.name)
+            for op in r.ops:
+                if op.op not in REGION_OPS:
+                    self.err(f"{where}: unknown region op `{op.op}`")
+                for a in op.args:
+                    if isinstance(a, str) and a not in defined:
+                        self.err(f"{where}: `%{a}` is used before it is defined")
+                if op.result in defined:
+                    self.err(f"{where}: `%{op.result}` is defined more than once (SSA)")
+                defined.add(op.result)
+            for o in r.outputs:
+                if o not in defined:
+                    self.err(f"{where}: output `%{o}` is not defined")
+            if r.output_dtypes and len(r.output_dtypes) != len(r.outputs):
+                self.err(f"{where}: {len(r.outputs)} output(s) but {len(r.output_dtypes)} output dtype(s)")
 
     def run(self) -> list[str]:
         self.config()
@@ -276,6 +316,7 @@ class _Verifier:
             _Graph(self, f"fn `{f.name}`", None, f, set()).run(f.graph)
         self.weights()
         self.checkpoint_and_train()
+        self.fused_regions()
         return self.errors
 
 
@@ -316,6 +357,10 @@ class _Graph:
         elif k == "weight":
             if self.is_fn:
                 self.err(f"a fn cannot read weight `&{n}`", span)
+            elif "." in n and self.module is not None:  # a submodule's weight, as inlining leaves it
+                problem = self.v.path_problem(self.module, n)
+                if problem:
+                    self.err(f"unknown weight `&{n}`: {problem}", span)
             elif n not in self.weights:
                 self.err(f"unknown weight `&{n}`", span)
         elif k == "param":
@@ -386,7 +431,7 @@ class _Graph:
             elif isinstance(st, N.Op):
                 self.op(st, scope, loop_vars)
             else:
-                self.err(f"not a statement: {type(st).__name__}", self.v.p.modules[-1].span)
+                self.v.err(f"{self.where}: not a statement: {type(st).__name__}")
 
     def op(self, op: N.Op, scope: set[str], loop_vars: dict[str, str]) -> None:
         for a in op.args:
@@ -410,7 +455,19 @@ class _Graph:
         elif op.op == "fn":
             if op.target not in self.v.fns:
                 self.err(f"call of unknown fn `{op.target}`", op.span)
-        elif op.op in PRIMITIVES:
+            if op.kwargs:
+                self.err(f"call of fn `{op.target}` takes positional arguments only", op.span)
+        elif op.op == "region":
+            region = self.v.regions.get(op.target)
+            if region is None:
+                self.err(f"call of unknown region `{op.target}`", op.span)
+            else:
+                if len(op.args) != len(region.inputs):
+                    self.err(f"region `{op.target}` takes {len(region.inputs)} input(s), got {len(op.args)}", op.span)
+                if len(op.results) != len(region.outputs):
+                    self.err(f"region `{op.target}` gives {len(region.outputs)} output(s), the op names "
+                             f"{len(op.results)}", op.span)
+        elif op.op in PRIMITIVES or op.op in self.v.extra_ops:
             if op.target:
                 self.err(f"primitive `{op.op}` has a target `{op.target}`", op.span)
         else:
@@ -445,6 +502,10 @@ class _Graph:
             self.define(r, scope, lp.span)
 
 
-def verify_program(program: N.Program) -> list[str]:
-    """Every broken IR rule as a message (with its source location where there is one); [] when valid."""
-    return _Verifier(program).run()
+def verify_program(program: N.Program, extra_ops: Collection[str] = ()) -> list[str]:
+    """Every broken IR rule as a message (with its source location where there is one); [] when valid.
+
+    `extra_ops` names ops a pass introduces beyond the primitives (e.g. a fused region), so a pipeline
+    can verify after each pass: `assert verify_program(p, extra_ops=FUSED_OPS) == []`.
+    """
+    return _Verifier(program, extra_ops).run()

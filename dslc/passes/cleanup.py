@@ -79,20 +79,18 @@ def cse(program: N.Program) -> N.Program:
 def dce(program: N.Program) -> N.Program:
     """Remove pure ops none of whose results are used."""
 
+    def keep(st, counts: dict) -> bool:
+        if isinstance(st, N.Loop) or st.op in PURE_EXCLUDED:
+            return True
+        return any(counts.get(r, 0) for r in st.results)
+
+    def visit(body, counts: dict) -> list:
+        return [replace(st, body=tuple(visit(st.body, counts))) if isinstance(st, N.Loop) else st
+                for st in body if keep(st, counts)]
+
     def fn(g: N.Graph, owner) -> N.Graph:
         while True:
-            counts = use_counts(g)
-
-            def keep(st) -> bool:
-                if isinstance(st, N.Loop) or st.op in PURE_EXCLUDED:
-                    return True
-                return any(counts.get(r, 0) for r in st.results)
-
-            def visit(body) -> list:
-                return [replace(st, body=tuple(visit(st.body))) if isinstance(st, N.Loop) else st
-                        for st in body if keep(st)]
-
-            new = replace(g, body=tuple(visit(g.body)))
+            new = replace(g, body=tuple(visit(g.body, use_counts(g))))
             if new == g:
                 return g
             g = new

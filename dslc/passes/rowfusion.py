@@ -97,20 +97,22 @@ class _Fuser:
         shape: list = [None]
         while queue:
             st = queue.pop(0)
+            fusable = not isinstance(st, N.Loop) and self.fusable(st) is None
+            t = self.ttype(st.results[0]) if fusable else None
+            if fusable and cur and self.try_join(st, t, cur, shape):
+                continue
+            if cur:  # the region ends before `st`; ops peeled off it go again, ahead of `st`
+                peeled = self.close(cur, shape[0], counts, out)
+                cur, shape[0] = [], None
+                if peeled:
+                    queue = peeled + [st] + queue
+                    continue
             if isinstance(st, N.Loop):
-                queue = self.close(cur, shape[0], counts, out) + queue
-                cur, shape[0] = [], None
                 out.append(replace(st, body=tuple(self.run(list(st.body), counts))))
-                continue
-            if self.fusable(st) is not None:
-                queue = self.close(cur, shape[0], counts, out) + [st] + queue
-                cur, shape[0] = [], None
-                out.append(queue.pop(queue.index(st)))
-                continue
-            t = self.ttype(st.results[0])
-            if not self.try_join(st, t, cur, shape):
-                queue = self.close(cur, shape[0], counts, out) + [st] + queue
-                cur, shape[0] = [queue.pop(queue.index(st))], t.dims
+            elif fusable:
+                cur, shape[0] = [st], t.dims
+            else:
+                out.append(st)
         self.close(cur, shape[0], counts, out)
         return out
 

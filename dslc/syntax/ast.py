@@ -24,7 +24,7 @@ class Name:
 
 @dataclass(frozen=True)
 class Attr:
-    obj: "Expr"
+    obj: Expr
     name: str
     span: Span
 
@@ -32,14 +32,14 @@ class Attr:
 @dataclass(frozen=True)
 class Kwarg:
     name: str
-    value: "Expr"
+    value: Expr
     span: Span
 
 
 @dataclass(frozen=True)
 class Call:
-    func: "Expr"
-    args: tuple["Expr", ...]
+    func: Expr
+    args: tuple[Expr, ...]
     kwargs: tuple[Kwarg, ...]
     span: Span
 
@@ -47,29 +47,29 @@ class Call:
 @dataclass(frozen=True)
 class BinOp:
     op: str  # + - * / // % @ ** == != < <= > >= and or
-    left: "Expr"
-    right: "Expr"
+    left: Expr
+    right: Expr
     span: Span
 
 
 @dataclass(frozen=True)
 class UnaryOp:
     op: str  # "-" or "not"
-    operand: "Expr"
+    operand: Expr
     span: Span
 
 
 @dataclass(frozen=True)
 class Cond:
-    then: "Expr"
-    test: "Expr"
-    orelse: "Expr"
+    then: Expr
+    test: Expr
+    orelse: Expr
     span: Span
 
 
 @dataclass(frozen=True)
 class ListLit:
-    items: tuple["Expr", ...]
+    items: tuple[Expr, ...]
     span: Span
 
 
@@ -203,7 +203,7 @@ class Assign:
 class For:
     var: str
     iterable: str
-    body: tuple["Stmt", ...]
+    body: tuple[Stmt, ...]
     span: Span
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast as pyast
+import math
 import warnings
 
 from lark import Token, Transformer, v_args
@@ -106,11 +107,22 @@ class _ToAst(Transformer):
     # ---- expressions ----------------------------------------------------------
     @v_args(meta=True)
     def int_lit(self, meta, children):
-        return A.Lit(int(str(children[0]).replace("_", "")), self._span(meta))
+        digits = str(children[0]).replace("_", "")
+        if len(digits) > 30:  # far beyond any size; int() refuses > 4300 digits anyway
+            self._bad_number(meta, "integer literal too large")
+        return A.Lit(int(digits), self._span(meta))
 
     @v_args(meta=True)
     def float_lit(self, meta, children):
-        return A.Lit(float(str(children[0]).replace("_", "")), self._span(meta))
+        value = float(str(children[0]).replace("_", ""))
+        if not math.isfinite(value):
+            self._bad_number(meta, "number too large")
+        return A.Lit(value, self._span(meta))
+
+    def _bad_number(self, meta, message: str):
+        span = self._span(meta)
+        raise DslcError([Diagnostic("E001", message, Span.at(self.path, span.line, span.col,
+                                                             min(span.end_col - span.col, 40)))])
 
     @v_args(meta=True)
     def str_lit(self, meta, children):
