@@ -150,3 +150,26 @@ def test_save_pretrained_round_trips_through_hf(pair, tmp_path):
     kw = _inputs(family)
     with torch.no_grad():
         torch.testing.assert_close(_main_output(family, again(**kw)), _main_output(family, hf(**kw)), rtol=0, atol=0)
+
+
+def test_training_mode_uses_fused_loss_and_matches(pair):
+    """In training, causal LMs compute the loss chunk by chunk (no logits); loss and gradients still match."""
+    family, _, hf, ours, pkg = pair
+    if family == "bert":
+        pytest.skip("no causal-LM head")
+    kw = _inputs(family)
+    labels = kw["input_ids"].clone()
+    labels[1, :7] = -100
+    hf.zero_grad()
+    ours.zero_grad()
+    a = hf(**kw, labels=labels)
+    ours.train()
+    try:
+        b = ours(**kw, labels=labels)
+    finally:
+        ours.eval()
+    assert b.logits is None, "training with labels must not materialize the logits"
+    torch.testing.assert_close(b.loss, a.loss)
+    a.loss.backward()
+    b.loss.backward()
+    _compare_grads(hf, ours, pkg)

@@ -38,6 +38,7 @@ class ModuleView:
     forward_lines: list[str]
     is_model: bool = False
     class_attrs: list[str] = field(default_factory=list)
+    extra_methods: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (name, args, body lines)
 
 
 @dataclass
@@ -189,9 +190,15 @@ class PackageRenderer:
         renderer = BodyRenderer(g, ctx)
         lines = renderer.render()
         args = [a.name for a in g.args] + (["ctx"] if self.needs_ctx[m.name] else [])
-        attrs = []
+        attrs, extra = [], []
         if is_model:
             attrs = self.model_class_attrs(m)
+            head = self.loss_head(m)
+            attrs.append(f"loss_head = {head[0] if head else None!r}")
+            if head:
+                hidden_graph = head[1]
+                extra.append(("forward_hidden", ", ".join(["self"] + args),
+                              BodyRenderer(hidden_graph, ctx).render()))
         return ModuleView(
             name=m.name,
             doc=m.doc or f"The `{m.name}` module.",
@@ -205,7 +212,33 @@ class PackageRenderer:
             forward_lines=lines,
             is_model=is_model,
             class_attrs=attrs,
+            extra_methods=extra,
         )
+
+    def loss_head(self, m: N.ModuleDef):
+        """((submodule, weight, bias), graph up to the head's input) when the model ends in a Linear-like
+        head, so training can use the fused chunked loss instead of materializing the logits."""
+        g = m.forward
+        if len(g.outputs) != 1 or not g.body or not isinstance(g.body[-1], N.Op):
+            return None
+        last = g.body[-1]
+        if last.op != "call" or last.results != g.outputs or len(last.args) != 1:
+            return None
+        sub = next((s for s in m.submodules if s.name == last.target), None)
+        if sub is None or sub.repeat is not None:
+            return None
+        body = self.p.module(sub.module).forward.body
+        if len(body) != 1 or not isinstance(body[0], N.Op) or body[0].op != "linear":
+            return None
+        lin = body[0]
+        refs = [a.name if isinstance(a, N.Ref) and a.kind == "weight" else None for a in lin.args[1:]]
+        if refs[0] is None:
+            return None
+        hidden = last.args[0]
+        if not (isinstance(hidden, N.Ref) and hidden.kind == "value"):
+            return None
+        head = (sub.name, refs[0], refs[1] if len(refs) > 1 else None)
+        return head, N.Graph(g.args, g.body[:-1], (hidden.name,), None, g.span)
 
     def model_class_attrs(self, m: N.ModuleDef) -> list[str]:
         outputs = TASK_OUTPUTS.get(m.task or "base", ("logits",))

@@ -22,6 +22,7 @@ TORCH_DTYPES = {
 }
 
 ATOM, POW, UNARY, MUL, ADD, CMP, COND = 100, 15, 14, 13, 12, 9, 1
+INLINE_LIMIT = 60  # a region or module call longer than this gets its own line instead of being nested
 _BIN = {"add": ("+", ADD), "sub": ("-", ADD), "mul": ("*", MUL), "div": ("/", MUL), "matmul": ("@", MUL),
         "pow": ("**", POW)}
 _STATIC_BIN = {"+": ADD, "-": ADD, "*": MUL, "/": MUL, "//": MUL, "%": MUL, "@": MUL, "**": POW,
@@ -284,16 +285,27 @@ class BodyRenderer:
                     self.names[r] = var
                 continue
             text, p = self.op_text(st)
-            if len(st.results) == 1 and not st.vars[0] and self.counts.get(st.results[0], 0) == 1:
+            single_use = len(st.results) == 1 and not st.vars[0] and self.counts.get(st.results[0], 0) == 1
+            if single_use and (len(text) <= INLINE_LIMIT or st.op not in ("region", "call")):
                 self.inline[st.results[0]] = (text, p)
                 continue
             targets = []
             for r, var in zip(st.results, st.vars):
-                name = var or r
+                name = self._local_name(var or r)
                 self.names[r] = name
                 targets.append(name)
             comment = _shape_comment(self.ctx, st)
             self.lines.append(f"{indent}{', '.join(targets)} = {text}{comment}")
+
+    def _local_name(self, name: str) -> str:
+        """A readable local for a value: `norm__7_t8` (inlined from `norm`) becomes `norm_out`."""
+        if "__" in name:
+            base = name.split("__")[0] + "_out"
+            taken = set(self.names.values())
+            name, i = base, 2
+            while name in taken:
+                name, i = f"{base}_{i}", i + 1
+        return name
 
     def _sym_bindings(self) -> list[str]:
         lines = []

@@ -19,18 +19,28 @@ def _rename_ref(names: dict[str, str]):
     return f
 
 
-def _propagate(body, names: dict[str, str]) -> list:
-    """Drop `a = identity(b)` where b is a value, renaming uses of a to b (and keeping named results)."""
+def _propagate(body, names: dict[str, str], counts: dict[str, int]) -> list:
+    """Drop `a = identity(b)` where b is a value, renaming uses of a to b. When b is a temporary read
+    only by the copy, b's defining op takes a's name instead, so the user's variable name survives."""
     out = []
     for st in body:
         if isinstance(st, N.Loop):
-            inner = _propagate(st.body, names)
+            inner = _propagate(st.body, names, counts)
             out.append(replace(st, body=tuple(inner), inputs=tuple(names.get(v, v) for v in st.inputs),
                                yields=tuple(names.get(v, v) for v in st.yields)))
             continue
         st = subst_op(st, _rename_ref(names))
         if st.op == "identity" and isinstance(st.args[0], N.Ref) and st.args[0].kind == "value":
-            names[st.results[0]] = st.args[0].name
+            src, dst = st.args[0].name, st.results[0]
+            k = next((i for i in range(len(out) - 1, -1, -1) if isinstance(out[i], N.Op) and src in out[i].results), None)
+            if k is not None and counts.get(src, 0) == 1 and st.vars[0]:
+                op = out[k]
+                j = op.results.index(src)
+                if not op.vars[j] or "__" in src:
+                    out[k] = replace(op, results=op.results[:j] + (dst,) + op.results[j + 1:],
+                                     vars=op.vars[:j] + (st.vars[0],) + op.vars[j + 1:])
+                    continue
+            names[dst] = src
             continue
         out.append(st)
     return out
@@ -39,7 +49,7 @@ def _propagate(body, names: dict[str, str]) -> list:
 def copy_propagate(program: N.Program) -> N.Program:
     def fn(g: N.Graph, owner) -> N.Graph:
         names: dict[str, str] = {}
-        body = _propagate(g.body, names)
+        body = _propagate(g.body, names, use_counts(g))
         return replace(g, body=tuple(body), outputs=tuple(names.get(o, o) for o in g.outputs))
 
     return map_bodies(program, fn)

@@ -163,11 +163,15 @@ def _open_brackets(text: str, upto: tuple[int, int] | None = None) -> list[tuple
     """Brackets still open (line, col, char), innermost last, at `upto` (line, col) or at the end."""
     stack: list[tuple[int, int, str]] = []
     for lineno, line in enumerate(text.split("\n"), 1):
-        in_str = False
+        in_str = escaped = False
         for col, ch in enumerate(line, 1):
             if upto is not None and (lineno, col) >= upto:
                 return stack
-            if ch == '"':
+            if escaped:
+                escaped = False
+            elif in_str and ch == "\\":
+                escaped = True
+            elif ch == '"':
                 in_str = not in_str
             elif in_str:
                 continue

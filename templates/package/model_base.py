@@ -16,7 +16,7 @@ from torch import nn
 
 from .attention import AttentionContext, KVCache
 from .checkpoint import CheckpointError, CheckpointReader, read_state, write_state
-from .losses import causal_lm_loss, masked_lm_loss, sequence_classification_loss
+from .losses import causal_lm_loss, fused_causal_lm_loss, masked_lm_loss, sequence_classification_loss
 from .outputs import ModelOutput
 
 LOSSES = {
@@ -24,6 +24,8 @@ LOSSES = {
     "masked_lm": masked_lm_loss,
     "sequence_classification": sequence_classification_loss,
 }
+# the `loss_type` HF Trainer reads to count `num_items_in_batch` (over labels[..., 1:] for a causal LM)
+LOSS_TYPES = {"causal_lm": "ForCausalLM", "masked_lm": "ForMaskedLM", "sequence_classification": "ForSequenceClassification"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -44,6 +46,7 @@ class PreTrainedModel(nn.Module):
     layout_rules: list[dict] = []
     ignored_keys: list[str] = []
     tp_plan: dict[str, str] = {}
+    loss_head: tuple[str, str, str | None] | None = None  # (submodule, weight, bias) of a Linear-like head
     supports_gradient_checkpointing = True
     main_input_name = "input_ids"
 
@@ -51,6 +54,10 @@ class PreTrainedModel(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
+
+    @property
+    def loss_type(self) -> str | None:
+        return LOSS_TYPES.get(self.task)
 
     # ---- weights -------------------------------------------------------------------------------
     def tied_parameters(self) -> dict[str, str]:
@@ -92,6 +99,8 @@ class PreTrainedModel(nn.Module):
         instead of refusing them; missing or mis-shaped parameters are always refused.
         """
         folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"checkpoint folder not found: {folder}")
         config = cls.config_class.from_pretrained(folder)
         if isinstance(dtype, str):
             dtype = DTYPES[dtype]
@@ -134,15 +143,37 @@ class PreTrainedModel(nn.Module):
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     # ---- training --------------------------------------------------------------------------------
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False) -> None:
+        """Recompute the spec's checkpointed blocks in backward while training (always non-reentrant, so
+        `activation_checkpointing_kwargs` such as use_reentrant are not needed). HF Trainer calls this."""
+        if every_n_layers != 1 or offload:
+            raise NotImplementedError(
+                f"activation checkpointing of every block only: every_n_layers={every_n_layers}, offload={offload}"
+            )
         for m in self.modules():
             if hasattr(m, "gradient_checkpointing"):
                 m.gradient_checkpointing = True
 
-    def gradient_checkpointing_disable(self) -> None:
+    def activation_checkpointing_disable(self) -> None:
         for m in self.modules():
             if hasattr(m, "gradient_checkpointing"):
                 m.gradient_checkpointing = False
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    # the names transformers 4 uses (and 5 still calls on models that only define them)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.is_activation_checkpointing
 
     # ---- KV caches -------------------------------------------------------------------------------
     def setup_cache(self, batch: int, max_len: int) -> None:
@@ -167,17 +198,25 @@ class PreTrainedModel(nn.Module):
             position_ids = cache_position[None, :].expand(batch, length)  # HF: positions ignore padding here
         key_mask = attention_mask.bool() if attention_mask is not None else None
         ctx = AttentionContext(key_mask, cache_position)
-        outputs = self.run_graph(ctx, input_ids=input_ids, position_ids=position_ids, token_type_ids=token_type_ids,
-                                 attention_mask=attention_mask)
+        inputs = dict(input_ids=input_ids, position_ids=position_ids, token_type_ids=token_type_ids)
+        if labels is not None and self.training and self.task == "causal_lm" and self.loss_head is not None:
+            # training: the chunked fused loss; the [tokens, vocab] logits are never materialized
+            hidden = self.forward_hidden(*self.graph_args(inputs), ctx)  # [B, T, H]
+            sub, weight, bias = self.loss_head
+            head = self.get_submodule(sub)
+            loss = fused_causal_lm_loss(hidden, getattr(head, weight), getattr(head, bias) if bias else None, labels)
+            return ModelOutput(loss=loss)
+        outputs = self.run_graph(ctx, **inputs)
         named = dict(zip(self.output_names, outputs))
         loss = None
         if labels is not None:
             if self.task not in LOSSES:
                 raise ValueError(f"task `{self.task}` has no loss; labels cannot be used")
-            loss = LOSSES[self.task](named[self.output_names[0]], labels)
+            loss = LOSSES[self.task](named[self.output_names[0]], labels, num_items_in_batch)
         return ModelOutput(loss=loss, **named)
 
-    def run_graph(self, ctx: AttentionContext, **inputs) -> tuple:
+    def graph_args(self, inputs: dict) -> list:
+        """The spec's forward arguments, by name, from the HF-style keyword inputs."""
         args = []
         for name in self.graph_inputs:
             value = inputs.get(name)
@@ -186,7 +225,10 @@ class PreTrainedModel(nn.Module):
             if value is None:
                 raise ValueError(f"{type(self).__name__} needs `{name}`")
             args.append(value)
-        out = self.forward_graph(*args, ctx)
+        return args
+
+    def run_graph(self, ctx: AttentionContext, **inputs) -> tuple:
+        out = self.forward_graph(*self.graph_args(inputs), ctx)
         return out if isinstance(out, tuple) else (out,)
 
     def decode_step(self, input_ids, position_ids, key_mask, cache_position) -> torch.Tensor:

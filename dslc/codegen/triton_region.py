@@ -1,0 +1,447 @@
+"""A fused RowRegion -> Python source: the PyTorch path, and a Triton forward + derived backward.
+
+`render_region_torch(region)`: `def <name>_torch(<inputs>)`, the region as torch ops with the ops'
+own dtype flow (the reference and the CPU path).
+`render_region_triton(region)`: `<name>_fwd_kernel` and `<name>_bwd_kernel` (@triton.jit), the
+backward derived by reverse mode over the op list (`dslc.codegen.autodiff`), a
+`<Name>Function(torch.autograd.Function)` that saves only the region's inputs (backward recomputes
+the rest) and `def <name>_triton(<inputs>)`.
+`render_kernels_module(regions)`: a whole `kernels.py` (Triton guarded, a dispatcher per region).
+
+Kernel layout: the output is the broadcast of the tensor inputs, padded to [D0, D1, D2, N]; a
+program computes BLOCK_M rows of BLOCK_N = next_power_of_2(N) columns in fp32, every load and
+store masked; per-row values are [BLOCK_M, 1] tiles that broadcast over the row.
+Helpers the generated code calls (`row_layout`, `strides4`, ...) live in the package's
+`kernels_runtime.py` (templates/package/kernels_runtime.py).
+
+The compiler must not import torch or triton: this module only builds text.
+"""
+
+from __future__ import annotations
+
+from dslc.codegen.autodiff import (
+    CONST,
+    FULL,
+    ROW,
+    TORCH_DTYPES,
+    Expr,
+    RegionInfo,
+    Stmt,
+    TorchDialect,
+    TritonDialect,
+    analyze,
+    backward_program,
+    forward_program,
+    live_reads,
+    name,
+)
+from dslc.ir.regions import RowRegion
+
+RUNTIME_NAMES = ("check_lanes", "check_output_shape", "grad_buffer", "grad_or_zeros", "reduce_grad", "row_layout",
+                 "strides4", "sum_to_shape")
+
+TL_SHAPE = {FULL: "[BLOCK_M, BLOCK_N]", ROW: "[BLOCK_M, 1]", CONST: "scalar"}
+TORCH_SHAPE = {FULL: "[..., N]", ROW: "[..., 1]", CONST: "scalar"}
+
+
+def class_name(region: RowRegion) -> str:
+    return "".join(p[:1].upper() + p[1:] for p in region.name.split("_") if p) + "Function"
+
+
+def _doc(region: RowRegion, what: str) -> str:
+    src = f" ({region.source})" if region.source else ""
+    notes = "".join(f" {n}" for n in region.notes)
+    return f'"""Fused region `{region.name}`{src}: {what}.{notes}"""'
+
+
+def _line(indent: str, s: Stmt, shapes: dict[int, str]) -> str:
+    comment = f"  # {shapes[s.expr.kind if s.expr.kind != CONST else CONST]} {s.comment}".rstrip()
+    return f"{indent}{s.target} = {s.expr.text}{comment}"
+
+
+def _params(region: RowRegion) -> list[str]:
+    return [i.name for i in region.inputs]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PyTorch
+
+
+def render_region_torch(region: RowRegion) -> str:
+    """`def <name>_torch(<inputs>)`: the region as torch ops (each op in its arguments' dtype, casts `.to`)."""
+    info = analyze(region)
+    d = TorchDialect(info)
+    lines = [f"def {region.name}_torch({', '.join(_params(region))}):",
+             f"    {_doc(region, 'PyTorch ops (the reference and the CPU path)')}"]
+    for s in forward_program(info, d):
+        lines.append(_line("    ", s, TORCH_SHAPE))
+    lines.append(f"    return {', '.join(info.ident(o) for o in region.outputs)}")
+    return "\n".join(lines) + "\n"
+
+
+def render_region_torch_backward(region: RowRegion) -> str:
+    """`def <name>_torch_bwd(<inputs>, <output grads>)`: the derived backward as torch ops (to test the rules).
+
+    Returns one gradient per input (None for scalars and inputs without needs_grad)."""
+    info = analyze(region)
+    d = TorchDialect(info)
+    gnames = {str(i): name(info.namer.fresh(f"d_{info.ident(o)}"), info.kind(o)) for i, o in enumerate(region.outputs)}
+    bw = backward_program(info, d, gnames)
+    params = _params(region) + [g.text for g in gnames.values()]
+    lines = [f"def {region.name}_torch_bwd({', '.join(params)}):",
+             f"    {_doc(region, 'derived backward as PyTorch ops (reverse mode over the op list)')}"]
+    for s in bw.stmts:
+        lines.append(_line("    ", s, TORCH_SHAPE))
+    rets = []
+    for inp in region.inputs:
+        if inp.name in bw.input_grads:
+            rets.append(f"sum_to_shape({bw.input_grads[inp.name].text}, {inp.name})")
+        else:
+            rets.append("None")
+    lines.append(f"    return {', '.join(rets)}")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+class _KernelNames:
+    """Identifiers of one region's kernel arguments."""
+
+    def __init__(self, info: RegionInfo):
+        n = info.namer
+        self.info = info
+        self.ptr, self.strides, self.row = {}, {}, {}
+        for x in info.tensor_inputs:
+            ident = info.ident(x)
+            self.ptr[x] = n.fresh(f"{ident}_ptr")
+            self.strides[x] = [n.fresh(f"{ident}_s{k}") for k in range(4)]
+            self.row[x] = n.fresh(f"{ident}_row")
+        self.out_ptr = [n.fresh(f"{info.ident(o)}_ptr") for o in info.region.outputs]
+        # backward
+        self.gout = [n.fresh(f"d_{info.ident(o)}") for o in info.region.outputs]
+        self.gout_ptr = [n.fresh(f"{g}_ptr") for g in self.gout]
+        self.gout_strides = [[n.fresh(f"{g}_s{k}") for k in range(4)] for g in self.gout]
+        self.gout_row = [n.fresh(f"{g}_row") for g in self.gout]
+        self.gin_ptr = {x: n.fresh(f"d_{info.ident(x)}_ptr") for x in info.grad_inputs}
+        self.store_flag = {x: n.fresh(f"STORE_D_{info.ident(x).upper()}") for x in info.grad_inputs}
+        self.gin_buf = {x: n.fresh(f"grad_{info.ident(x)}") for x in info.grad_inputs}  # launcher locals
+
+    def loads(self) -> dict[str, tuple[str, str, str]]:
+        return {x: (self.ptr[x], self.row[x], self.strides[x][3]) for x in self.info.tensor_inputs}
+
+
+def _input_args(info: RegionInfo, k: _KernelNames) -> list[str]:
+    out = []
+    for x in info.tensor_inputs:
+        out.append(f"{k.ptr[x]},  # input {x}: broadcasts to [D0, D1, D2, N] through the strides below")
+        for j, s in enumerate(k.strides[x]):
+            out.append(f"{s},  # {x} stride over {('D0', 'D1', 'D2', 'N')[j]} (0 where broadcast)")
+    for s in info.scalar_inputs:
+        out.append(f"{info.ident(s)},  # scalar input {s} (float)")
+    return out
+
+
+_DIM_ARGS = [
+    "R,  # rows: D0 * D1 * D2",
+    "D1,  # leading dim 1 (padded with 1)",
+    "D2,  # leading dim 2 (padded with 1)",
+    "N,  # row length (the last dim)",
+]
+_BLOCK_ARGS = [
+    "BLOCK_M: tl.constexpr,  # rows per program",
+    "BLOCK_N: tl.constexpr,  # next_power_of_2(N): columns per program",
+]
+
+
+def _prologue(info: RegionInfo, backward: bool) -> list[str]:
+    lines = [
+        "    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]  # [BLOCK_M, 1]",
+        "    cols = tl.arange(0, BLOCK_N)[None, :]  # [1, BLOCK_N]",
+        "    row_mask = rows < R  # [BLOCK_M, 1]",
+        "    mask = row_mask & (cols < N)  # [BLOCK_M, BLOCK_N]",
+        "    # row -> (i0, i1, i2) over the leading dims [D0, D1, D2]",
+        "    i2 = rows % D2  # [BLOCK_M, 1]",
+        "    i1 = (rows // D2) % D1  # [BLOCK_M, 1]",
+        "    i0 = rows // (D1 * D2)  # [BLOCK_M, 1]",
+    ]
+    if info.rotated_inputs():
+        lines += [
+            "    # rotate_half: (x1, x2) -> (-x2, x1); column j reads column (j + N/2) mod N",
+            "    rot_cols = (cols + N // 2) % N  # [1, BLOCK_N]",
+            "    rot_sign = tl.where(cols < N // 2, -1.0, 1.0)  # [1, BLOCK_N]",
+        ]
+        if backward:
+            lines.append("    rot_idx = tl.broadcast_to(rot_cols, [BLOCK_M, BLOCK_N])  # [BLOCK_M, BLOCK_N]")
+    return lines
+
+
+def _loads(info: RegionInfo, k: _KernelNames, live: set[str]) -> list[str]:
+    lines = []
+    rotated = set(info.rotated_inputs())
+    for x in info.tensor_inputs:
+        ident = info.ident(x)
+        if ident not in live and x not in rotated:
+            continue
+        s0, s1, s2, s3 = k.strides[x]
+        lines.append(f"    {k.row[x]} = i0 * {s0} + i1 * {s1} + i2 * {s2}  # [BLOCK_M, 1] offset of {x}'s rows")
+        if ident in live:
+            lines.append(f"    {ident} = tl.load({k.ptr[x]} + {k.row[x]} + cols * {s3}, mask=mask, other=0.0)"
+                         f".to(tl.float32)  # [BLOCK_M, BLOCK_N] {x}")
+    return lines
+
+
+def _kernel_doc(region: RowRegion, what: str) -> str:
+    return f"    {_doc(region, what)}"
+
+
+def _render_fwd_kernel(info: RegionInfo, k: _KernelNames) -> str:
+    region = info.region
+    d = TritonDialect(info, k.loads())
+    stmts = forward_program(info, d)
+    outs = [info.ident(o) for o in region.outputs]
+    live = live_reads(stmts, frozenset(outs))
+    args = _input_args(info, k)
+    for o, p, dt in zip(region.outputs, k.out_ptr, _out_dtype_texts(info)):
+        shape = "[R, N]" if info.kind(o) == FULL else "[R, 1]"
+        args.append(f"{p},  # output {o}: {shape} contiguous, {dt}")
+    args += _DIM_ARGS + _BLOCK_ARGS
+    lines = ["@triton.jit", f"def {region.name}_fwd_kernel("] + [f"    {a}" for a in args] + ["):"]
+    lines.append(_kernel_doc(region, "Triton forward, BLOCK_M rows per program, fp32 compute"))
+    lines += _prologue(info, backward=False)
+    lines += _loads(info, k, live)
+    lines += [_line("    ", s, TL_SHAPE) for s in stmts]
+    for o, p in zip(region.outputs, k.out_ptr):
+        v = info.ident(o)
+        if info.kind(o) == FULL:
+            lines.append(f"    tl.store({p} + rows * N + cols, {v}.to({p}.dtype.element_ty), mask=mask)")
+        else:
+            lines.append(f"    tl.store({p} + rows, {v}.to({p}.dtype.element_ty), mask=row_mask)")
+    return "\n".join(lines) + "\n"
+
+
+def _render_bwd_kernel(info: RegionInfo, k: _KernelNames) -> str:
+    region = info.region
+    d = TritonDialect(info, k.loads())
+    gexprs = {str(i): name(g, info.kind(o)) for i, (o, g) in enumerate(zip(region.outputs, k.gout))}
+    bw = backward_program(info, d, gexprs)
+    roots = frozenset().union(*(e.reads for e in bw.input_grads.values())) if bw.input_grads else frozenset()
+    live = live_reads(bw.stmts, roots)
+    args = _input_args(info, k)
+    for o, p, st in zip(region.outputs, k.gout_ptr, k.gout_strides):
+        shape = "[D0, D1, D2, N]" if info.kind(o) == FULL else "[D0, D1, D2, 1]"
+        args.append(f"{p},  # gradient of output {o}: {shape} through the strides below")
+        for j, s in enumerate(st):
+            args.append(f"{s},  # stride over {('D0', 'D1', 'D2', 'N')[j]}")
+    for x in info.grad_inputs:
+        args.append(f"{k.gin_ptr[x]},  # gradient of {x}: [R, N] contiguous (the launcher sums broadcast dims)")
+    args += _DIM_ARGS
+    for x in info.grad_inputs:
+        args.append(f"{k.store_flag[x]}: tl.constexpr,  # whether {x}'s gradient is wanted")
+    args += _BLOCK_ARGS
+    lines = ["@triton.jit", f"def {region.name}_bwd_kernel("] + [f"    {a}" for a in args] + ["):"]
+    lines.append(_kernel_doc(region, "Triton backward derived by reverse mode; recomputes the forward"))
+    lines += _prologue(info, backward=True)
+    lines += _loads(info, k, live)
+    for i, o in enumerate(region.outputs):
+        g = k.gout[i]
+        if g not in live:
+            continue
+        s0, s1, s2, s3 = k.gout_strides[i]
+        lines.append(f"    {k.gout_row[i]} = i0 * {s0} + i1 * {s1} + i2 * {s2}  # [BLOCK_M, 1]")
+        if info.kind(o) == FULL:
+            lines.append(f"    {g} = tl.load({k.gout_ptr[i]} + {k.gout_row[i]} + cols * {s3}, mask=mask, other=0.0)"
+                         f".to(tl.float32)  # [BLOCK_M, BLOCK_N] incoming gradient of {o}")
+        else:
+            lines.append(f"    {g} = tl.load({k.gout_ptr[i]} + {k.gout_row[i]}, mask=row_mask, other=0.0)"
+                         f".to(tl.float32)  # [BLOCK_M, 1] incoming gradient of {o}")
+    lines += [_line("    ", s, TL_SHAPE) for s in bw.stmts]
+    for x in info.grad_inputs:
+        p = k.gin_ptr[x]
+        lines.append(f"    if {k.store_flag[x]}:")
+        lines.append(f"        tl.store({p} + rows * N + cols, {bw.input_grads[x].paren(9)}.to({p}.dtype.element_ty), "
+                     "mask=mask)")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autograd.Function and launcher
+
+
+def _out_dtype_texts(info: RegionInfo) -> list[str]:
+    """Torch dtype expressions of the outputs, for the launcher."""
+    region = info.region
+    out = []
+    for i, o in enumerate(region.outputs):
+        dt = region.output_dtypes[i] if region.output_dtypes else None
+        if dt is None:
+            out.append(info.values[o].dtype or "torch.float32")
+        elif dt.startswith("input:"):
+            out.append(f"{dt[len('input:'):]}.dtype")
+        else:
+            out.append(TORCH_DTYPES[dt])
+    return out
+
+
+def _checks(info: RegionInfo) -> list[str]:
+    """Launcher checks for per-row tensor inputs ([..., 1]) the row kernel cannot follow (rare; emitted only
+    where a value varies along the row through a strict subset of the tensor inputs)."""
+    region = info.region
+    all_t = set(info.tensor_inputs)
+    lines = []
+    for op in region.ops:
+        if op.op == "sum" and not isinstance(op.args[0], (int, float)):
+            lanes = info.values[op.args[0]].lanes
+            if lanes and lanes != all_t:
+                ts = ", ".join(sorted(lanes))
+                lines.append(f'check_lanes("{region.name}", "sum({op.args[0]})", lay.N, {ts})')
+    for o in region.outputs:
+        v = info.values[o]
+        if v.kind == FULL and v.lanes != all_t:
+            lines.append(f'check_lanes("{region.name}", "output {o}", lay.N, {", ".join(sorted(v.lanes))})')
+        if v.deps != all_t:
+            shape = "lay.shape" if v.kind == FULL else "lay.row_shape"
+            lines.append(f'check_output_shape("{region.name}", "{o}", {shape}, {", ".join(sorted(v.deps))})')
+    return lines
+
+
+def _launch_args(info: RegionInfo, k: _KernelNames) -> list[str]:
+    out = [f"{x}, *strides4({x}, lay.shape)," for x in info.tensor_inputs]
+    out += [f"float({s})," for s in info.scalar_inputs]
+    return out
+
+
+def _tuple(names: list[str]) -> str:
+    return f"({names[0]},)" if len(names) == 1 else f"({', '.join(names)})"
+
+
+def _unpack(names: list[str]) -> str:
+    return f"({names[0]},)" if len(names) == 1 else ", ".join(names)
+
+
+def _render_function(info: RegionInfo, k: _KernelNames) -> str:
+    region = info.region
+    cls = class_name(region)
+    tensors = ", ".join(info.tensor_inputs)
+    even = ", even=True" if info.rotated_inputs() else ""
+    layout = f'lay = row_layout("{region.name}", {tensors}{even})  # [D0, D1, D2, N] of the broadcast inputs'
+    first = info.tensor_inputs[0]
+    outs = [info.ident(o) for o in region.outputs]
+    L = []
+    L.append(f"class {cls}(torch.autograd.Function):")
+    L.append(f"    {_doc(region, 'Triton forward, derived Triton backward; saves only the inputs')}")
+    L.append("")
+    L.append("    @staticmethod")
+    L.append(f"    def forward(ctx, {', '.join(_params(region))}):")
+    L.append(f"        {layout}")
+    L += [f"        {c}" for c in _checks(info)]
+    for o, v, dt in zip(region.outputs, outs, _out_dtype_texts(info)):
+        shape = "lay.shape" if info.kind(o) == FULL else "lay.row_shape"
+        comment = "[..., N]" if info.kind(o) == FULL else "[..., 1]"
+        L.append(f"        {v} = torch.empty({shape}, dtype={dt}, device=lay.device)  # {comment} output {o}")
+    L.append("        if not lay.empty:")
+    L.append(f"            {region.name}_fwd_kernel[lay.grid](")
+    L += [f"                {a}" for a in _launch_args(info, k)]
+    L += [f"                {v}," for v in outs]
+    L.append("                lay.R, lay.D1, lay.D2, lay.N,")
+    L.append("                BLOCK_M=lay.BLOCK_M, BLOCK_N=lay.BLOCK_N, num_warps=lay.num_warps,")
+    L.append("            )")
+    L.append(f"        ctx.save_for_backward({tensors})")
+    L.append(f"        ctx.scalars = {_tuple(info.scalar_inputs)}")
+    L.append("        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None")
+    L.append(f"        return {', '.join(outs)}")
+    L.append("")
+    L.append("    @staticmethod")
+    L.append(f"    def backward(ctx, {', '.join(k.gout)}):")
+    L.append(f"        {_unpack(info.tensor_inputs)} = ctx.saved_tensors")
+    if info.scalar_inputs:
+        L.append(f"        {_unpack(info.scalar_inputs)} = ctx.scalars")
+    if not info.grad_inputs:
+        L.append(f"        return {', '.join('None' for _ in region.inputs)}")
+        return "\n".join(L) + "\n"
+    L.append(f"        {layout}")
+    for o, g in zip(region.outputs, k.gout):
+        shape = "lay.shape" if info.kind(o) == FULL else "lay.row_shape"
+        L.append(f"        {g} = grad_or_zeros({g}, {shape}, {first})")
+    position = {inp.name: i for i, inp in enumerate(region.inputs)}
+    for x in info.grad_inputs:
+        L.append(f"        {k.gin_buf[x]} = grad_buffer({x}, lay.shape, ctx.needs_input_grad[{position[x]}])")
+    L.append("        if not lay.empty:")
+    L.append(f"            {region.name}_bwd_kernel[lay.grid](")
+    L += [f"                {a}" for a in _launch_args(info, k)]
+    for o, g in zip(region.outputs, k.gout):
+        shape = "lay.shape" if info.kind(o) == FULL else "lay.row_shape"
+        L.append(f"                {g}, *strides4({g}, {shape}),")
+    for x in info.grad_inputs:
+        b = k.gin_buf[x]
+        L.append(f"                {first} if {b} is None else {b},  # any pointer when not wanted")
+    L.append("                lay.R, lay.D1, lay.D2, lay.N,")
+    for x in info.grad_inputs:
+        L.append(f"                {k.store_flag[x]}={k.gin_buf[x]} is not None,")
+    L.append("                BLOCK_M=lay.BLOCK_M, BLOCK_N=lay.BLOCK_N, num_warps=lay.num_warps,")
+    L.append("            )")
+    rets = [f"reduce_grad({k.gin_buf[i.name]}, {i.name})" if i.name in k.gin_buf else "None" for i in region.inputs]
+    L.append(f"        return {', '.join(rets)}")
+    return "\n".join(L) + "\n"
+
+
+def _render_launcher(info: RegionInfo) -> str:
+    region = info.region
+    params = ", ".join(_params(region))
+    return (f"def {region.name}_triton({params}):\n"
+            f"    {_doc(region, 'Triton kernels with autograd')}\n"
+            f"    return {class_name(region)}.apply({params})\n")
+
+
+def render_region_triton(region: RowRegion) -> str:
+    """Triton forward and backward kernels, the autograd.Function and `<name>_triton(<inputs>)`."""
+    info = analyze(region)
+    k = _KernelNames(info)
+    parts = [_render_fwd_kernel(info, k), _render_bwd_kernel(info, k), _render_function(info, k),
+             _render_launcher(info)]
+    return "\n\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A whole kernels.py
+
+
+def render_kernels_module(regions: list[RowRegion], runtime_import: str = "from .kernels_runtime import") -> str:
+    """`kernels.py` for the generated package: per region the PyTorch function, the Triton kernels (only when
+    triton imports) and `<name>(<inputs>)` choosing Triton for CUDA tensors and PyTorch elsewhere."""
+    head = [
+        '"""Fused regions generated by dslc: Triton kernels (forward and derived backward) on CUDA,',
+        'the same regions as PyTorch ops elsewhere."""',
+        "",
+        "import torch",
+        "",
+        f"{runtime_import} {', '.join(RUNTIME_NAMES)}  # noqa: F401",
+        "",
+        "try:",
+        "    import triton",
+        "    import triton.language as tl",
+        "except ImportError:  # no Triton (CPU-only install): the PyTorch path is used",
+        "    triton = None",
+        "",
+    ]
+    body = []
+    for r in regions:
+        body.append(render_region_torch(r))
+    body.append("if triton is not None:\n")
+    for r in regions:
+        text = render_region_triton(r)
+        body.append("\n".join(("    " + ln) if ln.strip() else "" for ln in text.splitlines()) + "\n")
+    for r in regions:
+        params = ", ".join(_params(r))
+        first = next(i.name for i in r.inputs if i.kind == "tensor")
+        body.append(f"def {r.name}({params}):\n"
+                    f"    {_doc(r, 'Triton on CUDA, PyTorch elsewhere')}\n"
+                    f"    if triton is not None and {first}.is_cuda:\n"
+                    f"        return {r.name}_triton({params})\n"
+                    f"    return {r.name}_torch({params})\n")
+    return "\n".join(head) + "\n\n".join(body)
+
+
+__all__ = ["render_region_torch", "render_region_torch_backward", "render_region_triton", "render_kernels_module",
+           "class_name", "Expr"]
