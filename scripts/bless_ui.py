@@ -52,7 +52,8 @@ def annotations(path: Path) -> set[tuple[str, int]]:
 
 
 def _main(argv: list[str]) -> tuple[int, str, str]:
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     from dslc.cli import main
 
     out, err = io.StringIO(), io.StringIO()

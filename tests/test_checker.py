@@ -217,8 +217,9 @@ def test_require_failure_through_arch():
 
 
 def test_require_without_message():
-    text = SPEC.replace('    require heads % kv_heads == 0, "heads must be a multiple of kv_heads"',
-                        "    require heads % kv_heads == 0")
+    text = SPEC.replace(
+        '    require heads % kv_heads == 0, "heads must be a multiple of kv_heads"', "    require heads % kv_heads == 0"
+    )
     d = one_error(text, kv_heads=3)
     assert d.message == "requirement failed: condition is false" and d.help[0] == "with heads = 4, kv_heads = 3"
 
@@ -229,7 +230,9 @@ def test_require_without_message():
 def body(lines: str, members: str = "") -> str:
     """A spec whose model forward runs `lines` on x: [B, T, dim] before the head."""
     extra = "".join(f"        {ln}\n" for ln in lines.strip("\n").split("\n"))
-    return CONFIG + f"""
+    return (
+        CONFIG
+        + f"""
 model Net(C): causal_lm
     embed = Embedding(vocab, dim)
     head = Linear(dim, vocab)
@@ -238,6 +241,7 @@ model Net(C): causal_lm
         x = embed(ids)
 {extra}        return head(x)
 """
+    )
 
 
 def test_mismatched_dims_in_add():
@@ -253,12 +257,16 @@ def test_broadcasting_is_allowed():
 
 
 def test_wrong_rank_to_a_module():
-    text = CONFIG + """
+    text = (
+        CONFIG
+        + """
 module Mix:
     w: [dim, dim]
     forward(x: [B, dim]) -> [B, dim]:
         return x @ w
-""" + body("x = mix(x)", "    mix = Mix()\n").replace(CONFIG, "")
+"""
+        + body("x = mix(x)", "    mix = Mix()\n").replace(CONFIG, "")
+    )
     d = one_error(text)
     assert d.code == "E031"
     assert d.message == "argument `x` of `Mix` must have rank 2, got [B, T, 64]"
@@ -312,8 +320,9 @@ def test_linear_in_features_disagrees_with_input():
     text = body("x = x").replace("head = Linear(dim, vocab)", "head = Linear(2 * dim, vocab)")
     d = one_error(text)
     assert d.code == "E033"
-    assert d.message == ("argument `x` of `Linear` is [B, T, 64], but its weight `weight` [100, 128] "
-                         "needs size 128 where it has 64")
+    assert d.message == (
+        "argument `x` of `Linear` is [B, T, 64], but its weight `weight` [100, 128] needs size 128 where it has 64"
+    )
     assert d.help[0] == "declared as [..., in_features] where in_features = 128"
     assert d.span.line == line_of(text, "return head(x)")
 
@@ -331,12 +340,16 @@ def test_result_type_mismatch():
 
 
 def test_loop_must_keep_carried_shape():
-    text = CONFIG + """
+    text = (
+        CONFIG
+        + """
 module Grow:
     up = Linear(dim, 2 * dim)
     forward(x: [B, T, dim]) -> [B, T, 2 * dim]:
         return up(x)
-""" + MODEL.replace("repeat(layers, Layer())", "repeat(layers, Grow())")
+"""
+        + MODEL.replace("repeat(layers, Layer())", "repeat(layers, Grow())")
+    )
     d = one_error(text)
     assert d.code == "E030" and "changes type across a loop pass" in d.message
 
@@ -383,12 +396,16 @@ def test_reserved_names():
 
 
 def test_module_contains_itself():
-    text = CONFIG + """
+    text = (
+        CONFIG
+        + """
 module Loop:
     inner = Loop()
     forward(x: [B, T, dim]) -> [B, T, dim]:
         return inner(x)
-""" + body("x = loop(x)", "    loop = Loop()\n").replace(CONFIG, "")
+"""
+        + body("x = loop(x)", "    loop = Loop()\n").replace(CONFIG, "")
+    )
     d = one_error(text)
     assert d.code == "E060" and d.message == "module `Loop` contains itself"
 
@@ -397,7 +414,8 @@ def test_unused_variable_warning():
     text = body("y = silu(x)\n_z = gelu(x)")
     c = check(text)
     assert [(w.code, w.message, w.span.line) for w in c.warnings] == [
-        ("W001", "`y` is never used", line_of(text, "y = silu(x)"))]
+        ("W001", "`y` is never used", line_of(text, "y = silu(x)"))
+    ]
 
 
 def test_unused_member_warning():
@@ -421,7 +439,9 @@ def test_not_callable():
 
 
 def test_checkpoint_and_train_blocks_check():
-    text = SPEC + """
+    text = (
+        SPEC
+        + """
 checkpoint:
     "model.embed_tokens.weight" -> "embed.weight"
     "qkv.{i}" -> split(dim = 0) -> "layers.{i}.attn.q_proj.weight", "layers.{i}.attn.k_proj.weight"
@@ -431,6 +451,7 @@ train:
     activation_checkpointing Layer
     parallel "layers.{i}.attn.q_proj" -> colwise
 """
+    )
     p = check(text).program
     assert p.train.checkpointing == ("Layer",) and p.checkpoint.ignores == ("rotary.*",)
     d = one_error(text.replace("split(dim = 0) -> ", ""))

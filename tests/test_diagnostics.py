@@ -27,7 +27,10 @@ _spec.loader.exec_module(bless_ui)
 CASES = sorted(UI.glob("*.model"))
 CODE_RE = re.compile(r'"([EW]0\d\d)"')
 # codes with no .model case, and where they are covered instead
-COVERED_ELSEWHERE = {"E000": "tests/test_cli_check.py::test_unreadable_file_is_e000"}
+COVERED_ELSEWHERE = {
+    "E000": "tests/test_cli_check.py::test_unreadable_file_is_e000",  # no file to annotate
+    "E070": "tests/test_cli_check.py::test_bad_package_name_is_e070",  # a `dslc build` error
+}
 
 
 def emitted_codes() -> set[str]:
@@ -106,5 +109,27 @@ def test_language_md_lists_std_library():
     std = parse_std()
     doc = (ROOT / "docs" / "language.md").read_text()
     names = [m.name for m in std.modules] + [f.name for f in std.fns]
-    missing = [n for n in names if f"`{n}" not in doc]
+    missing = [n for n in names if not re.search(rf"`(module |fn )?{n}\b", doc)]
     assert not missing, f"std declarations missing from docs/language.md: {missing}"
+
+
+def test_language_md_example_checks_clean():
+    from dslc.api import check_source
+
+    doc = (ROOT / "docs" / "language.md").read_text()
+    example = re.search(r"```text\n(.*?)```", doc, re.S).group(1)
+    checked = check_source(example, "language.md")
+    assert checked.warnings == [] and checked.program.model == "TinyForCausalLM"
+    assert check_source(example, "language.md", "small-tied").program.config_values["hidden_size"] == 128
+
+
+def test_errors_md_examples_match_golden_output():
+    """The rendered examples in docs/errors.md are the ui cases' output (annotation comments removed)."""
+    doc = (ROOT / "docs" / "errors.md").read_text()
+    for block in re.findall(r"```text\n(error\[.*?|warning\[.*?)```", doc, re.S):
+        m = re.search(r"--> (tests/ui/[\w.]+):", block)
+        if not m:
+            continue
+        golden = (ROOT / m.group(1)).with_suffix(".stderr").read_text()
+        golden = re.sub(r"  # (ERROR|WARNING) [EW]\d+", "", golden)
+        assert block.strip() in golden, f"docs/errors.md is stale for {m.group(1)}:\n{block}"

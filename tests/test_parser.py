@@ -52,7 +52,7 @@ def fwd_body(lines: str, sig: str = "(x: [B, T, dim]) -> [B, T, dim]") -> tuple:
 # ---- config -------------------------------------------------------------------------------------
 
 
-CONFIG = '''# The config of a tiny model.
+CONFIG = """# The config of a tiny model.
 config TinyConfig:
     vocab_size: int = 32_000          # tokens in the vocabulary
     # width of the residual stream
@@ -66,7 +66,7 @@ config TinyConfig:
     from_hf rope_parameters.rope_theta -> eps
     require hidden % 8 == 0, "hidden must split into 8 heads"
     require vocab_size > 0
-'''
+"""
 
 
 def test_config_fields_types_defaults():
@@ -134,7 +134,7 @@ def test_arch_with_extends_and_overrides():
 # ---- modules ------------------------------------------------------------------------------------
 
 
-MODULE = '''use std
+MODULE = """use std
 
 # A block with every kind of member.
 module Block(dim: int, hidden: int = 4 * dim, bias: bool = false, eps: float = 1e-5):
@@ -153,7 +153,7 @@ module Block(dim: int, hidden: int = 4 * dim, bias: bool = false, eps: float = 1
         for layer in layers:
             h = layer(h)
         return h, cast(g, f32)
-'''
+"""
 
 
 def test_use():
@@ -165,8 +165,12 @@ def test_module_params():
     assert m.name == "Block" and not m.is_model
     assert m.doc == "A block with every kind of member."
     got = [(p.name, p.type.name, sexp(p.default) if p.default else None) for p in m.params]
-    assert got == [("dim", "int", None), ("hidden", "int", "(4 * dim)"), ("bias", "bool", "false"),
-                   ("eps", "float", "1e-05")]
+    assert got == [
+        ("dim", "int", None),
+        ("hidden", "int", "(4 * dim)"),
+        ("bias", "bool", "false"),
+        ("eps", "float", "1e-05"),
+    ]
 
 
 def test_module_without_params():
@@ -211,8 +215,10 @@ def test_forward_signature_tuple_results():
         ("x", ["B", "T", "dim"], None),
         ("pos", ["B", "T"], "i64"),
     ]
-    assert [([sexp(d) for d in r.dims], r.dtype) for r in sig.results] == [(["B", "T", "dim"], None),
-                                                                         (["B", "T", "dim"], "f32")]
+    assert [([sexp(d) for d in r.dims], r.dtype) for r in sig.results] == [
+        (["B", "T", "dim"], None),
+        (["B", "T", "dim"], "f32"),
+    ]
 
 
 def test_forward_single_result_and_no_result():
@@ -233,15 +239,19 @@ def test_forward_body_multi_assign_for_return():
 
 
 def test_model_declaration():
-    f = parse("model Net(Cfg): causal_lm\n    head = Linear(1, 2)\n\n    forward(x: [B, 1]) -> [B, 2]:\n"
-              "        return head(x)\n")
+    f = parse(
+        "model Net(Cfg): causal_lm\n    head = Linear(1, 2)\n\n    forward(x: [B, 1]) -> [B, 2]:\n"
+        "        return head(x)\n"
+    )
     m = f.modules[0]
     assert m.is_model and (m.name, m.config, m.task) == ("Net", "Cfg", "causal_lm")
 
 
 def test_fn_declaration_with_scalar_args():
-    f = parse("# split into heads\nfn split(x: [B, T, HD], heads: int) -> [B, heads, T, HD // heads]:\n"
-              "    return transpose(reshape(x, [B, T, heads, HD // heads]), 1, 2)\n")
+    f = parse(
+        "# split into heads\nfn split(x: [B, T, HD], heads: int) -> [B, heads, T, HD // heads]:\n"
+        "    return transpose(reshape(x, [B, T, heads, HD // heads]), 1, 2)\n"
+    )
     fn = f.fns[0]
     assert fn.name == "split" and fn.doc == "split into heads"
     assert isinstance(fn.sig.args[1].type, A.TypeRef) and fn.sig.args[1].type.name == "int"
@@ -253,11 +263,13 @@ def test_fn_declaration_with_scalar_args():
 
 
 def test_checkpoint_rules_transforms_ignore():
-    f = parse('checkpoint:\n'
-              '    "h.{i}.attn.c_attn.weight" -> transpose() -> split(dim = 0) -> "h.{i}.q.weight", "h.{i}.k.weight"\n'
-              '    "a.weight", "b.weight" -> concat(dim = 1) -> "ab.weight"\n'
-              '    "x" -> "y"\n'
-              '    ignore "attn.masked_bias"\n')
+    f = parse(
+        "checkpoint:\n"
+        '    "h.{i}.attn.c_attn.weight" -> transpose() -> split(dim = 0) -> "h.{i}.q.weight", "h.{i}.k.weight"\n'
+        '    "a.weight", "b.weight" -> concat(dim = 1) -> "ab.weight"\n'
+        '    "x" -> "y"\n'
+        '    ignore "attn.masked_bias"\n'
+    )
     ck = f.checkpoints[0]
     r1, r2, r3 = ck.rules
     assert r1.sources == ("h.{i}.attn.c_attn.weight",)
@@ -269,8 +281,10 @@ def test_checkpoint_rules_transforms_ignore():
 
 
 def test_train_hints():
-    f = parse('train:\n    activation_checkpointing Block, Layer\n    parallel "layers.{i}.q" -> colwise\n'
-              '    parallel "layers.{i}.o" -> rowwise\n')
+    f = parse(
+        'train:\n    activation_checkpointing Block, Layer\n    parallel "layers.{i}.q" -> colwise\n'
+        '    parallel "layers.{i}.o" -> rowwise\n'
+    )
     t = f.trains[0]
     assert [n for n, _ in t.checkpointing] == ["Block", "Layer"]
     assert [(p, s) for p, s, _ in t.parallel] == [("layers.{i}.q", "colwise"), ("layers.{i}.o", "rowwise")]
@@ -345,20 +359,26 @@ def test_ellipsis_in_shapes():
 def test_line_continuation_inside_brackets():
     f = fwd_body("y = concat(x,\n              x,\n    dim = -1)\nreturn [y,\n  y]")
     assert sexp(f.body[0].value) == "concat(x, x, dim=-1)"
-    m = parse("module M(a: int,\n         b: int):\n    w: [a,\n        b]\n"
-              "    forward(x: [B,\n               a]) -> [B, b]:\n        return x @ w\n").modules[0]
+    m = parse(
+        "module M(a: int,\n         b: int):\n    w: [a,\n        b]\n"
+        "    forward(x: [B,\n               a]) -> [B, b]:\n        return x @ w\n"
+    ).modules[0]
     assert [p.name for p in m.params] == ["a", "b"]
     assert [sexp(d) for d in m.weights[0].shape.dims] == ["a", "b"]
 
 
 def test_line_continuation_with_backslash():
-    c = parse('config C:\n    a: int = 1\n    require a > 0 and \\\n        a < 10, \\\n        "a in range"\n').configs[0]
+    c = parse(
+        'config C:\n    a: int = 1\n    require a > 0 and \\\n        a < 10, \\\n        "a in range"\n'
+    ).configs[0]
     assert sexp(c.requires[0].test) == "((a > 0) and (a < 10))" and c.requires[0].message == "a in range"
 
 
 def test_comments_and_blank_lines_anywhere():
-    f = parse("# top\n\n\nconfig C:   # trailing\n\n    # above\n    a: int = 1\n\n\n    # between\n"
-              "    b: int = 2\n# at the end\n")
+    f = parse(
+        "# top\n\n\nconfig C:   # trailing\n\n    # above\n    a: int = 1\n\n\n    # between\n"
+        "    b: int = 2\n# at the end\n"
+    )
     assert [x.name for x in f.configs[0].fields] == ["a", "b"]
 
 
@@ -407,22 +427,26 @@ def test_multiline_declaration_span_ends_on_its_last_line():
 
 def test_two_forwards_is_an_error():
     with pytest.raises(DslcError) as e:
-        parse("module M:\n    forward(x: [B]) -> [B]:\n        return x\n    forward(x: [B]) -> [B]:\n"
-              "        return x\n")
+        parse(
+            "module M:\n    forward(x: [B]) -> [B]:\n        return x\n    forward(x: [B]) -> [B]:\n        return x\n"
+        )
     d = e.value.diagnostics[0]
     assert (d.code, d.span.line) == ("E011", 4)
 
 
-@pytest.mark.parametrize("text, code, line", [
-    ('config C:\n    s: str = "\\q"\n', "E001", 2),  # invalid escape
-    ('config C:\n    s: str = "abc\n', "E001", 2),  # unterminated string
-    ("config C:\n    a: int = 'x'\n", "E001", 2),  # single quotes
-    ("config C:\n    a: int = (1 +\n", "E002", 2),  # unclosed bracket at the end
-    ("config C:\n    a: int = 1\n      b: int = 2\n", "E001", 3),  # unexpected indent
-    ("config C:\n        a: int = 1\n    b: int = 2\n", "E004", 3),  # dedent to an unknown level
-    ("config C:\n\ta: int = 1\n", "E004", 2),  # tab
-    ("config C:\n", "E002", 1),  # end of input where a block must start
-])
+@pytest.mark.parametrize(
+    "text, code, line",
+    [
+        ('config C:\n    s: str = "\\q"\n', "E001", 2),  # invalid escape
+        ('config C:\n    s: str = "abc\n', "E001", 2),  # unterminated string
+        ("config C:\n    a: int = 'x'\n", "E001", 2),  # single quotes
+        ("config C:\n    a: int = (1 +\n", "E002", 2),  # unclosed bracket at the end
+        ("config C:\n    a: int = 1\n      b: int = 2\n", "E001", 3),  # unexpected indent
+        ("config C:\n        a: int = 1\n    b: int = 2\n", "E004", 3),  # dedent to an unknown level
+        ("config C:\n\ta: int = 1\n", "E004", 2),  # tab
+        ("config C:\n", "E002", 1),  # end of input where a block must start
+    ],
+)
 def test_syntax_error_locations(text, code, line):
     with pytest.raises(DslcError) as e:
         parse(text)

@@ -483,7 +483,8 @@ class Lowering:
             dims.append(self._static(d, resolve))
         dtype = w.shape.dtype or "float"
         if dtype not in N.DTYPES:
-            self.rep.error("E032", f"unknown dtype `{dtype}`", w.span, did_you_mean(dtype, N.DTYPES))
+            self.rep.error("E032", f"unknown dtype `{dtype}`", w.span,
+                           did_you_mean(dtype, N.DTYPES) or f"dtypes: {', '.join(N.DTYPES)}")
         init, std = "normal", None
         if w.init is not None:
             call = w.init if isinstance(w.init, A.Call) else None
@@ -585,7 +586,8 @@ class Lowering:
         values: dict = {}
         names = [p.name for p in mdef.params]
         if len(args) > len(names):
-            self.rep.error("E040", f"`{mdef.name}` takes {len(names)} argument(s), got {len(args)}", span)
+            self.rep.error("E040", f"`{mdef.name}` takes {len(names)} argument(s), got {len(args)}", span,
+                           f"parameters: {mdef.name}({', '.join(names)})")
             raise _Abort
         given: dict[str, N.E] = dict(zip(names, args))
         for k, v in kwargs:
@@ -716,9 +718,11 @@ class Lowering:
                     transforms.append((name, kws))
                 names = [x for x, _ in transforms]
                 if len(r.sources) > 1 and "concat" not in names:
-                    self.rep.error("E050", "several checkpoint tensors need `concat(dim = N)`", r.span)
+                    self.rep.error("E050", "several checkpoint tensors need `concat(dim = N)`", r.span,
+                                   'join them on the way: `"a", "b" -> concat(dim = 0) -> "ab"`')
                 if len(r.targets) > 1 and "split" not in names:
-                    self.rep.error("E050", "several parameters need `split(dim = N)`", r.span)
+                    self.rep.error("E050", "several parameters need `split(dim = N)`", r.span,
+                                   'split it on the way: `"ab" -> split(dim = 0) -> "a", "b"`')
                 rules.append(N.LayoutRuleDef(r.sources, tuple(transforms), r.targets, r.span))
             ignores += [i.pattern for i in d.ignores]
         return N.CheckpointDef(tuple(rules), tuple(ignores))
@@ -729,7 +733,7 @@ class Lowering:
             for name, span in d.checkpointing:
                 if name not in modules:
                     self.rep.error("E010", f"activation checkpointing names unknown module `{name}`", span,
-                                   did_you_mean(name, modules))
+                                   did_you_mean(name, modules) or f"modules in this model: {', '.join(modules)}")
                 ckpt.append(name)
             for pattern, style, span in d.parallel:
                 if style not in ("colwise", "rowwise"):
@@ -840,7 +844,8 @@ class _Scope:
                 dims.append(self.low._static(d, self.sig_resolver))
         dtype = t.dtype or "float"
         if dtype not in N.DTYPES:
-            self.rep.error("E032", f"unknown dtype `{dtype}`", t.span, did_you_mean(dtype, N.DTYPES))
+            self.rep.error("E032", f"unknown dtype `{dtype}`", t.span,
+                           did_you_mean(dtype, N.DTYPES) or f"dtypes: {', '.join(N.DTYPES)}")
         return N.TensorSig(tuple(dims), dtype)
 
     def sig_resolver(self, n: A.Name) -> N.E:
@@ -880,7 +885,8 @@ class _Scope:
             try:
                 if isinstance(st, A.Return):
                     if i != len(body) - 1:
-                        self.rep.error("E013", "statements after `return` never run", body[i + 1].span)
+                        self.rep.error("E013", "statements after `return` never run", body[i + 1].span,
+                                       "remove them, or move them before the `return`")
                     outputs = tuple(self.value_of(self.expr(v), v.span) for v in st.values)
                 else:
                     self.stmt(st)
