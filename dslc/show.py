@@ -35,11 +35,20 @@ def show_program(checked, ir: bool = False, graph: str | None = None, fusion: bo
     if ir:
         console.file.write("\n" + print_program(p, checked.types))  # verbatim: rich would wrap long lines
         console.file.flush()
+    optimized = None
+    if fusion or graph:
+        from dslc.passes.pipeline import optimize
+
+        optimized = optimize(p)
     if fusion:
-        console.print("fusion report: not available yet (no fusion passes)")
+        from dslc.report import print_fusion_report
+
+        print_fusion_report(optimized, console)
     status = 0
-    if graph:
-        status = write_graph(p, graph, console)
+    if graph:  # the IR before fusion, and after the pass pipeline beside it
+        path = Path(graph)
+        before = str(path.with_name(f"{path.stem}.before{path.suffix}"))
+        status = write_graph(p, before, console) or write_graph(optimized.program, graph, console)
     return status
 
 
