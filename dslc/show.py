@@ -47,6 +47,11 @@ def show_program(checked, ir: bool = False, graph: str | None = None, fusion: bo
     status = 0
     if graph:  # the IR before fusion, and after the pass pipeline beside it
         path = Path(graph)
+        if path.suffix.lower() == ".svg" and shutil.which("dot") is None:
+            print(f"error: writing {graph} needs Graphviz's `dot` program, which is not on PATH\n"
+                  f"  = help: install Graphviz, or write the graph as .dot: --graph {path.with_suffix('.dot')}",
+                  file=sys.stderr)
+            return 1
         before = str(path.with_name(f"{path.stem}.before{path.suffix}"))
         status = write_graph(p, before, console) or write_graph(optimized.program, graph, console)
     return status

@@ -487,9 +487,9 @@ def test_show_parameter_count_and_ir(capsys):
     assert "layers.{1..23}  23 × DecoderLayer, identical to layers.0" in out
     assert "tied to model.embed_tokens.weight" in out
     assert "tie_word_embeddings" in out and "hidden_size // num_attention_heads" in out
-    assert "fusion report: not available yet" in out
+    assert "fused regions" in out and "gated_mlp_pointwise" in out
     # the IR section is the exact text form: it reads back to the program
-    ir = out[out.index("# dslc IR"):out.index("fusion report")]
+    ir = out[out.index("# dslc IR"):out.index("fused regions")]
     assert read_program(ir) == _qwen2()
 
 

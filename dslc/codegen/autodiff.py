@@ -14,7 +14,6 @@ The compiler must not import torch: this module only builds text.
 
 from __future__ import annotations
 
-import builtins
 import keyword
 import math
 import re
@@ -170,10 +169,14 @@ def _is_number(a) -> bool:
     return isinstance(a, (int, float)) and not isinstance(a, bool)
 
 
-_RESERVED = set(keyword.kwlist) | set(dir(builtins)) | {
-    "tl", "triton", "torch", "math", "F", "ctx", "pid", "rows", "cols", "row_mask", "mask", "i0", "i1", "i2",
-    "R", "D0", "D1", "D2", "N", "BLOCK_M", "BLOCK_N", "num_warps", "grid", "shape", "shape4", "rot_cols",
-    "rot_sign", "rot_idx", "self", "cls", "lay",
+# helpers the generated code imports from the package's kernels_runtime.py
+RUNTIME_NAMES = ("check_lanes", "check_output_shape", "grad_buffer", "grad_or_zeros", "reduce_grad", "row_layout",
+                 "strides4", "sum_to_shape")
+
+# names the generated code uses itself (modules, kernel and launcher locals, runtime helpers, builtins it calls)
+_RESERVED = set(keyword.kwlist) | set(RUNTIME_NAMES) | {
+    "tl", "triton", "torch", "math", "F", "ctx", "rows", "cols", "row_mask", "mask", "i0", "i1", "i2",
+    "R", "D0", "D1", "D2", "N", "BLOCK_M", "BLOCK_N", "rot_cols", "rot_sign", "rot_idx", "lay", "float",
 }
 
 

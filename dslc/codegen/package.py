@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dslc.check.dims import TType
+from dslc.codegen.autodiff import RUNTIME_NAMES
 from dslc.codegen.python import BodyContext, BodyRenderer, static_text
 from dslc.ir import nodes as N
 from dslc.resources import templates_dir
 
-STATIC_FILES = ("attention.py", "checkpoint.py", "generation.py", "losses.py", "model_base.py", "outputs.py")
+STATIC_FILES = ("attention.py", "checkpoint.py", "generation.py", "kernels_runtime.py", "losses.py", "model_base.py",
+                "outputs.py")
 TASK_OUTPUTS = {
     "causal_lm": ("logits",),
     "masked_lm": ("logits",),
@@ -351,7 +353,9 @@ class PackageRenderer:
         files = {
             "__init__.py": env.get_template("__init__.py.j2").render(**common, modules=modules),
             "kernels.py": env.get_template("kernels.py.j2").render(**common, regions=regions),
-            "kernels_triton.py": env.get_template("kernels_triton.py.j2").render(**common, regions=regions),
+            "kernels_triton.py": env.get_template("kernels_triton.py.j2").render(
+                **common, regions=regions,
+                runtime_names=sorted(n for n in RUNTIME_NAMES if any(f"{n}(" in r["triton_source"] for r in regions))),
             "config.py": env.get_template("config.py.j2").render(**common, config=self.config_view()),
             "modeling.py": env.get_template("modeling.py.j2").render(**common, modules=modules, fns=fns),
         }

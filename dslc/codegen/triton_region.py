@@ -23,6 +23,7 @@ from dslc.codegen.autodiff import (
     CONST,
     FULL,
     ROW,
+    RUNTIME_NAMES,
     TORCH_DTYPES,
     Expr,
     RegionInfo,
@@ -36,9 +37,6 @@ from dslc.codegen.autodiff import (
     name,
 )
 from dslc.ir.regions import RowRegion
-
-RUNTIME_NAMES = ("check_lanes", "check_output_shape", "grad_buffer", "grad_or_zeros", "reduce_grad", "row_layout",
-                 "strides4", "sum_to_shape")
 
 TL_SHAPE = {FULL: "[BLOCK_M, BLOCK_N]", ROW: "[BLOCK_M, 1]", CONST: "scalar"}
 TORCH_SHAPE = {FULL: "[..., N]", ROW: "[..., 1]", CONST: "scalar"}
@@ -98,7 +96,7 @@ def render_region_torch_backward(region: RowRegion) -> str:
             rets.append(f"sum_to_shape({bw.input_grads[inp.name].text}, {inp.name})")
         else:
             rets.append("None")
-    lines.append(f"    return {', '.join(rets)}")
+    lines.append(f"    return {_tuple(rets)}")
     return "\n".join(lines) + "\n"
 
 
@@ -119,6 +117,12 @@ class _KernelNames:
             self.strides[x] = [n.fresh(f"{ident}_s{k}") for k in range(4)]
             self.row[x] = n.fresh(f"{ident}_row")
         self.out_ptr = [n.fresh(f"{info.ident(o)}_ptr") for o in info.region.outputs]
+        # launcher locals holding the outputs: the value's name unless that is an input or already taken
+        self.out_local, seen = [], set()
+        for o in info.region.outputs:
+            ident = info.ident(o)
+            self.out_local.append(n.fresh(f"{ident}_out") if o in info.tensor_inputs or ident in seen else ident)
+            seen.add(ident)
         # backward
         self.gout = [n.fresh(f"d_{info.ident(o)}") for o in info.region.outputs]
         self.gout_ptr = [n.fresh(f"{g}_ptr") for g in self.gout]
@@ -327,7 +331,7 @@ def _render_function(info: RegionInfo, k: _KernelNames) -> str:
     even = ", even=True" if info.rotated_inputs() else ""
     layout = f'lay = row_layout("{region.name}", {tensors}{even})  # [D0, D1, D2, N] of the broadcast inputs'
     first = info.tensor_inputs[0]
-    outs = [info.ident(o) for o in region.outputs]
+    outs = k.out_local
     L = []
     L.append(f"class {cls}(torch.autograd.Function):")
     L.append(f"    {_doc(region, 'Triton forward, derived Triton backward; saves only the inputs')}")

@@ -120,7 +120,16 @@ class _Fuser:
         if not cur:
             return False
         members = {r for o in cur for r in o.results}
-        if op.op == "rotate_half" and any(a in members for a in value_refs(op)):
+        args = value_refs(op)
+        # Only dataflow-connected ops join: a consumer of the region's values, or a sibling reading one of its
+        # full-width inputs. Independent chains whose shapes merely agree in this config (q and k when there
+        # are as many key/value heads as query heads) may not agree in another: they stay apart.
+        inputs = {a for o in cur for a in value_refs(o)} - members
+        shares_row = any(a in inputs and (self.ttype(a) is not None and self.ttype(a).dims == tuple(shape[0]))
+                         for a in args)
+        if not any(a in members for a in args) and not shares_row:
+            return False
+        if op.op == "rotate_half" and any(a in members for a in args):
             return False  # a permutation reads its input at other columns: it must be a region input
         s = shape[0]
         if t.dims[-1] not in (s[-1], 1) and s[-1] != 1:

@@ -44,7 +44,12 @@ def _next_pow2(n: int) -> int:
 
 def row_layout(region: str, *tensors: torch.Tensor, even: bool = False) -> RowLayout:
     """The row layout of a region over `tensors` (its tensor inputs); raises ValueError for unsupported sizes."""
-    shape = tuple(torch.broadcast_shapes(*(t.shape for t in tensors)))
+    try:
+        shape = tuple(torch.broadcast_shapes(*(t.shape for t in tensors)))
+    except RuntimeError:
+        shapes = ", ".join(str(list(t.shape)) for t in tensors)
+        raise ValueError(f"region {region}: the tensor inputs do not broadcast to one shape ({shapes}); a fused "
+                         "row region needs them to") from None
     if not 1 <= len(shape) <= 4:
         raise ValueError(f"region {region}: inputs broadcast to {list(shape)}; the row kernels take rank 1 to 4 "
                          "(up to 3 leading dims)")

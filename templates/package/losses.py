@@ -54,11 +54,13 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk: int):
+    def forward(ctx, hidden, weight, bias, labels, chunk: int, num_items_in_batch=None):
         # hidden: [N, H]; weight: [V, H]; bias: [V] or None; labels: [N] with IGNORE_INDEX skipped
         n = hidden.shape[0]
         valid = labels != IGNORE_INDEX
-        total = valid.sum()
+        total = valid.sum()  # the mean's divisor, unless HF Trainer gives the count over the whole batch
+        if num_items_in_batch is not None:
+            total = torch.as_tensor(num_items_in_batch, device=hidden.device)
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -98,15 +100,16 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             grad_bias * grad_loss if has_bias else None,
             None,
             None,
+            None,
         )
 
 
 def fused_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor,
-                         chunk: int | None = None) -> torch.Tensor:
+                         chunk: int | None = None, num_items_in_batch=None) -> torch.Tensor:
     """`causal_lm_loss(hidden @ weight.T + bias, labels)` without materializing the logits."""
     # hidden: [B, T, H]; labels: [B, T]
     labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1).to(hidden.device)  # [B*T]
     flat = hidden.reshape(-1, hidden.shape[-1])  # [B*T, H]
     if chunk is None:  # about 32 MiB of float32 logits per chunk
         chunk = max(8, min(flat.shape[0], (1 << 23) // weight.shape[0]))
-    return FusedLinearCrossEntropy.apply(flat, weight, bias, labels, chunk)
+    return FusedLinearCrossEntropy.apply(flat, weight, bias, labels, chunk, num_items_in_batch)

@@ -204,7 +204,8 @@ class PreTrainedModel(nn.Module):
             hidden = self.forward_hidden(*self.graph_args(inputs), ctx)  # [B, T, H]
             sub, weight, bias = self.loss_head
             head = self.get_submodule(sub)
-            loss = fused_causal_lm_loss(hidden, getattr(head, weight), getattr(head, bias) if bias else None, labels)
+            loss = fused_causal_lm_loss(hidden, getattr(head, weight), getattr(head, bias) if bias else None, labels,
+                                        num_items_in_batch=num_items_in_batch)
             return ModelOutput(loss=loss)
         outputs = self.run_graph(ctx, **inputs)
         named = dict(zip(self.output_names, outputs))
