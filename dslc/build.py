@@ -53,12 +53,15 @@ def write_atomically(out_dir: Path, pkg: str, files: dict[str, str]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / pkg
     staging = Path(tempfile.mkdtemp(prefix=f".{pkg}.new-", dir=out_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; the package gets the usual folder mode
+    old = None
     try:
         for rel, text in sorted(files.items()):
             path = staging / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
-        old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{pkg}.old-", dir=out_dir))
             os.rmdir(old)
@@ -67,9 +70,19 @@ def write_atomically(out_dir: Path, pkg: str, files: dict[str, str]) -> Path:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and old.exists() and not target.exists():
+            _restore(old, target)  # the swap failed halfway: put the previous package back
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _restore(old: Path, target: Path) -> None:
+    try:
+        os.rename(old, target)
+    except OSError:  # the file system refuses renames now: copy it back instead
+        shutil.copytree(old, target)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def build(spec: str | Path, out: str | Path = "build", arch: str | None = None,

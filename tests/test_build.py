@@ -180,11 +180,6 @@ def test_failed_first_rename_leaves_the_previous_package(tmp_path, monkeypatch):
     assert _stray(out) == [], "staging folders left behind"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dslc.build.write_atomically does not move the old package back when the "
-    "second rename (staging -> target) fails; it is left in .qwen2.old-*",
-)
 def test_failed_swap_puts_the_previous_package_back(tmp_path, monkeypatch):
     out = tmp_path / "out"
     target = build(ROOT / "models" / "qwen2.model", out)
@@ -206,11 +201,6 @@ def test_rebuild_replaces_the_package_and_cleans_up(tmp_path):
     assert _stray(out) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="write_atomically stages in tempfile.mkdtemp, whose 0700 mode the package "
-    "keeps: other users (a shared build folder, a container) cannot read it",
-)
 def test_package_folder_has_the_usual_permissions(tmp_path):
     target = build(ROOT / "models" / "qwen2.model", tmp_path / "out")
     plain = tmp_path / "plain"

@@ -89,6 +89,9 @@ def _static(e: N.E, ctx: BodyContext, names: dict[str, str], init: bool) -> tupl
         raise CodegenError(f"unknown reference kind {e.kind}")
     if isinstance(e, N.BinE):
         p = _STATIC_BIN[e.op]
+        if e.op in ("==", "!=") and N.Const(None) in (e.left, e.right):  # comparisons with None use `is`
+            other = e.right if e.left == N.Const(None) else e.left
+            return f"{static_text(other, ctx, names, CMP + 1, init)} {'is' if e.op == '==' else 'is not'} None", CMP
         left = static_text(e.left, ctx, names, p + (e.op == "**"), init)
         right = static_text(e.right, ctx, names, p if e.op == "**" else p + 1, init)
         return f"{left} {e.op} {right}", p

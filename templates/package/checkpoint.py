@@ -76,10 +76,36 @@ class CheckpointReader:
             for k in keys:
                 self.location[k] = name
 
+        self.renamed: dict[str, str] = {}  # key as the model names it -> key in the file
+
     def keys(self) -> list[str]:
-        return list(self.location)
+        return [k for k in self.location if k not in set(self.renamed.values())] + list(self.renamed)
+
+    def align_prefix(self, wanted) -> str | None:
+        """Add or strip a base-model prefix (`transformer.`, `bert.`) when that makes more keys fit.
+
+        Hub files saved from a base model (GPT2Model) lack the prefix the task model's names carry;
+        files saved from a task model (BertForPreTraining) carry one a base model lacks. `wanted(key)`
+        says whether the model takes a key. Returns the change made, for messages, or None.
+        """
+        keys = list(self.location)
+        best, best_score = None, sum(map(wanted, keys))
+        firsts = {k.split(".", 1)[0] for k in keys}
+        candidates = [("add", p) for p in wanted.prefixes] + [("strip", p) for p in firsts]
+        for how, p in candidates:
+            mapped = {(f"{p}.{k}" if how == "add" else k[len(p) + 1:]): k for k in keys
+                      if how == "add" or k.startswith(p + ".")}
+            score = sum(map(wanted, mapped))
+            if score > best_score:
+                best, best_score = (how, p, mapped), score
+        if best is None:
+            return None
+        how, p, mapped = best
+        self.renamed = {new: old for new, old in mapped.items() if new != old}
+        return f"{'added' if how == 'add' else 'stripped'} the prefix `{p}.`"
 
     def get(self, key: str) -> torch.Tensor:
+        key = self.renamed.get(key, key)
         try:
             return self.handles[self.location[key]].get_tensor(key)
         except Exception as e:
@@ -118,6 +144,13 @@ def _invert(transforms, tensors: list[torch.Tensor], source_shapes: list[tuple] 
 def read_state(reader: CheckpointReader, params: dict[str, torch.Size], rules: list[dict], ignored: list[str],
                tied: dict[str, str]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Map checkpoint tensors to parameter names. Returns (tensors, problems)."""
+    patterns = [_pattern(src) for rule in rules for src in rule["sources"]] + [_pattern(p) for p in ignored]
+
+    def wanted(key: str) -> bool:
+        return key in params or key in tied or any(p.match(key) for p in patterns)
+
+    wanted.prefixes = sorted({name.split(".", 1)[0] for name in params if "." in name})
+    reader.align_prefix(wanted)
     keys = set(reader.keys())
     consumed: set[str] = set()
     out: dict[str, torch.Tensor] = {}

@@ -74,6 +74,25 @@ class PreTrainedModel(nn.Module):
             owner, _, leaf = target.rpartition(".")
             setattr(self.get_submodule(owner) if owner else self, leaf, self.get_parameter(source))
 
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Like nn.Module's, without the second name of a tied weight (as HF's safetensors files),
+        so `safetensors.torch.save_file(model.state_dict())` (what HF Trainer does) works."""
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for target in self.tied_parameters():
+            state.pop(prefix + target, None)
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Accepts state dicts with or without the tied copies."""
+        state = dict(state_dict)
+        for target, source in self.tied_parameters().items():
+            if target not in state and source in state:
+                state[target] = state[source]
+        result = super().load_state_dict(state, strict=strict, assign=assign)
+        if assign:
+            self.tie_weights()
+        return result
+
     def parameter_shapes(self) -> dict[str, torch.Size]:
         return {n: p.shape for n, p in self.named_parameters(remove_duplicate=False)}
 
