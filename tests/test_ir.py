@@ -496,7 +496,9 @@ def test_show_parameter_count_and_ir(capsys):
 def test_show_graph(tmp_path, capsys, monkeypatch):
     dot = tmp_path / "g.dot"
     main(["show", QWEN2, "--graph", str(dot)])
-    text = dot.read_text()
+    after = dot.read_text()  # the IR after the pass pipeline: fused projections and regions
+    assert 'label="fused_linear qkv_proj' in after and 'label="region ' in after
+    text = (tmp_path / "g.before.dot").read_text()  # and before it, beside
     p = _checked("qwen2", None).program
     assert text.startswith("digraph dslc {") and text.rstrip().endswith("}")
     assert text.count("subgraph cluster_") == len(p.modules) + len(p.fns) + 1  # + the layer loop

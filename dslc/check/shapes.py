@@ -362,6 +362,13 @@ class Checker:
             return self.call_fn(self.p.fn(st.target), args, st.span)
         if st.op == "region":
             return self._region_types(st, args)
+        if st.op == "fused_linear":  # each part typed as the call it replaced
+            parts = [c.value for c in dict(st.kwargs)["parts"].items]
+            out = []
+            for part in parts:
+                child, params = self._submodule(ctx, part, st.span)
+                out += self.call_module(child, params, "", args, st.span)
+            return out
         rule = PRIMITIVES[st.op]
         if st.op == "reshape" and len(args) == 2 and isinstance(args[1], list):
             args[1] = self._reshape_dims(st, ctx)

@@ -172,6 +172,8 @@ class PackageRenderer:
             init.append("self.tied = {")
             init += [f"    **({{{pair}}}{cond + ' else {}' if cond else ''})," for pair, cond in pairs]
             init.append("}")
+        for fused, parts in m.projection_groups:
+            init.append(f"self.{fused} = None  # {', '.join(parts)} as one matmul, after model.fuse_projections()")
         if self.needs_ctx[m.name] and _uses_attention(m.forward.body):
             init.append("self.kv_cache = None  # a KVCache while generating")
         if m.name in self.checkpointed or any(s.module in self.checkpointed for s in m.submodules):
@@ -193,6 +195,8 @@ class PackageRenderer:
         lines = renderer.render()
         args = [a.name for a in g.args] + (["ctx"] if self.needs_ctx[m.name] else [])
         attrs, extra = [], []
+        if m.projection_groups:
+            attrs.append(f"projection_groups = {dict(m.projection_groups)!r}")
         if is_model:
             attrs = self.model_class_attrs(m)
             head = self.loss_head(m)

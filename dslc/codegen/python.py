@@ -211,6 +211,9 @@ class BodyRenderer:
         if name == "rotate_half":
             x = self.operand(a[0], ATOM)
             return f"torch.cat([-{x}.chunk(2, dim=-1)[1], {x}.chunk(2, dim=-1)[0]], dim=-1)", ATOM
+        if name == "fused_linear":
+            parts = ", ".join(f"self.{c.value}" for c in kw["parts"].items)
+            return f"fused_linear({self.operand(a[0])}, self.{op.target}, {parts})", ATOM
         if name == "region":
             return f"kernels.{op.target}({', '.join(self.operand(x) for x in a)})", ATOM
         if name == "select":

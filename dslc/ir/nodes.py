@@ -188,6 +188,7 @@ class ModuleDef:
     task: str | None
     doc: str
     span: Span
+    projection_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (fused name, parts), by horizontal fusion
 
 
 @dataclass(frozen=True)

@@ -467,6 +467,14 @@ class _Graph:
                 if len(op.results) != len(region.outputs):
                     self.err(f"region `{op.target}` gives {len(region.outputs)} output(s), the op names "
                              f"{len(op.results)}", op.span)
+        elif op.op == "fused_linear":
+            parts = dict(op.kwargs).get("parts")
+            names = [c.value for c in parts.items] if isinstance(parts, N.ListE) else []
+            groups = dict(self.module.projection_groups) if self.module is not None else {}
+            if groups.get(op.target) != tuple(names):
+                self.err(f"fused_linear `{op.target}` does not match the module's projection groups", op.span)
+            if len(names) != len(op.results):
+                self.err(f"fused_linear `{op.target}` has {len(names)} parts but {len(op.results)} results", op.span)
         elif op.op in PRIMITIVES or op.op in self.v.extra_ops:
             if op.target:
                 self.err(f"primitive `{op.op}` has a target `{op.target}`", op.span)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from dslc.ir import nodes as N
 from dslc.passes.cleanup import copy_propagate, cse, dce
+from dslc.passes.horizontal import fuse_projections
 from dslc.passes.inline import inline_fusable
 from dslc.passes.rewrite import rotate_half, views_first
 from dslc.passes.rowfusion import FusionReport, fuse_rows
@@ -21,6 +22,7 @@ PIPELINE = [
     ("views-first", views_first),  # unsqueeze(cast(x)) -> cast(unsqueeze(x)): views move to region inputs
     ("cse", cse),  # identical pure ops computed once
     ("dce", dce),  # pure ops whose results nobody reads
+    ("horizontal-matmul", fuse_projections),  # projections of one input (q/k/v, gate/up) -> one fused_linear
     ("row-fusion", fuse_rows),  # elementwise chains and last-dim reductions -> RowRegions (needs types)
     ("dce-after-fusion", dce),
 ]
@@ -49,7 +51,7 @@ def optimize(program: N.Program, verify: bool = False) -> Optimized:
         if verify:
             from dslc.ir.verify import verify_program
 
-            problems = verify_program(program, extra_ops=("region", "rotate_half"))
+            problems = verify_program(program, extra_ops=("region", "rotate_half", "fused_linear"))
             if problems:
                 raise PassError(f"after pass `{name}`:\n  " + "\n  ".join(problems))
     return Optimized(program, infer_types(program), report)

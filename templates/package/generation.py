@@ -25,10 +25,24 @@ def _warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: fl
     return logits
 
 
+def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
+    """[B, T, V] logits -> [B] next tokens, from the last position."""
+    scores = logits[:, -1, :].float()  # [B, V]
+    if do_sample:
+        probs = _warp(scores, temperature, top_k, top_p).softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return scores.argmax(dim=-1)
+
+
 @torch.no_grad()
 def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1.0, top_k=None, top_p=None,
-             eos_token_id=None, attention_mask=None, pad_token_id=None, generator=None, streamer=None):
-    """Return [B, T + n] token ids (n <= max_new_tokens: stops early once every row hit EOS)."""
+             eos_token_id=None, attention_mask=None, pad_token_id=None, generator=None, streamer=None,
+             cuda_graph=None):
+    """Return [B, T + n] token ids (n <= max_new_tokens: stops early once every row hit EOS).
+
+    cuda_graph: replay the decode steps from a CUDA graph (cuda_graphs.py); None: when the model is on
+    CUDA, False: never, True: always (with a warning and eager steps where CUDA is unavailable).
+    """
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     total = prompt_len + max_new_tokens
@@ -46,18 +60,27 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
 
     was_training = model.training
     model.eval()
-    model.setup_cache(batch, total)
+    if cuda_graph is None:
+        cuda_graph = input_ids.is_cuda and not torch.cuda.is_current_stream_capturing()
+    cuda_graph = cuda_graph and max_new_tokens > 1
+    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    decoder = None
+    if cuda_graph:
+        from . import cuda_graphs
+
+        decoder = cuda_graphs.reuse(model, key_mask, **sampling, generator=generator)  # its KV caches installed
+    if decoder is None:
+        model.setup_cache(batch, total)
     try:
         logits = model.decode_step(input_ids, position_ids, key_mask, torch.arange(prompt_len, device=device))
+        if cuda_graph and decoder is None:  # after the prefill: the KV caches exist before the capture
+            decoder = cuda_graphs.CUDAGraphDecoder(model, key_mask, logits.shape[-1], **sampling, generator=generator)
+            if decoder.graph is not None:
+                cuda_graphs.keep(model, decoder)  # for the next call of the same shapes and settings
+        next_token = _pick(logits, do_sample, temperature, top_k, top_p, generator)
         next_pos = position_ids[:, -1:] + 1  # [B, 1]
         end = total
         for t in range(prompt_len, total):
-            scores = logits[:, -1, :].float()  # [B, V]
-            if do_sample:
-                probs = _warp(scores, temperature, top_k, top_p).softmax(dim=-1)
-                next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            else:
-                next_token = scores.argmax(dim=-1)
             if eos.numel():
                 next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
                 finished |= torch.isin(next_token, eos)
@@ -67,8 +90,12 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
             if t == total - 1 or (eos.numel() and bool(finished.all())):
                 end = t + 1
                 break
-            cache_position = torch.tensor([t], device=device)
-            logits = model.decode_step(next_token[:, None], next_pos, key_mask, cache_position)
+            if decoder is not None:
+                next_token = decoder.step(next_token[:, None], next_pos, t)
+            else:
+                cache_position = torch.tensor([t], device=device)
+                logits = model.decode_step(next_token[:, None], next_pos, key_mask, cache_position)
+                next_token = _pick(logits, do_sample, temperature, top_k, top_p, generator)
             next_pos = next_pos + 1
         return tokens[:, :end]
     finally:

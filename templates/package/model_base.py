@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionContext, KVCache
@@ -36,6 +37,26 @@ def checkpoint_call(module, enabled: bool, *args):
 
         return checkpoint(module, *args, use_reentrant=False)
     return module(*args)
+
+
+class FusedLinear(nn.Module):
+    """Several Linear layers of one input as one matmul; `parts` remembers their names and widths."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, parts: dict[str, int]):
+        super().__init__()
+        self.weight = nn.Parameter(weight)  # [sum(out), in]
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.parts = parts  # name -> out_features, in order
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias).split(list(self.parts.values()), dim=-1)
+
+
+def fused_linear(x, fused: FusedLinear | None, *parts):
+    """The projections `parts` of x: one matmul when they were fused at load time, else one each."""
+    if fused is not None:
+        return fused(x)
+    return tuple(p(x) for p in parts)
 
 
 class PreTrainedModel(nn.Module):
@@ -109,8 +130,44 @@ class PreTrainedModel(nn.Module):
                 return m
         return None
 
+    # ---- horizontal fusion -----------------------------------------------------------------------
+    def fuse_projections(self) -> "PreTrainedModel":
+        """Concatenate the projections that read one input (q/k/v, gate/up: each module's
+        `projection_groups`) into one weight, so each group runs as one matmul. Parameter names
+        change in memory (`self_attn.qkv_proj.weight`); `save_pretrained` writes the original names."""
+        for module in self.modules():
+            for fused, parts in getattr(module, "projection_groups", {}).items():
+                if getattr(module, fused) is not None:
+                    continue
+                layers = [getattr(module, p) for p in parts]
+                biases = [layer.bias for layer in layers]
+                if any(b is None for b in biases) and not all(b is None for b in biases):
+                    continue
+                with torch.no_grad():
+                    weight = torch.cat([layer.weight for layer in layers])
+                    bias = torch.cat(biases) if biases[0] is not None else None
+                setattr(module, fused, FusedLinear(weight, bias, {p: layer.weight.shape[0] for p, layer in zip(parts, layers)}))
+                for p in parts:
+                    setattr(module, p, None)
+        return self
+
+    def unfused_parameters(self) -> dict[str, torch.Tensor]:
+        """Every parameter under its checkpoint name, splitting fused projections back apart."""
+        out = {}
+        for name, p in self.named_parameters(remove_duplicate=False):
+            owner, _, leaf = name.rpartition(".")
+            module = self.get_submodule(owner) if owner else self
+            if isinstance(module, FusedLinear):
+                parent, _, _ = owner.rpartition(".")
+                prefix = f"{parent}." if parent else ""
+                for part, t in zip(module.parts, p.split(list(module.parts.values()), dim=0)):
+                    out[f"{prefix}{part}.{leaf}"] = t
+            else:
+                out[name] = p
+        return out
+
     @classmethod
-    def from_pretrained(cls, folder, dtype=None, device=None, strict: bool = True):
+    def from_pretrained(cls, folder, dtype=None, device=None, strict: bool = True, fuse_projections: bool = False):
         """Load a Hugging Face folder (config.json + safetensors) as it is.
 
         The model is built on the meta device and each checkpoint tensor is assigned in place,
@@ -144,6 +201,8 @@ class PreTrainedModel(nn.Module):
             module = model.get_submodule(owner) if owner else model
             module._parameters[leaf] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
         model.tie_weights()
+        if fuse_projections:
+            model.fuse_projections()
         return model.eval()
 
     def save_pretrained(self, folder) -> None:
@@ -152,8 +211,7 @@ class PreTrainedModel(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {n: p for n, p in self.named_parameters(remove_duplicate=False)}
-        tensors = write_state(state, self.layout_rules, self.tied_parameters())
+        tensors = write_state(self.unfused_parameters(), self.layout_rules, self.tied_parameters())
         save_file({k: v.cpu() for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
         config = self.config.to_dict()
         config["architectures"] = [type(self).__name__]
@@ -258,9 +316,9 @@ class PreTrainedModel(nn.Module):
 
     def generate(self, input_ids, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id=None, attention_mask=None,
-                 pad_token_id=None, generator=None, streamer=None):
+                 pad_token_id=None, generator=None, streamer=None, cuda_graph=None):
         from .generation import generate
 
         return generate(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                         top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
-                        pad_token_id=pad_token_id, generator=generator, streamer=streamer)
+                        pad_token_id=pad_token_id, generator=generator, streamer=streamer, cuda_graph=cuda_graph)
