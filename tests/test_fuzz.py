@@ -32,7 +32,7 @@ SOURCES = [p.read_text() for p in sorted((ROOT / "models").glob("*.model"))] + [
 
 FUZZ = settings(
     max_examples=30,
-    deadline=2000,
+    deadline=10_000,  # a hang guard, not a speed test (small, busy CI machines)
     derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
@@ -52,7 +52,10 @@ def assert_located(diag, text: str, path: str = PATH) -> None:
     assert diag.code[0] in "EW" and diag.message, diag
 
 
-def outcome(text: str, path: str = PATH, limit_s: float = 1.0):
+HANG_GUARD_S = 10.0  # catches hangs and runaway backtracking, not speed: CI machines are small and busy
+
+
+def outcome(text: str, path: str = PATH, limit_s: float = HANG_GUARD_S):
     """Check `text`; returns the DslcError or None. Any other exception fails the test."""
     start = time.perf_counter()
     try:

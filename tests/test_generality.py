@@ -133,14 +133,6 @@ def test_fusion_report_has_every_variant(report):
         assert not [r for r in report.rejected if r[1] == where], f"{where} left unfused: {report.rejected}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "row fusion splits OffsetRMSNorm in two regions: `cast(weight, f32)` reads only a weight, so try_join "
-        "refuses it as not dataflow-connected and `1 + weight` starts a second region fed by an f32 [.., N] "
-        "intermediate (dslc/passes/rowfusion.py _Fuser.try_join)"
-    ),
-)
 def test_offset_rmsnorm_is_one_region(report):
     layer = _regions(report, "DecoderLayer")
     whole = [r for r in layer if _has_rms_core(r) and any(_is_weight_offset(r, o) for o in r.ops)]

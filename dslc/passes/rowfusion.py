@@ -127,7 +127,8 @@ class _Fuser:
         inputs = {a for o in cur for a in value_refs(o)} - members
         shares_row = any(a in inputs and (self.ttype(a) is not None and self.ttype(a).dims == tuple(shape[0]))
                          for a in args)
-        if not any(a in members for a in args) and not shares_row:
+        reads_only_weights = not args  # e.g. `1.0 + cast(w, f32)`: no activation, so it joins any region
+        if not any(a in members for a in args) and not shares_row and not reads_only_weights:
             return False
         if op.op == "rotate_half" and any(a in members for a in args):
             return False  # a permutation reads its input at other columns: it must be a region input
@@ -197,9 +198,12 @@ class _Fuser:
         inputs: list[RegionInput] = []
         args: list[N.E] = []
         names: dict = {}  # E (value ref / weight ref / static) -> region name
+        read_values: set[str] = set()  # inputs read as values (not only for their dtype)
 
-        def input_name(e: N.E) -> str:
+        def input_name(e: N.E, as_value: bool = True) -> str:
             if e in names:
+                if as_value:
+                    read_values.add(names[e])
                 return names[e]
             if isinstance(e, N.Ref) and e.kind in ("value", "weight"):
                 name = re.sub(r"\W", "_", e.name)
@@ -211,6 +215,8 @@ class _Fuser:
                 inputs.append(RegionInput(name, "scalar", False))
             names[e] = name
             args.append(e)
+            if as_value:
+                read_values.add(name)
             return name
 
         region_ops = []
@@ -261,6 +267,7 @@ class _Fuser:
                 return None, None, "an output narrower than the row"
         name = self.region_name(ops)
         spans = sorted({_where(op.span) for op in ops})
+        inputs = [replace(i, needs_grad=False) if i.name not in read_values else i for i in inputs]
         region = RowRegion(name, tuple(inputs), tuple(region_ops), tuple(outputs),
                            output_dtypes=tuple(out_dtypes), source=", ".join(spans))
         return region, args, None
@@ -277,7 +284,7 @@ class _Fuser:
             if a.name in members:  # a value computed here: its dtype is known from its type
                 t = self.ttype(a.name)
                 return "float" if t is not None and t.dtype == "float" else (t.dtype if t else None)
-            return f"input:{input_name(N.Ref('value', a.name))}"
+            return f"input:{input_name(N.Ref('value', a.name), as_value=False)}"
         return None
 
     def region_name(self, ops) -> str:
