@@ -63,7 +63,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             total = torch.as_tensor(num_items_in_batch, device=hidden.device)
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         grad_hidden = torch.empty_like(hidden) if need_h else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_weight = None  # float32 [V, H], accumulated in place: no vocab-sized temporary per chunk
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk):
@@ -82,7 +82,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             if need_h:
                 grad_hidden[start : start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
-                grad_weight += grad.T @ h.float()
+                if grad_weight is None:
+                    grad_weight = grad.T @ h.float()
+                else:
+                    grad_weight.addmm_(grad.T, h.float())
             if grad_bias is not None:
                 grad_bias += grad.sum(dim=0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -92,12 +95,13 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # the gradients were computed in forward; scale them in place (so backward runs once per forward)
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         need_h, need_w, has_bias = ctx.has
         return (
-            grad_hidden * grad_loss if need_h else None,
-            (grad_weight * grad_loss).to(ctx.weight_dtype) if need_w else None,
-            grad_bias * grad_loss if has_bias else None,
+            grad_hidden.mul_(grad_loss) if need_h else None,
+            grad_weight.mul_(grad_loss).to(ctx.weight_dtype) if need_w else None,
+            grad_bias.mul_(grad_loss) if has_bias else None,
             None,
             None,
             None,
@@ -110,6 +114,6 @@ def fused_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, label
     # hidden: [B, T, H]; labels: [B, T]
     labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1).to(hidden.device)  # [B*T]
     flat = hidden.reshape(-1, hidden.shape[-1])  # [B*T, H]
-    if chunk is None:  # about 32 MiB of float32 logits per chunk
-        chunk = max(8, min(flat.shape[0], (1 << 23) // weight.shape[0]))
+    if chunk is None:  # about 128 MiB of float32 logits per chunk: few, large matmuls
+        chunk = max(8, min(flat.shape[0], (1 << 25) // weight.shape[0]))
     return FusedLinearCrossEntropy.apply(flat, weight, bias, labels, chunk, num_items_in_batch)
