@@ -5,7 +5,7 @@
 
 One random Qwen2 checkpoint written by HF `save_pretrained`, loaded by both. On CUDA: the Qwen2-0.5B
 shape (24 layers, hidden 896, vocab 151936, tied), bfloat16, prompt 128, 128 new tokens. On the CPU a
-reduced config (4 layers, hidden 512, vocab 32000), float32, prompt 32, 32 new tokens, so it runs in
+reduced config (4 layers, hidden 512, vocab 32000), float32, prompt 32, 24 new tokens, so it runs in
 well under two minutes. Greedy decoding at batch 1 and 8 (no EOS, so every call decodes all tokens):
 
 * dslc-eager: `generate(cuda_graph=False)`: static KV cache, one Python decode step per token;
@@ -50,7 +50,7 @@ CONFIGS = {
 COMMON = dict(max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_dropout=0.0,
               bos_token_id=1, eos_token_id=2)
 DEFAULTS = {"cuda": dict(dtype="bfloat16", prompt=128, new=128, repeats=5),
-            "cpu": dict(dtype="float32", prompt=32, new=32, repeats=3)}
+            "cpu": dict(dtype="float32", prompt=32, new=24, repeats=3)}
 ROPE_THETA = 1_000_000.0
 
 

@@ -755,3 +755,17 @@ def test_the_package_warns_about_nothing(model):
         with torch.no_grad():
             model(_ids(), attention_mask=torch.ones(2, 8, dtype=torch.long))
         model.generate(_ids(1, 3), max_new_tokens=2)
+
+
+def test_tied_copy_that_differs_is_refused(qwen2, qwen2_tied_dir, tmp_path):
+    """HF unties a config-tied pair whose tensors differ; silently using one of them would be wrong."""
+    folder = _copy_config(qwen2_tied_dir, tmp_path / "differs")
+    tensors = load_file(str(qwen2_tied_dir / "model.safetensors"))
+    embed = tensors["model.embed_tokens.weight"]
+    tensors["lm_head.weight"] = embed + 1.0
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(qwen2.CheckpointError, match="lm_head.weight.*model.embed_tokens.weight.*differ"):
+        qwen2.Qwen2ForCausalLM.from_pretrained(folder)
+    tensors["lm_head.weight"] = embed.clone()  # an equal copy is fine
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    qwen2.Qwen2ForCausalLM.from_pretrained(folder)

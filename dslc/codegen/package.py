@@ -14,7 +14,8 @@ from dslc.codegen.python import BodyContext, BodyRenderer, static_text
 from dslc.ir import nodes as N
 from dslc.resources import templates_dir
 
-STATIC_FILES = ("attention.py", "checkpoint.py", "generation.py", "kernels_runtime.py", "losses.py", "model_base.py",
+STATIC_FILES = ("attention.py", "checkpoint.py", "cuda_graphs.py", "generation.py", "kernels_runtime.py", "losses.py",
+                "model_base.py",
                 "outputs.py")
 TASK_OUTPUTS = {
     "causal_lm": ("logits",),

@@ -181,10 +181,16 @@ def read_state(reader: CheckpointReader, params: dict[str, torch.Size], rules: l
             out.update(zip(targets, tensors))
     ignore = [_pattern(p) for p in ignored]
     for key in sorted(keys - consumed):
-        if key in params and key not in out:
-            out[key] = reader.get(key)
+        if key in tied:  # a tied copy saved alongside its source: it must equal the source
             consumed.add(key)
-        elif key in tied:  # a tied copy saved alongside its source: loaded from the source instead
+            source = tied[key]
+            if source in keys and not torch.equal(reader.get(key), reader.get(source)):
+                problems.append(
+                    f"`{key}` and `{source}` differ in the checkpoint, but the config ties them: set "
+                    f"tie_word_embeddings (or the spec's tie condition) to false in config.json to load both"
+                )
+        elif key in params and key not in out:
+            out[key] = reader.get(key)
             consumed.add(key)
         elif any(p.match(key) for p in ignore):
             consumed.add(key)

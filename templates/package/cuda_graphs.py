@@ -101,22 +101,32 @@ class CUDAGraphDecoder:
         if device.type != "cuda" or not torch.cuda.is_available():
             warnings.warn(f"CUDA graphs need a CUDA device (the model is on {device}); decoding eagerly", stacklevel=3)
             return
-        # warm-up and capture write a throwaway k/v at this slot; every real step rewrites its slot first
+        # warm-up and capture write a throwaway k/v into the last slot, which no step reads: a step at
+        # slot t reads slots <= t, and the last token (slot S_max - 1) is never fed back
         self.cache_position.fill_(self.max_len - 1)
+        stream = torch.cuda.current_stream(device)
+        pool = None
         try:
             side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
+            side.wait_stream(stream)
             with torch.cuda.stream(side):
                 for _ in range(max(1, warmup)):  # compiles the Triton kernels, picks the cuBLAS algorithms
                     self._run()
-            torch.cuda.current_stream(device).wait_stream(side)
+            stream.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 self._run()
-        except Exception as e:  # noqa: BLE001 - any failure means: decode eagerly
+        except Exception as e:  # any failure means: decode eagerly
+            torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture stream current
+            if pool is not None:  # and may leave the allocator routing that stream's allocations to the pool
+                try:
+                    torch._C._cuda_endAllocateToPool(stream.device_index, pool)
+                    torch._C._cuda_releasePool(stream.device_index, pool)
+                except Exception:  # already ended, or another torch version: nothing to undo
+                    pass
             warnings.warn(f"CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); decoding eagerly",
                           stacklevel=3)
-            torch.cuda.synchronize(device)
             self.logits = None
             return
         self.graph = graph
@@ -148,7 +158,7 @@ class CUDAGraphDecoder:
 def _reuse_key(model, key_mask: torch.Tensor, sampling) -> tuple:
     """Everything a captured step depends on besides its buffers: shapes, settings and weight addresses."""
     tensors = [*model.parameters(), *model.buffers()]
-    return (tuple(key_mask.shape), key_mask.device, sampling, torch.is_autocast_enabled(),
+    return (tuple(key_mask.shape), key_mask.device, sampling, torch.is_autocast_enabled(key_mask.device.type),
             tuple((t.data_ptr(), t.dtype) for t in tensors))
 
 

@@ -1,7 +1,8 @@
 """Token generation over a static KV cache: greedy or sampled, batched with left padding.
 
 Shapes stay fixed from step to step (the cache is allocated for prompt + max_new_tokens), so the
-decode step can later be captured in a CUDA graph. Greedy decoding equals Hugging Face's.
+decode step is captured in a CUDA graph and replayed per token on CUDA (cuda_graphs.py). Greedy
+decoding equals Hugging Face's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def _warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: fl
         sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         remove = cumulative <= 1 - top_p
-        remove[..., -1:] = False  # always keep the most likely token
+        remove[..., -1:].fill_(False)  # always keep the most likely token (fill_: no host tensor, graph-safe)
         logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
     return logits
 
@@ -41,7 +42,8 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
     """Return [B, T + n] token ids (n <= max_new_tokens: stops early once every row hit EOS).
 
     cuda_graph: replay the decode steps from a CUDA graph (cuda_graphs.py); None: when the model is on
-    CUDA, False: never, True: always (with a warning and eager steps where CUDA is unavailable).
+    CUDA, False: never, True: always (with a warning and eager steps where CUDA is unavailable). The
+    graph and its KV caches are kept for the next call of the same shapes: `cuda_graphs.release(model)`.
     """
     batch, prompt_len = input_ids.shape
     device = input_ids.device
@@ -72,7 +74,8 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
     if decoder is None:
         model.setup_cache(batch, total)
     try:
-        logits = model.decode_step(input_ids, position_ids, key_mask, torch.arange(prompt_len, device=device))
+        logits = model.decode_step(input_ids, position_ids, key_mask, torch.arange(prompt_len, device=device),
+                                   last_only=True)
         if cuda_graph and decoder is None:  # after the prefill: the KV caches exist before the capture
             decoder = cuda_graphs.CUDAGraphDecoder(model, key_mask, logits.shape[-1], **sampling, generator=generator)
             if decoder.graph is not None:

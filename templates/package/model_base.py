@@ -131,7 +131,7 @@ class PreTrainedModel(nn.Module):
         return None
 
     # ---- horizontal fusion -----------------------------------------------------------------------
-    def fuse_projections(self) -> "PreTrainedModel":
+    def fuse_projections(self) -> PreTrainedModel:
         """Concatenate the projections that read one input (q/k/v, gate/up: each module's
         `projection_groups`) into one weight, so each group runs as one matmul. Parameter names
         change in memory (`self_attn.qkv_proj.weight`); `save_pretrained` writes the original names."""
@@ -309,9 +309,14 @@ class PreTrainedModel(nn.Module):
         out = self.forward_graph(*self.graph_args(inputs), ctx)
         return out if isinstance(out, tuple) else (out,)
 
-    def decode_step(self, input_ids, position_ids, key_mask, cache_position) -> torch.Tensor:
-        """One cached step: writes k/v at `cache_position`, returns the first output ([B, T, V] logits)."""
+    def decode_step(self, input_ids, position_ids, key_mask, cache_position, last_only: bool = False) -> torch.Tensor:
+        """One cached step: writes k/v at `cache_position`, returns the first output ([B, T, V] logits).
+        `last_only`: the logits of the last position only, [B, 1, V], when the model ends in a Linear
+        head (a prefill then never computes the [B, T, V] logits it does not use)."""
         ctx = AttentionContext(key_mask, cache_position, use_cache=True)
+        if last_only and self.loss_head is not None:
+            hidden = self.forward_hidden(*self.graph_args(dict(input_ids=input_ids, position_ids=position_ids)), ctx)
+            return self.get_submodule(self.loss_head[0])(hidden[:, -1:])  # [B, 1, V]
         return self.run_graph(ctx, input_ids=input_ids, position_ids=position_ids)[0]
 
     def generate(self, input_ids, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
