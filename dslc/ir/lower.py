@@ -141,6 +141,7 @@ class Lowering:
         weights = self._instantiate(model.name, {}, "", (), model.span)
         weights = self._apply_ties(weights)
         checkpoint = self._lower_checkpoint(decls.checkpoints)
+        self._check_layout(checkpoint, weights)
         train = self._lower_train(decls.trains, order)
         self.rep.raise_if_errors()
         return N.Program(
@@ -726,6 +727,48 @@ class Lowering:
                 rules.append(N.LayoutRuleDef(r.sources, tuple(transforms), r.targets, r.span))
             ignores += [i.pattern for i in d.ignores]
         return N.CheckpointDef(tuple(rules), tuple(ignores))
+
+    def _check_layout(self, checkpoint: N.CheckpointDef, weights: list[N.WeightInfo]) -> None:
+        """Each rule's targets must be weights of the model, and its transforms must fit their shapes."""
+        import re
+
+        shapes = {w.name: w.shape for w in weights}
+        generic = sorted({re.sub(r"\.\d+\.", ".{i}.", n) for n in shapes})
+        for rule in checkpoint.rules:
+            first = [re.compile("^" + re.escape(t).replace(r"\{i\}", r"\d+") + "$") for t in rule.targets]
+            matched = [[n for n in shapes if pat.match(n)] for pat in first]
+            missing = [t for t, m in zip(rule.targets, matched) if not m]
+            for t in missing:
+                self.rep.error("E050", f"layout rule target `{t}` is not a weight of the model", rule.span,
+                               did_you_mean(t, generic) or "targets are parameter names, `{i}` for a layer index")
+            if missing:
+                continue
+            target_shapes = [shapes[m[0]] for m in matched]
+            for name, kws in rule.transforms:
+                kw = {}
+                try:
+                    kw = {k: evaluate(v, lambda r: self.values[r.name]) for k, v in kws}
+                except EvalError as e:
+                    self.rep.error("E050", f"`{name}`: {e}", rule.span)
+                    continue
+                dim = kw.get("dim", 0)
+                if name in ("split", "concat"):
+                    group = target_shapes if name == "split" else target_shapes[:1]
+                    bad = [s for s in group if not (isinstance(dim, int) and -len(s) <= dim < len(s))]
+                    if bad:
+                        self.rep.error("E050", f"`{name}(dim = {dim})` is out of range for a weight of shape "
+                                       f"{list(bad[0])}", rule.span)
+                        continue
+                    if name == "split":
+                        d = dim % len(target_shapes[0])
+                        rest = {tuple(x for i, x in enumerate(s) if i != d) for s in target_shapes}
+                        if len(rest) > 1:
+                            self.rep.error("E050", f"`split(dim = {dim})` into weights of shapes "
+                                           f"{[list(s) for s in target_shapes]}: they differ outside dim {dim}",
+                                           rule.span)
+                elif name == "transpose" and any(len(s) > 2 for s in target_shapes):
+                    self.rep.error("E050", "`transpose` swaps the two dims of a matrix; this weight has "
+                                   f"{len(target_shapes[0])}", rule.span)
 
     def _lower_train(self, decls: list[A.TrainDecl], modules: list[str]) -> N.TrainDef:
         ckpt, par = [], []
