@@ -101,7 +101,7 @@ def build_command(args) -> int:
     start = time.perf_counter()
     spec = Path(args.file)
     try:
-        pkg, files, checked = render(spec, args.arch, _overrides(args.set), args.name)
+        pkg, files, checked = render(spec, args.arch, _overrides(args.set, args.file), args.name)
     except DslcError as e:
         _report(e.diagnostics, False)
         console.print(f"[red]build failed[/red]: {spec}; the previous package, if any, is untouched")

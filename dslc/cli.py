@@ -12,12 +12,16 @@ from pathlib import Path
 from dslc.diagnostics import Diagnostic, DslcError, render_all, to_json
 
 
-def _overrides(pairs: list[str]) -> dict[str, str]:
+def _overrides(pairs: list[str], spec: str = "<command line>") -> dict[str, str]:
+    """`--set key=value` pairs; a malformed one is E024, located at the spec it was meant for."""
+    from dslc.diagnostics import Diagnostic, Span
+
     out = {}
     for p in pairs or ():
         key, sep, value = p.partition("=")
         if not sep or not key.strip():
-            raise SystemExit(f"error: --set expects key=value, got {p!r}")
+            raise DslcError([Diagnostic("E024", f"`--set {p}` is not `key=value`", Span.at(spec, 1, 1),
+                                        ("write it as `--set num_hidden_layers=2`",))])
         out[key.strip()] = value.strip()
     return out
 
@@ -45,7 +49,7 @@ def _check(args) -> int:
     from dslc.api import check_file
 
     try:
-        checked = check_file(args.file, args.arch, _overrides(args.set))
+        checked = check_file(args.file, args.arch, _overrides(args.set, args.file))
     except DslcError as e:
         _report(e.diagnostics, args.json)
         if not args.json:
@@ -66,7 +70,7 @@ def _show(args) -> int:
     from dslc.show import show_program
 
     try:
-        checked = check_file(args.file, args.arch, _overrides(args.set))
+        checked = check_file(args.file, args.arch, _overrides(args.set, args.file))
     except DslcError as e:
         _report(e.diagnostics, False)
         return 1
