@@ -117,8 +117,11 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() or ch == " " else f"\\x{ord(ch):02x}" if ord(ch) < 256 else "?" for ch in text)
 
 
-def _code_len(line: str) -> int:
-    """Length of `line` without a trailing comment and trailing blanks (carets of a multi-line span stop there)."""
+def comment_start(line: str) -> int:
+    """Index of the `#` that starts a trailing comment on a source line (len(line) if none).
+
+    A `#` inside a string literal does not start one; backslash escapes inside strings are skipped.
+    """
     in_str, i = False, 0
     while i < len(line):
         ch = line[i]
@@ -128,9 +131,14 @@ def _code_len(line: str) -> int:
         if ch == '"':
             in_str = not in_str
         elif ch == "#" and not in_str:
-            break
+            return i
         i += 1
-    return len(line[:i].rstrip())
+    return len(line)
+
+
+def _code_len(line: str) -> int:
+    """Length of `line` without a trailing comment and trailing blanks (carets of a multi-line span stop there)."""
+    return len(line[: comment_start(line)].rstrip())
 
 
 def render(diag: Diagnostic, source_lines: list[str] | None) -> str:

@@ -96,16 +96,9 @@ class _Inliner:
         args = {a.name: e for a, e in zip(f.graph.args, call.args)}
 
         def bind(r: N.Ref) -> N.E:
-            if r.kind == "value":
-                return args[r.name] if r.name in args else N.Ref("value", names[r.name])
             if r.kind == "param":
                 return args[r.name]
-            if r.kind == "dtype_of" and not r.name.startswith("weight:"):
-                inner = args.get(r.name)
-                if inner is not None:
-                    return N.Ref("dtype_of", inner.name) if isinstance(inner, N.Ref) else r
-                return N.Ref("dtype_of", names[r.name])
-            return r
+            return _bind_value(r, args, names)
 
         return self._splice(f.graph, call, names, bind)
 
@@ -134,23 +127,28 @@ class _Inliner:
         args = {a.name: e for a, e in zip(mdef.forward.args, call.args)}
 
         def bind(r: N.Ref) -> N.E:
-            if r.kind == "value":
-                return args[r.name] if r.name in args else N.Ref("value", names[r.name])
             if r.kind == "param":
                 return params[r.name]
             if r.kind == "weight":
                 return N.Ref("weight", f"{sub.name}.{r.name}") if present[r.name] else N.Const(None)
-            if r.kind == "dtype_of":
-                if r.name.startswith("weight:"):
-                    return N.Ref("dtype_of", f"weight:{sub.name}.{r.name[len('weight:'):]}")
-                inner = args.get(r.name)
-                if inner is not None:
-                    return N.Ref("dtype_of", inner.name) if isinstance(inner, N.Ref) else r
-                return N.Ref("dtype_of", names[r.name])
-            return r
+            if r.kind == "dtype_of" and r.name.startswith("weight:"):
+                return N.Ref("dtype_of", f"weight:{sub.name}.{r.name[len('weight:'):]}")
+            return _bind_value(r, args, names)
 
         ops = self._splice(mdef.forward, call, names, bind)
         return [_drop_absent(op) for op in ops]
+
+
+def _bind_value(r: N.Ref, args: dict[str, N.E], names: dict[str, str]) -> N.E:
+    """A callee's value (or the dtype of one) in the caller: an argument's expression, or its renamed SSA value."""
+    if r.kind == "value":
+        return args[r.name] if r.name in args else N.Ref("value", names[r.name])
+    if r.kind == "dtype_of" and not r.name.startswith("weight:"):
+        inner = args.get(r.name)
+        if inner is not None:
+            return N.Ref("dtype_of", inner.name) if isinstance(inner, N.Ref) else r
+        return N.Ref("dtype_of", names[r.name])
+    return r
 
 
 def _no_refs(r: N.Ref):

@@ -8,36 +8,18 @@ import warnings
 
 from lark import Token, Transformer, v_args
 
-from dslc.diagnostics import Diagnostic, DslcError, Span
+from dslc.diagnostics import Diagnostic, DslcError, Span, comment_start
 from dslc.syntax import ast as A
 
 
 def _line_comment(line: str) -> str:
-    """The text of a trailing `# comment` on a source line ("" if none); quotes are respected."""
-    in_str = False
-    for i, ch in enumerate(line):
-        if ch == '"':
-            in_str = not in_str
-        elif ch == "#" and not in_str:
-            return line[i + 1 :].strip()
-    return ""
+    """The text of a trailing `# comment` on a source line ("" if none)."""
+    return line[comment_start(line) + 1 :].strip()
 
 
 def _code_part(line: str) -> str:
-    """`line` without its trailing `# comment` (a `#` inside a string does not start one)."""
-    in_str = False
-    i = 0
-    while i < len(line):
-        ch = line[i]
-        if in_str and ch == "\\":
-            i += 2
-            continue
-        if ch == '"':
-            in_str = not in_str
-        elif ch == "#" and not in_str:
-            return line[:i]
-        i += 1
-    return line
+    """`line` without its trailing `# comment`."""
+    return line[: comment_start(line)]
 
 
 def _decode_string(tok: Token, path: str) -> str:
