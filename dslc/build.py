@@ -97,7 +97,7 @@ def build_command(args) -> int:
 
     from dslc.cli import _overrides, _report
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     start = time.perf_counter()
     spec = Path(args.file)
     try:

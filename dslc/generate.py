@@ -24,12 +24,26 @@ def _cache_root(build_dir: str | None) -> Path:
     return Path(base) / "dslc"
 
 
+def compiler_fingerprint() -> bytes:
+    """A hash of dslc's own code, grammar, standard library and templates: a cached build is reused only
+    when both the spec and the compiler that would build it are unchanged."""
+    from dslc import __version__
+    from dslc.resources import grammar_path, templates_dir
+
+    h = hashlib.sha256(__version__.encode())
+    package = Path(__file__).resolve().parent
+    roots = [package, grammar_path("model.lark").parent, templates_dir()]
+    for root in roots:
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".py", ".lark", ".model", ".j2")):
+            h.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return h.digest()
+
+
 def cached_build(spec: Path, build_dir: str | None):
     """Import the package built from `spec`, building it first unless an identical build is cached."""
-    from dslc import __version__
     from dslc.build import build
 
-    digest = hashlib.sha256(spec.read_bytes() + __version__.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(spec.read_bytes() + compiler_fingerprint()).hexdigest()[:12]
     name = f"{spec.stem.replace('-', '_').replace('.', '_')}_{digest}"
     root = _cache_root(build_dir)
     built = root / name / "build.json"
@@ -76,7 +90,7 @@ def _eos_ids(weights: Path, tokenizer) -> list[int]:
 def generate_command(args) -> int:
     from rich.console import Console
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     spec = Path(args.file)
     weights = Path(args.weights)
     try:
