@@ -292,16 +292,24 @@ class BodyRenderer:
                 continue
             text, p = self.op_text(st)
             single_use = len(st.results) == 1 and not st.vars[0] and self.counts.get(st.results[0], 0) == 1
-            if single_use and (len(text) <= INLINE_LIMIT or st.op not in ("region", "call")):
+            returned = st.results[0] in self.g.outputs
+            if single_use and (returned or len(text) <= INLINE_LIMIT or st.op not in ("region", "call")) \
+                    and not (st.op == "call" and self._feeds_region(st.results[0])):
                 self.inline[st.results[0]] = (text, p)
                 continue
             targets = []
             for r, var in zip(st.results, st.vars):
+                if not var and st.op == "call":
+                    var = f"{st.target}_out"  # self.self_attn(...) -> self_attn_out
                 name = self._local_name(var or r)
                 self.names[r] = name
                 targets.append(name)
             comment = _shape_comment(self.ctx, st)
             self.lines.append(f"{indent}{', '.join(targets)} = {text}{comment}")
+
+    def _feeds_region(self, value: str) -> bool:
+        """A module call read by a fused region: kept on its own line, so the region's line stays short."""
+        return any(isinstance(st, N.Op) and st.op == "region" and N.Ref("value", value) in st.args for st in self.g.body)
 
     def _local_name(self, name: str) -> str:
         """A readable local for a value: `norm__7_t8` (inlined from `norm`) becomes `norm_out`."""

@@ -180,7 +180,7 @@ class _Fuser:
             out.extend(ops)
             return peeled
         self.regions.append(region)
-        before, after = _bytes(ops, region, self.types, shape)
+        before, after = _bytes(ops, region, self.types, shape, outputs)
         self.report.regions.append((self.m.name, region.name, region, {"before": before, "after": after}))
         vars_ = tuple(next((op.vars[op.results.index(o)] for op in ops if o in op.results), "") for o in outputs)
         out.append(N.Op("region", tuple(args), (), tuple(outputs), vars_, region.name, ops[0].span))
@@ -199,6 +199,17 @@ class _Fuser:
         args: list[N.E] = []
         names: dict = {}  # E (value ref / weight ref / static) -> region name
         read_values: set[str] = set()  # inputs read as values (not only for their dtype)
+        local: dict[str, str] = {}  # member value -> its short name inside the region
+        used: set[str] = set()
+
+        def unique(base: str) -> str:
+            """A short readable name: the callee's own (`h`, `t3`) without the inliner's prefix."""
+            base = re.sub(r"\W", "_", re.sub(r"^.+?__\d+_", "", base)) or "v"
+            name, i = base, 2
+            while name in used:
+                name, i = f"{base}_{i}", i + 1
+            used.add(name)
+            return name
 
         def input_name(e: N.E, as_value: bool = True) -> str:
             if e in names:
@@ -206,12 +217,13 @@ class _Fuser:
                     read_values.add(names[e])
                 return names[e]
             if isinstance(e, N.Ref) and e.kind in ("value", "weight"):
-                name = re.sub(r"\W", "_", e.name)
+                name = unique(e.name if e.kind == "value" else e.name.rsplit(".", 1)[-1])
                 t = self.ttype(e.name) if e.kind == "value" else None
                 needs_grad = t is None or t.dtype in ("float", "f32", "bf16", "f16")
                 inputs.append(RegionInput(name, "tensor", needs_grad))
             else:
-                name = f"s{sum(i.kind == 'scalar' for i in inputs)}"
+                scalar = e.name if isinstance(e, N.Ref) and e.kind in ("param", "config") else "s"
+                name = unique(scalar)
                 inputs.append(RegionInput(name, "scalar", False))
             names[e] = name
             args.append(e)
@@ -232,7 +244,7 @@ class _Fuser:
                     attrs = (("dtype", dtype),)
                     continue
                 if isinstance(a, N.Ref) and a.kind == "value" and a.name in members:
-                    rargs.append(a.name)
+                    rargs.append(local[a.name])
                 elif isinstance(a, N.Const) and isinstance(a.value, (int, float)) and not isinstance(a.value, bool):
                     rargs.append(float(a.value))
                 elif isinstance(a, N.Const):
@@ -241,7 +253,8 @@ class _Fuser:
                     rargs.append(input_name(a))
             if op.op == "pow" and not isinstance(rargs[1], float):
                 return None, None, f"`**` at {_where(op.span)} with a non-constant exponent"
-            region_ops.append(RegionOp(op.op, tuple(rargs), op.results[0], attrs))
+            local[op.results[0]] = unique(op.results[0])
+            region_ops.append(RegionOp(op.op, tuple(rargs), local[op.results[0]], attrs))
         for i in inputs:
             if i.kind == "tensor" and float_input is None:
                 ref = next(e for e, n in names.items() if n == i.name)
@@ -268,7 +281,7 @@ class _Fuser:
         name = self.region_name(ops)
         spans = sorted({_where(op.span) for op in ops})
         inputs = [replace(i, needs_grad=False) if i.name not in read_values else i for i in inputs]
-        region = RowRegion(name, tuple(inputs), tuple(region_ops), tuple(outputs),
+        region = RowRegion(name, tuple(inputs), tuple(region_ops), tuple(local[o] for o in outputs),
                            output_dtypes=tuple(out_dtypes), source=", ".join(spans))
         return region, args, None
 
@@ -306,7 +319,7 @@ def _snake(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
 
 
-def _bytes(ops, region: RowRegion, types: dict, shape) -> tuple[int, int]:
+def _bytes(ops, region: RowRegion, types: dict, shape, outputs: list[str]) -> tuple[int, int]:
     """Estimated bytes moved per row of N values, at 2 bytes per model-dtype value and 4 per f32."""
     n = shape[-1] if isinstance(shape[-1], int) else 1
 
@@ -322,7 +335,7 @@ def _bytes(ops, region: RowRegion, types: dict, shape) -> tuple[int, int]:
         for a in value_refs(op):
             before += size(a)
         before += sum(size(r) for r in op.results)
-    after = sum(n * 2 for i in region.inputs if i.kind == "tensor") + sum(size(o) for o in region.outputs)
+    after = sum(n * 2 for i in region.inputs if i.kind == "tensor") + sum(size(o) for o in outputs)
     return before, after
 
 
