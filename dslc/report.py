@@ -25,7 +25,12 @@ def fusion_tables(optimized) -> tuple[Table, Table]:
 
 
 def print_fusion_report(optimized, console: Console | None = None) -> None:
-    console = console or Console()
+    if console is None:
+        import os
+
+        console = Console()
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            console.width = 160  # piped or captured: keep each region on one row
     regions, rejected = fusion_tables(optimized)
     console.print(regions)
     console.print(rejected)
