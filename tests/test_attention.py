@@ -5,26 +5,19 @@ from __future__ import annotations
 
 import importlib
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-from dslc.build import build
+from packages import MODELS, built_packages
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def attn(tmp_path_factory):
-    out = tmp_path_factory.mktemp("build")
-    build(ROOT / "models" / "qwen2.model", out, name="qwen2_attn")
-    sys.path.insert(0, str(out))
-    try:
+    with built_packages(tmp_path_factory.mktemp("build"), (MODELS / "qwen2.model", "qwen2_attn")):
         yield importlib.import_module("qwen2_attn.attention")
-    finally:
-        sys.path.remove(str(out))
 
 
 def reference(q, k, v, key_mask, causal, window, softcap, scale=None):

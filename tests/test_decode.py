@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import importlib
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
 import hf_oracle
 import pytest
 import torch
+from packages import built_packages
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from dslc.build import build
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "dectest_qwen2"
@@ -31,13 +29,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 # ---- fixtures ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def built(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dectest_build")
-    build(ROOT / "models" / "qwen2.model", out, name=NAME)
-    sys.path.insert(0, str(out))
-    try:
+    with built_packages(tmp_path_factory.mktemp("dectest_build"), (ROOT / "models" / "qwen2.model", NAME)) as out:
         yield out
-    finally:
-        sys.path.remove(str(out))
 
 
 @pytest.fixture(scope="session")

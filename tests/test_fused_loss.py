@@ -12,21 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from dslc.build import build
+from packages import MODELS, built_packages
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def losses(tmp_path_factory):
-    out = tmp_path_factory.mktemp("build")
-    build(ROOT / "models" / "qwen2.model", out, name="qwen2_loss")
-    sys.path.insert(0, str(out))
-    try:
+    with built_packages(tmp_path_factory.mktemp("build"), (MODELS / "qwen2.model", "qwen2_loss")) as out:
         yield importlib.import_module("qwen2_loss.losses"), out
-    finally:
-        sys.path.remove(str(out))
 
 
 @pytest.mark.parametrize("bias", [False, True])

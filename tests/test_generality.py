@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from packages import built_packages
 
 torch = pytest.importorskip("torch")
 
@@ -35,7 +36,6 @@ if DEVICE == "cpu":
 import torch.nn.functional as F  # noqa: E402
 
 from dslc.api import check_file  # noqa: E402
-from dslc.build import build  # noqa: E402
 from dslc.passes.pipeline import optimize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,13 +145,10 @@ def test_offset_rmsnorm_is_one_region(report):
 # ---- the generated package -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pkg(tmp_path_factory):
-    out = tmp_path_factory.mktemp("generality")
-    build(SPEC, out)
-    sys.path.insert(0, str(out))
     try:
-        yield importlib.import_module(PKG)
+        with built_packages(tmp_path_factory.mktemp("generality"), (SPEC, None)):
+            yield importlib.import_module(PKG)
     finally:
-        sys.path.remove(str(out))
         for name in [n for n in sys.modules if n == PKG or n.startswith(PKG + ".")]:
             del sys.modules[name]
 

@@ -4,16 +4,15 @@ with the same outputs and gradients, and `save_pretrained` still writes the chec
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 
 import hf_oracle
 import pytest
 import torch
+from packages import MODELS, built_packages
 from safetensors.torch import load_file
 
 from dslc.api import check_file
-from dslc.build import build
 from dslc.passes.pipeline import optimize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,13 +27,8 @@ def test_pass_groups_projections_of_one_input():
 
 @pytest.fixture(scope="module")
 def qwen2(tmp_path_factory):
-    out = tmp_path_factory.mktemp("build")
-    build(ROOT / "models" / "qwen2.model", out, name="qwen2_hfuse")
-    sys.path.insert(0, str(out))
-    try:
+    with built_packages(tmp_path_factory.mktemp("build"), (MODELS / "qwen2.model", "qwen2_hfuse")):
         yield importlib.import_module("qwen2_hfuse")
-    finally:
-        sys.path.remove(str(out))
 
 
 def test_fused_projections_match_and_save_original_names(qwen2, tmp_path):

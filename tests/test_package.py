@@ -24,9 +24,8 @@ from pathlib import Path
 import hf_oracle
 import pytest
 import torch
+from packages import built_packages
 from safetensors.torch import load_file, save_file
-
-from dslc.build import build
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN2, GPT2 = "pkgtest_qwen2", "pkgtest_gpt2"
@@ -38,14 +37,9 @@ QWEN2, GPT2 = "pkgtest_qwen2", "pkgtest_gpt2"
 @pytest.fixture(scope="session")
 def built(tmp_path_factory) -> Path:
     """Build qwen2 and gpt2 once; return the folder that holds both packages (on sys.path meanwhile)."""
-    out = tmp_path_factory.mktemp("pkgtest_build")
-    build(ROOT / "models" / "qwen2.model", out, name=QWEN2)
-    build(ROOT / "models" / "gpt2.model", out, name=GPT2)
-    sys.path.insert(0, str(out))
-    try:
+    specs = (ROOT / "models" / "qwen2.model", QWEN2), (ROOT / "models" / "gpt2.model", GPT2)
+    with built_packages(tmp_path_factory.mktemp("pkgtest_build"), *specs) as out:
         yield out
-    finally:
-        sys.path.remove(str(out))
 
 
 @pytest.fixture(scope="session")

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from pathlib import Path
 
 import hf_oracle
 import pytest
 import torch
-
-from dslc.build import build
+from packages import built_packages
 
 ROOT = Path(__file__).resolve().parents[1]
 # family -> (spec, generated class, HF's tie default for the tiny model)
@@ -28,14 +26,9 @@ PARAMS = [("qwen2", False), ("qwen2", True), ("llama", None), ("gpt2", None), ("
 @pytest.fixture(scope="session")
 def packages(tmp_path_factory):
     """Build every spec once; return {family: imported package}."""
-    out = tmp_path_factory.mktemp("build")
-    for spec, _ in CASES.values():
-        build(ROOT / "models" / spec, out)
-    sys.path.insert(0, str(out))
-    try:
+    specs = [(ROOT / "models" / spec, None) for spec, _ in CASES.values()]
+    with built_packages(tmp_path_factory.mktemp("build"), *specs):
         yield {family: importlib.import_module(spec.removesuffix(".model")) for family, (spec, _) in CASES.items()}
-    finally:
-        sys.path.remove(str(out))
 
 
 @pytest.fixture(scope="module", params=PARAMS, ids=lambda p: f"{p[0]}-tie{p[1]}" if p[1] is not None else p[0])

@@ -1,0 +1,25 @@
+"""Helper for tests (not a test file): build generated packages into a folder kept on sys.path."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dslc.build import build
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+
+
+@contextmanager
+def built_packages(out: Path, *specs: tuple[Path, str | None]) -> Iterator[Path]:
+    """Build each (spec, package name or None for the spec's stem) into `out`; `out` is on sys.path inside."""
+    for spec, name in specs:
+        build(spec, out, name=name)
+    sys.path.insert(0, str(out))
+    try:
+        yield out
+    finally:
+        sys.path.remove(str(out))
