@@ -77,10 +77,27 @@ def decode_source(data: bytes, path: str) -> str:
     return text
 
 
+def _brackets(text: str):
+    """Every bracket outside strings and comments, in order: (line, col, char)."""
+    for lineno, line in enumerate(text.split("\n"), 1):
+        in_str = escaped = False
+        for col, ch in enumerate(line, 1):
+            if escaped:
+                escaped = False
+            elif in_str and ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = not in_str
+            elif in_str:
+                continue
+            elif ch == "#":
+                break
+            elif ch in "([)]":
+                yield lineno, col, ch
+
+
 def _precheck(text: str, path: str) -> None:
     """Refuse what the grammar would report badly: tabs in indentation, runaway nesting or indentation."""
-    depth = 0
-    in_str = False
     for lineno, line in enumerate(text.split("\n"), 1):
         stripped = line.lstrip(" ")
         if stripped.startswith("\t") or (line[: len(line) - len(stripped)].count("\t")):
@@ -91,29 +108,23 @@ def _precheck(text: str, path: str) -> None:
         indent = len(line) - len(stripped)
         if stripped and not stripped.startswith("#") and indent > MAX_INDENT_LEVELS * 8:
             raise DslcError([Diagnostic("E005", "indentation too deep", Span.at(path, lineno, 1, indent))])
-        for col, ch in enumerate(line, 1):
-            if ch == '"':
-                in_str = not in_str
-            elif in_str:
-                continue
-            elif ch == "#":
-                break
-            elif ch in "([":
-                depth += 1
-                if depth > MAX_NESTING:
-                    raise DslcError(
-                        [
-                            Diagnostic(
-                                "E005",
-                                f"brackets nested more than {MAX_NESTING} deep",
-                                Span.at(path, lineno, col),
-                                ("split the expression into named steps",),
-                            )
-                        ]
+    depth = 0
+    for lineno, col, ch in _brackets(text):
+        if ch in ")]":
+            depth = max(0, depth - 1)
+            continue
+        depth += 1
+        if depth > MAX_NESTING:
+            raise DslcError(
+                [
+                    Diagnostic(
+                        "E005",
+                        f"brackets nested more than {MAX_NESTING} deep",
+                        Span.at(path, lineno, col),
+                        ("split the expression into named steps",),
                     )
-            elif ch in ")]":
-                depth = max(0, depth - 1)
-        in_str = False
+                ]
+            )
 
 
 _TERMINAL_WORDS = {
@@ -162,25 +173,13 @@ def _token_text(tok) -> str:
 def _open_brackets(text: str, upto: tuple[int, int] | None = None) -> list[tuple[int, int, str]]:
     """Brackets still open (line, col, char), innermost last, at `upto` (line, col) or at the end."""
     stack: list[tuple[int, int, str]] = []
-    for lineno, line in enumerate(text.split("\n"), 1):
-        in_str = escaped = False
-        for col, ch in enumerate(line, 1):
-            if upto is not None and (lineno, col) >= upto:
-                return stack
-            if escaped:
-                escaped = False
-            elif in_str and ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_str = not in_str
-            elif in_str:
-                continue
-            elif ch == "#":
-                break
-            elif ch in "([":
-                stack.append((lineno, col, ch))
-            elif ch in ")]" and stack:
-                stack.pop()
+    for lineno, col, ch in _brackets(text):
+        if upto is not None and (lineno, col) >= upto:
+            break
+        if ch in "([":
+            stack.append((lineno, col, ch))
+        elif stack:
+            stack.pop()
     return stack
 
 
