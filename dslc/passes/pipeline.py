@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from dslc.ir import nodes as N
 from dslc.passes.cleanup import copy_propagate, cse, dce
+from dslc.passes.epilogue import split_bias_epilogues
 from dslc.passes.horizontal import fuse_projections
 from dslc.passes.inline import inline_fusable
 from dslc.passes.rewrite import rotate_half, views_first
@@ -23,6 +24,7 @@ PIPELINE = [
     ("cse", cse),  # identical pure ops computed once
     ("dce", dce),  # pure ops whose results nobody reads
     ("horizontal-matmul", fuse_projections),  # projections of one input (q/k/v, gate/up) -> one fused_linear
+    ("bias-epilogue", split_bias_epilogues),  # a Linear's bias moves onto the elementwise op reading its output
     ("row-fusion", fuse_rows),  # elementwise chains and last-dim reductions -> RowRegions (needs types)
     ("dce-after-fusion", dce),
 ]
