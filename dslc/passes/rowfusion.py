@@ -88,7 +88,18 @@ class _Fuser:
                 pick = next(i for i in range(len(body)) if i not in done and not fixed[i] and deps[i] <= done)
             done.add(pick)
             order.append(pick)
-        return [body[i] for i in order]
+        ordered = [body[i] for i in order]
+        # then each fusable op moves down to just before its first reader, so a small table op (a rotary
+        # cast) arrives next to the op that consumes it instead of opening a region of its own
+        fused_values = {r for st in ordered if not fixed_op(st, self) for r in st.results}
+        for i in range(len(ordered) - 1, -1, -1):
+            st = ordered[i]
+            if fixed_op(st, self) or not isinstance(st, N.Op) or set(_reads(st)) & fused_values:
+                continue  # only leaves move (ops reading no fusable result), so chains keep their order
+            first = next((j for j in range(i + 1, len(ordered)) if set(st.results) & set(_reads(ordered[j]))), None)
+            if first is not None and first > i + 1:
+                ordered.insert(first - 1, ordered.pop(i))
+        return ordered
 
     def run(self, body, counts: dict) -> list:
         queue = self.schedule(body)
@@ -128,7 +139,10 @@ class _Fuser:
         shares_row = any(a in inputs and (self.ttype(a) is not None and self.ttype(a).dims == tuple(shape[0]))
                          for a in args)
         reads_only_weights = not args  # e.g. `1.0 + cast(w, f32)`: no activation, so it joins any region
-        if not any(a in members for a in args) and not shares_row and not reads_only_weights:
+        # a narrower, broadcast value (a [B, 1, T, D] rotary table cast) may join too: if something outside
+        # the region reads it, closing the region peels it off again
+        reads_tables = bool(args) and all(_narrower(self.ttype(a), shape[0]) for a in args)
+        if not any(a in members for a in args) and not shares_row and not reads_only_weights and not reads_tables:
             return False
         if op.op == "rotate_half" and any(a in members for a in args):
             return False  # a permutation reads its input at other columns: it must be a region input
@@ -313,6 +327,22 @@ class _Fuser:
             name, i = f"{base}_{i}", i + 1
         self.taken.add(name)
         return name
+
+
+def _narrower(t, shape) -> bool:
+    """A broadcast table for a region of `shape`: same rank, each dim equal or 1, at least one 1 where it is not."""
+    if not isinstance(t, TType) or len(t.dims) != len(shape):
+        return False
+    return all(d == s or d == 1 for d, s in zip(t.dims, shape)) and tuple(t.dims) != tuple(shape)
+
+
+def _reads(st) -> list[str]:
+    return value_refs(st) if isinstance(st, N.Op) else list(st.inputs)
+
+
+def fixed_op(st, fuser) -> bool:
+    """Ops that cannot join a region (they keep their place in the schedule)."""
+    return isinstance(st, N.Loop) or fuser.fusable(st) is not None
 
 
 def _snake(name: str) -> str:
