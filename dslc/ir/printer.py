@@ -14,20 +14,10 @@ _PREC = {"or": 1, "and": 2, "==": 4, "!=": 4, "<": 4, "<=": 4, ">": 4, ">=": 4, 
          "*": 6, "/": 6, "//": 6, "%": 6, "@": 6, "**": 8}
 
 
-def _const(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "none"
-    if isinstance(v, str):
-        return "..." if v == "..." else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(v)
-
-
 def expr_text(e: N.E, prec: int = 0) -> str:
     """Render an expression: values `%x`, params `$p`, config fields by name, symbols by name."""
     if isinstance(e, N.Const):
-        return _const(e.value)
+        return const_text(e.value)
     if isinstance(e, N.Ref):
         return {"value": "%", "param": "$", "weight": "&"}.get(e.kind, "") + (
             f"dtype(%{e.name})" if e.kind == "dtype_of" else e.name)
