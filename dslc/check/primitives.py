@@ -185,6 +185,8 @@ def _linear(args, kw):
 def _gather(args, kw):
     if len(args) != 2:
         raise OpTypeError("E040", f"`gather` takes (table, ids), got {len(args)} arguments")
+    if set(kw) - {"padding_idx"}:
+        raise OpTypeError("E040", f"`gather` takes only `padding_idx` as a keyword, got {', '.join(sorted(kw))}")
     table, ids = _t(args[0], "`gather`'s table"), _t(args[1], "`gather`'s ids")
     if ids.dtype not in ("i64", "i32"):
         raise OpTypeError("E032", f"`gather`'s ids must be integers, got {ids.dtype}")

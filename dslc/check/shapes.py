@@ -214,11 +214,14 @@ class Checker:
                 raise _Stop from None
         return out
 
-    def call_module(self, mdef: N.ModuleDef, params: dict, _prefix: str, actual: list, span: Span) -> list:
-        key = ("module", mdef.name, tuple(sorted((k, _freeze(v)) for k, v in params.items())), tuple(actual))
+    def call_module(self, mdef: N.ModuleDef, params: dict, _prefix: str, actual: list, span: Span,
+                    residual: bool = False) -> list:
+        """Infer the module's forward for these argument types (`residual`: its residual-norm variant)."""
+        kind = "residual" if residual else "module"
+        key = (kind, mdef.name, tuple(sorted((k, _freeze(v)) for k, v in params.items())), tuple(actual))
         if key in self.memo:
             return self.memo[key]
-        g = mdef.forward
+        g = mdef.residual if residual else mdef.forward
         bindings = self._bind_sig(g.args, actual, params, span, mdef.name, mdef)
         env: dict = {a.name: t for a, t in zip(g.args, actual)}
         ctx = _Ctx(mdef, params, self._weights_of(mdef, params), {})
@@ -357,6 +360,11 @@ class Checker:
             if child_params is None:
                 self.rep.error("E041", f"submodule `{st.target}` is absent here (its condition is false)", st.span)
                 raise _Stop
+            if "residual" in kwargs:  # `norm(a, residual = b)`, by the residual-norm pass
+                if sdef.residual is None:
+                    self.rep.error("E040", f"`{st.target}` takes no residual", st.span)
+                    raise _Stop
+                return self.call_module(sdef, child_params, "", args + [kwargs["residual"]], st.span, residual=True)
             return self.call_module(sdef, child_params, "", args, st.span)
         if st.op == "fn":
             return self.call_fn(self.p.fn(st.target), args, st.span)

@@ -25,6 +25,17 @@ TASK_OUTPUTS = {
     "base": ("last_hidden_state", "pooler_output"),
 }
 PY_TYPES = {"int": "int", "float": "float", "bool": "bool", "str": "str"}
+# Standard-library modules rendered as subclasses of torch's own layers, so PEFT, torch's tensor-parallel
+# styles and quantizers (which test `isinstance(m, nn.Linear)`) take them: std module -> (base class, the
+# base's constructor arguments from the module's params). The base creates the weights; the forward is the
+# spec's (for Linear and Embedding it is the base's own computation).
+TORCH_LAYERS = {
+    "Linear": ("nn.Linear", "in_features, out_features, bias=bias"),
+    "Embedding": ("nn.Embedding", "num_embeddings, embedding_dim, padding_idx=padding_idx"),
+    "LayerNorm": ("nn.LayerNorm", "dim, eps=eps, bias=bias"),
+}
+TORCH_LAYER_RESET = {"Embedding": "self._fill_padding_idx_with_zero()  # the pad row starts at zero, as in torch and HF"}
+STD_FILE = "std.model"
 
 
 @dataclass
@@ -40,6 +51,7 @@ class ModuleView:
     forward_args: str
     forward_lines: list[str]
     is_model: bool = False
+    super_args: str = ""
     class_attrs: list[str] = field(default_factory=list)
     extra_methods: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (name, args, body lines)
 
@@ -115,8 +127,13 @@ class PackageRenderer:
         return f"{Path(span.file).name}:{span.line}"
 
     # ---- modules -------------------------------------------------------------------------------------
+    def torch_layer(self, m: N.ModuleDef) -> tuple[str, str] | None:
+        """(base class, its constructor arguments) for a standard-library layer that torch defines."""
+        return TORCH_LAYERS.get(m.name) if Path(m.span.file).name == STD_FILE else None
+
     def module_view(self, m: N.ModuleDef) -> ModuleView:
         is_model = m.name == self.p.model
+        torch_layer = self.torch_layer(m)
         ctx = BodyContext(spec_name=self.spec_name, in_module=True, module=m)
         member_names = {w.name for w in m.weights} | {s.name for s in m.submodules}
         forward_params = _forward_params(m)
@@ -134,7 +151,7 @@ class PackageRenderer:
         if self.needs_config[m.name]:
             init_params.append(f"config: {self.config_class}")
         for p in m.params:
-            ann = PY_TYPES.get(p.type, p.type)
+            ann = PY_TYPES.get(p.type, p.type) + (" | None" if p.optional else "")
             if p.default is None:
                 init_params.append(f"{p.name}: {ann}")
             else:
@@ -144,8 +161,9 @@ class PackageRenderer:
         if self.needs_config[m.name] and not is_model:
             init.append("self.config = config")
         for p in forward_params:
-            init.append(f"self.{ctx.param_attrs[p]} = {p}")
-        for w in m.weights:
+            if torch_layer is None or p not in torch_layer[1]:  # the torch base stores its own arguments
+                init.append(f"self.{ctx.param_attrs[p]} = {p}")
+        for w in m.weights if torch_layer is None else ():
             shape = ", ".join(static_text(d, ctx, {}, 0, init=True) for d in w.shape)
             dtype = "" if w.dtype == "float" else f", dtype={_torch_dtype(w.dtype)}"
             make = f"nn.Parameter(torch.empty({shape}{dtype}))"
@@ -191,10 +209,18 @@ class PackageRenderer:
                 line = f"nn.init.{w.init}_(self.{w.name})"
             reset.append(line if w.condition is None else f"if self.{w.name} is not None:\n            {line}")
 
+        if torch_layer is not None and m.name in TORCH_LAYER_RESET:
+            reset.append(TORCH_LAYER_RESET[m.name])
         g = m.forward
         renderer = BodyRenderer(g, ctx)
         lines = renderer.render()
         args = [a.name for a in g.args] + (["ctx"] if self.needs_ctx[m.name] else [])
+        if m.residual is not None:  # forward(x, residual=None): the residual add runs in the norm's kernel
+            residual_arg = m.residual.args[1].name
+            args.append(f"{residual_arg}=None")
+            residual_lines = BodyRenderer(m.residual, ctx).render()
+            lines = [f"if {residual_arg} is not None:  # returns (norm of x + {residual_arg}, x + {residual_arg})"] \
+                + [f"    {line}" for line in residual_lines] + lines
         attrs, extra = [], []
         if m.projection_groups:
             attrs.append(f"projection_groups = {dict(m.projection_groups)!r}")
@@ -210,7 +236,8 @@ class PackageRenderer:
             name=m.name,
             doc=m.doc or f"The `{m.name}` module.",
             where=self.where(m.span),
-            base="PreTrainedModel" if is_model else "nn.Module",
+            base="PreTrainedModel" if is_model else (torch_layer[0] if torch_layer else "nn.Module"),
+            super_args="config" if is_model else (torch_layer[1] if torch_layer else ""),
             init_params=", ".join(["self"] + init_params),
             init_lines=init,
             reset_lines=reset,
@@ -269,11 +296,12 @@ class PackageRenderer:
         from dslc.codegen.triton_region import render_region_torch, render_region_triton
 
         args = ", ".join(i.name for i in r.inputs)
-        first = next(i.name for i in r.inputs if i.kind == "tensor")
+        first = next(i.name for i in r.inputs if i.kind == "tensor" and not i.optional)
         return {
             "name": r.name,
             "args": args,
             "first_tensor": first,
+            "optional": [i.name for i in r.inputs if i.optional],
             "source": r.source,
             "summary": " -> ".join(o.op for o in r.ops),
             "torch_source": render_region_torch(r).strip(),

@@ -198,7 +198,8 @@ class BodyRenderer:
             args = ", ".join(self.operand(x) for x in a)
             return f"F.linear({args})", ATOM
         if name == "gather":
-            return f"F.embedding({self.operand(a[1])}, {self.operand(a[0])})", ATOM
+            padding = f", {self.operand(kw['padding_idx'])}" if "padding_idx" in kw else ""
+            return f"F.embedding({self.operand(a[1])}, {self.operand(a[0])}{padding})", ATOM
         if name == "cast":
             return f"{self.operand(a[0], ATOM)}.to({self.operand(a[1])})", ATOM
         if name == "reshape":
@@ -248,7 +249,7 @@ class BodyRenderer:
         raise CodegenError(f"no Python rendering for op `{name}`")
 
     def _call(self, op: N.Op) -> str:
-        args = [self.operand(x) for x in op.args]
+        args = [self.operand(x) for x in op.args] + [f"{k}={self.operand(v)}" for k, v in op.kwargs]
         sub_module = self.ctx.module_of_sub.get(op.target, "")
         if self.ctx.needs_ctx.get(sub_module):
             args.append("ctx")
@@ -299,8 +300,11 @@ class BodyRenderer:
                 continue
             targets = []
             for r, var in zip(st.results, st.vars):
+                if len(st.results) > 1 and not self.counts.get(r, 0):
+                    targets.append("_")  # a result nobody reads
+                    continue
                 if not var and st.op == "call":
-                    var = f"{st.target}_out"  # self.self_attn(...) -> self_attn_out
+                    var = self._fresh(f"{st.target}_out")  # self.self_attn(...) -> self_attn_out
                 name = self._local_name(var or r)
                 self.names[r] = name
                 targets.append(name)
@@ -310,6 +314,15 @@ class BodyRenderer:
     def _feeds_region(self, value: str) -> bool:
         """A module call read by a fused region: kept on its own line, so the region's line stays short."""
         return any(isinstance(st, N.Op) and st.op == "region" and N.Ref("value", value) in st.args for st in self.g.body)
+
+    def _fresh(self, base: str) -> str:
+        """`base`, or `base_2`, `base_3`... when a local of this body already has that name."""
+        taken = set(self.names.values())
+        name, i = base, 2
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        self.names[f"\0{name}"] = name  # reserved until the value is bound
+        return name
 
     def _local_name(self, name: str) -> str:
         """A readable local for a value: `norm__7_t8` (inlined from `norm`) becomes `norm_out`."""

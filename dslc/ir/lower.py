@@ -417,7 +417,7 @@ class Lowering:
                 self.rep.error("E021", f"unknown type `{p.type.name}`", p.type.span, did_you_mean(p.type.name, SCALAR_TYPES))
             default = self._static(p.default, self._module_resolver(params, uses)) if p.default is not None else None
             params[p.name] = p
-            param_defs.append(N.ParamDef(p.name, p.type.name, default, p.span))
+            param_defs.append(N.ParamDef(p.name, p.type.name, default, p.span, p.type.optional))
         resolve = self._module_resolver(params, uses)
         member_names: dict[str, Span] = {}
 
@@ -613,7 +613,7 @@ class Lowering:
             except EvalError as e:
                 self.rep.error("E021", f"parameter `{p.name}` of `{mdef.name}`: {e}", span)
                 raise _Abort from None
-            if not _check_type(v, p.type, False):
+            if not _check_type(v, p.type, p.optional):
                 self.rep.error("E021", f"parameter `{p.name}` of `{mdef.name}` is {p.type}, got {_show(v)}", span)
                 raise _Abort
             values[p.name] = _coerce(v, p.type)

@@ -142,6 +142,7 @@ class ParamDef:
     type: str
     default: E | None
     span: Span
+    optional: bool = False  # `int?`: none is a value too
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,9 @@ class ModuleDef:
     doc: str
     span: Span
     projection_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (fused name, parts), by horizontal fusion
+    # forward(x, residual) -> (forward(x + residual), x + residual), by the residual-norm pass: a norm that
+    # also takes the residual add before it, called as `norm(h, residual = r)` (vLLM's and Liger's norms)
+    residual: Graph | None = None
 
 
 @dataclass(frozen=True)

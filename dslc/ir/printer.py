@@ -284,7 +284,8 @@ class _Printer:
             self.emit(1, f"doc {quote(m.doc)}")
         for p in m.params:
             default = f" = {ir_expr(p.default)}" if p.default is not None else ""
-            self.emit(1, f"param {sigil_text('$', p.name)}: {name_text(p.type)}{default}", p.span)
+            optional = "?" if p.optional else ""
+            self.emit(1, f"param {sigil_text('$', p.name)}: {name_text(p.type)}{optional}{default}", p.span)
         for w in m.weights:
             text = f"weight {sigil_text('&', w.name)}: [{', '.join(ir_expr(d) for d in w.shape)}] {name_text(w.dtype)}"
             text += f" = {name_text(w.init)}"
@@ -418,7 +419,9 @@ class _Printer:
             if r.source:
                 self.emit(2, f"source {quote(r.source)}")
             for i in r.inputs:
-                self.emit(2, f"input {sigil_text('%', i.name)} {name_text(i.kind)} {'grad' if i.needs_grad else 'nograd'}")
+                optional = "?" if i.optional else ""
+                self.emit(2, f"input {sigil_text('%', i.name)} {name_text(i.kind)}{optional} "
+                          f"{'grad' if i.needs_grad else 'nograd'}")
             for op in r.ops:
                 args = ", ".join(sigil_text("%", a) if isinstance(a, str) else const_text(a) for a in op.args)
                 attrs = " {" + ", ".join(f"{key_text(k)}={const_text(v)}" for k, v in op.attrs) + "}" if op.attrs else ""

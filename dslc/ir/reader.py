@@ -183,8 +183,8 @@ class _ToIR(Transformer):
         return config, tuple(values)
 
     # ---- modules ------------------------------------------------------------------------------------
-    def param(self, tok, type_, default, span):
-        return ("param", N.ParamDef(_sigil_name(tok), type_, default, _span(span)))
+    def param(self, tok, type_, optional, default, span):
+        return ("param", N.ParamDef(_sigil_name(tok), type_, default, _span(span), optional is not None))
 
     def weight(self, tok, *rest):
         *dims, dtype, init, std, cond, doc, span = rest
@@ -325,10 +325,10 @@ class _ToIR(Transformer):
     def region_source(self, tok):
         return ("source", _str(tok))
 
-    def region_input(self, tok, kind, grad):
+    def region_input(self, tok, kind, optional, grad):
         from dslc.ir.regions import RegionInput
 
-        return ("input", RegionInput(_sigil_name(tok), kind, str(grad) == "grad"))
+        return ("input", RegionInput(_sigil_name(tok), kind, str(grad) == "grad", optional is not None))
 
     def region_attr(self, name, c):
         return (name, c.value)

@@ -34,11 +34,14 @@ class RegionInput:
     kind: "tensor" (broadcasts to the region's output shape; its last dim is N or 1)
           or "scalar" (a Python number known when the module runs, e.g. eps).
     needs_grad: whether backward must produce its gradient.
+    optional: an optional weight (`bias: [dim] = zeros if bias`) that may be None, read only as an added
+              term: None counts as zero.
     """
 
     name: str
     kind: str = "tensor"
     needs_grad: bool = True
+    optional: bool = False
 
 
 @dataclass(frozen=True)

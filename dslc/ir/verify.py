@@ -188,6 +188,8 @@ class _Verifier:
             self.err(f"{where} has no forward", m.span)
         else:
             uses |= _Graph(self, where + " forward", m, None, params).run(m.forward)
+        if m.residual is not None:
+            _Graph(self, where + " residual forward", m, None, params).run(m.residual)
         if uses and not m.uses_config:
             self.err(f"{where} reads config fields but `uses_config` is false", m.span)
 
@@ -450,8 +452,11 @@ class _Graph:
                     self.err(f"`{op.target}` is a repeat stack: it is called through a loop", op.span)
             else:
                 self.err(f"call of unknown submodule `{op.target}`", op.span)
-            if op.kwargs:
-                self.err(f"call of `{op.target}` takes positional arguments only", op.span)
+            callee = self.v.modules.get(self.subs[op.target].module) if op.target in self.subs else None
+            residual = dict(op.kwargs).keys() == {"residual"} and callee is not None and callee.residual is not None
+            if op.kwargs and not residual:
+                self.err(f"call of `{op.target}` takes positional arguments only (or `residual` for a norm "
+                         "given a residual forward)", op.span)
         elif op.op == "fn":
             if op.target not in self.v.fns:
                 self.err(f"call of unknown fn `{op.target}`", op.span)

@@ -1,9 +1,9 @@
-"""Inline small callees into their callers so fusion can see across call boundaries.
+"""Inline small functions into their callers so fusion can see across call boundaries.
 
-Inlined: functions and leaf modules (no submodules, no attention) whose bodies are elementwise ops,
-row reductions, casts and the view/permutation ops the rewrite passes turn into region inputs
-(unsqueeze, chunk/neg/concat). A norm called from a block becomes ops of the block, so the residual
-add before it can join its region. The callee's weights stay where they are (`input_layernorm.weight`).
+Inlined: `fn`s whose bodies are elementwise ops, row reductions, casts and the view/permutation ops the
+rewrite passes turn into region inputs (unsqueeze, chunk/neg/concat), such as rotary embedding. Modules are
+never inlined: each is called through its forward, so hooks, LoRA wrappers and swapped modules take effect;
+a norm fuses inside its own forward (and takes the residual add before it: see `residual.py`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dslc.ir import nodes as N
-from dslc.ir.evaluate import EvalError, evaluate
-from dslc.passes.common import ELEMENTWISE, ROW_REDUCTIONS, has_syms, map_bodies, subst, subst_op
+from dslc.passes.common import ELEMENTWISE, ROW_REDUCTIONS, has_syms, map_bodies, subst_op
 
 INLINE_OPS = ELEMENTWISE | ROW_REDUCTIONS | {"unsqueeze", "chunk", "concat", "identity"}
 
@@ -59,8 +58,6 @@ class _Inliner:
             inlined = None
             if st.op == "fn" and _inlinable_body(self.fns[st.target].graph, self.fns):
                 inlined = self.inline_fn(st, taken)
-            elif st.op == "call" and st.target in subs:
-                inlined = self.inline_module(st, subs[st.target], taken)
             if inlined is None:
                 out.append(st)
             else:
@@ -102,42 +99,6 @@ class _Inliner:
 
         return self._splice(f.graph, call, names, bind)
 
-    def inline_module(self, call: N.Op, sub: N.SubmoduleDef, taken: set):
-        if sub.repeat is not None or sub.condition is not None:
-            return None
-        mdef = self.mods[sub.module]
-        if mdef.submodules or mdef.forward is None or not _inlinable_body(mdef.forward, self.fns):
-            return None
-        params: dict[str, N.E] = dict(zip([p.name for p in mdef.params], sub.args))
-        params.update(dict(sub.kwargs))
-        for p in mdef.params:
-            if p.name not in params:
-                params[p.name] = subst(p.default, lambda r: params[r.name] if r.kind == "param" else r)
-        present: dict[str, bool] = {}
-        for w in mdef.weights:
-            if w.condition is None:
-                present[w.name] = True
-                continue
-            cond = subst(w.condition, lambda r: params[r.name] if r.kind == "param" else r)
-            try:
-                present[w.name] = bool(evaluate(cond, _no_refs))
-            except EvalError:
-                return None  # depends on the config: keep the call, so both cases stay possible
-        names = self._rename(mdef.forward, self.fresh_prefix(sub.name), taken)
-        args = {a.name: e for a, e in zip(mdef.forward.args, call.args)}
-
-        def bind(r: N.Ref) -> N.E:
-            if r.kind == "param":
-                return params[r.name]
-            if r.kind == "weight":
-                return N.Ref("weight", f"{sub.name}.{r.name}") if present[r.name] else N.Const(None)
-            if r.kind == "dtype_of" and r.name.startswith("weight:"):
-                return N.Ref("dtype_of", f"weight:{sub.name}.{r.name[len('weight:'):]}")
-            return _bind_value(r, args, names)
-
-        ops = self._splice(mdef.forward, call, names, bind)
-        return [_drop_absent(op) for op in ops]
-
 
 def _bind_value(r: N.Ref, args: dict[str, N.E], names: dict[str, str]) -> N.E:
     """A callee's value (or the dtype of one) in the caller: an argument's expression, or its renamed SSA value."""
@@ -151,19 +112,7 @@ def _bind_value(r: N.Ref, args: dict[str, N.E], names: dict[str, str]) -> N.E:
     return r
 
 
-def _no_refs(r: N.Ref):
-    raise EvalError(f"`{r.name}` is not a constant")
-
-
-def _drop_absent(op: N.Op) -> N.Op:
-    """`y + none` (an absent optional weight) is `y`."""
-    if op.op in ("add", "sub") and any(isinstance(a, N.Const) and a.value is None for a in op.args):
-        keep = [a for a in op.args if not (isinstance(a, N.Const) and a.value is None)]
-        return replace(op, op="identity", args=(keep[0],))
-    return op
-
-
 def inline_fusable(program: N.Program) -> N.Program:
-    """Inline fusable functions and leaf modules into every body."""
+    """Inline fusable functions into every body."""
     inliner = _Inliner(program)
     return map_bodies(program, inliner.graph)

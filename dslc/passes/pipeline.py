@@ -10,21 +10,21 @@ from dataclasses import dataclass
 
 from dslc.ir import nodes as N
 from dslc.passes.cleanup import copy_propagate, cse, dce
-from dslc.passes.epilogue import split_bias_epilogues
 from dslc.passes.horizontal import fuse_projections
 from dslc.passes.inline import inline_fusable
+from dslc.passes.residual import fuse_residual_norms
 from dslc.passes.rewrite import rotate_half, views_first
 from dslc.passes.rowfusion import FusionReport, fuse_rows
 
 PIPELINE = [
-    ("inline", inline_fusable),  # small fns and leaf modules (norms, rope) into their callers
+    ("inline", inline_fusable),  # small fns (rope, rotate_half) into their callers; modules stay calls
     ("copy-propagate", copy_propagate),  # drop `a = b` copies the inliner left
     ("rotate-half", rotate_half),  # chunk / neg / concat over the last dim -> one permutation op
     ("views-first", views_first),  # unsqueeze(cast(x)) -> cast(unsqueeze(x)): views move to region inputs
     ("cse", cse),  # identical pure ops computed once
     ("dce", dce),  # pure ops whose results nobody reads
     ("horizontal-matmul", fuse_projections),  # projections of one input (q/k/v, gate/up) -> one fused_linear
-    ("bias-epilogue", split_bias_epilogues),  # a Linear's bias moves onto the elementwise op reading its output
+    ("residual-norm", fuse_residual_norms),  # `norm(a + b)` -> `norm(a, residual = b)`: the add runs in the norm (needs types)
     ("row-fusion", fuse_rows),  # elementwise chains and last-dim reductions -> RowRegions (needs types)
     ("dce-after-fusion", dce),
 ]
@@ -48,6 +48,8 @@ def optimize(program: N.Program, verify: bool = False) -> Optimized:
     for name, run in PIPELINE:
         if run is fuse_rows:
             program, report = fuse_rows(program, infer_types(program))
+        elif run is fuse_residual_norms:
+            program = fuse_residual_norms(program, infer_types(program))
         else:
             program = run(program)
         if verify:

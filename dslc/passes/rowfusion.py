@@ -33,8 +33,10 @@ def _where(span) -> str:
 
 
 class _Fuser:
-    def __init__(self, module: N.ModuleDef, types: dict, taken: set[str], report: FusionReport):
+    def __init__(self, module: N.ModuleDef, types: dict, taken: set[str], report: FusionReport,
+                 graph: N.Graph | None = None):
         self.m = module
+        self.graph = graph if graph is not None else module.forward  # the forward, or the residual variant
         self.types = types
         self.taken = taken
         self.report = report
@@ -209,6 +211,13 @@ class _Fuser:
         return inside
 
     def build_region(self, ops, members, outputs, shape):
+        optional = {w.name for w in self.m.weights if w.condition is not None}  # may be None at run time
+        for op in ops:
+            for k, a in enumerate(op.args):
+                if isinstance(a, N.Ref) and a.kind == "weight" and a.name in optional \
+                        and not (op.op == "add" or (op.op == "sub" and k == 1)):
+                    return None, None, (f"`{op.op}` at {_where(op.span)} reads the optional weight `{a.name}` "
+                                        "other than as an added term")
         inputs: list[RegionInput] = []
         args: list[N.E] = []
         names: dict = {}  # E (value ref / weight ref / static) -> region name
@@ -234,7 +243,8 @@ class _Fuser:
                 name = unique(e.name if e.kind == "value" else e.name.rsplit(".", 1)[-1])
                 t = self.ttype(e.name) if e.kind == "value" else None
                 needs_grad = t is None or t.dtype in ("float", "f32", "bf16", "f16")
-                inputs.append(RegionInput(name, "tensor", needs_grad))
+                absent_ok = e.kind == "weight" and e.name in optional
+                inputs.append(RegionInput(name, "tensor", needs_grad, absent_ok))
             else:
                 scalar = e.name if isinstance(e, N.Ref) and e.kind in ("param", "config") else "s"
                 name = unique(scalar)
@@ -315,13 +325,19 @@ class _Fuser:
         return None
 
     def region_name(self, ops) -> str:
-        tag = "pointwise"
-        for op in ops:
-            m = re.match(r"(.+?)__\d+_", op.results[0])
-            if m:
-                tag = m.group(1)
-                break
-        base = f"{_snake(self.m.name)}_{tag}"
+        """`rms_norm` for a whole module body (`rms_norm_residual` for its residual variant), else
+        `<module>_<fn inlined here>` or `<module>_pointwise`."""
+        suffix = "_residual" if self.graph is self.m.residual else ""
+        if len(ops) == len(self.graph.body):
+            base = _snake(self.m.name) + suffix
+        else:
+            tag = "pointwise"
+            for op in ops:
+                m = re.match(r"(.+?)__\d+_", op.results[0])
+                if m:
+                    tag = m.group(1)
+                    break
+            base = f"{_snake(self.m.name)}_{tag}{suffix}"
         name, i = base, 1
         while name in self.taken:
             name, i = f"{base}_{i}", i + 1
@@ -346,7 +362,8 @@ def fixed_op(st, fuser) -> bool:
 
 
 def _snake(name: str) -> str:
-    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+    """RMSNorm -> rms_norm, GatedMLP -> gated_mlp, BertSelfOutput -> bert_self_output."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
 
 def _bytes(ops, region: RowRegion, types: dict, shape, outputs: list[str]) -> tuple[int, int]:
@@ -374,17 +391,25 @@ def fuse_rows(program: N.Program, types: dict) -> tuple[N.Program, FusionReport]
     report = FusionReport()
     taken: set[str] = set()
     regions: list[RowRegion] = []
-    first_types: dict[str, dict] = {}
+    first_types: dict[tuple[str, str], dict] = {}
     for (kind, name, _params), t in types.items():
-        if kind == "module" and name not in first_types:
-            first_types[name] = t
+        first_types.setdefault((kind, name), t)
+    for (kind, name), t in list(first_types.items()):  # a norm only ever called with a residual: the
+        if kind == "residual":                           # residual variant's types hold the forward's too
+            first_types.setdefault(("module", name), t)
     modules = []
     for m in program.modules:
-        if m.forward is None or m.name not in first_types:
+        if m.forward is None or ("module", m.name) not in first_types:
             modules.append(m)
             continue
-        fuser = _Fuser(m, first_types[m.name], taken, report)
+        fuser = _Fuser(m, first_types["module", m.name], taken, report)
         body = fuser.run(list(m.forward.body), use_counts(m.forward))
         regions += fuser.regions
-        modules.append(replace(m, forward=replace(m.forward, body=tuple(body))))
+        m = replace(m, forward=replace(m.forward, body=tuple(body)))
+        if m.residual is not None and ("residual", m.name) in first_types:
+            fuser = _Fuser(m, first_types["residual", m.name], taken, report, graph=m.residual)
+            body = fuser.run(list(m.residual.body), use_counts(m.residual))
+            regions += fuser.regions
+            m = replace(m, residual=replace(m.residual, body=tuple(body)))
+        modules.append(m)
     return replace(program, modules=tuple(modules), regions=tuple(program.regions) + tuple(regions)), report

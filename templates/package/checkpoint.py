@@ -128,17 +128,12 @@ def _apply(transforms, tensors: list[torch.Tensor], target_shapes: list[tuple]) 
     return [t.contiguous() for t in tensors]
 
 
-def _invert(transforms, tensors: list[torch.Tensor], source_shapes: list[tuple] | None) -> list[torch.Tensor]:
-    for name, kw in reversed(transforms):
-        if name == "transpose":
-            tensors = [t.transpose(0, 1) if t.dim() == 2 else t for t in tensors]
-        elif name == "split":
-            tensors = [torch.cat(tensors, dim=kw.get("dim", 0))]
-        elif name == "concat":
-            dim = kw.get("dim", 0)
-            sizes = [s[dim] for s in source_shapes]
-            tensors = list(torch.split(tensors[0], sizes, dim=dim))
-    return [t.contiguous() for t in tensors]
+def _invert(transforms, tensor: torch.Tensor) -> torch.Tensor:
+    """Undo a one-to-one rule's transforms (only `transpose` keeps one tensor one tensor)."""
+    for name, _ in reversed(transforms):
+        if name == "transpose" and tensor.dim() == 2:
+            tensor = tensor.transpose(0, 1)
+    return tensor
 
 
 def read_state(reader: CheckpointReader, params: dict[str, torch.Size], rules: list[dict], ignored: list[str],
@@ -211,28 +206,19 @@ def read_state(reader: CheckpointReader, params: dict[str, torch.Size], rules: l
 
 
 def write_state(state: dict[str, torch.Tensor], rules: list[dict], tied: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Parameter tensors -> checkpoint tensors: inverse layout rules; tied copies left out (as HF does)."""
+    """Parameter tensors -> checkpoint tensors, under the model's own parameter names (which are Hugging
+    Face's); tied copies left out, as HF does.
+
+    A rule that keeps a tensor's name (GPT-2's Conv1D `transpose`) is the checkpoint format of that tensor and
+    is applied in reverse. A rule that renames (split, concat, another key layout) describes a foreign
+    checkpoint that loading translates from; saving writes the model's names, which is what HF loads."""
     state = {k: v for k, v in state.items() if k not in tied}
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
+    out = dict(state)
     for rule in rules:
+        if rule["sources"] != rule["targets"]:
+            continue
         first = _pattern(rule["targets"][0])
         for name in sorted(state):
-            m = first.match(name)
-            if not m:
-                continue
-            i = m.groupdict().get("i")
-            targets = [_fill(t, i) for t in rule["targets"]]
-            sources = [_fill(s, i) for s in rule["sources"]]
-            if not all(t in state for t in targets):
-                continue
-            shapes = None
-            if any(n == "concat" for n, _ in rule["transforms"]):
-                raise CheckpointError("saving through a `concat` layout rule needs the source shapes; not supported")
-            tensors = _invert(rule["transforms"], [state[t] for t in targets], shapes)
-            out.update(zip(sources, tensors))
-            used.update(targets)
-    for name, t in state.items():
-        if name not in used:
-            out[name] = t
+            if first.match(name):
+                out[name] = _invert(rule["transforms"], state[name])
     return {k: v.detach().contiguous() for k, v in sorted(out.items())}

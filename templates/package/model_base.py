@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,24 +40,44 @@ def checkpoint_call(module, enabled: bool, *args):
     return module(*args)
 
 
-class FusedLinear(nn.Module):
-    """Several Linear layers of one input as one matmul; `parts` remembers their names and widths."""
+class FusedWeights(NamedTuple):
+    """Projections of one input (q/k/v, gate/up) concatenated for one matmul, after `fuse_projections()`.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, parts: dict[str, int]):
-        super().__init__()
-        self.weight = nn.Parameter(weight)  # [sum(out), in]
-        self.bias = nn.Parameter(bias) if bias is not None else None
-        self.parts = parts  # name -> out_features, in order
+    The parts keep their own Parameters (their names, for state dicts, PEFT and optimizers); those are views
+    into `weight` / `bias`, so an in-place update of a part updates the fused tensor too. `sources` remembers
+    each part's class and parameters: a part that was wrapped, swapped, hooked or given new parameters since
+    no longer matches, and the forward falls back to calling the parts one by one."""
 
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias).split(list(self.parts.values()), dim=-1)
+    weight: torch.Tensor  # [sum(out_features), in_features]
+    bias: torch.Tensor | None  # [sum(out_features)]
+    sizes: list[int]  # out_features per part, in order
+    sources: tuple  # per part: (class, weight, bias) when fused
 
 
-def fused_linear(x, fused: FusedLinear | None, *parts):
-    """The projections `parts` of x: one matmul when they were fused at load time, else one each."""
-    if fused is not None:
-        return fused(x)
+def _still_fused(fused: FusedWeights, parts) -> bool:
+    if torch.is_grad_enabled() and any(w.requires_grad for _, w, _ in fused.sources):
+        return False  # training: each part gets its own gradient through its own forward
+    for part, (cls, weight, bias) in zip(parts, fused.sources):
+        if type(part) is not cls or part._forward_hooks or part._forward_pre_hooks:
+            return False
+        if part.weight is not weight or part.bias is not bias:
+            return False
+    return True
+
+
+def fused_linear(x, fused: FusedWeights | None, *parts):
+    """The projections `parts` of x: one matmul when they were fused at load time and every part is still the
+    plain layer it was (no PEFT wrapper, hook, swapped module or new weight; not training), else one call each."""
+    if fused is not None and not _global_hooks() and _still_fused(fused, parts):
+        return F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1)
     return tuple(p(x) for p in parts)
+
+
+def _global_hooks() -> bool:
+    """Whether global module hooks (`nn.modules.module.register_module_forward_hook`) are set: they must fire."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
 class PreTrainedModel(nn.Module):
@@ -132,38 +153,54 @@ class PreTrainedModel(nn.Module):
 
     # ---- horizontal fusion -----------------------------------------------------------------------
     def fuse_projections(self) -> PreTrainedModel:
-        """Concatenate the projections that read one input (q/k/v, gate/up: each module's
-        `projection_groups`) into one weight, so each group runs as one matmul. Parameter names
-        change in memory (`self_attn.qkv_proj.weight`); `save_pretrained` writes the original names."""
+        """Concatenate the projections that read one input (q/k/v, gate/up: each module's `projection_groups`)
+        so each group runs as one matmul in inference. The parts stay modules with their own parameters (now
+        views into the fused tensor), so names, state dicts and `save_pretrained` are unchanged; a part that is
+        later wrapped (PEFT), hooked or swapped is called on its own again. Moving the model (`.to()`) keeps it fused."""
         for module in self.modules():
             for fused, parts in getattr(module, "projection_groups", {}).items():
-                if getattr(module, fused) is not None:
-                    continue
                 layers = [getattr(module, p) for p in parts]
+                if any(not isinstance(layer, nn.Linear) for layer in layers):
+                    continue  # already wrapped or swapped: nothing to fuse
                 biases = [layer.bias for layer in layers]
                 if any(b is None for b in biases) and not all(b is None for b in biases):
+                    continue
+                if len({(layer.weight.dtype, layer.weight.device) for layer in layers}) != 1:
                     continue
                 with torch.no_grad():
                     weight = torch.cat([layer.weight for layer in layers])
                     bias = torch.cat(biases) if biases[0] is not None else None
-                setattr(module, fused, FusedLinear(weight, bias, {p: layer.weight.shape[0] for p, layer in zip(parts, layers)}))
-                for p in parts:
-                    setattr(module, p, None)
+                sizes = [layer.weight.shape[0] for layer in layers]
+                for layer, w, b in zip(layers, weight.split(sizes), bias.split(sizes) if bias is not None else biases):
+                    layer.weight.data = w  # the part's Parameter object stays (optimizers, PEFT); its storage is shared
+                    if b is not None:
+                        layer.bias.data = b
+                sources = tuple((type(layer), layer.weight, layer.bias) for layer in layers)
+                setattr(module, fused, FusedWeights(weight, bias, sizes, sources))
         return self
 
-    def unfused_parameters(self) -> dict[str, torch.Tensor]:
-        """Every parameter under its checkpoint name, splitting fused projections back apart."""
-        out = {}
-        for name, p in self.named_parameters(remove_duplicate=False):
-            owner, _, leaf = name.rpartition(".")
-            module = self.get_submodule(owner) if owner else self
-            if isinstance(module, FusedLinear):
-                parent, _, _ = owner.rpartition(".")
-                prefix = f"{parent}." if parent else ""
-                for part, t in zip(module.parts, p.split(list(module.parts.values()), dim=0)):
-                    out[f"{prefix}{part}.{leaf}"] = t
-            else:
-                out[name] = p
+    def unfuse_projections(self) -> PreTrainedModel:
+        """Drop the fused tensors: every projection runs on its own again (its parameters keep their values)."""
+        for module in self.modules():
+            for fused, parts in getattr(module, "projection_groups", {}).items():
+                if getattr(module, fused, None) is None:
+                    continue
+                for part in parts:
+                    layer = getattr(module, part)
+                    for p in (layer.weight, layer.bias):
+                        if p is not None:
+                            p.data = p.data.clone()
+                setattr(module, fused, None)
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to()`, `.cuda()`, `.half()`...: fused projections are fused again from the moved parameters."""
+        fused = any(getattr(m, f, None) is not None for m in self.modules() for f in getattr(m, "projection_groups", {}))
+        if fused:
+            self.unfuse_projections()
+        out = super()._apply(fn, recurse)
+        if fused:
+            self.fuse_projections()
         return out
 
     @classmethod
@@ -211,7 +248,7 @@ class PreTrainedModel(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = write_state(self.unfused_parameters(), self.layout_rules, self.tied_parameters())
+        tensors = write_state(dict(self.named_parameters(remove_duplicate=False)), self.layout_rules, self.tied_parameters())
         save_file({k: v.cpu() for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
         config = self.config.to_dict()
         config["architectures"] = [type(self).__name__]
