@@ -25,6 +25,7 @@ def render(spec: Path, arch: str | None, overrides: dict[str, str], name: str | 
     """Check the spec and render every file of its package: (package name, {file: text}, checked)."""
     from dslc.api import check_file
     from dslc.codegen.package import PackageRenderer
+    from dslc.codegen.style import format_python
     from dslc.passes.pipeline import optimize
 
     checked = check_file(spec, arch, overrides)
@@ -40,7 +41,7 @@ def render(spec: Path, arch: str | None, overrides: dict[str, str], name: str | 
         "model": checked.program.model,
         "parameters": checked.program.param_count,
     }
-    files = PackageRenderer(checked, spec.name, pkg, optimized).render(text, metadata)
+    files = format_python(PackageRenderer(checked, spec.name, pkg, optimized).render(text, metadata))
     checked.optimized = optimized
     return pkg, files, checked
 

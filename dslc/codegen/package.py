@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dslc.check.dims import TType
 from dslc.codegen.autodiff import RUNTIME_NAMES
-from dslc.codegen.python import BodyContext, BodyRenderer, static_text
+from dslc.codegen.python import BodyContext, BodyRenderer, commented, static_text
 from dslc.ir import nodes as N
 from dslc.resources import templates_dir
 
@@ -170,7 +170,7 @@ class PackageRenderer:
             if w.condition is not None:
                 make += f" if {static_text(w.condition, ctx, {}, 2, init=True)} else None"
             doc = f"  # {w.doc}" if w.doc else f"  # {self.where(w.span)}"
-            init.append(f"self.{w.name} = {make}{doc}")
+            init += commented(f"self.{w.name} = {make}", doc)
         for s in m.submodules:
             args = [static_text(a, ctx, {}, 0, init=True) for a in s.args]
             args += [f"{k}={static_text(v, ctx, {}, 0, init=True)}" for k, v in s.kwargs]
@@ -181,7 +181,7 @@ class PackageRenderer:
                 make = f"nn.ModuleList({s.module}({', '.join(args)}) for _ in range({static_text(s.repeat, ctx, {}, 0, init=True)}))"
             if s.condition is not None:
                 make += f" if {static_text(s.condition, ctx, {}, 2, init=True)} else None"
-            init.append(f"self.{s.name} = {make}  # {self.where(s.span)}")
+            init += commented(f"self.{s.name} = {make}", f"  # {self.where(s.span)}")
         if m.ties:
             pairs = []
             for t in m.ties:
@@ -366,6 +366,41 @@ class PackageRenderer:
             "archs": archs,
         }
 
+    def called_fns(self) -> set[str]:
+        """The fns some module still calls after inlining (directly or through another fn): the others are
+        not rendered."""
+        def calls(body):
+            for st in body:
+                if isinstance(st, N.Loop):
+                    yield from calls(st.body)
+                elif st.op == "fn":
+                    yield st.target
+
+        todo = [t for m in self.p.modules for g in (m.forward, m.residual) if g is not None for t in calls(g.body)]
+        fns = {f.name: f for f in self.p.fns}
+        seen: set[str] = set()
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo.extend(calls(fns[name].graph.body))
+        return seen
+
+    def modeling_imports(self, modules: list[ModuleView], fns: list[FnView]) -> list[str]:
+        """The package-relative imports modeling.py uses (nothing unused, for ruff's F401)."""
+        text = "\n".join(line for m in modules for line in m.init_lines + m.forward_lines
+                         + [x for _, _, lines in m.extra_methods for x in lines])
+        text += "\n".join(line for f in fns for line in f.lines)
+        imports = []
+        if "kernels." in text:
+            imports.append("from . import kernels")
+        if "attention(" in text:
+            imports.append("from .attention import attention")
+        imports.append(f"from .config import {self.config_class}")
+        base = ["PreTrainedModel"] + [n for n in ("checkpoint_call", "fused_linear") if f"{n}(" in text]
+        imports.append(f"from .model_base import {', '.join(base)}")
+        return imports
+
     # ---- files ---------------------------------------------------------------------------------------
     def render(self, spec_text: str, metadata: dict) -> dict[str, str]:
         import jinja2
@@ -378,7 +413,7 @@ class PackageRenderer:
             undefined=jinja2.StrictUndefined,
         )
         modules = [self.module_view(m) for m in self.p.modules]
-        fns = [self.fn_view(f) for f in self.p.fns]
+        fns = [self.fn_view(f) for f in self.p.fns if f.name in self.called_fns()]
         model = next(m for m in modules if m.is_model)
         common = {"spec": self.spec_name, "package": self.package, "model": model.name,
                   "config_class": self.config_class, "version": metadata["dslc_version"]}
@@ -390,7 +425,8 @@ class PackageRenderer:
                 **common, regions=regions,
                 runtime_names=sorted(n for n in RUNTIME_NAMES if any(f"{n}(" in r["triton_source"] for r in regions))),
             "config.py": env.get_template("config.py.j2").render(**common, config=self.config_view()),
-            "modeling.py": env.get_template("modeling.py.j2").render(**common, modules=modules, fns=fns),
+            "modeling.py": env.get_template("modeling.py.j2").render(**common, modules=modules, fns=fns,
+                                                                      imports=self.modeling_imports(modules, fns)),
         }
         for name in STATIC_FILES:
             files[name] = (templates_dir() / "package" / name).read_text()

@@ -22,6 +22,7 @@ TORCH_DTYPES = {
 }
 
 ATOM, POW, UNARY, MUL, ADD, CMP, COND = 100, 15, 14, 13, 12, 9, 1
+VIEW_OPS = ("unsqueeze", "squeeze", "transpose", "reshape", "select")
 INLINE_LIMIT = 60  # a region or module call longer than this gets its own line instead of being nested
 _BIN = {"add": ("+", ADD), "sub": ("-", ADD), "mul": ("*", MUL), "div": ("/", MUL), "matmul": ("@", MUL),
         "pow": ("**", POW)}
@@ -303,13 +304,16 @@ class BodyRenderer:
                 if len(st.results) > 1 and not self.counts.get(r, 0):
                     targets.append("_")  # a result nobody reads
                     continue
-                if not var and st.op == "call":
+                if not var and st.op in ("call", "region") and ("__" in r or r[:1] == "t" and r[1:].isdigit()):
                     var = self._fresh(f"{st.target}_out")  # self.self_attn(...) -> self_attn_out
+                elif not var and st.op in VIEW_OPS and st.args and isinstance(st.args[0], N.Ref) \
+                        and st.args[0].kind == "value" and "__" in r:
+                    var = self._fresh(f"{self.names[st.args[0].name]}_{st.op}")  # cos.unsqueeze(1) -> cos_unsqueeze
                 name = self._local_name(var or r)
                 self.names[r] = name
                 targets.append(name)
             comment = _shape_comment(self.ctx, st)
-            self.lines.append(f"{indent}{', '.join(targets)} = {text}{comment}")
+            self.lines += commented(f"{indent}{', '.join(targets)} = {text}", comment, indent)
 
     def _feeds_region(self, value: str) -> bool:
         """A module call read by a fused region: kept on its own line, so the region's line stays short."""
@@ -366,6 +370,18 @@ def _truthy(e: N.E) -> bool:
 
 def _where(ctx: BodyContext, span) -> str:
     return f"{Path(span.file).name}:{span.line}"
+
+
+LINE_LENGTH = 120  # templates/ruff.toml
+METHOD_INDENT = 8  # a statement in a method body
+
+
+def commented(code: str, comment: str, indent: str = "") -> list[str]:
+    """`code  # comment` when it fits on one line, else the comment on its own line above the code (a trailing
+    comment would make the formatter split the statement across lines)."""
+    if not comment or METHOD_INDENT + len(code) + len(comment) <= LINE_LENGTH:
+        return [code + comment]
+    return [f"{indent}# {comment.lstrip().removeprefix('# ')}", code]
 
 
 def _shape_comment(ctx: BodyContext, op: N.Op) -> str:

@@ -17,7 +17,7 @@ from dslc.check.dims import TType
 from dslc.check.primitives import OpTypeError, broadcast
 from dslc.ir import nodes as N
 from dslc.ir.regions import RegionInput, RegionOp, RowRegion
-from dslc.passes.common import ELEMENTWISE, ROW_REDUCTIONS, use_counts, value_refs
+from dslc.passes.common import ELEMENTWISE, ROW_REDUCTIONS, map_bodies, use_counts, value_refs
 
 MAX_RANK = 4  # three leading dims and the row
 
@@ -104,6 +104,7 @@ class _Fuser:
         return ordered
 
     def run(self, body, counts: dict) -> list:
+        self.display = _display_names(body, getattr(self, "display", {}))
         queue = self.schedule(body)
         out: list = []
         cur: list[N.Op] = []
@@ -240,7 +241,7 @@ class _Fuser:
                     read_values.add(names[e])
                 return names[e]
             if isinstance(e, N.Ref) and e.kind in ("value", "weight"):
-                name = unique(e.name if e.kind == "value" else e.name.rsplit(".", 1)[-1])
+                name = unique(self.display.get(e.name, e.name) if e.kind == "value" else e.name.rsplit(".", 1)[-1])
                 t = self.ttype(e.name) if e.kind == "value" else None
                 needs_grad = t is None or t.dtype in ("float", "f32", "bf16", "f16")
                 absent_ok = e.kind == "weight" and e.name in optional
@@ -412,4 +413,88 @@ def fuse_rows(program: N.Program, types: dict) -> tuple[N.Program, FusionReport]
             regions += fuser.regions
             m = replace(m, residual=replace(m.residual, body=tuple(body)))
         modules.append(m)
-    return replace(program, modules=tuple(modules), regions=tuple(program.regions) + tuple(regions)), report
+    regions, same = _share_identical(list(program.regions) + regions)
+    if same:
+        def retarget(g: N.Graph, _owner) -> N.Graph:
+            return replace(g, body=tuple(_retarget(g.body, same)))
+
+        modules = list(map_bodies(replace(program, modules=tuple(modules)), retarget).modules)
+        by_name = {r.name: r for r in regions}
+        report.regions = [(m, n, by_name[n], b) for m, n, r, b in report.regions if n not in same]
+    return replace(program, modules=tuple(modules), regions=tuple(regions)), report
+
+
+def _share_identical(regions: list[RowRegion]) -> tuple[list[RowRegion], dict[str, str]]:
+    """One region (one kernel) for regions that differ only in name: region name -> the kept one's name."""
+    kept: dict[RowRegion, RowRegion] = {}
+    same: dict[str, str] = {}
+    out = []
+    for r in regions:
+        key = _canonical(r)
+        if key in kept:
+            first = kept[key]
+            same[r.name] = first.name
+            spans = sorted(set(first.source.split(", ")) | set(r.source.split(", ")))
+            merged = replace(first, source=", ".join(spans))
+            out[out.index(first)] = merged
+            kept[key] = merged
+        else:
+            kept[key] = r
+            out.append(r)
+    return out, same
+
+
+VIEW_OPS = ("unsqueeze", "squeeze", "transpose", "reshape", "select", "identity")
+
+
+def _display_names(body, names: dict[str, str]) -> dict[str, str]:
+    """Readable names for temporaries that feed regions: a call's result is named after the callee
+    (`gate_proj`), a view after what it views (`cos`); named values keep their names."""
+    names = dict(names)
+    for st in body:
+        if isinstance(st, N.Loop):
+            names = _display_names(st.body, names)
+            continue
+        for r, var in zip(st.results, st.vars):
+            if var:
+                names[r] = var
+            elif st.op == "call" and len(st.results) == 1:
+                names[r] = st.target
+            elif st.op in VIEW_OPS and st.args and isinstance(st.args[0], N.Ref) and st.args[0].kind == "value":
+                names[r] = names.get(st.args[0].name, st.args[0].name)
+    return names
+
+
+def _canonical(r: RowRegion) -> RowRegion:
+    """The region with its names replaced by positional ones (inputs a0.., values v0..): equal for regions
+    that compute the same thing from the same kinds of inputs."""
+    names = {i.name: f"a{k}" for k, i in enumerate(r.inputs)}
+    names.update({o.result: f"v{k}" for k, o in enumerate(r.ops)})
+
+    def rename(x):
+        return names.get(x, x) if isinstance(x, str) else x
+
+    def attr(kv):
+        k, v = kv
+        return (k, "input:" + names[v[6:]]) if isinstance(v, str) and v.startswith("input:") else (k, v)
+
+    return replace(
+        r, name="", source="", notes=(),
+        inputs=tuple(replace(i, name=names[i.name]) for i in r.inputs),
+        ops=tuple(replace(o, args=tuple(map(rename, o.args)), result=names[o.result], attrs=tuple(map(attr, o.attrs)))
+                  for o in r.ops),
+        outputs=tuple(map(rename, r.outputs)),
+        output_dtypes=tuple("input:" + names[d[6:]] if d.startswith("input:") else d for d in r.output_dtypes),
+    )
+
+
+def _retarget(body, same: dict[str, str]) -> list:
+    out = []
+    for st in body:
+        if isinstance(st, N.Loop):
+            out.append(replace(st, body=tuple(_retarget(st.body, same))))
+        elif st.op == "region" and st.target in same:
+            out.append(replace(st, target=same[st.target]))
+        else:
+            out.append(st)
+    return out
