@@ -1,7 +1,8 @@
 """Attention for the generated model: masks, grouped-query attention, a static KV cache.
 
 One `AttentionContext` is built per forward call and passed down to every attention site; it
-holds the padding mask and the cache positions, and memoizes the boolean masks it builds.
+holds the padding mask and the cache positions, and memoizes the boolean masks it builds (for
+static key counts; under torch.export's symbolic shapes each site builds its own).
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ class AttentionContext:
 
     def mask(self, num_keys: int, causal: bool, window: int | None, device) -> torch.Tensor | None:
         """Boolean [B or 1, 1, T, S] mask of allowed (query, key) pairs, or None when all are allowed."""
-        key = (num_keys, causal, window)
-        if key in self._masks:
+        # memoized per plain-int key count only: under torch.export / dynamic-shape tracing num_keys is
+        # a SymInt, which cannot key a dict (and need not: the traced graph is built once anyway)
+        key = (num_keys, causal, window) if type(num_keys) is int else None
+        if key is not None and key in self._masks:
             return self._masks[key]
         allowed = None
         if causal or window is not None:
@@ -68,7 +71,8 @@ class AttentionContext:
             # a query with no visible key (a left-padding row) attends to every key instead of
             # producing NaN; its output is never used for a real token
             allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
-        self._masks[key] = allowed
+        if key is not None:
+            self._masks[key] = allowed
         return allowed
 
 

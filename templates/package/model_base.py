@@ -19,7 +19,7 @@ from torch import nn
 from .attention import AttentionContext, KVCache
 from .checkpoint import CheckpointError, CheckpointReader, read_state, write_state
 from .losses import causal_lm_loss, fused_causal_lm_loss, masked_lm_loss, sequence_classification_loss
-from .outputs import ModelOutput
+from .outputs import output_class
 
 LOSSES = {
     "causal_lm": causal_lm_loss,
@@ -302,33 +302,136 @@ class PreTrainedModel(nn.Module):
                 m.kv_cache = None
 
     # ---- forward -----------------------------------------------------------------------------------
-    def forward(self, input_ids=None, attention_mask=None, labels=None, position_ids=None, token_type_ids=None,
-                num_items_in_batch=None, **kwargs):
-        """Hugging Face-style call: returns a ModelOutput with the task's outputs and `.loss` for labels."""
-        batch, length = input_ids.shape  # input_ids: [B, T]
-        device = input_ids.device
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        labels=None,
+        position_ids=None,
+        token_type_ids=None,
+        inputs_embeds=None,
+        logits_to_keep=0,
+        output_hidden_states=None,
+        output_attentions=None,
+        return_dict=None,
+        use_cache=None,
+        past_key_values=None,
+        cache=None,
+        num_items_in_batch=None,
+        **kwargs,
+    ):
+        """Hugging Face-style call: the task's outputs as a ModelOutput (`.loss` too when labels are given).
+
+        return_dict=False: the same fields as a tuple, loss first when present (None fields left out).
+        output_hidden_states: `hidden_states`, as Hugging Face: the input of the first block of the spec's
+          `repeat` stack (the embeddings), each block's output, the last one replaced by the stack owner's
+          output (after the final norm). Models without a single such stack refuse it.
+        inputs_embeds: [B, T, hidden] instead of input_ids; they replace the token embedding's output,
+          so only models whose input_ids feed nothing but that embedding take them (others refuse).
+        logits_to_keep: (causal LMs) an int keeps the last N positions' logits (0: all), a tensor the
+          positions it lists (1D, or 2D per row / a bool mask), as Hugging Face's; the head sees only those.
+        use_cache: accepted and ignored: forward never reads nor returns a KV cache (`out` has no
+          past_key_values, whatever use_cache says); cached decoding is `generate()`.
+        past_key_values / cache: refused; use `generate()`, whose static KV cache lives in the model.
+        output_attentions=True: refused (the attention probabilities are never materialized).
+        num_items_in_batch: what HF Trainer passes to normalize the loss over gradient accumulation.
+        Unknown keyword arguments are refused (TypeError) unless their value is None.
+        """
+        unknown = sorted(k for k, v in kwargs.items() if v is not None)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword arguments: {', '.join(unknown)}")
+        if past_key_values is not None or cache is not None:
+            raise ValueError(
+                f"{type(self).__name__}.forward() takes no past_key_values/cache: it runs the whole sequence. "
+                "For cached decoding use model.generate(...) (or setup_cache + decode_step), whose static KV "
+                "cache lives in the model"
+            )
+        if self._flag("output_attentions", output_attentions):
+            raise ValueError(
+                f"{type(self).__name__} cannot return attentions (output_attentions=True): its attention runs "
+                "fused and never materializes the attention probabilities"
+            )
+        output_hidden_states = self._flag("output_hidden_states", output_hidden_states)
+        return_dict = self._flag("return_dict", return_dict, default=True)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        keep_all = keeps_all_positions(logits_to_keep)
+        if not keep_all:
+            if self.task != "causal_lm" or self.loss_head is None:
+                raise ValueError(
+                    f"logits_to_keep: {type(self).__name__} (task `{self.task}`) does not end in a language-model "
+                    "head, so it cannot keep only some positions' logits"
+                )
+            if labels is not None:
+                raise ValueError("logits_to_keep and labels together: the loss needs the logits of every position")
+
+        first = input_ids if input_ids is not None else inputs_embeds
+        batch, length = first.shape[0], first.shape[1]  # [B, T]
+        device = first.device
         cache_position = torch.arange(length, device=device)
+        if input_ids is None:
+            # stands in for the token ids: only the shapes are read, the embedding output is replaced
+            input_ids = torch.zeros(batch, length, dtype=torch.long, device=device)
         if position_ids is None:
             position_ids = cache_position[None, :].expand(batch, length)  # HF: positions ignore padding here
         key_mask = attention_mask.bool() if attention_mask is not None else None
         ctx = AttentionContext(key_mask, cache_position)
         inputs = dict(input_ids=input_ids, position_ids=position_ids, token_type_ids=token_type_ids)
+
+        recorder = HiddenStateRecorder(self) if output_hidden_states else None
+        swap = EmbeddingSwap(self, input_ids, inputs_embeds) if inputs_embeds is not None else None
+        try:
+            if recorder is not None:
+                recorder.start()
+            if swap is not None:
+                swap.start()
+            fields = self._forward_fields(ctx, inputs, labels, num_items_in_batch, logits_to_keep, keep_all)
+        finally:
+            if swap is not None:
+                swap.stop()
+            if recorder is not None:
+                recorder.stop()
+        if swap is not None:
+            swap.check()
+        if recorder is not None:
+            fields["hidden_states"] = recorder.hidden_states(fields.get("last_hidden_state"))
+        out = output_class(self.task, self.output_names)(**fields)
+        return out if return_dict else out.to_tuple()
+
+    def _flag(self, name: str, value, default=False):
+        """A forward flag: the argument when given, else the config's value (as HF), else `default`."""
+        if value is not None:
+            return value
+        value = getattr(self.config, name, None)
+        return default if value is None else value
+
+    def _forward_fields(self, ctx, inputs, labels, num_items_in_batch, logits_to_keep, keep_all: bool) -> dict:
+        """The output fields of one forward: the graph's outputs by name, and `loss` for labels."""
         if labels is not None and self.training and self.task == "causal_lm" and self.loss_head is not None:
             # training: the chunked fused loss; the [tokens, vocab] logits are never materialized
             hidden = self.forward_hidden(*self.graph_args(inputs), ctx)  # [B, T, H]
             sub, weight, bias = self.loss_head
             head = self.get_submodule(sub)
-            loss = fused_causal_lm_loss(hidden, getattr(head, weight), getattr(head, bias) if bias else None, labels,
-                                        num_items_in_batch=num_items_in_batch)
-            return ModelOutput(loss=loss)
+            loss = fused_causal_lm_loss(
+                hidden,
+                getattr(head, weight),
+                getattr(head, bias) if bias else None,
+                labels,
+                num_items_in_batch=num_items_in_batch,
+            )
+            return {"loss": loss}
+        if not keep_all:
+            hidden = self.forward_hidden(*self.graph_args(inputs), ctx)  # [B, T, H]
+            logits = self.get_submodule(self.loss_head[0])(keep_positions(hidden, logits_to_keep))  # [B, N, V]
+            return {self.output_names[0]: logits}
         outputs = self.run_graph(ctx, **inputs)
         named = dict(zip(self.output_names, outputs))
-        loss = None
         if labels is not None:
             if self.task not in LOSSES:
                 raise ValueError(f"task `{self.task}` has no loss; labels cannot be used")
             loss = LOSSES[self.task](named[self.output_names[0]], labels, num_items_in_batch)
-        return ModelOutput(loss=loss, **named)
+            named = {"loss": loss, **named}  # HF's order: loss first
+        return named
 
     def graph_args(self, inputs: dict) -> list:
         """The spec's forward arguments, by name, from the HF-style keyword inputs."""
@@ -364,3 +467,201 @@ class PreTrainedModel(nn.Module):
         return generate(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                         top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
                         pad_token_id=pad_token_id, generator=generator, streamer=streamer, cuda_graph=cuda_graph)
+
+
+# ---- forward helpers -----------------------------------------------------------------------------------
+
+
+def keeps_all_positions(logits_to_keep) -> bool:
+    return logits_to_keep is None or (isinstance(logits_to_keep, int) and logits_to_keep == 0)
+
+
+def keep_positions(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    """The positions of hidden [B, T, H] that `logits_to_keep` selects, as Hugging Face's
+    `slice_logits_to_keep`: an int N the last N ([B, N, H]); a 1D tensor those positions of every row;
+    a 2D int tensor [B, N] positions per row; a 2D bool mask [B, T] its True positions ([count, H])."""
+    if isinstance(logits_to_keep, int):
+        return hidden[:, -logits_to_keep:, :]
+    if not isinstance(logits_to_keep, torch.Tensor) or logits_to_keep.ndim not in (1, 2):
+        raise ValueError(f"logits_to_keep must be an int or a 1D/2D tensor, got {logits_to_keep!r}")
+    if logits_to_keep.ndim == 2:
+        if logits_to_keep.dtype == torch.bool:
+            return hidden[logits_to_keep]
+        return torch.take_along_dim(hidden, logits_to_keep[..., None], dim=1)
+    return hidden[:, logits_to_keep, :]
+
+
+def repeat_stack(model: nn.Module) -> tuple[nn.Module, nn.ModuleList] | None:
+    """(owner, blocks) of the model's one `repeat` stack (an nn.ModuleList of one block type), or None
+    when it has none or several."""
+    stacks = [
+        (owner, child)
+        for owner in model.modules()
+        for child in owner.children()
+        if isinstance(child, nn.ModuleList) and len(child) and len({type(b) for b in child}) == 1
+    ]
+    return stacks[0] if len(stacks) == 1 else None
+
+
+class HiddenStateRecorder:
+    """Hugging Face's `hidden_states`, read with forward hooks on the `repeat` stack's blocks: the first
+    block's input (the embeddings), then each block's output, the last one replaced by the output of the
+    module that owns the stack (after its final norm, as HF's `last_hidden_state`)."""
+
+    def __init__(self, model: nn.Module):
+        found = repeat_stack(model)
+        if found is None:
+            raise ValueError(
+                f"output_hidden_states: {type(model).__name__} has no single `repeat` stack of blocks, so its "
+                "hidden states are not defined"
+            )
+        self.model = model
+        self.owner, self.blocks = found
+        self.handles = []
+        self.states: list[torch.Tensor] = []
+        self.calls = 0
+        self.owner_output = None
+        self.owner_calls = 0
+
+    def start(self) -> None:
+        def first_input(module, args):
+            if not self.states and args and isinstance(args[0], torch.Tensor):
+                self.states.append(args[0])
+
+        def block_output(module, args, output):
+            self.calls += 1
+            self.states.append(output[0] if isinstance(output, (tuple, list)) else output)
+
+        def owner_output(module, args, output):
+            self.owner_calls += 1
+            self.owner_output = output
+
+        self.handles.append(self.blocks[0].register_forward_pre_hook(first_input))
+        self.handles.extend(b.register_forward_hook(block_output) for b in self.blocks)
+        if self.owner is not self.model:
+            self.handles.append(self.owner.register_forward_hook(owner_output))
+
+    def stop(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def hidden_states(self, last_hidden_state=None) -> tuple[torch.Tensor, ...]:
+        name = type(self.model).__name__
+        if self.calls != len(self.blocks) or len(self.states) != len(self.blocks) + 1:
+            raise ValueError(
+                f"output_hidden_states: {name}'s forward did not run each of its {len(self.blocks)} blocks once "
+                f"({self.calls} block calls), so its hidden states are not Hugging Face's"
+            )
+        final = self.owner_output if self.owner_calls == 1 else last_hidden_state
+        last = self.states[-1]
+        if not isinstance(final, torch.Tensor) or final.shape != last.shape:
+            raise ValueError(
+                f"output_hidden_states: cannot tell {name}'s last hidden state (the output of "
+                f"`{type(self.owner).__name__}`, which owns the blocks, is not one [B, T, hidden] tensor)"
+            )
+        return tuple(self.states[:-1]) + (final,)
+
+
+# tensor reads that look at metadata only: input_ids may meet them when inputs_embeds stand in for it
+_METADATA_READS = {
+    "shape",
+    "device",
+    "dtype",
+    "ndim",
+    "is_cuda",
+    "is_meta",
+    "layout",
+    "size",
+    "dim",
+    "numel",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+    "new_zeros",
+    "new_ones",
+    "new_empty",
+    "new_full",
+}
+
+
+class EmbeddingSwap:
+    """inputs_embeds in place of the token embedding's output: a forward hook on the input embedding
+    replaces what it computes from the stand-in ids. A torch-function mode makes sure those ids reach
+    nothing but that embedding (and shape reads), so no other op silently reads the stand-in values."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, inputs_embeds: torch.Tensor):
+        self.model = model
+        self.embedding = model.get_input_embeddings()
+        if self.embedding is None:
+            raise ValueError(f"inputs_embeds: {type(model).__name__} has no token embedding to replace")
+        weight = getattr(self.embedding, "weight", None)
+        if weight is not None and inputs_embeds.shape[-1] != weight.shape[-1]:
+            raise ValueError(
+                f"inputs_embeds: last dimension {inputs_embeds.shape[-1]} does not match the embedding width "
+                f"{weight.shape[-1]}"
+            )
+        self.ids = ids
+        self.inputs_embeds = inputs_embeds
+        self.handles = []
+        self.calls = 0
+        self.mode = None
+
+    def start(self) -> None:
+        from torch.overrides import TorchFunctionMode
+
+        swap = self
+
+        class IdsGuard(TorchFunctionMode):
+            inside = False
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if (
+                    not self.inside
+                    and _reads_values(func)
+                    and any(a is swap.ids for a in torch.utils._pytree.tree_leaves((args, kwargs)))
+                ):
+                    raise ValueError(
+                        f"inputs_embeds: {type(swap.model).__name__} reads input_ids beyond its token embedding "
+                        f"(in {getattr(func, '__name__', func)}), so it needs input_ids"
+                    )
+                return func(*args, **kwargs)
+
+        self.mode = IdsGuard()
+
+        def before(module, args):
+            if args and args[0] is self.ids:
+                self.mode.inside = True
+
+        def after(module, args, output):
+            if args and args[0] is self.ids:
+                self.mode.inside = False
+                self.calls += 1
+                return self.inputs_embeds
+
+        self.handles = [self.embedding.register_forward_pre_hook(before), self.embedding.register_forward_hook(after)]
+        self.mode.__enter__()
+
+    def stop(self) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.mode = None
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def check(self) -> None:
+        if self.calls != 1:
+            raise ValueError(
+                f"inputs_embeds: {type(self.model).__name__}'s token embedding was called on input_ids "
+                f"{self.calls} times (expected once), so it needs input_ids"
+            )
+
+
+def _reads_values(func) -> bool:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        name = getattr(getattr(func, "__self__", None), "__name__", "")
+    return name not in _METADATA_READS
