@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from dslc.check.dims import NamedInt
 from dslc.check.shapes import Checker
 from dslc.diagnostics import DslcError, Reporter
 from dslc.ir import nodes as N
 from dslc.ir.evaluate import evaluate
 
 
-def bind_params(program: N.Program):
+def bind_params(program: N.Program, values: dict | None = None):
     """Constructor-argument binding for module instances of a valid program (no diagnostics needed)."""
-    values = program.config_values
+    values = program.config_values if values is None else values
 
     def bind(mdef: N.ModuleDef, args, kwargs, lookup, span) -> dict:
         given = dict(zip([p.name for p in mdef.params], args))
@@ -27,10 +28,17 @@ def bind_params(program: N.Program):
     return bind
 
 
-def infer_types(program: N.Program) -> dict:
-    """(kind, module, params) -> {value: TType} for every module instance; raises on an invalid program."""
+def infer_types(program: N.Program, symbolic: bool = False) -> dict:
+    """(kind, module, params) -> {value: TType} for every module instance; raises on an invalid program.
+
+    `symbolic`: int config values are `NamedInt`s, so each dim computed from them carries its config
+    expression (`num_key_value_heads * head_dim`) for codegen's shape comments."""
     rep = Reporter()
-    checker = Checker(program, bind_params(program), rep)
+    values = program.config_values
+    if symbolic:
+        values = {k: NamedInt(v, k) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in values.items()}
+    checker = Checker(program, bind_params(program, values), rep)
+    checker.values = values
     checker.run()
     if rep.has_errors:
         raise DslcError([d for d in rep.diagnostics if d.is_error])

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dslc.check.dims import TType
+from dslc.check.dims import NamedInt, TType
 from dslc.codegen.autodiff import RUNTIME_NAMES
 from dslc.codegen.python import BodyContext, BodyRenderer, commented, static_text
 from dslc.ir import nodes as N
@@ -100,7 +100,8 @@ def _dim_names(params: dict, config_values: dict) -> dict[int, str]:
 def _type_text(t, dim_names: dict[int, str]) -> str:
     if not isinstance(t, TType):
         return ""
-    dims = ", ".join(dim_names.get(d, str(d)) if isinstance(d, int) else str(d) for d in t.dims)
+    dims = ", ".join(d.text if isinstance(d, NamedInt) else dim_names.get(d, str(d)) if isinstance(d, int) else str(d)
+                     for d in t.dims)
     return f"[{dims}]" + ("" if t.dtype == "float" else f" {t.dtype}")
 
 
@@ -214,7 +215,8 @@ class PackageRenderer:
         g = m.forward
         renderer = BodyRenderer(g, ctx)
         lines = renderer.render()
-        args = [a.name for a in g.args] + (["ctx"] if self.needs_ctx[m.name] else [])
+        # the model's forward always takes the attention context (the runtime passes it), other modules when they use it
+        args = [a.name for a in g.args] + (["ctx"] if self.needs_ctx[m.name] or is_model else [])
         if m.residual is not None:  # forward(x, residual=None): the residual add runs in the norm's kernel
             residual_arg = m.residual.args[1].name
             args.append(f"{residual_arg}=None")

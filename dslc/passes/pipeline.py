@@ -58,4 +58,4 @@ def optimize(program: N.Program, verify: bool = False) -> Optimized:
             problems = verify_program(program, extra_ops=("region", "rotate_half", "fused_linear"))
             if problems:
                 raise PassError(f"after pass `{name}`:\n  " + "\n  ".join(problems))
-    return Optimized(program, infer_types(program), report)
+    return Optimized(program, infer_types(program, symbolic=True), report)
