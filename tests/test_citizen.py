@@ -87,11 +87,18 @@ def test_bert_pad_row_gets_no_gradient(packages, folders):
 
 
 # ---- PEFT --------------------------------------------------------------------------------------------------
-LORA_TARGETS = {"qwen2": ["q_proj", "v_proj"], "gpt2": None, "bert": ["query", "value"]}  # gpt2: PEFT's default
+LORA_CASES = [  # (family, target_modules); None: PEFT's default for the model type (`c_attn` for GPT-2)
+    ("qwen2", ["q_proj", "v_proj"]),
+    ("gpt2", None),
+    ("gpt2", ["c_fc"]),
+    ("bert", ["query", "value"]),
+]
 
 
-@pytest.mark.parametrize("family", list(LORA_TARGETS))
-def test_peft_lora_trains_merges_and_saves(packages, folders, family, tmp_path):
+@pytest.mark.parametrize(
+    "family,targets", LORA_CASES, ids=lambda v: v if isinstance(v, str) else "-".join(v or ["default"])
+)
+def test_peft_lora_trains_merges_and_saves(packages, folders, family, targets, tmp_path):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     model = _load(packages, folders, family).train()
@@ -101,10 +108,10 @@ def test_peft_lora_trains_merges_and_saves(packages, folders, family, tmp_path):
     batch = _batch(family)
     with torch.no_grad():
         base = _main(family, model(**batch)).clone()
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS[family])
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
     lora = peft.get_peft_model(model, config)
     wrapped = [n for n, m in lora.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
-    want = {"qwen2": ("q_proj", "v_proj"), "gpt2": ("c_attn",), "bert": ("query", "value")}[family]
+    want = tuple(targets or ["c_attn"])
     assert wrapped and all(n.rsplit(".", 1)[-1] in want for n in wrapped), wrapped
     assert len(wrapped) == len(want) * hf_oracle.LAYERS
     with torch.no_grad():  # LoRA B starts at zero: same output; a non-zero B must change it

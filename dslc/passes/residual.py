@@ -72,17 +72,30 @@ def _rewrite(body, norms: set[str], subs: dict[str, N.SubmoduleDef], types: dict
             a, b = (types.get(x.name) for x in st.args)
             if a is not None and a == b == types.get(st.results[0]):
                 adds[st.results[0]] = len(out)
-        if (st.op == "call" and st.target in subs and subs[st.target].module in norms and len(st.args) == 1
-                and isinstance(st.args[0], N.Ref) and st.args[0].name in adds):
+        if (
+            st.op == "call"
+            and st.target in subs
+            and subs[st.target].module in norms
+            and len(st.args) == 1
+            and isinstance(st.args[0], N.Ref)
+            and st.args[0].name in adds
+        ):
             k = adds.pop(st.args[0].name)
             add = out[k]
             # the sum's readers between the add and this call would lose it: only rewrite when there are none
-            between = [v for op in out[k + 1:] for v in value_refs(op)]
+            between = [v for op in out[k + 1 :] for v in value_refs(op)]
             if add.results[0] not in between:
                 out.pop(k)
                 adds = {v: i - (i > k) for v, i in adds.items()}
-                out.append(replace(st, args=(add.args[0],), kwargs=(("residual", add.args[1]),),
-                                   results=st.results + add.results, vars=st.vars + add.vars))
+                out.append(
+                    replace(
+                        st,
+                        args=(add.args[0],),
+                        kwargs=(("residual", add.args[1]),),
+                        results=st.results + add.results,
+                        vars=st.vars + add.vars,
+                    )
+                )
                 changed = True
                 continue
         out.append(st)
