@@ -70,21 +70,29 @@ MAX_ROW = 65536  # kernels_runtime.MAX_ROW: the longest row a one-row-per-progra
 MAX_RANK = 4  # three leading dims and the row
 
 
-def triton_refusal(region: RowRegion, shape: tuple, types: dict[str, tuple | None]) -> str | None:
+def triton_refusal(region: RowRegion, types: dict[str, tuple | None]) -> str | None:
     """Why the Triton path could not run `region`, or None when it can: the fusion pass calls this before it
     accepts a region, so a package never holds a region that fails on Triton while PyTorch runs it.
 
-    `shape` is the region's broadcast shape (ints or size symbols); `types` gives, for each tensor input and
-    op result, its shape in PyTorch's semantics (None if unknown). Checked here: the generator's own rules
-    (`analyze`), the launcher's layout limits (rank 1 to 4, the row length, an even row for rotate_half) where
-    the sizes are known, and what the launcher's `check_lanes` / `check_output_shape` would refuse: every
-    output must have the shape the kernel writes ([.., N] or [.., 1] over the region's leading dims), and a
-    row `sum` must not reduce a value that is [.., 1] in PyTorch (the kernel would add N copies of it)."""
+    `types` gives, for each tensor input and op result, its shape in PyTorch's semantics (ints or size
+    symbols; None if unknown). Checked here: the generator's own rules (`analyze`); the launcher's layout
+    (`row_layout`: the broadcast of every tensor input, also one read only for its dtype) with its limits of
+    rank 1 to 4, the row length and an even row for rotate_half where the sizes are known; and what the
+    launcher's `check_lanes` / `check_output_shape` would refuse at run time: every output must have the
+    shape the kernel writes ([.., N] or [.., 1] over the layout's leading dims), and a row `sum` must not
+    reduce a value that is [.., 1] in PyTorch (the kernel would add N copies of it)."""
     try:
         info = analyze(region)
     except RegionError as e:
         return str(e)
-    shape = tuple(shape)
+    shape: tuple = ()
+    for x in info.tensor_inputs:
+        t = types.get(x)
+        if t is None:
+            return f"input {x} is of unknown shape"
+        shape = _broadcast(shape, tuple(t))
+        if shape is None:
+            return f"the tensor inputs ({', '.join(info.tensor_inputs)}) do not broadcast to one shape"
     if not 1 <= len(shape) <= MAX_RANK:
         return f"inputs broadcast to rank {len(shape)}; the row kernels take rank 1 to {MAX_RANK}"
     n = shape[-1]
@@ -106,6 +114,21 @@ def triton_refusal(region: RowRegion, shape: tuple, types: dict[str, tuple | Non
             return (f"output {o} is {_dims(got)} in PyTorch but the Triton kernel writes {_dims(want)} "
                     "(it depends on the row only through narrower inputs)")
     return None
+
+
+def _broadcast(a: tuple, b: tuple) -> tuple | None:
+    """Shapes broadcast from the right (each pair of dims equal or 1); None where they do not."""
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        x = a[-i] if i <= len(a) else 1
+        y = b[-i] if i <= len(b) else 1
+        if x == y or y == 1:
+            out.append(x)
+        elif x == 1:
+            out.append(y)
+        else:
+            return None
+    return tuple(reversed(out))
 
 
 def _dims(t) -> str:

@@ -5,6 +5,10 @@ with their prologue and epilogue (RMSNorm, LayerNorm, softmax, the residual add 
 producing both outputs) are the same thing here: ops whose results broadcast to one [.., N] shape,
 computed one row per program. Each region is replaced by a `region` op calling it; every candidate
 left unfused is recorded with the reason, for the fusion report.
+
+Only dataflow-connected ops share a region (lines that merely sit side by side with agreeing shapes stay
+apart), and a region is kept only if the Triton generator can run it (`triton_refusal`, checked at build
+time): a package never holds a region that works on the PyTorch path and fails on the Triton one.
 """
 
 from __future__ import annotations
@@ -110,13 +114,17 @@ class _Fuser:
         out: list = []
         cur: list[N.Op] = []
         shape: list = [None]
-        while queue:
+        while queue or cur:
+            if not queue:  # the last region; ops left out of it go again
+                queue = self.close(cur, shape[0], counts, out)
+                cur, shape[0] = [], None
+                continue
             st = queue.pop(0)
             fusable = not isinstance(st, N.Loop) and self.fusable(st) is None
             t = self.ttype(st.results[0]) if fusable else None
             if fusable and cur and self.try_join(st, t, cur, shape, queue):
                 continue
-            if cur:  # the region ends before `st`; ops peeled off it go again, ahead of `st`
+            if cur:  # the region ends before `st`; ops left out of it go again, ahead of `st`
                 peeled = self.close(cur, shape[0], counts, out)
                 cur, shape[0] = [], None
                 if peeled:
@@ -128,7 +136,6 @@ class _Fuser:
                 cur, shape[0] = [st], t.dims
             else:
                 out.append(st)
-        self.close(cur, shape[0], counts, out)
         return out
 
     def try_join(self, op: N.Op, t: TType, cur: list, shape: list, queue: list) -> bool:
@@ -370,7 +377,7 @@ class _Fuser:
                 dims[n] = tuple(self.ttype(e.name).dims) if self.ttype(e.name) is not None else None
             elif isinstance(e, N.Ref) and e.kind == "weight":
                 dims[n] = self.weight_dims(e.name)
-        why = triton_refusal(region, tuple(shape), dims)
+        why = triton_refusal(region, dims)
         if why is not None:
             return None, None, f"the Triton path could not run it: {why}"
         return replace(region, name=self.region_name(ops)), args, None
@@ -405,15 +412,9 @@ class _Fuser:
         return name
 
 
-def _narrower(t, shape) -> bool:
-    """A broadcast table for a region of `shape`: same rank, each dim equal or 1, at least one 1 where it is not."""
-    if not isinstance(t, TType) or len(t.dims) != len(shape):
-        return False
-    return all(d == s or d == 1 for d, s in zip(t.dims, shape)) and tuple(t.dims) != tuple(shape)
-
-
 def _reads(st) -> list[str]:
-    return value_refs(st) if isinstance(st, N.Op) else list(st.inputs)
+    """Values a statement reads; for a loop, also those its body reads from outside (not only the carried ones)."""
+    return value_refs(st)
 
 
 def fixed_op(st, fuser) -> bool:
