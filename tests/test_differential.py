@@ -472,5 +472,6 @@ def test_region_triton_cannot_run_is_refused_at_build_time():
     assert any("the Triton path could not run it" in why and "sum(" in why for _, _, why in rep.rejected), rep.rejected
 
 
+@pytest.mark.skipif("DSLC_DIFF_RANDOM" in os.environ, reason="a longer hunt was asked for")
 def test_case_count():
-    assert 40 <= len(CASES) <= 100
+    assert len(WRITTEN) == 30 and len(CASES) == 90  # the file's budget: well under a minute on two cores
