@@ -216,7 +216,7 @@ class PackageRenderer:
         renderer = BodyRenderer(g, ctx)
         lines = renderer.render()
         # the model's forward always takes the attention context (the runtime passes it), other modules when they use it
-        args = [a.name for a in g.args] + (["ctx"] if self.needs_ctx[m.name] or is_model else [])
+        args = [a.name for a in g.args] + (["ctx"] if self.needs_ctx[m.name] else ["ctx=None"] if is_model else [])
         if m.residual is not None:  # forward(x, residual=None): the residual add runs in the norm's kernel
             residual_arg = m.residual.args[1].name
             args.append(f"{residual_arg}=None")

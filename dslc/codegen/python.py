@@ -6,6 +6,8 @@ renders as one line; every assigned line carries a shape comment and a `spec.mod
 
 from __future__ import annotations
 
+import keyword
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,13 +128,20 @@ def _uses(body, counts: dict[str, int]) -> None:
 
 
 class BodyRenderer:
-    """Renders one Graph's body into indented Python lines."""
+    """Renders one Graph's body into indented Python lines.
+
+    Naming is one rule, applied by `_bind` to every Python name the body assigns (op results, loop-carried
+    variables, the loop variable): a name is never rebound while the SSA value it holds may still be read,
+    whether by a later statement, inside a loop that repeats, by a graph output or through an expression
+    kept back for inlining. Values get the user's variable name (or `<callee>_out`) when that is free, else
+    a numbered variant; module-level names the body calls (torch, F, kernels, fns, ...) are never taken.
+    """
 
     def __init__(self, graph: N.Graph, ctx: BodyContext, arg_names: dict[str, str] | None = None):
         self.g = graph
         self.ctx = ctx
         self.names: dict[str, str] = dict(arg_names or {a.name: a.name for a in graph.args})
-        self.inline: dict[str, tuple[str, int]] = {}
+        self.inline: dict[str, tuple[str, int, frozenset[str]]] = {}  # value -> (text, precedence, values it reads)
         counts: dict[str, int] = {}
         _uses(graph.body, counts)
         for o in graph.outputs:
@@ -140,13 +149,21 @@ class BodyRenderer:
         self.counts = counts
         self.lines: list[str] = []
         self.used_syms: set[str] = set()
+        self.loop_vars: dict[str, str] = {}  # a loop's variable (`layer`) -> its Python name
+        self.last_read, self.position, self.loop_end = _liveness(graph)
+        self.holder: dict[str, str] = {name: value for value, name in self.names.items()}  # Python name -> value
+        self.reserved = set(keyword.kwlist) | set(_GLOBALS) | _sym_names(graph) | {
+            st.target for st in _walk(graph.body) if isinstance(st, N.Op) and st.op == "fn"}
+        self._reading: set[str] = set()  # values read by the op being rendered (through inlined text too)
 
     # ---- operands ---------------------------------------------------------------------------------
     def operand(self, e: N.E, prec: int = 0) -> str:
         if isinstance(e, N.Ref) and e.kind == "value" and e.name in self.inline:
-            text, p = self.inline.pop(e.name)
+            text, p, reads = self.inline.pop(e.name)
+            self._reading |= reads
             return f"({text})" if p < prec else text
         self._collect_syms(e)
+        self._reading |= set(_value_reads(e))
         return static_text(e, self.ctx, self.names, prec)
 
     def _collect_syms(self, e: N.E) -> None:
@@ -254,7 +271,7 @@ class BodyRenderer:
         sub_module = self.ctx.module_of_sub.get(op.target, "")
         if self.ctx.needs_ctx.get(sub_module):
             args.append("ctx")
-        callee = op.target if op.target in self.loop_vars else f"self.{op.target}"
+        callee = self.loop_vars.get(op.target, f"self.{op.target}")
         if sub_module in self.ctx.checkpointed:
             return f"checkpoint_call({callee}, self.training and self.gradient_checkpointing, {', '.join(args)})"
         return f"{callee}({', '.join(args)})"
@@ -262,14 +279,12 @@ class BodyRenderer:
     def _device_arg(self) -> str:
         for a in self.g.args:
             if a.tensor is not None:
+                self._reading.add(a.name)
                 return f"{self.names[a.name]}.device"
         raise CodegenError("`arange` needs a tensor argument in the same function to take its device from")
 
     # ---- statements --------------------------------------------------------------------------------
-    loop_vars: set = set()
-
     def render(self) -> list[str]:
-        self.loop_vars = set()
         self._body(self.g.body, "")
         outs = ", ".join(self.operand(N.Ref("value", o)) for o in self.g.outputs)
         self.lines.append(f"return {outs}")
@@ -278,65 +293,87 @@ class BodyRenderer:
     def _body(self, body, indent: str) -> None:
         for st in body:
             if isinstance(st, N.Loop):
-                for inp, param, var in zip(st.inputs, st.params, st.vars):
-                    self.names[param] = var
-                    if self.names.get(inp) != var:
-                        self.lines.append(f"{indent}{var} = {self.operand(N.Ref('value', inp))}")
-                self.loop_vars.add(st.var)
-                self.ctx.module_of_sub[st.var] = self.ctx.module_of_sub.get(st.over, "")
-                self.lines.append(f"{indent}for {st.var} in self.{st.over}:  # {_where(self.ctx, st.span)}")
-                self._body(st.body, indent + "    ")
-                for y, var in zip(st.yields, st.vars):
-                    if self.names.get(y) != var:
-                        self.lines.append(f"{indent}    {var} = {self.operand(N.Ref('value', y))}")
-                for r, var in zip(st.results, st.vars):
-                    self.names[r] = var
+                self._loop(st, indent)
                 continue
+            self._reading = set()
             text, p = self.op_text(st)
             single_use = len(st.results) == 1 and not st.vars[0] and self.counts.get(st.results[0], 0) == 1
             returned = st.results[0] in self.g.outputs
             if single_use and (returned or len(text) <= INLINE_LIMIT or st.op not in ("region", "call")) \
                     and not (st.op == "call" and self._feeds_region(st.results[0])):
-                self.inline[st.results[0]] = (text, p)
+                self.inline[st.results[0]] = (text, p, frozenset(self._reading))
                 continue
-            targets = []
+            at = self.position[id(st)]
+            targets: list[str] = []
             for r, var in zip(st.results, st.vars):
                 if len(st.results) > 1 and not self.counts.get(r, 0):
                     targets.append("_")  # a result nobody reads
                     continue
-                if not var and st.op in ("call", "region") and ("__" in r or r[:1] == "t" and r[1:].isdigit()):
-                    var = self._fresh(f"{st.target}_out")  # self.self_attn(...) -> self_attn_out
-                elif not var and st.op in VIEW_OPS and st.args and isinstance(st.args[0], N.Ref) \
-                        and st.args[0].kind == "value" and "__" in r:
-                    var = self._fresh(f"{self.names[st.args[0].name]}_{st.op}")  # cos.unsqueeze(1) -> cos_unsqueeze
-                name = self._local_name(var or r)
-                self.names[r] = name
-                targets.append(name)
+                targets.append(self._bind(r, self._preferred(st, r, var), at, targets))
             comment = _shape_comment(self.ctx, st)
             self.lines += commented(f"{indent}{', '.join(targets)} = {text}", comment, indent)
+
+    def _loop(self, st: N.Loop, indent: str) -> None:
+        at = self.position[id(st)]
+        # the carried variables and the loop variable are bound together as the loop starts; the inputs are
+        # copied in with one tuple assignment, so an input held in another carried variable's name is read first
+        self._reading = set()
+        entering = [(self.operand(N.Ref("value", inp)), inp) for inp in st.inputs]
+        taken: list[str] = []
+        carried = [self._bind(param, var, at, taken) for param, var in zip(st.params, st.vars)]
+        self._assign(indent, [(n, text) for n, (text, inp) in zip(carried, entering) if self.names.get(inp) != n])
+        loop_var = self._bind(_loop_var_key(st), st.var, at, taken)
+        self.loop_vars[st.var] = loop_var
+        self.ctx.module_of_sub[st.var] = self.ctx.module_of_sub.get(st.over, "")
+        self.lines.append(f"{indent}for {loop_var} in self.{st.over}:  # {_where(self.ctx, st.span)}")
+        self._body(st.body, indent + "    ")
+        self._reading = set()
+        leaving = [(n, self.operand(N.Ref("value", y))) for n, y in zip(carried, st.yields) if self.names.get(y) != n]
+        self._assign(indent + "    ", leaving)
+        del self.loop_vars[st.var]
+        for r, n in zip(st.results, carried):
+            self.names[r] = n
+            self.holder[n] = r
+
+    def _assign(self, indent: str, pairs: list[tuple[str, str]]) -> None:
+        """`a = x` or, for several, `a, b = x, y` (all right-hand sides read before any name is rebound)."""
+        if pairs:
+            self.lines.append(f"{indent}{', '.join(n for n, _ in pairs)} = {', '.join(t for _, t in pairs)}")
+
+    def _preferred(self, st: N.Op, r: str, var: str) -> str:
+        """The name a result would like: the user's variable, `<callee>_out` for a call's or region's unnamed
+        result, `<value>_<view>` for an unnamed view, or the inliner's `norm__7_t8` as `norm_out`."""
+        if not var and st.op in ("call", "region"):
+            return f"{st.target}_out"  # self.self_attn(...) -> self_attn_out
+        if not var and st.op in VIEW_OPS and st.args and isinstance(st.args[0], N.Ref) and st.args[0].kind == "value" \
+                and st.args[0].name in self.names:
+            return f"{self.names[st.args[0].name]}_{st.op}"  # cos.unsqueeze(1) -> cos_unsqueeze
+        name = var or r
+        return name.split("__")[0] + "_out" if "__" in name else name
+
+    def _bind(self, value: str, preferred: str, at: int, taken: list[str]) -> str:
+        """The one place a Python name is given to a value: `preferred` or `preferred_2`, `_3`, ... whichever is
+        first free at position `at` (see the class docstring); `taken` are names bound by the same statement."""
+        base = re.sub(r"\W", "_", preferred) or "v"
+        if base[0].isdigit():
+            base = "v_" + base
+        pending = set().union(*(reads for _, _, reads in self.inline.values())) if self.inline else set()
+        name, i = base, 2
+        while not self._free(name, at, pending) or name in taken:
+            name, i = f"{base}_{i}", i + 1
+        self.names[value] = name
+        self.holder[name] = value
+        return name
+
+    def _free(self, name: str, at: int, pending: set[str]) -> bool:
+        if name in self.reserved:
+            return False
+        held = self.holder.get(name)
+        return held is None or (self.last_read.get(held, -1) <= at and held not in pending)
 
     def _feeds_region(self, value: str) -> bool:
         """A module call read by a fused region: kept on its own line, so the region's line stays short."""
         return any(isinstance(st, N.Op) and st.op == "region" and N.Ref("value", value) in st.args for st in self.g.body)
-
-    def _fresh(self, base: str) -> str:
-        """`base`, or `base_2`, `base_3`... when a local of this body already has that name."""
-        taken = set(self.names.values())
-        name, i = base, 2
-        while name in taken:
-            name, i = f"{base}_{i}", i + 1
-        self.names[f"\0{name}"] = name  # reserved until the value is bound
-        return name
-
-    def _local_name(self, name: str) -> str:
-        """A readable local for a value: `norm__7_t8` (inlined from `norm`) becomes `norm_out`."""
-        if "__" in name:
-            base = name.split("__")[0] + "_out"
-            taken = set(self.names.values())
-            name, i = base, 2
-            while name in taken:
-                name, i = f"{base}_{i}", i + 1
-        return name
 
     def _sym_bindings(self) -> list[str]:
         lines = []
@@ -356,6 +393,93 @@ class BodyRenderer:
             else:
                 raise CodegenError(f"size symbol `{sym}` is not bound by any argument")
         return lines
+
+
+# module-level names a forward body calls (imports of the generated modeling.py and the names it always uses)
+_GLOBALS = ("self", "ctx", "torch", "F", "nn", "kernels", "attention", "checkpoint_call", "fused_linear")
+
+
+def _walk(body):
+    for st in body:
+        yield st
+        if isinstance(st, N.Loop):
+            yield from _walk(st.body)
+
+
+def _loop_var_key(st: N.Loop) -> str:
+    return f"\0loop {st.var} {id(st)}"  # the loop variable as a pseudo-value (no SSA name has a NUL)
+
+
+def _value_reads(e: N.E) -> list[str]:
+    from dslc.ir.evaluate import free_refs
+
+    return [r.name for r in free_refs(e) if r.kind in ("value", "dtype_of") and not r.name.startswith("weight:")]
+
+
+def _op_reads(st: N.Op) -> list[str]:
+    return [v for a in list(st.args) + [v for _, v in st.kwargs] for v in _value_reads(a)]
+
+
+def _sym_names(graph: N.Graph) -> set[str]:
+    """Size symbols of the arguments' types: `_sym_bindings` may bind them (`B = x.shape[0]`)."""
+    from dslc.ir.evaluate import free_refs
+
+    return {r.name for a in graph.args if a.tensor is not None for d in a.tensor.dims for r in free_refs(d)
+            if r.kind == "sym"}
+
+
+def _liveness(graph: N.Graph) -> tuple[dict[str, float], dict[int, int], dict[int, int]]:
+    """Positions of the statements in rendering order, and per value the last position it may be read at.
+
+    A value read inside a loop it is defined outside of stays live to that loop's end (the body runs again);
+    a loop's inputs are read as it starts, its yields as its body ends; outputs and a loop variable are read
+    to the end of their scope. Returns (last read per value, position per statement id, end per loop id)."""
+    last: dict[str, float] = {}
+    position: dict[int, int] = {}
+    loop_end: dict[int, int] = {}
+    defined_in: dict[str, tuple[int, ...]] = {a.name: () for a in graph.args}
+    extend: list[tuple[str, int]] = []  # (value, loop id): live to that loop's end
+    counter = 0
+
+    def read(v: str, at: int, stack: tuple[int, ...]) -> None:
+        home = defined_in.get(v, ())
+        for depth, loop in enumerate(stack):
+            if home[: depth + 1] != stack[: depth + 1]:
+                extend.append((v, loop))  # the outermost loop the value is not defined in
+                return
+        last[v] = max(last.get(v, -1), at)
+
+    def walk(body, stack: tuple[int, ...]) -> None:
+        nonlocal counter
+        for st in body:
+            counter += 1
+            position[id(st)] = counter
+            if isinstance(st, N.Loop):
+                for v in st.inputs:
+                    read(v, counter, stack)
+                inner = stack + (id(st),)
+                for v in st.params:
+                    defined_in[v] = inner
+                walk(st.body, inner)
+                counter += 1
+                loop_end[id(st)] = counter
+                for v in st.yields:
+                    read(v, counter, inner)
+                last[_loop_var_key(st)] = counter
+                for v in st.results:
+                    defined_in[v] = stack
+                continue
+            for v in _op_reads(st):
+                read(v, counter, stack)
+            for v in st.results:
+                defined_in[v] = stack
+
+    walk(graph.body, ())
+    for v, loop in extend:
+        last[v] = max(last.get(v, -1), loop_end[loop])
+    for o in graph.outputs:
+        last[o] = float("inf")
+    return last, position, loop_end
 
 
 def _is_tensor(e: N.E) -> bool:

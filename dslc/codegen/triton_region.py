@@ -26,6 +26,7 @@ from dslc.codegen.autodiff import (
     RUNTIME_NAMES,
     TORCH_DTYPES,
     Expr,
+    RegionError,
     RegionInfo,
     Stmt,
     TorchDialect,
@@ -59,6 +60,79 @@ def _line(indent: str, s: Stmt, shapes: dict[int, str]) -> str:
 
 def _params(region: RowRegion) -> list[str]:
     return [i.name for i in region.inputs]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the Triton path can run, decided at build time
+
+
+MAX_ROW = 65536  # kernels_runtime.MAX_ROW: the longest row a one-row-per-program kernel holds
+MAX_RANK = 4  # three leading dims and the row
+
+
+def triton_refusal(region: RowRegion, types: dict[str, tuple | None]) -> str | None:
+    """Why the Triton path could not run `region`, or None when it can: the fusion pass calls this before it
+    accepts a region, so a package never holds a region that fails on Triton while PyTorch runs it.
+
+    `types` gives, for each tensor input and op result, its shape in PyTorch's semantics (ints or size
+    symbols; None if unknown). Checked here: the generator's own rules (`analyze`); the launcher's layout
+    (`row_layout`: the broadcast of every tensor input, also one read only for its dtype) with its limits of
+    rank 1 to 4, the row length and an even row for rotate_half where the sizes are known; and what the
+    launcher's `check_lanes` / `check_output_shape` would refuse at run time: every output must have the
+    shape the kernel writes ([.., N] or [.., 1] over the layout's leading dims), and a row `sum` must not
+    reduce a value that is [.., 1] in PyTorch (the kernel would add N copies of it)."""
+    try:
+        info = analyze(region)
+    except RegionError as e:
+        return str(e)
+    shape: tuple = ()
+    for x in info.tensor_inputs:
+        t = types.get(x)
+        if t is None:
+            return f"input {x} is of unknown shape"
+        shape = _broadcast(shape, tuple(t))
+        if shape is None:
+            return f"the tensor inputs ({', '.join(info.tensor_inputs)}) do not broadcast to one shape"
+    if not 1 <= len(shape) <= MAX_RANK:
+        return f"inputs broadcast to rank {len(shape)}; the row kernels take rank 1 to {MAX_RANK}"
+    n = shape[-1]
+    if isinstance(n, int) and n > MAX_ROW:
+        return f"row length {n} is above the limit {MAX_ROW} of the Triton row kernels"
+    if info.rotated_inputs() and isinstance(n, int) and n % 2:
+        return f"rotate_half over an odd row length {n}"
+    row_wide = n != 1
+    for op in region.ops:
+        if op.op == "sum" and isinstance(op.args[0], str) and row_wide and info.kind(op.args[0]) == FULL:
+            t = types.get(op.args[0])
+            if t is None or tuple(t)[-1:] == (1,):
+                return (f"sum({op.args[0]}) over a value that is {_dims(t)} in PyTorch, not a whole row: the "
+                        "Triton kernel would sum the broadcast row")
+    for o in region.outputs:
+        want = shape if info.kind(o) == FULL else shape[:-1] + (1,)
+        got = types.get(o)
+        if got is None or tuple(got) != want:
+            return (f"output {o} is {_dims(got)} in PyTorch but the Triton kernel writes {_dims(want)} "
+                    "(it depends on the row only through narrower inputs)")
+    return None
+
+
+def _broadcast(a: tuple, b: tuple) -> tuple | None:
+    """Shapes broadcast from the right (each pair of dims equal or 1); None where they do not."""
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        x = a[-i] if i <= len(a) else 1
+        y = b[-i] if i <= len(b) else 1
+        if x == y or y == 1:
+            out.append(x)
+        elif x == 1:
+            out.append(y)
+        else:
+            return None
+    return tuple(reversed(out))
+
+
+def _dims(t) -> str:
+    return "of unknown shape" if t is None else "[" + ", ".join(str(d) for d in t) + "]"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -447,5 +521,5 @@ def render_kernels_module(regions: list[RowRegion], runtime_import: str = "from 
     return "\n".join(head) + "\n\n".join(body)
 
 
-__all__ = ["render_region_torch", "render_region_torch_backward", "render_region_triton", "render_kernels_module",
+__all__ = ["triton_refusal", "render_region_torch", "render_region_torch_backward", "render_region_triton", "render_kernels_module",
            "class_name", "Expr"]

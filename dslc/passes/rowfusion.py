@@ -5,6 +5,10 @@ with their prologue and epilogue (RMSNorm, LayerNorm, softmax, the residual add 
 producing both outputs) are the same thing here: ops whose results broadcast to one [.., N] shape,
 computed one row per program. Each region is replaced by a `region` op calling it; every candidate
 left unfused is recorded with the reason, for the fusion report.
+
+Only dataflow-connected ops share a region (lines that merely sit side by side with agreeing shapes stay
+apart), and a region is kept only if the Triton generator can run it (`triton_refusal`, checked at build
+time): a package never holds a region that works on the PyTorch path and fails on the Triton one.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ from pathlib import Path
 
 from dslc.check.dims import TType
 from dslc.check.primitives import OpTypeError, broadcast
+from dslc.check.types import bind_params
+from dslc.codegen.triton_region import triton_refusal
 from dslc.ir import nodes as N
+from dslc.ir.evaluate import EvalError, evaluate
 from dslc.ir.regions import RegionInput, RegionOp, RowRegion
 from dslc.passes.common import ELEMENTWISE, ROW_REDUCTIONS, map_bodies, use_counts, value_refs
 
@@ -33,11 +40,12 @@ def _where(span) -> str:
 
 
 class _Fuser:
-    def __init__(self, module: N.ModuleDef, types: dict, taken: set[str], report: FusionReport,
+    def __init__(self, module: N.ModuleDef, types: dict, taken: set[str], report: FusionReport, weight_dims=None,
                  graph: N.Graph | None = None):
         self.m = module
         self.graph = graph if graph is not None else module.forward  # the forward, or the residual variant
         self.types = types
+        self.weight_dims = weight_dims or (lambda name: None)  # weight name (`norm.weight`) -> its dims or None
         self.taken = taken
         self.report = report
         self.regions: list[RowRegion] = []
@@ -109,13 +117,17 @@ class _Fuser:
         out: list = []
         cur: list[N.Op] = []
         shape: list = [None]
-        while queue:
+        while queue or cur:
+            if not queue:  # the last region; ops left out of it go again
+                queue = self.close(cur, shape[0], counts, out)
+                cur, shape[0] = [], None
+                continue
             st = queue.pop(0)
             fusable = not isinstance(st, N.Loop) and self.fusable(st) is None
             t = self.ttype(st.results[0]) if fusable else None
-            if fusable and cur and self.try_join(st, t, cur, shape):
+            if fusable and cur and self.try_join(st, t, cur, shape, queue):
                 continue
-            if cur:  # the region ends before `st`; ops peeled off it go again, ahead of `st`
+            if cur:  # the region ends before `st`; ops left out of it go again, ahead of `st`
                 peeled = self.close(cur, shape[0], counts, out)
                 cur, shape[0] = [], None
                 if peeled:
@@ -127,25 +139,20 @@ class _Fuser:
                 cur, shape[0] = [st], t.dims
             else:
                 out.append(st)
-        self.close(cur, shape[0], counts, out)
         return out
 
-    def try_join(self, op: N.Op, t: TType, cur: list, shape: list) -> bool:
+    def try_join(self, op: N.Op, t: TType, cur: list, shape: list, queue: list) -> bool:
+        """Add `op` to the region `cur` (of shape `shape[0]`) if it is dataflow-connected to it and fits."""
         if not cur:
             return False
         members = {r for o in cur for r in o.results}
         args = value_refs(op)
-        # Only dataflow-connected ops join: a consumer of the region's values, or a sibling reading one of its
-        # full-width inputs. Independent chains whose shapes merely agree in this config (q and k when there
-        # are as many key/value heads as query heads) may not agree in another: they stay apart.
-        inputs = {a for o in cur for a in value_refs(o)} - members
-        shares_row = any(a in inputs and (self.ttype(a) is not None and self.ttype(a).dims == tuple(shape[0]))
-                         for a in args)
-        reads_only_weights = not args  # e.g. `1.0 + cast(w, f32)`: no activation, so it joins any region
-        # a narrower, broadcast value (a [B, 1, T, D] rotary table cast) may join too: if something outside
-        # the region reads it, closing the region peels it off again
-        reads_tables = bool(args) and all(_narrower(self.ttype(a), shape[0]) for a in args)
-        if not any(a in members for a in args) and not shares_row and not reads_only_weights and not reads_tables:
+        # Only dataflow-connected ops join: a consumer of the region's values, a sibling reading one of its
+        # full-width inputs, or an op whose result a later op of the run reads on its way into the region (a
+        # rotary table cast, `1.0 + cast(w, f32)`). Independent chains whose shapes merely agree in this config
+        # (q and k when there are as many key/value heads as query heads) may not agree in another: they stay
+        # apart, and so do unrelated lines that happen to sit side by side.
+        if not self.connected(op, cur, shape[0]) and not self.feeds(op, cur, shape[0], queue):
             return False
         if op.op == "rotate_half" and any(a in members for a in args):
             return False  # a permutation reads its input at other columns: it must be a region input
@@ -162,26 +169,93 @@ class _Fuser:
         cur.append(op)
         return True
 
+    def connected(self, op: N.Op, ops: list, shape) -> bool:
+        """`op` reads a value computed by `ops`, or a full-width input that one of `ops` reads."""
+        members = {r for o in ops for r in o.results}
+        args = set(value_refs(op))
+        if args & members:
+            return True
+        inputs = {a for o in ops for a in value_refs(o)} - members
+        return any(self.full_width(a, shape) for a in args & inputs)
+
+    def full_width(self, value: str, shape) -> bool:
+        t = self.ttype(value)
+        return t is not None and tuple(t.dims) == tuple(shape)
+
+    def feeds(self, op: N.Op, cur: list, shape, queue: list) -> bool:
+        """Some later op of this run of fusable ops reads `op`'s result (directly or through ops that only read
+        such results) and is itself connected to the region."""
+        chain = set(op.results)
+        for q in queue:
+            if isinstance(q, N.Loop) or self.fusable(q) is not None:
+                return False  # the region ends there
+            reads = set(value_refs(q))
+            if reads & chain:
+                if self.connected(q, cur, shape):
+                    return True
+                chain |= set(q.results)
+        return False
+
+    def components(self, ops: list[N.Op], shape) -> list[list[N.Op]]:
+        """`ops` split into dataflow-connected groups (edges: one reads the other's result, or both read the
+        same full-width input), each in its original order."""
+        parent = list(range(len(ops)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        producer = {r: i for i, o in enumerate(ops) for r in o.results}
+        reader_of: dict[str, int] = {}
+        for i, o in enumerate(ops):
+            for a in value_refs(o):
+                j = producer.get(a)
+                if j is None and self.full_width(a, shape):
+                    j = reader_of.setdefault(a, i)
+                if j is not None:
+                    parent[find(i)] = find(j)
+        groups: dict[int, list[N.Op]] = {}
+        for i, o in enumerate(ops):
+            groups.setdefault(find(i), []).append(o)
+        return list(groups.values())
+
+    def region_shape(self, ops: list[N.Op]):
+        shape = self.ttype(ops[0].results[0]).dims
+        for o in ops[1:]:
+            shape = broadcast(TType(shape, "float"), TType(self.ttype(o.results[0]).dims, "float"), "fuse")
+        return shape
+
     # ---- closing: RowRegion + the `region` op ------------------------------------------------------
     def close(self, ops: list[N.Op], shape, counts: dict, out: list) -> list:
-        """Emit the region for `ops` into `out`; return ops to process again (peeled off the region)."""
+        """Emit the region for `ops` into `out`; return ops to process again (left out of the region)."""
         if not ops:
             return []
+        # an op that joined for a reader that then did not: keep the largest connected group, the rest goes again
+        groups = self.components(ops, shape)
         peeled: list[N.Op] = []
+        if len(groups) > 1:
+            keep = max(groups, key=len)
+            peeled = [op for op in ops if not any(op is k for k in keep)]
+            ops = keep
+            shape = self.region_shape(ops)
         while True:  # a value narrower than the row (a broadcast table) leaving the region: compute it outside
             members = {r for op in ops for r in op.results}
             used_inside = self._inside_uses(ops)
             narrow = [op for op in ops if counts.get(op.results[0], 0) > used_inside.get(op.results[0], 0)
                       and self.ttype(op.results[0]).dims[:-1] != tuple(shape[:-1])
-                      and self.ttype(op.results[0]).dims[:-1] != tuple(d for d in shape[:-1])
                       and not (set(value_refs(op)) & members)]
             if not narrow:
                 break
-            for op in narrow:
+            for op in narrow:  # it reads nothing computed in the region: computed before it, unfused
                 ops.remove(op)
-                peeled.append(op)
+                out.append(op)
+                self.report.rejected.append((self.m.name, _where(op.span),
+                                             f"`{op.op}`: narrower than the row and also read outside the region"))
             if not ops:
                 return peeled
+            shape = self.region_shape(ops)
         members = {r for op in ops for r in op.results}
         inside = self._inside_uses(ops)
         outputs = [r for op in ops for r in op.results if counts.get(r, 0) > inside.get(r, 0)]
@@ -303,12 +377,21 @@ class _Fuser:
         for t in self.ttype_rows(outputs):
             if t.dims[-1] != shape[-1] and t.dims[-1] != 1:
                 return None, None, "an output narrower than the row"
-        name = self.region_name(ops)
         spans = sorted({_where(op.span) for op in ops})
         inputs = [replace(i, needs_grad=False) if i.name not in read_values else i for i in inputs]
-        region = RowRegion(name, tuple(inputs), tuple(region_ops), tuple(local[o] for o in outputs),
+        region = RowRegion("region", tuple(inputs), tuple(region_ops), tuple(local[o] for o in outputs),
                            output_dtypes=tuple(out_dtypes), source=", ".join(spans))
-        return region, args, None
+        # the region's values in PyTorch's shapes, for what the Triton path can run
+        dims: dict[str, tuple | None] = {local[r]: tuple(self.ttype(r).dims) for r in members}
+        for e, n in names.items():
+            if isinstance(e, N.Ref) and e.kind == "value":
+                dims[n] = tuple(self.ttype(e.name).dims) if self.ttype(e.name) is not None else None
+            elif isinstance(e, N.Ref) and e.kind == "weight":
+                dims[n] = self.weight_dims(e.name)
+        why = triton_refusal(region, dims)
+        if why is not None:
+            return None, None, f"the Triton path could not run it: {why}"
+        return replace(region, name=self.region_name(ops)), args, None
 
     def ttype_rows(self, names):
         return [self.ttype(n) for n in names]
@@ -346,15 +429,9 @@ class _Fuser:
         return name
 
 
-def _narrower(t, shape) -> bool:
-    """A broadcast table for a region of `shape`: same rank, each dim equal or 1, at least one 1 where it is not."""
-    if not isinstance(t, TType) or len(t.dims) != len(shape):
-        return False
-    return all(d == s or d == 1 for d, s in zip(t.dims, shape)) and tuple(t.dims) != tuple(shape)
-
-
 def _reads(st) -> list[str]:
-    return value_refs(st) if isinstance(st, N.Op) else list(st.inputs)
+    """Values a statement reads; for a loop, also those its body reads from outside (not only the carried ones)."""
+    return value_refs(st)
 
 
 def fixed_op(st, fuser) -> bool:
@@ -387,28 +464,71 @@ def _bytes(ops, region: RowRegion, types: dict, shape, outputs: list[str]) -> tu
     return before, after
 
 
+def _weight_dims(program: N.Program, mdef: N.ModuleDef, params: dict):
+    """name -> dims of a weight of `mdef` (bound to `params`) or of a submodule's (`norm.weight`, after inlining)."""
+    bind = bind_params(program)
+    config = program.config_values
+
+    def lookup_in(bound: dict):
+        def lookup(r: N.Ref):
+            if r.kind == "param" and r.name in bound:
+                return bound[r.name]
+            if r.kind == "config":
+                return config[r.name]
+            if r.kind == "dtype":
+                return r.name
+            raise EvalError(f"`{r.name}` is not known at build time")
+
+        return lookup
+
+    def resolve(m: N.ModuleDef, bound: dict, name: str):
+        if "." in name:
+            sub, _, rest = name.partition(".")
+            sdef = next((s for s in m.submodules if s.name == sub), None)
+            if sdef is None or sdef.repeat is not None:
+                return None
+            child = program.module(sdef.module)
+            return resolve(child, bind(child, sdef.args, sdef.kwargs, lookup_in(bound), sdef.span), rest)
+        w = next((w for w in m.weights if w.name == name), None)
+        return None if w is None else tuple(evaluate(d, lookup_in(bound)) for d in w.shape)
+
+    def dims(name: str):
+        try:
+            return resolve(mdef, params, name)
+        except (EvalError, KeyError, TypeError):
+            return None
+
+    return dims
+
+
 def fuse_rows(program: N.Program, types: dict) -> tuple[N.Program, FusionReport]:
     """Form row regions in every module forward (types: `infer_types` of this program)."""
     report = FusionReport()
     taken: set[str] = set()
     regions: list[RowRegion] = []
     first_types: dict[tuple[str, str], dict] = {}
-    for (kind, name, _params), t in types.items():
-        first_types.setdefault((kind, name), t)
+    first_params: dict[tuple[str, str], dict] = {}
+    for (kind, name, params), t in types.items():
+        if (kind, name) not in first_types:
+            first_types[kind, name] = t
+            first_params[kind, name] = dict(params)
     for (kind, name), t in list(first_types.items()):  # a norm only ever called with a residual: the
-        if kind == "residual":                           # residual variant's types hold the forward's too
-            first_types.setdefault(("module", name), t)
+        if kind == "residual" and ("module", name) not in first_types:  # residual variant's types hold the forward's
+            first_types["module", name] = t
+            first_params["module", name] = first_params[kind, name]
     modules = []
     for m in program.modules:
         if m.forward is None or ("module", m.name) not in first_types:
             modules.append(m)
             continue
-        fuser = _Fuser(m, first_types["module", m.name], taken, report)
+        fuser = _Fuser(m, first_types["module", m.name], taken, report,
+                       _weight_dims(program, m, first_params["module", m.name]))
         body = fuser.run(list(m.forward.body), use_counts(m.forward))
         regions += fuser.regions
         m = replace(m, forward=replace(m.forward, body=tuple(body)))
         if m.residual is not None and ("residual", m.name) in first_types:
-            fuser = _Fuser(m, first_types["residual", m.name], taken, report, graph=m.residual)
+            fuser = _Fuser(m, first_types["residual", m.name], taken, report,
+                           _weight_dims(program, m, first_params["residual", m.name]), graph=m.residual)
             body = fuser.run(list(m.residual.body), use_counts(m.residual))
             regions += fuser.regions
             m = replace(m, residual=replace(m.residual, body=tuple(body)))
