@@ -87,3 +87,19 @@ def test_a_replaced_part_is_called_on_its_own(qwen2, tmp_path):
         assert not torch.allclose(model(input_ids=ids).logits, base)
         up.weight = torch.nn.Parameter(up.weight / 2)
         torch.testing.assert_close(model(input_ids=ids).logits, base)
+
+
+def test_peft_on_a_fused_model_takes_effect(qwen2, tmp_path):
+    """LoRA on q_proj of a model whose q/k/v were fused: the wrapped part runs on its own, so the adapter counts."""
+    peft = pytest.importorskip("peft")
+    folder = hf_oracle.make_hf_model("qwen2", tmp_path / "ckpt", tie=True, seed=13)
+    model = qwen2.Qwen2ForCausalLM.from_pretrained(folder, fuse_projections=True)
+    ids = torch.randint(0, hf_oracle.VOCAB, (1, 6))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.1)
+        assert (lora(input_ids=ids).logits - base).abs().max() > 1e-3
