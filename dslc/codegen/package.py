@@ -11,6 +11,7 @@ from pathlib import Path
 from dslc.check.dims import NamedInt, TType
 from dslc.codegen.autodiff import RUNTIME_NAMES
 from dslc.codegen.python import BodyContext, BodyRenderer, commented, static_text
+from dslc.codegen.text import comment, docstring, where
 from dslc.ir import nodes as N
 from dslc.resources import templates_dir
 
@@ -125,7 +126,7 @@ class PackageRenderer:
                 self.first_types[name] = (dict(params), value_types)
 
     def where(self, span) -> str:
-        return f"{Path(span.file).name}:{span.line}"
+        return where(span)
 
     # ---- modules -------------------------------------------------------------------------------------
     def torch_layer(self, m: N.ModuleDef) -> tuple[str, str] | None:
@@ -170,7 +171,7 @@ class PackageRenderer:
             make = f"nn.Parameter(torch.empty({shape}{dtype}))"
             if w.condition is not None:
                 make += f" if {static_text(w.condition, ctx, {}, 2, init=True)} else None"
-            doc = f"  # {w.doc}" if w.doc else f"  # {self.where(w.span)}"
+            doc = f"  # {comment(w.doc)}" if w.doc else f"  # {self.where(w.span)}"
             init += commented(f"self.{w.name} = {make}", doc)
         for s in m.submodules:
             args = [static_text(a, ctx, {}, 0, init=True) for a in s.args]
@@ -414,6 +415,8 @@ class PackageRenderer:
             lstrip_blocks=True,
             undefined=jinja2.StrictUndefined,
         )
+        env.filters["doc"] = docstring  # text inside a generated docstring
+        env.filters["comment"] = comment  # text after a generated `#`
         modules = [self.module_view(m) for m in self.p.modules]
         fns = [self.fn_view(f) for f in self.p.fns if f.name in self.called_fns()]
         model = next(m for m in modules if m.is_model)
@@ -432,11 +435,21 @@ class PackageRenderer:
         }
         for name in STATIC_FILES:
             files[name] = (templates_dir() / "package" / name).read_text()
-        files[self.spec_name] = spec_text
+        files[spec_copy_name(self.spec_name, files)] = spec_text
         import json
 
         files["build.json"] = json.dumps(metadata, indent=2, sort_keys=True) + "\n"
         return files
+
+
+def spec_copy_name(name: str, files: dict) -> str:
+    """The spec's file name inside the package, or `spec.model` when it is not a plain `*.model` name or would
+    replace a generated file."""
+    import re
+
+    if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.model", name) and name not in files:
+        return name
+    return "spec.model"
 
 
 def _forward_params(m: N.ModuleDef) -> list[str]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import keyword
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from dslc.codegen.text import where
 from dslc.ir import nodes as N
 
 TORCH_DTYPES = {
@@ -493,7 +493,7 @@ def _truthy(e: N.E) -> bool:
 
 
 def _where(ctx: BodyContext, span) -> str:
-    return f"{Path(span.file).name}:{span.line}"
+    return where(span)
 
 
 LINE_LENGTH = 120  # templates/ruff.toml

@@ -37,6 +37,7 @@ from dslc.codegen.autodiff import (
     live_reads,
     name,
 )
+from dslc.codegen.text import docstring
 from dslc.ir.regions import RowRegion
 
 TL_SHAPE = {FULL: "[BLOCK_M, BLOCK_N]", ROW: "[BLOCK_M, 1]", CONST: "scalar"}
@@ -48,8 +49,8 @@ def class_name(region: RowRegion) -> str:
 
 
 def _doc(region: RowRegion, what: str) -> str:
-    src = f" ({region.source})" if region.source else ""
-    notes = "".join(f" {n}" for n in region.notes)
+    src = f" ({docstring(region.source)})" if region.source else ""
+    notes = "".join(f" {docstring(n)}" for n in region.notes)
     return f'"""Fused region `{region.name}`{src}: {what}.{notes}"""'
 
 
