@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,43 +44,10 @@ def render(spec: Path, arch: str | None, overrides: dict[str, str], name: str | 
 
 
 def write_atomically(out_dir: Path, pkg: str, files: dict[str, str]) -> Path:
-    """Write the package beside its destination, then swap it into place with renames.
+    """Put the package in place (dslc/install.py): atomic, never replacing a folder dslc did not write."""
+    from dslc.install import install
 
-    An error or interruption before the swap leaves the previous package untouched.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / pkg
-    staging = Path(tempfile.mkdtemp(prefix=f".{pkg}.new-", dir=out_dir))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; the package gets the usual folder mode
-    old = None
-    try:
-        for rel, text in sorted(files.items()):
-            path = staging / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{pkg}.old-", dir=out_dir))
-            os.rmdir(old)
-            os.rename(target, old)
-        os.rename(staging, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        if old is not None and old.exists() and not target.exists():
-            _restore(old, target)  # the swap failed halfway: put the previous package back
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
-
-
-def _restore(old: Path, target: Path) -> None:
-    try:
-        os.rename(old, target)
-    except OSError:  # the file system refuses renames now: copy it back instead
-        shutil.copytree(old, target)
-        shutil.rmtree(old, ignore_errors=True)
+    return install(Path(out_dir), pkg, files)
 
 
 def build(spec: str | Path, out: str | Path = "build", arch: str | None = None,
@@ -95,8 +59,11 @@ def build(spec: str | Path, out: str | Path = "build", arch: str | None = None,
 
 def build_command(args) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     from dslc.cli import _overrides, _report
+    from dslc.codegen.style import StyleError
+    from dslc.install import InstallError
 
     console = Console(stderr=True, soft_wrap=True)
     start = time.perf_counter()
@@ -105,14 +72,22 @@ def build_command(args) -> int:
         pkg, files, checked = render(spec, args.arch, _overrides(args.set, args.file), args.name)
     except DslcError as e:
         _report(e.diagnostics, False)
-        console.print(f"[red]build failed[/red]: {spec}; the previous package, if any, is untouched")
+        console.print(f"[red]build failed[/red]: {escape(str(spec))}; the previous package, if any, is untouched")
+        return 1
+    except StyleError as e:
+        console.print(f"[red]build failed[/red]: {escape(str(e))}")
         return 1
     _report(checked.warnings, False)
-    target = write_atomically(Path(args.out), pkg, files)
+
+    try:
+        target = write_atomically(Path(args.out), pkg, files)
+    except InstallError as e:
+        console.print(f"[red]build failed[/red]: {escape(str(e))}")
+        return 1
     ms = (time.perf_counter() - start) * 1000
     p = checked.program
     console.print(
-        f"[green]built[/green] {target}/ ({p.model}, {p.param_count:,} parameters, "
+        f"[green]built[/green] {escape(str(target))}/ ({p.model}, {p.param_count:,} parameters, "
         f"{len(p.modules)} modules, {len(files)} files) in {ms:.0f} ms"
     )
     if getattr(args, "report", False):

@@ -7,6 +7,7 @@ the two reference builds are made once per session.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pathlib
 import re
@@ -20,8 +21,10 @@ from pathlib import Path
 import pytest
 
 import dslc.build
+import dslc.install
 from dslc.build import build
 from dslc.diagnostics import DslcError
+from dslc.install import InstallError
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ("qwen2", "gpt2")
@@ -151,40 +154,41 @@ def _fail_after(n: int, monkeypatch, owner, names: tuple[str, ...], exc: BaseExc
         monkeypatch.setattr(owner, name, fake)
 
 
-_WRITES = ("write_text", "write_bytes")  # however write_atomically writes a file
-_RENAMES = ("rename", "replace")  # however it moves a folder
-
-
 @pytest.mark.parametrize("exc", [OSError("simulated failure"), KeyboardInterrupt()], ids=["oserror", "interrupt"])
 def test_interrupted_write_leaves_the_previous_package(exc, tmp_path, monkeypatch):
     out = tmp_path / "out"
     target = build(ROOT / "models" / "qwen2.model", out)
     before = _files(target)
-    _fail_after(3, monkeypatch, pathlib.Path, _WRITES, exc)
-    with pytest.raises(type(exc)):
+    real = pathlib.Path.write_text
+    written = []
+
+    def failing(path, *args, **kwargs):  # the fourth file written into the staging folder fails
+        if path.parent.name.startswith(".qwen2.new-"):
+            written.append(path)
+            if len(written) > 3:
+                raise exc
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", failing)
+    with pytest.raises(InstallError if isinstance(exc, OSError) else type(exc)):
         build(ROOT / "models" / "qwen2.model", out)
     monkeypatch.undo()
     assert _files(target) == before
     assert _stray(out) == [], "staging folders left behind"
 
 
-def test_failed_first_rename_leaves_the_previous_package(tmp_path, monkeypatch):
+@pytest.mark.parametrize("atomic", [True, False], ids=["exchange", "two-renames"])
+def test_failed_swap_leaves_the_previous_package(atomic, tmp_path, monkeypatch):
+    """The swap fails: with the atomic exchange nothing moved; with the two-rename fallback the previous
+    package is put back."""
     out = tmp_path / "out"
     target = build(ROOT / "models" / "qwen2.model", out)
     before = _files(target)
-    _fail_after(0, monkeypatch, dslc.build.os, _RENAMES, OSError("simulated failure"))
-    with pytest.raises(OSError, match="simulated"):
-        build(ROOT / "models" / "qwen2.model", out)
-    monkeypatch.undo()
-    assert _files(target) == before
-    assert _stray(out) == [], "staging folders left behind"
-
-
-def test_failed_swap_puts_the_previous_package_back(tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    target = build(ROOT / "models" / "qwen2.model", out)
-    before = _files(target)
-    _fail_after(1, monkeypatch, dslc.build.os, _RENAMES, OSError("simulated failure"))  # target -> old, then fails
+    if atomic:
+        monkeypatch.setattr(dslc.install, "exchange", lambda a, b: (_ for _ in ()).throw(OSError("simulated failure")))
+    else:
+        monkeypatch.setattr(dslc.install, "exchange", lambda a, b: False)
+        _fail_after(1, monkeypatch, dslc.install.os, ("rename",), OSError("simulated failure"))  # 2nd rename fails
     with pytest.raises(OSError, match="simulated"):
         build(ROOT / "models" / "qwen2.model", out)
     monkeypatch.undo()
@@ -192,10 +196,24 @@ def test_failed_swap_puts_the_previous_package_back(tmp_path, monkeypatch):
     assert _stray(out) == [], "staging folders left behind"
 
 
+def test_the_swap_is_one_atomic_exchange_here(tmp_path):
+    """On this platform (Linux renameat2, macOS renamex_np) two folders trade places in one step."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    if not dslc.install.exchange(a, b):
+        pytest.skip("no atomic exchange on this platform or file system: the two-rename fallback is used")
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+
+
 def test_rebuild_replaces_the_package_and_cleans_up(tmp_path):
     out = tmp_path / "out"
     target = build(ROOT / "models" / "qwen2.model", out)
-    (target / "stale.py").write_text("# from an older build\n")
+    (target / "stale.py").write_text("# from an older build\n")  # a file the older build wrote and listed
+    manifest = json.loads((target / "build.json").read_text())
+    (target / "build.json").write_text(json.dumps({**manifest, "files": manifest["files"] + ["stale.py"]}))
     build(ROOT / "models" / "qwen2.model", out)
     assert not (target / "stale.py").exists(), "a rebuild must replace the folder, not merge into it"
     assert _stray(out) == []

@@ -438,6 +438,7 @@ class PackageRenderer:
         files[spec_copy_name(self.spec_name, files)] = spec_text
         import json
 
+        metadata = {**metadata, "files": sorted([*files, "build.json"])}  # what a rebuild may replace
         files["build.json"] = json.dumps(metadata, indent=2, sort_keys=True) + "\n"
         return files
 
