@@ -288,7 +288,7 @@ class PackageRenderer:
         return [
             f"config_class = {self.config_class}",
             f"task = {m.task!r}",
-            f"graph_inputs = {tuple(a.name for a in m.forward.args)!r}",
+            f"graph_inputs = {graph_inputs(m.forward)!r}",
             f"output_names = {outputs!r}",
             f"layout_rules = {rules!r}",
             f"ignored_keys = {list(self.p.checkpoint.ignores)!r}",
@@ -441,6 +441,20 @@ class PackageRenderer:
         metadata = {**metadata, "files": sorted([*files, "build.json"])}  # what a rebuild may replace
         files["build.json"] = json.dumps(metadata, indent=2, sort_keys=True) + "\n"
         return files
+
+
+KNOWN_INPUTS = ("input_ids", "position_ids", "token_type_ids")  # model_base.py: what forward() takes by name
+
+
+def graph_inputs(forward: N.Graph) -> tuple[str, ...]:
+    """The runtime input each model forward argument takes: its own name, except that a first integer
+    argument of another name (`ids`) is the token ids, `input_ids` (the HF-style forward's first argument)."""
+    names = [a.name for a in forward.args]
+    first = forward.args[0] if forward.args else None
+    if first is not None and first.name not in KNOWN_INPUTS and "input_ids" not in names \
+            and first.tensor is not None and first.tensor.dtype in ("i64", "i32"):
+        names[0] = "input_ids"
+    return tuple(names)
 
 
 def spec_copy_name(name: str, files: dict) -> str:

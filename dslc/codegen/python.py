@@ -348,8 +348,9 @@ class BodyRenderer:
         if not var and st.op in VIEW_OPS and st.args and isinstance(st.args[0], N.Ref) and st.args[0].kind == "value" \
                 and st.args[0].name in self.names:
             return f"{self.names[st.args[0].name]}_{st.op}"  # cos.unsqueeze(1) -> cos_unsqueeze
-        name = var or r
-        return name.split("__")[0] + "_out" if "__" in name else name
+        if var:
+            return var  # the spec's own name, as written (`y__a` too)
+        return r.split("__")[0] + "_out" if "__" in r else r
 
     def _bind(self, value: str, preferred: str, at: int, taken: list[str]) -> str:
         """The one place a Python name is given to a value: `preferred` or `preferred_2`, `_3`, ... whichever is

@@ -28,6 +28,7 @@ LOSSES = {
 }
 # the `loss_type` HF Trainer reads to count `num_items_in_batch` (over labels[..., 1:] for a causal LM)
 LOSS_TYPES = {"causal_lm": "ForCausalLM", "masked_lm": "ForMaskedLM", "sequence_classification": "ForSequenceClassification"}
+KNOWN_INPUTS = ("input_ids", "position_ids", "token_type_ids")  # what forward() makes or takes by these names
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -335,8 +336,10 @@ class PreTrainedModel(nn.Module):
         past_key_values / cache: refused; use `generate()`, whose static KV cache lives in the model.
         output_attentions=True: refused (the attention probabilities are never materialized).
         num_items_in_batch: what HF Trainer passes to normalize the loss over gradient accumulation.
+        Other inputs of the spec's forward (a float `x`, say) are given by their names: `model(x=...)`.
         Unknown keyword arguments are refused (TypeError) unless their value is None.
         """
+        extra = {k: kwargs.pop(k) for k in list(kwargs) if k in self.graph_inputs}
         unknown = sorted(k for k, v in kwargs.items() if v is not None)
         if unknown:
             raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword arguments: {', '.join(unknown)}")
@@ -353,8 +356,12 @@ class PreTrainedModel(nn.Module):
             )
         output_hidden_states = self._flag("output_hidden_states", output_hidden_states)
         return_dict = self._flag("return_dict", return_dict, default=True)
-        if (input_ids is None) == (inputs_embeds is None):
+        if "input_ids" in self.graph_inputs and (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
+        missing = [n for n in self.graph_inputs if n not in KNOWN_INPUTS and extra.get(n) is None]
+        if missing:
+            raise ValueError(f"{type(self).__name__} needs {', '.join(f'`{n}`' for n in missing)} (its spec's forward "
+                             f"takes {', '.join(self.graph_inputs)}): pass them by name, e.g. model({missing[0]}=...)")
         keep_all = keeps_all_positions(logits_to_keep)
         if not keep_all:
             if self.task != "causal_lm" or self.loss_head is None:
@@ -365,18 +372,18 @@ class PreTrainedModel(nn.Module):
             if labels is not None:
                 raise ValueError("logits_to_keep and labels together: the loss needs the logits of every position")
 
-        first = input_ids if input_ids is not None else inputs_embeds
+        first = next(t for t in (input_ids, inputs_embeds, *extra.values()) if t is not None)
         batch, length = first.shape[0], first.shape[1]  # [B, T]
         device = first.device
         cache_position = torch.arange(length, device=device)
-        if input_ids is None:
+        if input_ids is None and inputs_embeds is not None:
             # stands in for the token ids: only the shapes are read, the embedding output is replaced
             input_ids = torch.zeros(batch, length, dtype=torch.long, device=device)
         if position_ids is None:
             position_ids = cache_position[None, :].expand(batch, length)  # HF: positions ignore padding here
         key_mask = attention_mask.bool() if attention_mask is not None else None
         ctx = AttentionContext(key_mask, cache_position)
-        inputs = dict(input_ids=input_ids, position_ids=position_ids, token_type_ids=token_type_ids)
+        inputs = dict(input_ids=input_ids, position_ids=position_ids, token_type_ids=token_type_ids, **extra)
 
         recorder = HiddenStateRecorder(self) if output_hidden_states else None
         swap = EmbeddingSwap(self, input_ids, inputs_embeds) if inputs_embeds is not None else None
