@@ -89,7 +89,9 @@ def mutate(text: str, rng: random.Random) -> tuple[str, str]:
         spots = [i for i, line in enumerate(lines) if re.search(r": int = \d+", line)]
         if spots:
             i = rng.choice(spots)
-            lines[i] = re.sub(r"(: int = )\d+", lambda m: m.group(1) + str(rng.choice([1, 2, 3, 8, 64])), lines[i], 1)
+            lines[i] = re.sub(
+                r"(: int = )\d+", lambda m: m.group(1) + str(rng.choice([1, 2, 3, 8, 64])), lines[i], count=1
+            )
     else:
         spots = [i for i, line in enumerate(lines) if "true" in line or "false" in line]
         if spots:
