@@ -716,3 +716,8 @@ def test_nan_value_in_config_json_loads_as_json(pkg, folder):
     (folder / "config.json").write_text(text)
     assert math.isnan(json.loads(text)["rms_norm_eps"])
     refused(lambda: pkg.Qwen2ForCausalLM.from_pretrained(folder), pkg.ConfigError, "rms_norm_eps", "finite")
+
+
+def test_size_past_int64_is_a_config_error(pkg, folder):
+    edit_config(folder, vocab_size=10**50)
+    refused(lambda: pkg.Qwen2ForCausalLM.from_pretrained(folder), pkg.ConfigError, "config.json", "vocab_size")

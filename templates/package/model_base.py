@@ -565,15 +565,16 @@ def _build_within(cls, config, reader: CheckpointReader, folder: Path):
                 raise _TooLarge
 
     path = folder / "config.json"
+    blocks = _block_counts(shapes)
+    largest = max([d for s in shapes.values() for d in s] + list(blocks.values()) + [0])
+    too_large = [f"{n}={v}" for n, v in _int_fields(config).items() if v > largest]
     hooks = [register_module_parameter_registration_hook(on_parameter),
              register_module_module_registration_hook(on_module)]
     try:
         with torch.device("meta"):
             return cls(config)
     except _TooLarge:
-        blocks = _block_counts(shapes)
-        largest = max([d for s in shapes.values() for d in s] + list(blocks.values()) + [0])
-        suspects = [f"{n}={v}" for n, v in _int_fields(config).items() if v > largest]
+        suspects = too_large
         where = ", ".join(f"{count} `{prefix}` blocks" for prefix, count in sorted(blocks.items()))
         raise ConfigError(
             f"{path} does not fit its checkpoint: {cls.__name__} built from it would hold more than "
@@ -585,8 +586,7 @@ def _build_within(cls, config, reader: CheckpointReader, folder: Path):
     except (ConfigError, CheckpointError):
         raise
     except Exception as e:  # a negative or overflowing size, a zero divisor
-        fields = _int_fields(config)
-        odd = [f"{n}={v}" for n, v in fields.items() if v <= 0]
+        odd = [f"{n}={v}" for n, v in _int_fields(config).items() if v <= 0] + too_large
         raise ConfigError(
             f"{path}: {cls.__name__} cannot be built from it ({type(e).__name__}: {e})"
             + (f"; check {', '.join(odd)}" if odd else "; check its sizes")
