@@ -22,8 +22,26 @@ def _overrides(pairs: list[str], spec: str = "<command line>") -> dict[str, str]
         if not sep or not key.strip():
             raise DslcError([Diagnostic("E024", f"`--set {p}` is not `key=value`", Span.at(spec, 1, 1),
                                         ("write it as `--set num_hidden_layers=2`",))])
+        if not _finite(value.strip()):  # docs/language.md: non-finite values are errors
+            raise DslcError([Diagnostic("E021", f"`--set {p.strip()}`: {value.strip()!r} is not a finite number",
+                                        Span.at(spec, 1, 1), ("give a finite number, e.g. `--set rms_norm_eps=1e-6`",))])
         out[key.strip()] = value.strip()
     return out
+
+
+def _finite(text: str) -> bool:
+    """False for a `--set` value read as a float that is NaN or infinite (`nan`, `inf`, `1e400`)."""
+    import math
+
+    try:
+        int(text.replace("_", ""))
+        return True
+    except ValueError:
+        pass
+    try:
+        return math.isfinite(float(text.replace("_", "")))
+    except ValueError:
+        return True  # a string or a bool: the checker types it
 
 
 def _sources(diags: list[Diagnostic]) -> dict[str, list[str]]:

@@ -58,10 +58,14 @@ def cached_build(spec: Path, build_dir: str | None):
 def _check_folder(weights: Path) -> Path:
     if not weights.is_dir():
         raise GenerateError(f"weights folder not found: {weights}")
-    if not (weights / "config.json").is_file():
-        raise GenerateError(f"{weights} has no config.json: pass a Hugging Face checkpoint folder")
+    config = weights / "config.json"
+    if not config.is_file():  # is_file: False for a FIFO or a device, which are never opened
+        raise GenerateError(f"{config} is not a regular file" if config.exists() else
+                            f"{weights} has no config.json: pass a Hugging Face checkpoint folder")
     tok = weights / "tokenizer.json"
     if not tok.is_file():
+        if tok.exists():
+            raise GenerateError(f"{tok} is not a regular file: `dslc generate` reads the folder's tokenizer.json")
         raise GenerateError(
             f"{weights} has no tokenizer.json: `dslc generate` tokenizes with the folder's own tokenizer "
             "(save one with `tokenizer.save_pretrained(folder)` in transformers or `Tokenizer.save` in tokenizers)"
@@ -69,38 +73,150 @@ def _check_folder(weights: Path) -> Path:
     return tok
 
 
-def _eos_ids(weights: Path, tokenizer) -> list[int]:
-    ids: list[int] = []
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_args(args):
+    """The command-line values, checked before anything is built or loaded; returns the torch device (or None)."""
+    import math
+
+    if args.max_new_tokens < 1:
+        raise GenerateError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise GenerateError(f"--temperature must be a finite number > 0, got {args.temperature}")
+    if args.do_sample and args.temperature == 0:
+        raise GenerateError("--temperature 0 with --do-sample divides by zero: leave out --do-sample for greedy "
+                            "decoding, or give a temperature > 0")
+    if args.top_k is not None and args.top_k < 0:
+        raise GenerateError(f"--top-k must be 0 (off) or more, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise GenerateError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not 0 <= args.seed < 2**64:
+        raise GenerateError(f"--seed must be in 0 .. 2**64 - 1, got {args.seed}")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise GenerateError(f"unknown --dtype {args.dtype!r}; use {', '.join(DTYPES)}")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GenerateError(f"--prompt is not valid UTF-8 (an undecodable byte at character {e.start}); "
+                            "pass the text in UTF-8") from None
+    return _device(args.device)
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise GenerateError(f"--device {name!r} is not a device ({e}); use cpu, cuda or cuda:N") from None
+    if device.type == "meta":
+        raise GenerateError("--device meta holds no data: use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GenerateError(f"--device {name}: CUDA is not available here (this torch is "
+                                f"{torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise GenerateError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices "
+                                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    elif device.type != "cpu":
+        try:
+            torch.empty(1, device=device)
+        except Exception as e:  # noqa: BLE001 - a backend that is not built in or not present
+            raise GenerateError(f"--device {name} is not usable here ({e}); use --device cpu") from None
+    return device
+
+
+def _native(call, what: str):
+    """Run a tokenizers call; its errors (a Rust panic is a BaseException) become a GenerateError naming `what`."""
+    try:
+        return call()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - pyo3's PanicException derives from BaseException
+        raise GenerateError(f"{what}: {type(e).__name__}: {e}") from None
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise GenerateError(f"{path} is not a regular file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise GenerateError(f"{path}: JSON nested too deeply") from None
+    except (ValueError, OSError) as e:
+        raise GenerateError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise GenerateError(f"{path}: must be a JSON object of keys and values, got {type(data).__name__}")
+    return data
+
+
+def _is_id(value, vocab: int | None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0 and (vocab is None or value < vocab)
+
+
+def _special_ids(weights: Path, key: str, vocab: int | None) -> list[int]:
+    """`key` (eos_token_id, bos_token_id) from generation_config.json, else config.json, as transformers reads
+    it: an int or a list of ints inside the vocabulary, else a GenerateError naming the file."""
     for name in ("generation_config.json", "config.json"):
         path = weights / name
-        if path.is_file():
-            value = json.loads(path.read_text()).get("eos_token_id")
-            if value is not None:
-                ids += value if isinstance(value, list) else [value]
-                break
+        if not path.exists():
+            continue
+        value = _read_json(path).get(key)
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(_is_id(v, vocab) for v in values):
+            raise GenerateError(
+                f"{path}: {key} {value!r} is not a token id: give an int or a list of ints in "
+                f"0 .. {vocab - 1 if vocab else 'vocab_size - 1'}" + (f" (vocab_size={vocab})" if vocab else "")
+            )
+        return values
+    return []
+
+
+def _eos_ids(weights: Path, tokenizer, vocab: int | None) -> list[int]:
+    """EOS ids from generation_config.json, else config.json (as transformers), else the tokenizer's usual token."""
+    ids = _special_ids(weights, "eos_token_id", vocab)
     if not ids:
         for token in ("<|endoftext|>", "</s>", "<eos>"):
             tid = tokenizer.token_to_id(token)
-            if tid is not None:
+            if tid is not None and _is_id(tid, vocab):
                 ids.append(tid)
                 break
     return ids
 
 
+def _context(config) -> tuple[str, int] | None:
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return name, value
+    return None
+
+
 def generate_command(args) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console(stderr=True, soft_wrap=True)
     spec = Path(args.file)
     weights = Path(args.weights)
+
+    def error(message: str) -> int:
+        console.print(f"[red]error[/red]: {escape(message)}")
+        return 2
+
     try:
         tok_path = _check_folder(weights)
+        device = _check_args(args)
         start = time.perf_counter()
         pkg, reused = cached_build(spec, args.build_dir)
         console.print(f"[dim]{'reused' if reused else 'built'} {pkg.__name__} in {time.perf_counter() - start:.2f} s[/dim]")
     except GenerateError as e:
-        console.print(f"[red]error[/red]: {e}")
-        return 2
+        return error(str(e))
     except DslcError:
         raise
     import torch
@@ -108,24 +224,47 @@ def generate_command(args) -> int:
 
     model_cls = next(getattr(pkg, n) for n in pkg.__all__ if hasattr(getattr(pkg, n), "from_pretrained")
                      and hasattr(getattr(pkg, n), "generate"))
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype or "float32"]
+    try:  # everything but the weights, before the weights load
+        config = model_cls.config_class.from_pretrained(weights)
+    except pkg.ConfigError as e:
+        return error(f"{weights} does not fit {spec.name}: {e}")
     try:
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype or "float32"]
-    except KeyError:
-        console.print(f"[red]error[/red]: unknown --dtype {args.dtype!r}; use float32, bfloat16 or float16")
-        return 2
+        tokenizer = _native(lambda: Tokenizer.from_file(str(tok_path)), f"{tok_path} cannot be read as a tokenizer")
+        vocab = getattr(config, "vocab_size", None)
+        vocab = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
+        ids = _native(lambda: tokenizer.encode(args.prompt).ids, f"{tok_path} cannot encode the prompt")
+        if not ids:  # as transformers: generation with no prompt starts from the BOS token, when there is one
+            bos = _special_ids(weights, "bos_token_id", vocab)
+            if not bos:
+                what = "is empty" if not args.prompt else f"({args.prompt!r}) encodes to no tokens"
+                raise GenerateError(f"--prompt {what} and {weights} names no bos_token_id to start from: give "
+                                    "the text to continue")
+            ids = bos[:1]
+            console.print(f"[dim]no prompt tokens: starting from bos_token_id {ids[0]}[/dim]")
+        outside = [i for i in ids if vocab is not None and i >= vocab]
+        if outside:
+            raise GenerateError(
+                f"{tok_path} gives the prompt token id {outside[0]}, outside the model's vocabulary "
+                f"(vocab_size={vocab} in {weights / 'config.json'}): the tokenizer does not belong to this model"
+            )
+        context = _context(config)
+        if context is not None and len(ids) + args.max_new_tokens > context[1]:
+            raise GenerateError(
+                f"--prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) = "
+                f"{len(ids) + args.max_new_tokens} tokens is past the model's context ({context[0]}={context[1]} "
+                f"in {weights / 'config.json'}): shorten the prompt or lower --max-new-tokens"
+            )
+        eos = _eos_ids(weights, tokenizer, vocab)
+    except GenerateError as e:
+        return error(str(e))
     start = time.perf_counter()
     try:
-        model = model_cls.from_pretrained(weights, dtype=dtype, device=args.device)
+        model = model_cls.from_pretrained(weights, dtype=dtype, device=device)
     except (pkg.ConfigError, pkg.CheckpointError) as e:
-        console.print(f"[red]error[/red]: {weights} does not fit {spec.name}: {e}")
-        return 2
+        return error(f"{weights} does not fit {spec.name}: {e}")
     load_s = time.perf_counter() - start
-    tokenizer = Tokenizer.from_file(str(tok_path))
-    ids = tokenizer.encode(args.prompt).ids
-    if not ids:
-        bos = tokenizer.token_to_id("<|endoftext|>")
-        ids = [bos if bos is not None else 0]
-    input_ids = torch.tensor([ids], device=args.device)
+    input_ids = torch.tensor([ids], device=device)
     generator = torch.Generator(device=input_ids.device).manual_seed(args.seed)
     out_ids: list[int] = []
     printed = ""
@@ -133,7 +272,7 @@ def generate_command(args) -> int:
     def stream(token: torch.Tensor) -> None:
         nonlocal printed
         out_ids.append(int(token[0]))
-        text = tokenizer.decode(out_ids)
+        text = _native(lambda: tokenizer.decode(out_ids), f"{tok_path} cannot decode the generated tokens")
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             sys.stdout.write(text[len(printed):])
             sys.stdout.flush()
@@ -141,9 +280,13 @@ def generate_command(args) -> int:
 
     sys.stdout.write(args.prompt)
     start = time.perf_counter()
-    model.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   eos_token_id=_eos_ids(weights, tokenizer), generator=generator, streamer=stream)
+    try:
+        model.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       eos_token_id=eos, generator=generator, streamer=stream)
+    except (GenerateError, ValueError) as e:
+        sys.stdout.write("\n")
+        return error(str(e))
     seconds = time.perf_counter() - start
     sys.stdout.write("\n")
     n = len(out_ids)

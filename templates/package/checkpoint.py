@@ -8,8 +8,10 @@ else is reported in one `CheckpointError` that names each tensor with its shape.
 from __future__ import annotations
 
 import json
+import os
 import re
-from pathlib import Path
+import stat
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -18,8 +20,18 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
 
 
-class CheckpointError(Exception):
+class CheckpointError(ValueError):
     """A checkpoint folder that does not fit the model; the message lists every problem."""
+
+
+# safetensors' dtype names -> torch's; a parameter that wants a float takes the four float dtypes only
+ST_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32", "I32": "int32",
+    "U64": "uint64", "I64": "int64", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
+    "C128": "complex128",
+}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def _pattern(p: str) -> re.Pattern:
@@ -34,8 +46,62 @@ def _shape(t) -> str:
     return "[" + ", ".join(str(d) for d in t.shape) + "]"
 
 
+def read_json(path: Path, error=None):
+    """A JSON file's value; a file that is not a regular file, not UTF-8, not JSON or nested too deeply is `error`
+    (CheckpointError by default) naming the path. Never opens a FIFO or a device."""
+    error = error or CheckpointError
+    if not path.is_file():  # follows symlinks; False for a FIFO, a device or a folder: never opened
+        raise error(f"{path} is not a regular file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply") from None
+    except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
+        raise error(f"{path}: not valid JSON ({e})") from None
+
+
+def _hub_blobs(folder: Path) -> Path | None:
+    """The Hugging Face cache keeps files in `<repo>/blobs/` and links `<repo>/snapshots/<rev>/<name>` to them."""
+    real = Path(os.path.realpath(folder))
+    if real.parent.name == "snapshots" and (real.parent.parent / "blobs").is_dir():
+        return real.parent.parent / "blobs"
+    return None
+
+
+def shard_path(folder: Path, name, index: Path) -> Path:
+    """The file an index entry names: a relative path inside the folder (`..`, absolute paths and links out of it
+    refused; a link into the Hugging Face cache's blobs is allowed) that is a regular file (never opened before
+    that is known, so a FIFO cannot block)."""
+    where = f"{index}: shard {name!r}"
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{where}: a shard must be named by a non-empty string (a file name in {folder})")
+    if "\x00" in name or "\\" in name:
+        raise CheckpointError(f"{where}: a shard name holds a NUL byte or a backslash; rewrite the index")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise CheckpointError(
+            f"{where}: a shard must be a relative path inside {folder}, without `..` or a leading `/`; "
+            "rewrite the index with the shards' file names"
+        )
+    path = folder / pure
+    real = Path(os.path.realpath(path))
+    roots = [Path(os.path.realpath(folder)), _hub_blobs(folder)]
+    if not any(root is not None and (real == root or root in real.parents) for root in roots):
+        raise CheckpointError(f"{where} links to {real}, outside {folder}; copy the shard into the folder")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}: {path} is missing") from None
+    except OSError as e:
+        raise CheckpointError(f"{where}: {path} cannot be read ({e})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{where}: {path} is not a regular file")
+    return path
+
+
 class CheckpointReader:
-    """The tensors of a folder's model.safetensors, or of the shards its index names."""
+    """The tensors of a folder's model.safetensors, or else of the shards its index names (the single file wins
+    when both are present, as in transformers)."""
 
     def __init__(self, folder: str | Path):
         from safetensors import safe_open
@@ -45,14 +111,12 @@ class CheckpointReader:
             raise CheckpointError(f"checkpoint folder not found: {self.folder}")
         index = self.folder / SAFETENSORS_INDEX
         single = self.folder / SAFETENSORS
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-            files = sorted(set(weight_map.values()))
-        elif single.is_file():
-            files = [SAFETENSORS]
+        if single.is_file():
+            paths = {SAFETENSORS: single}
+        elif index.is_file():
+            paths = self._shards(index)
+        elif single.exists() or index.exists():
+            raise CheckpointError(f"{single if single.exists() else index} is not a regular file")
         else:
             pickles = [n for n in PICKLE_NAMES if (self.folder / n).exists()]
             pickles += sorted(p.name for p in self.folder.glob("*.bin")) + sorted(p.name for p in self.folder.glob("*.pt"))
@@ -65,8 +129,7 @@ class CheckpointReader:
             raise CheckpointError(f"{self.folder}: no {SAFETENSORS} or {SAFETENSORS_INDEX}")
         self.handles = {}
         self.location: dict[str, str] = {}
-        for name in files:
-            path = self.folder / name
+        for name, path in paths.items():
             try:
                 handle = safe_open(str(path), framework="pt", device="cpu")
                 keys = list(handle.keys())
@@ -74,9 +137,32 @@ class CheckpointReader:
                 raise CheckpointError(f"{path}: cannot read safetensors file, it is truncated or corrupt ({e})") from None
             self.handles[name] = handle
             for k in keys:
+                if k in self.location:
+                    raise CheckpointError(
+                        f"tensor `{k}` is in both {self.location[k]} and {name}; keep it in one shard"
+                    )
                 self.location[k] = name
 
         self.renamed: dict[str, str] = {}  # key as the model names it -> key in the file
+
+    def _shards(self, index: Path) -> dict[str, Path]:
+        data = read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(
+                f"{index}: not a safetensors index: it must be a JSON object whose `weight_map` maps each tensor "
+                "name to its shard's file name"
+            )
+        bad = [k for k, v in weight_map.items() if not isinstance(v, str)]
+        if bad:
+            raise CheckpointError(f"{index}: `weight_map` entry `{bad[0]}` is {weight_map[bad[0]]!r}, not a file name")
+        return {name: shard_path(self.folder, name, index) for name in sorted(set(weight_map.values()))}
+
+    def header(self, key: str) -> tuple[str, list[int]]:
+        """(safetensors dtype name, shape) of a tensor, from the file's header: nothing is read."""
+        key = self.renamed.get(key, key)
+        view = self.handles[self.location[key]].get_slice(key)
+        return view.get_dtype(), list(view.get_shape())
 
     def keys(self) -> list[str]:
         return [k for k in self.location if k not in set(self.renamed.values())] + list(self.renamed)
@@ -136,9 +222,36 @@ def _invert(transforms, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _dtype_problem(reader: CheckpointReader, key: str, param: str, want: torch.dtype | None) -> str | None:
+    """Why the checkpoint tensor `key` cannot fill `param` (a float parameter takes the four float dtypes,
+    another one its own dtype), from the header alone; None when it can."""
+    if want is None:
+        return None
+    try:
+        st_dtype, _ = reader.header(key)
+    except Exception:  # reading the tensor reports it
+        return None
+    name = ST_DTYPES.get(st_dtype, st_dtype.lower())
+    if want.is_floating_point:
+        if name in FLOAT_DTYPES:
+            return None
+        takes = f"a floating-point tensor ({', '.join(FLOAT_DTYPES)})"
+    else:
+        takes = str(want).removeprefix("torch.")
+        if name == takes:
+            return None
+    return (
+        f"tensor `{key}` in {reader.location[reader.renamed.get(key, key)]} is {name}, but parameter `{param}` "
+        f"takes {takes}: convert the checkpoint (e.g. `.to(torch.float32)` each tensor) and save it again"
+    )
+
+
 def read_state(reader: CheckpointReader, params: dict[str, torch.Size], rules: list[dict], ignored: list[str],
-               tied: dict[str, str]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Map checkpoint tensors to parameter names. Returns (tensors, problems)."""
+               tied: dict[str, str], dtypes: dict[str, torch.dtype] | None = None
+               ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map checkpoint tensors to parameter names. Returns (tensors, problems). `dtypes`: each parameter's dtype,
+    for refusing tensors of another kind (an int16 or bool tensor for a float weight) before reading them."""
+    dtypes = dtypes or {}
     patterns = [_pattern(src) for rule in rules for src in rule["sources"]] + [_pattern(p) for p in ignored]
 
     def wanted(key: str) -> bool:
@@ -150,6 +263,7 @@ def read_state(reader: CheckpointReader, params: dict[str, torch.Size], rules: l
     consumed: set[str] = set()
     out: dict[str, torch.Tensor] = {}
     problems: list[str] = []
+    refused: set[str] = set()  # parameters whose tensor has the wrong dtype (reported once, not as missing)
     for rule in rules:
         first = _pattern(rule["sources"][0])
         for key in sorted(keys):
@@ -166,6 +280,14 @@ def read_state(reader: CheckpointReader, params: dict[str, torch.Size], rules: l
             unknown = [t for t in targets if t not in params]
             if unknown:
                 problems.append(f"layout rule targets unknown parameter(s) {', '.join(unknown)}")
+                continue
+            wants = [dtypes.get(t) for t in targets]
+            want = next((w for w in wants if w is not None and w.is_floating_point), wants[0])
+            bad = [p for p in (_dtype_problem(reader, s, targets[0], want) for s in sources) if p]
+            if bad:
+                consumed.update(sources)
+                refused.update(targets)
+                problems.extend(bad)
                 continue
             try:
                 tensors = _apply(rule["transforms"], [reader.get(s) for s in sources], [params[t] for t in targets])
@@ -185,15 +307,23 @@ def read_state(reader: CheckpointReader, params: dict[str, torch.Size], rules: l
                     f"tie_word_embeddings (or the spec's tie condition) to false in config.json to load both"
                 )
         elif key in params and key not in out:
-            out[key] = reader.get(key)
             consumed.add(key)
+            bad = _dtype_problem(reader, key, key, dtypes.get(key))
+            if bad:
+                refused.add(key)
+                problems.append(bad)
+                continue
+            out[key] = reader.get(key)
         elif any(p.match(key) for p in ignore):
             consumed.add(key)
     for key in sorted(keys - consumed):
-        t = reader.get(key)
-        problems.append(f"unexpected checkpoint tensor `{key}` {_shape(t)}: no parameter of the model takes it")
+        try:
+            shape = "[" + ", ".join(map(str, reader.header(key)[1])) + "]"
+        except Exception:
+            shape = _shape(reader.get(key))
+        problems.append(f"unexpected checkpoint tensor `{key}` {shape}: no parameter of the model takes it")
     for name, shape in params.items():
-        if name in tied:
+        if name in tied or name in refused:
             continue
         if name not in out:
             problems.append(f"parameter `{name}` [{', '.join(map(str, shape))}] is not in the checkpoint")

@@ -7,7 +7,135 @@ decoding equals Hugging Face's.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
+
+# config fields that give a model's context length, in the order they are looked for
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def vocab_size(model) -> int | None:
+    """Rows of the input embedding (the ids a model can read), else config.vocab_size; None when unknown."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embedding, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0])
+    value = getattr(getattr(model, "config", None), "vocab_size", None)
+    return value if _is_int(value) else None
+
+
+def context_length(model) -> tuple[str, int] | None:
+    """(config field, value) of the longest sequence the model takes, or None when its config names none."""
+    config = getattr(model, "config", None)
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if _is_int(value) and value > 0:
+            return name, int(value)
+    return None
+
+
+def _token_ids(name: str, value, vocab: int | None) -> list[int]:
+    """An int, a list of ints or an integer tensor of token ids, each checked against the vocabulary."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool or value.dim() > 1:
+            raise ValueError(f"{name} must be a token id or a list of them, got a {value.dtype} tensor of shape "
+                             f"{list(value.shape)}")
+        ids = value.reshape(-1).tolist()
+    elif _is_int(value):
+        ids = [value]
+    elif isinstance(value, (list, tuple)) and all(_is_int(v) for v in value):
+        ids = list(value)
+    else:
+        raise ValueError(f"{name} must be a token id (int) or a list of them, got {value!r}")
+    for i in ids:
+        if i < 0 or (vocab is not None and i >= vocab):
+            raise ValueError(f"{name} {i} is outside the model's vocabulary (ids 0..{(vocab or 0) - 1})")
+    return [int(i) for i in ids]
+
+
+def check_inputs(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                 attention_mask, pad_token_id, generator, streamer, cuda_graph) -> None:
+    """Refuse what generate() cannot use, before anything is allocated, with the argument's name and the fix."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a torch tensor of token ids [batch, length], got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {list(input_ids.shape)} "
+                         "(add a batch dimension: input_ids[None])")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {list(input_ids.shape)}): give at least one token per row")
+    vocab = vocab_size(model)
+    low, high = int(input_ids.min()), int(input_ids.max())
+    for i in (low, high):
+        if i < 0 or (vocab is not None and i >= vocab):
+            raise ValueError(f"input_ids holds token id {i}, outside the model's vocabulary (ids 0..{(vocab or 0) - 1})")
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    context = context_length(model)
+    total = input_ids.shape[1] + max_new_tokens
+    if context is not None and total > context[1]:
+        raise ValueError(
+            f"the prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens is past "
+            f"the model's context, {context[0]}={context[1]}: shorten the prompt or lower max_new_tokens"
+        )
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if do_sample and temperature == 0:
+        raise ValueError("temperature=0 with do_sample=True divides the logits by zero: for greedy decoding use "
+                         "do_sample=False, else give a temperature > 0")
+    if top_k is not None and (not _is_int(top_k) or top_k < 0):
+        raise ValueError(f"top_k must be None or an int >= 0 (0: no top-k), got {top_k!r}")
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    if eos_token_id is not None:
+        _token_ids("eos_token_id", eos_token_id, vocab)
+    if pad_token_id is not None:
+        if not _is_int(pad_token_id):
+            raise ValueError(f"pad_token_id must be a token id (int), got {pad_token_id!r}")
+        _token_ids("pad_token_id", pad_token_id, vocab)
+    if attention_mask is not None:
+        _check_mask(attention_mask, input_ids)
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != input_ids.device.type:
+            raise ValueError(f"generator is on {generator.device}, input_ids on {input_ids.device}: make the "
+                             f"generator with torch.Generator(device={str(input_ids.device)!r})")
+    if streamer is not None and not callable(streamer):
+        raise ValueError(f"streamer must be a callable taking each step's [batch] tokens, got {streamer!r}")
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
+
+
+def _check_mask(mask, input_ids) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"attention_mask must be a tensor [batch, length] of 0/1, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(input_ids.shape)}: "
+                         "they must be equal")
+    if mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold 0 or 1 only (1: a token, 0: left padding)")
+    keep = mask.bool()
+    if not bool(keep.any(dim=1).all()):
+        row = int((~keep.any(dim=1)).nonzero()[0])
+        raise ValueError(f"attention_mask row {row} masks every token: each row needs at least one")
+    if not bool((keep.long().cummax(dim=1).values == keep.long()).all()):
+        row = int((keep.long().cummax(dim=1).values != keep.long()).any(dim=1).nonzero()[0])
+        raise ValueError(f"attention_mask row {row} has padding after a token: generate() takes left padding only "
+                         "(pad on the left, as tokenizer(..., padding_side='left') does)")
 
 
 def _warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -44,7 +172,13 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
     cuda_graph: replay the decode steps from a CUDA graph (cuda_graphs.py); None: when the model is on
     CUDA, False: never, True: always (with a warning and eager steps where CUDA is unavailable). The
     graph and its KV caches are kept for the next call of the same shapes: `cuda_graphs.release(model)`.
+
+    Every argument is checked first (ids inside the vocabulary, prompt + max_new_tokens within the context the
+    config names, temperature > 0 when sampling, a left-padded 0/1 mask of input_ids' shape): a ValueError names it.
     """
+    check_inputs(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                 attention_mask, pad_token_id, generator, streamer, cuda_graph)
+    temperature = float(temperature)
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     total = prompt_len + max_new_tokens

@@ -8,6 +8,9 @@ The generated class sets `config_class`, `task`, `graph_inputs`, `layout_rules`,
 from __future__ import annotations
 
 import json
+import math
+import re
+import threading
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -210,34 +213,57 @@ class PreTrainedModel(nn.Module):
 
         The model is built on the meta device and each checkpoint tensor is assigned in place,
         so the weights are held once. `strict=False` warns about unused checkpoint tensors
-        instead of refusing them; missing or mis-shaped parameters are always refused.
+        instead of refusing them; missing or mis-shaped parameters are always refused. Before anything is
+        allocated, config.json's sizes are compared with the checkpoint's (a config.json with 10^9 layers for
+        a 4-layer checkpoint is refused at once); tensors of a dtype the parameter cannot take (int16, bool,
+        complex, float8 for a float weight) are refused by name; NaN or infinite weights are warned about.
         """
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(f"checkpoint folder not found: {folder}")
-        config = cls.config_class.from_pretrained(folder)
         if isinstance(dtype, str):
-            dtype = DTYPES[dtype]
+            if dtype.removeprefix("torch.") not in DTYPES:
+                raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+            dtype = DTYPES[dtype.removeprefix("torch.")]
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)} (or the torch dtypes)")
+        config = cls.config_class.from_pretrained(folder)
         reader = CheckpointReader(folder)
-        with torch.device("meta"):
-            model = cls(config)
+        model = _build_within(cls, config, reader, folder)
         tied = model.tied_parameters()
-        tensors, problems = read_state(reader, model.parameter_shapes(), cls.layout_rules, cls.ignored_keys, tied)
+        dtypes = {n: p.dtype for n, p in model.named_parameters(remove_duplicate=False)}
+        tensors, problems = read_state(reader, model.parameter_shapes(), cls.layout_rules, cls.ignored_keys, tied,
+                                       dtypes)
         if not strict:
             extra = [p for p in problems if p.startswith("unexpected")]
             for p in extra:
                 warnings.warn(p, stacklevel=2)
             problems = [p for p in problems if p not in extra]
         if problems:
-            raise CheckpointError(f"{folder} does not fit {cls.__name__}:\n  - " + "\n  - ".join(problems))
+            hint = _size_hint(model, reader, config, problems)
+            raise CheckpointError(f"{folder} does not fit {cls.__name__}:\n  - " + "\n  - ".join(problems) + hint)
+        non_finite = []
         for name, tensor in tensors.items():
-            if dtype is not None and tensor.is_floating_point():
+            cast = dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype
+            if cast:
                 tensor = tensor.to(dtype)
             if device is not None:
                 tensor = tensor.to(device)
+            if tensor.is_floating_point() and not _finite(tensor):
+                bad = int((~torch.isfinite(tensor)).sum())
+                if bad:
+                    non_finite.append(f"`{name}` has {bad} non-finite value{'s' * (bad != 1)}"
+                                      + (f" (after the cast to {str(dtype).removeprefix('torch.')})" if cast else ""))
             owner, _, leaf = name.rpartition(".")
             module = model.get_submodule(owner) if owner else model
             module._parameters[leaf] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+        if non_finite:
+            warnings.warn(
+                f"{folder}: NaN or infinite weights: " + "; ".join(non_finite[:8])
+                + (f"; and {len(non_finite) - 8} more tensors" if len(non_finite) > 8 else "")
+                + ": the outputs will be NaN or infinite where they are used",
+                stacklevel=2,
+            )
         model.tie_weights()
         if fuse_projections:
             model.fuse_projections()
@@ -474,6 +500,130 @@ class PreTrainedModel(nn.Module):
         return generate(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                         top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
                         pad_token_id=pad_token_id, generator=generator, streamer=streamer, cuda_graph=cuda_graph)
+
+
+# ---- loading helpers -----------------------------------------------------------------------------------
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite; a sum (25x faster than isfinite().all() on CPU) decides unless it overflows."""
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+
+
+def _block_counts(keys) -> dict[str, int]:
+    """`model.layers` -> 4 for keys `model.layers.0.*` .. `model.layers.3.*`: the checkpoint's repeated blocks."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part.isdigit() and i:
+                prefix = ".".join(parts[:i])
+                counts[prefix] = max(counts.get(prefix, 0), int(part) + 1)
+    return counts
+
+
+def _int_fields(config) -> dict[str, int]:
+    types = getattr(config, "TYPES", {})
+    return {n: getattr(config, n) for n, (t, _) in types.items()
+            if t == "int" and isinstance(getattr(config, n, None), int)}
+
+
+def _build_within(cls, config, reader: CheckpointReader, folder: Path):
+    """`cls(config)` on the meta device, stopped as soon as it outgrows the checkpoint: the model cannot hold more
+    parameter values than the checkpoint (tied copies aside), so a config.json that asks for 10^9 layers or a
+    10^12-wide matrix is refused after a few blocks, before Python builds 10^9 modules (the meta device allocates
+    nothing; the module objects are what would exhaust memory). Errors while building name config.json."""
+    from torch.nn.modules.module import (
+        register_module_module_registration_hook,
+        register_module_parameter_registration_hook,
+    )
+
+    from .config import ConfigError
+
+    shapes = {}
+    for key in reader.location:
+        try:
+            shapes[key] = reader.header(key)[1]
+        except Exception:  # reading it later reports the problem
+            shapes[key] = []
+    values = sum(math.prod(s) for s in shapes.values())
+    # every parameter is filled from the checkpoint (split and concat keep the count) or tied to one that is;
+    # tied copies are built before they are tied, so the bound leaves room for up to 15 copies of everything
+    max_values = 16 * values + 2**24
+    max_modules = 1024 + 16 * len(shapes)
+    built = {"values": 0, "modules": 0}
+    thread = threading.get_ident()
+
+    def on_parameter(module, name, param):
+        if param is not None and threading.get_ident() == thread:
+            built["values"] += param.numel()
+            if built["values"] > max_values:
+                raise _TooLarge
+
+    def on_module(module, name, submodule):
+        if threading.get_ident() == thread:
+            built["modules"] += 1
+            if built["modules"] > max_modules:
+                raise _TooLarge
+
+    path = folder / "config.json"
+    blocks = _block_counts(shapes)
+    largest = max([d for s in shapes.values() for d in s] + list(blocks.values()) + [0])
+    too_large = [f"{n}={v}" for n, v in _int_fields(config).items() if v > largest]
+    hooks = [register_module_parameter_registration_hook(on_parameter),
+             register_module_module_registration_hook(on_module)]
+    try:
+        with torch.device("meta"):
+            return cls(config)
+    except _TooLarge:
+        suspects = too_large
+        where = ", ".join(f"{count} `{prefix}` blocks" for prefix, count in sorted(blocks.items()))
+        raise ConfigError(
+            f"{path} does not fit its checkpoint: {cls.__name__} built from it would hold more than "
+            f"{max_values:,} parameter values or {max_modules:,} modules, while the checkpoint holds {values:,} "
+            f"values in {len(shapes)} tensors{f' ({where})' if where else ''}"
+            + (f"; larger than any checkpoint dimension: {', '.join(suspects)}" if suspects else "")
+            + ". Fix those sizes in config.json to the checkpoint's."
+        ) from None
+    except (ConfigError, CheckpointError):
+        raise
+    except Exception as e:  # a negative or overflowing size, a zero divisor
+        odd = [f"{n}={v}" for n, v in _int_fields(config).items() if v <= 0] + too_large
+        raise ConfigError(
+            f"{path}: {cls.__name__} cannot be built from it ({type(e).__name__}: {e})"
+            + (f"; check {', '.join(odd)}" if odd else "; check its sizes")
+        ) from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _size_hint(model, reader: CheckpointReader, config, problems: list[str]) -> str:
+    """Which config.json values likely made the model's shapes differ from the checkpoint's, for the message."""
+    lines = []
+    counts = _block_counts(reader.keys())
+    fields = _int_fields(config)
+    wrong: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name in counts and len(module) != counts[name]:
+            lines.append(f"the checkpoint has {counts[name]} `{name}` blocks, the model built from config.json "
+                         f"{len(module)}")
+            wrong.add(len(module))
+    for p in problems:
+        if p.startswith("shape mismatch"):
+            got, want = (re.findall(r"\[([\d, ]*)\]", p) + ["", ""])[:2]
+            got = [int(d) for d in got.split(",") if d.strip()]
+            want = [int(d) for d in want.split(",") if d.strip()]
+            wrong.update(w for i, w in enumerate(want) if i >= len(got) or got[i] != w)
+    suspects = [f"{n}={v}" for n, v in fields.items() if v in wrong or v <= 0]
+    if suspects:
+        lines.append(f"config.json values that give these sizes: {', '.join(suspects)}")
+    return "".join(f"\n  ({line})" for line in lines)
 
 
 # ---- forward helpers -----------------------------------------------------------------------------------
