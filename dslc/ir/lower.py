@@ -71,6 +71,16 @@ def parse_override_value(text: str):
 
 
 @dataclass
+class ConfigEvaluation:
+    """The config as the check evaluated it, once per arch; codegen renders these values, never re-evaluates."""
+
+    values: dict  # the build's values: its arch, its `--set` overrides, derived defaults following them
+    fixed: tuple[str, ...]  # fields the build's arch chain or `--set` gives a value (the package's defaults)
+    arch_values: dict[str, dict]  # arch -> {field its `extends` chain sets: value, evaluated in that arch}
+    defaults: dict  # field -> the spec's own default value (None for a derived one), where it has one
+
+
+@dataclass
 class _Decls:
     configs: dict[str, A.ConfigDecl]
     modules: dict[str, A.ModuleDecl]
@@ -229,6 +239,7 @@ class Lowering:
     def _lower_config(self, decl: A.ConfigDecl, archs: list[A.ArchDecl]) -> N.ConfigDef:
         fields, seen = [], set()
         self._failed_fields: set[str] = set()
+        self.override_spans: dict[tuple[str, str], Span] = {}  # (arch, field) -> the override's span
         resolve = self._config_resolver()
         for f in decl.fields:
             problem = identifier_problem(f.name, role="config field")
@@ -246,11 +257,17 @@ class Lowering:
                 default = None
                 self._failed_fields.add(f.name)
             fields.append(N.FieldDef(f.name, f.type.name, f.type.optional, default, f.doc, f.span))
-        aliases = []
+        aliases, alias_at = [], {}
         for a in decl.aliases:
             if a.field not in seen:
                 self.rep.error("E010", f"alias target `{a.field}` is not a config field", a.span,
                                did_you_mean(a.field, seen))
+            if a.hf_key in alias_at:
+                first, at = alias_at[a.hf_key]
+                self.rep.error("E011", f"config.json key `{a.hf_key}` is mapped twice (to `{first}` and `{a.field}`)",
+                               a.span, "keep one `from_hf` line per key", notes=(f"first mapped at {at}",))
+                continue
+            alias_at[a.hf_key] = (a.field, a.span)
             aliases.append((a.hf_key, a.field))
         requires = []
         for r in decl.requires:
@@ -264,11 +281,16 @@ class Lowering:
             if a.name in names:
                 self.rep.error("E011", f"arch `{a.name}` is defined twice", a.span)
             names.add(a.name)
-            ovs = []
+            ovs, set_here = [], set()
             for o in a.overrides:
                 if o.name not in seen:
                     self.rep.error("E010", f"unknown config field `{o.name}`", o.span, did_you_mean(o.name, seen))
                     continue
+                if o.name in set_here:
+                    self.rep.error("E011", f"arch `{a.name}` sets `{o.name}` twice", o.span)
+                    continue
+                set_here.add(o.name)
+                self.override_spans[(a.name, o.name)] = o.span
                 try:
                     ovs.append((o.name, self._static(o.value, resolve)))
                 except _Abort:
@@ -280,59 +302,114 @@ class Lowering:
                                did_you_mean(a.base, names) or f"archs: {', '.join(sorted(names))}")
         return N.ConfigDef(decl.name, tuple(fields), tuple(aliases), tuple(requires), tuple(arch_defs), decl.span)
 
-    def _arch_chain(self, config: N.ConfigDef, name: str, span: Span) -> list[N.ArchDef]:
+    def _arch_overrides(self, config: N.ConfigDef) -> dict[str, dict | None]:
+        """Per arch: field -> (expression, span, arch setting it), merged along its `extends` chain (the most
+        derived arch wins); None for an arch whose chain has a cycle (E023, reported here once per cycle) or an
+        unknown base (E022, reported at the `extends`). Each arch is resolved once: linear in the archs."""
         by_name = {a.name: a for a in config.archs}
-        chain, cur = [], name
-        while cur is not None:
-            if cur not in by_name:
-                if chain:  # an unknown base: _lower_config reported it at the `extends`
-                    raise _Abort
-                self.rep.error("E022", f"`--arch {cur}`: no arch named `{cur}`", span,
-                               did_you_mean(cur, by_name) or f"archs: {', '.join(by_name) or '(none declared)'}")
-                raise _Abort
-            a = by_name[cur]
-            if a in chain:
-                cycle = [c.name for c in chain[chain.index(a):]]
-                reported = getattr(self, "_arch_cycles", set())
-                self._arch_cycles = reported | {frozenset(cycle)}
+        memo: dict[str, dict | None] = {}
+        reported: set[frozenset] = set()
+        for start in by_name:
+            path: list[str] = []
+            on_path: set[str] = set()
+            cur = start
+            while cur is not None and cur not in memo and cur in by_name and cur not in on_path:
+                path.append(cur)
+                on_path.add(cur)
+                cur = by_name[cur].base
+            if cur is None:
+                base: dict | None = {}
+            elif cur in memo:
+                base = memo[cur]
+            elif cur in on_path:
+                cycle = path[path.index(cur):]
                 if frozenset(cycle) not in reported:
-                    what = (f"arch `{a.name}` extends itself" if len(cycle) == 1 else
-                            "archs extend each other in a cycle: " + " -> ".join(f"`{c}`" for c in cycle + [a.name]))
-                    self.rep.error("E023", what, a.span, "remove one `extends` to break the cycle")
-                raise _Abort
-            chain.append(a)
-            cur = a.base
-        return list(reversed(chain))
+                    reported.add(frozenset(cycle))
+                    what = (f"arch `{cur}` extends itself" if len(cycle) == 1 else
+                            "archs extend each other in a cycle: " + " -> ".join(f"`{c}`" for c in cycle + [cur]))
+                    self.rep.error("E023", what, by_name[cur].span, "remove one `extends` to break the cycle")
+                base = None
+            else:  # an unknown base
+                base = None
+            for name in reversed(path):
+                if base is not None:
+                    a = by_name[name]
+                    base = {**base, **{k: (e, self.override_spans.get((name, k), a.span), name)
+                                       for k, e in a.overrides}}
+                memo[name] = base
+        return memo
 
     def _evaluate_config(self, config: N.ConfigDef) -> dict:
-        """Field values for the chosen arch and `--set` overrides; derived defaults follow overrides."""
-        fixed: dict[str, N.E] = {}
+        """The build's field values (its arch and `--set` overrides; derived defaults follow overrides).
+
+        The spec's own defaults and every arch are evaluated too, each once, and checked the same way (types,
+        requirements): an arch that is never selected still fails the check. `self.config_eval` keeps the
+        results for codegen, so the generated config's archs hold exactly the values checked here.
+        """
         spec_span = Span(config.span.file, config.span.line, config.span.col, config.span.line,
                          config.span.col + len("config ") + len(config.name))
-        for a in config.archs:  # every arch is checked for cycles and unknown bases
-            try:
-                self._arch_chain(config, a.name, a.span)
-            except _Abort:
-                pass
-        if self.arch is not None:
-            try:
-                for a in self._arch_chain(config, self.arch, spec_span):
-                    fixed.update(dict(a.overrides))
-            except _Abort:
-                return {}
+        per_arch = self._arch_overrides(config)
         fields = {f.name: f for f in config.fields}
+        fixed: dict[str, tuple] = {}
+        arch_ok = True
+        if self.arch is not None:
+            if self.arch not in per_arch:
+                self.rep.error("E022", f"`--arch {self.arch}`: no arch named `{self.arch}`", spec_span,
+                               did_you_mean(self.arch, per_arch)
+                               or f"archs: {', '.join(per_arch) or '(none declared)'}")
+                arch_ok = False
+            elif per_arch[self.arch] is None:
+                arch_ok = False
+            else:
+                fixed.update(per_arch[self.arch])
         for key, text in self.overrides.items():
             if key not in fields:
                 self.rep.error("E024", f"`--set {key}`: no config field `{key}`", spec_span,
                                did_you_mean(key, fields) or f"fields: {', '.join(fields)}")
                 continue
-            fixed[key] = N.Const(parse_override_value(text))
+            fixed[key] = (N.Const(parse_override_value(text)), None, None)
+        reported: set[tuple[str, str]] = set()  # (arch or "", field) whose expression failed: reported once
+        spec_values: dict = {}
+        if self.arch is not None or self.overrides:
+            spec_values = self._evaluate_values(config, {}, None, False, reported)
+        values = self._evaluate_values(config, fixed, self.arch, True, reported) if arch_ok else {}
+        if not (self.arch is not None or self.overrides):
+            spec_values = values
+        arch_values: dict[str, dict] = {}
+        for name, chain in per_arch.items():
+            if chain is None:
+                continue
+            if name == self.arch and not self.overrides:
+                got = values
+            else:
+                got = self._evaluate_values(config, chain, name, False, reported)
+            arch_values[name] = {k: got[k] for k in fields if k in chain and k in got}
+        derived = {f.name for f in config.fields if f.default is not None and free_refs(f.default)}
+        self.config_eval = ConfigEvaluation(
+            values=values,
+            fixed=tuple(k for k in fields if k in fixed),
+            arch_values=arch_values,
+            defaults={k: (None if k in derived else spec_values[k]) for k, f in fields.items()
+                      if f.default is not None and (k in derived or k in spec_values)},
+        )
+        return values
+
+    def _evaluate_values(self, config: N.ConfigDef, fixed: dict[str, tuple], arch: str | None, strict: bool,
+                         reported: set[tuple[str, str]]) -> dict:
+        """Field values with `fixed` (field -> (expression, span, arch or None for `--set`)) in place of defaults.
+
+        Errors are reported at the expression that failed (an arch's override, else the field), prefixed with
+        the arch evaluated. `strict`: a field without a value is an error (else it stays unknown, quietly, as do
+        fields and requirements depending on it)."""
+        fields = {f.name: f for f in config.fields}
+        prefix = f"arch `{arch}`: " if arch is not None else ""
         values: dict = {}
         visiting: list[str] = []
-        failed: set[str] = set()  # fields whose error is reported: their dependents stay quiet
+        failed: set[str] = set()  # fields whose error is reported (or that are unknown): dependents stay quiet
+        mark = len(self.rep.diagnostics)
 
         def value_of(name: str):
-            """The field's value; an error is reported once, at the field, and its dependents stay quiet."""
+            """The field's value; an error is reported once, at its source, and its dependents stay quiet."""
             if name in values:
                 return values[name]
             if name in failed:
@@ -348,18 +425,26 @@ class Lowering:
                 failed.add(name)
                 raise
             except EvalError as e:
-                self.rep.error("E021", str(e), f.span)
                 failed.add(name)
+                source = fixed.get(name)
+                key = (source[2] if source else "", name)  # the default, or the arch's override, of this field
+                if source is not None and source[2] is None:  # a `--set` value
+                    self.rep.error("E021", str(e), f.span)
+                elif key not in reported:  # a failing default or override is reported once, not per arch
+                    reported.add(key)
+                    self.rep.error("E021", prefix + str(e), source[1] if source else f.span)
                 raise _Reported(name) from None
             finally:
                 visiting.pop()
             return values[name]
 
         def own_value(name: str, f):
-            expr = fixed.get(name, f.default)
+            expr = fixed[name][0] if name in fixed else f.default
             if expr is None and name in self._failed_fields:
                 raise _Reported(name)
             if expr is None:
+                if not f.optional and not strict:
+                    raise _Reported(name)  # given when the config is made; nothing to check here
                 if not f.optional:
                     raise EvalError(f"config field `{name}` has no default and no value")
                 v = None
@@ -374,18 +459,20 @@ class Lowering:
                 value_of(f.name)
             except EvalError:  # reported (once) inside value_of
                 pass
-        if self.rep.has_errors:
+        if any(d.is_error for d in self.rep.diagnostics[mark:]) or (strict and self.rep.has_errors):
             return values
         for r in config.requires:
+            used = sorted({ref.name for ref in free_refs(r.test)})
+            if any(u not in values for u in used):
+                continue  # depends on a field without a value here
             try:
                 ok = evaluate(r.test, lambda ref: values[ref.name])
             except EvalError as e:
-                self.rep.error("E020", f"requirement cannot be evaluated: {e}", r.span)
+                self.rep.error("E020", f"{prefix}requirement cannot be evaluated: {e}", r.span)
                 continue
             if not ok:
-                used = sorted({ref.name for ref in free_refs(r.test)})
                 shown = ", ".join(f"{u} = {_show(values[u])}" for u in used)
-                self.rep.error("E020", f"requirement failed: {r.message or 'condition is false'}", r.span,
+                self.rep.error("E020", f"{prefix}requirement failed: {r.message or 'condition is false'}", r.span,
                                f"with {shown}" if shown else "",
                                "change the arch or the `--set` values so the condition holds")
         return values
@@ -805,6 +892,7 @@ class _Scope:
         self.scalars: dict[str, N.E] = {}  # fn scalar arguments
         self.loop_vars: dict[str, str] = {}  # loop variable -> repeat submodule
         self.taken: set[str] = set()
+        self.next_suffix: dict[str, int] = {}  # variable -> the next `_<n>` suffix fresh() tries
         self.read: set[str] = set()
         self.defined_at: dict[str, Span] = {}
         self.used_members: set[str] = set()
@@ -816,10 +904,13 @@ class _Scope:
     # names ------------------------------------------------------------------------------
     def fresh(self, var: str) -> str:
         """A new SSA name: the variable's own name if free, else `var_1`, ...; temporaries are `t<n>`."""
-        if var:
-            name, i = var, 1
+        if var:  # user-named values are never released, so counting on from the last suffix finds the same name
+            i = self.next_suffix.get(var, 0)
+            name = f"{var}_{i}" if i else var
             while name in self.taken:
-                name, i = f"{var}_{i}", i + 1
+                i += 1
+                name = f"{var}_{i}"
+            self.next_suffix[var] = i + 1
         else:
             i = len(self.taken)
             name = f"t{i}"
@@ -1161,13 +1252,13 @@ class _Scope:
 
 
 def _assigned_vars(body) -> list[str]:
-    out: list[str] = []
+    out: dict[str, None] = {}  # ordered, without repeats
     for st in body:
         if isinstance(st, A.Assign):
-            out += [t for t in st.targets if t not in out]
+            out.update(dict.fromkeys(st.targets))
         elif isinstance(st, A.For):
-            out += [v for v in _assigned_vars(st.body) if v not in out]
-    return out
+            out.update(dict.fromkeys(_assigned_vars(st.body)))
+    return list(out)
 
 
 def _is_tensor(e: N.E) -> bool:
