@@ -19,6 +19,9 @@ SCALAR_TYPES = ("int", "float", "bool", "str")
 TASKS = ("causal_lm", "masked_lm", "sequence_classification", "embedding", "base")
 INITS = ("normal", "zeros", "ones")
 TRANSFORMS = ("transpose", "split", "concat")
+MAX_REPEAT = 100_000  # layers in one `repeat` stack
+MAX_WEIGHT_TENSORS = 1_000_000  # weight tensors in one model: the compiler lists each (checkpoint names, ties)
+MAX_NESTING = 32  # submodules inside submodules, fns calling fns: deeper is refused (E005), never a RecursionError
 
 
 class _Abort(Exception):
@@ -97,6 +100,8 @@ class Lowering:
         self.arch = arch
         self.overrides = overrides
         self.rep = Reporter()
+        self._pending_ties: list[tuple] = []  # (target, source, TieDef, prefix) of each instantiated tie
+        self._n_weights = 0  # weight tensors instantiated so far
 
     # ---- entry ------------------------------------------------------------------------
     def run(self) -> N.Program:
@@ -145,6 +150,8 @@ class Lowering:
         self.rep.raise_if_errors()
         self.module_defs = module_defs
         self.fn_defs = fn_defs
+        self._check_fn_calls()
+        self.rep.raise_if_errors()
 
         order = self._dependency_order(model.name)
         fns_used = self._fns_used(order)
@@ -630,22 +637,80 @@ class Lowering:
         return N.FnDef(f.name, graph, f.doc, f.span)
 
     # ---- program structure ---------------------------------------------------------------------
+    def _check_fn_calls(self) -> None:
+        """Fns are inlined: one that calls itself (E060) or a chain of calls deeper than MAX_NESTING (E005)
+        has no end or no reasonable one. Iterative, so any depth of input is answered with a diagnostic."""
+        calls = {name: [(st.target, st.span) for st in _ops(f.graph.body) if st.op == "fn" and st.target in self.fn_defs]
+                 for name, f in self.fn_defs.items()}
+        state: dict[str, int] = {}  # 1: on the current path, 2: done
+        depth: dict[str, int] = {}  # longest chain of calls from a fn (1: it calls none)
+        deepest: dict[str, tuple[str, Span] | None] = {}
+        reported: set[frozenset] = set()
+        for root in calls:
+            if root in state:
+                continue
+            path, stack = [root], [iter(calls[root])]
+            state[root] = 1
+            while stack:
+                nxt = next(stack[-1], None)
+                if nxt is None:
+                    name = path.pop()
+                    stack.pop()
+                    state[name] = 2
+                    done = [(depth[t], t, sp) for t, sp in calls[name] if t in depth]
+                    best = max(done, key=lambda x: x[0]) if done else None
+                    depth[name] = 1 + (best[0] if best else 0)
+                    deepest[name] = (best[1], best[2]) if best else None
+                    continue
+                target, span = nxt
+                if state.get(target) == 1:
+                    cycle = path[path.index(target):]
+                    if frozenset(cycle) not in reported:
+                        reported.add(frozenset(cycle))
+                        what = f"fn `{target}` calls itself" + ("" if len(cycle) == 1 else " through others")
+                        self.rep.error("E060", what, span, "a fn is inlined where it is called, so recursion has no end",
+                                       notes=("through " + " -> ".join(cycle + [target]),))
+                elif target not in state:
+                    state[target] = 1
+                    path.append(target)
+                    stack.append(iter(calls[target]))
+        if reported:
+            return
+        for name in calls:
+            if depth[name] == MAX_NESTING + 1:  # the first fn of a chain one call too deep
+                chain, cur = [name], deepest[name]
+                while cur is not None:
+                    chain.append(cur[0])
+                    cur = deepest[cur[0]]
+                shown = chain if len(chain) <= 6 else chain[:3] + ["..."] + chain[-2:]
+                self.rep.error("E005", f"fn calls nested more than {MAX_NESTING} deep", deepest[name][1],
+                               "call the inner fns from the outer one in sequence, or merge them",
+                               notes=("through " + " -> ".join(shown),))
+
     def _dependency_order(self, root: str) -> list[str]:
         order: list[str] = []
+        placed: set[str] = set()
         stack: list[str] = []
 
         def visit(name: str, span: Span) -> None:
-            if name in order:
+            if name in placed:
                 return
             if name in stack:
                 self.rep.error("E060", f"module `{name}` contains itself", span,
                                notes=("through " + " -> ".join(stack[stack.index(name):] + [name]),))
+                raise _Abort
+            if len(stack) == MAX_NESTING:
+                shown = stack if len(stack) <= 6 else stack[:3] + ["..."] + stack[-2:]
+                self.rep.error("E005", f"submodules nested more than {MAX_NESTING} deep", span,
+                               "flatten the hierarchy: hold the inner modules side by side in one module",
+                               notes=("through " + " -> ".join(shown + [name]),))
                 raise _Abort
             stack.append(name)
             for s in self.module_defs[name].submodules:
                 visit(s.module, s.span)
             stack.pop()
             order.append(name)
+            placed.add(name)
 
         try:
             visit(root, self.module_defs[root].span)
@@ -748,17 +813,32 @@ class Lowering:
                 if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                     self.rep.error("E021", f"repeat count must be a positive int, got {_show(n)}", s.span)
                     continue
-                layer0 = self._instantiate(s.module, child_params, f"{prefix}{s.name}.0.", ties, s.span)
+                if n > MAX_REPEAT:
+                    self.rep.error("E021", f"repeat count {n:,} is too large (at most {MAX_REPEAT:,} layers)", s.span,
+                                   self._values_help(s.repeat, lookup))
+                    continue
+                p0 = f"{prefix}{s.name}.0."
+                mark = len(self._pending_ties)
+                layer0 = self._instantiate(s.module, child_params, p0, ties, s.span)
+                if self._n_weights + len(layer0) * (n - 1) > MAX_WEIGHT_TENSORS:
+                    self.rep.error("E021", f"`{s.name}` would hold {len(layer0) * n:,} weight tensors "
+                                   f"({n:,} layers of {len(layer0):,}); at most {MAX_WEIGHT_TENSORS:,} in a model",
+                                   s.span, self._values_help(s.repeat, lookup))
+                    continue
                 out += layer0
-                for i in range(1, n):  # every copy has layer 0's shapes
-                    p0, pi = f"{prefix}{s.name}.0.", f"{prefix}{s.name}.{i}."
+                layer0_ties = self._pending_ties[mark:]
+                for i in range(1, n):  # every copy has layer 0's shapes and ties
+                    pi = f"{prefix}{s.name}.{i}."
                     out += [N.WeightInfo(pi + w.name[len(p0):], w.shape, w.dtype, w.init, None, w.span)
                             for w in layer0]
+                    self._pending_ties += [(pi + t[len(p0):], pi + src[len(p0):], tie, pi + at[len(p0):])
+                                           for t, src, tie, at in layer0_ties]
+                self._n_weights += len(layer0) * (n - 1)
             except EvalError as e:
                 self.rep.error("E021", f"submodule `{s.name}`: {e}", s.span)
             except _Abort:
                 pass
-        self._pending_ties = getattr(self, "_pending_ties", [])
+        self._n_weights += len(mdef.weights)
         for t in mdef.ties:
             try:
                 if t.condition is not None and not evaluate(t.condition, lookup):
@@ -766,22 +846,76 @@ class Lowering:
             except EvalError as e:
                 self.rep.error("E021", f"tie: {e}", t.span)
                 continue
-            self._pending_ties.append((prefix + t.target, prefix + t.source, t.span))
+            self._pending_ties.append((prefix + t.target, prefix + t.source, t, prefix))
         return out
 
+    def _values_help(self, e: N.E, lookup) -> str:
+        """`with n = 4, layers = 2`: the params and config fields an expression reads, for a help line."""
+        shown = []
+        for r in free_refs(e):
+            try:
+                shown.append(f"{r.name} = {_show(lookup(r))}")
+            except EvalError:
+                pass
+        return f"with {', '.join(dict.fromkeys(shown))}" if shown else ""
+
     def _apply_ties(self, weights: list[N.WeightInfo]) -> list[N.WeightInfo]:
+        """Each tie makes its target share its source's storage: both must exist with one shape, a weight is
+        tied at most once, and a tie's source is an untied weight (a tie to a tied weight, or a cycle of ties,
+        would leave no storage to save or load). A tie inside a `repeat` is reported once, not per layer."""
         by_name = {w.name: w for w in weights}
-        for target, source, span in getattr(self, "_pending_ties", []):
-            for name in (target, source):
-                if name not in by_name:
-                    self.rep.error("E010", f"tie names unknown weight `{name}`", span, did_you_mean(name, by_name))
-            if target in by_name and source in by_name:
-                t, s = by_name[target], by_name[source]
-                if t.shape != s.shape:
-                    self.rep.error("E033", f"tied weights differ in shape: `{target}` is {list(t.shape)}, "
-                                   f"`{source}` is {list(s.shape)}", span)
+        tied_at: dict[str, N.TieDef] = {}
+        reported: set[Span] = set()
+
+        def error(code: str, message: str, tie: N.TieDef, *help: str, notes: tuple = ()) -> None:
+            if tie.span not in reported:
+                reported.add(tie.span)
+                self.rep.error(code, message, tie.span, *help, notes=notes)
+
+        ties = []
+        for target, source, tie, prefix in self._pending_ties:
+            unknown = [(full, local) for full, local in ((target, tie.target), (source, tie.source)) if full not in by_name]
+            if unknown:
+                full, local = unknown[0]
+                local_names = [n[len(prefix):] for n in by_name if n.startswith(prefix)]
+                error("E010", f"tie names unknown weight `{local}`", tie, did_you_mean(local, local_names))
+                continue
+            if target == source:
+                error("E060", f"`{tie.target}` is tied to itself", tie, "a tie names two different weights: "
+                      "`tie head.weight = embed.weight`")
+                continue
+            t, s = by_name[target], by_name[source]
+            if t.shape != s.shape:
+                error("E033", f"tied weights differ in shape: `{tie.target}` is {list(t.shape)}, "
+                      f"`{tie.source}` is {list(s.shape)}", tie)
+                continue
+            if target in tied_at:
+                first = tied_at[target]
+                error("E011", f"`{tie.target}` is tied twice", tie, "keep one tie per weight",
+                      notes=(f"first tied at {first.span}",))
+                continue
+            tied_at[target] = tie
+            ties.append((target, source, tie))
+        sources = {target: source for target, source, _ in ties}
+        cycles: set[frozenset] = set()
+        for target, source, tie in ties:
+            if source in sources:
+                cycle, cur = [target], source
+                while cur in sources and cur not in cycle:
+                    cycle.append(cur)
+                    cur = sources[cur]
+                if cur == target and frozenset(cycle) in cycles:
                     continue
-                by_name[target] = N.WeightInfo(t.name, t.shape, t.dtype, t.init, source, t.span)
+                if cur == target:
+                    cycles.add(frozenset(cycle))
+                    error("E060", "tied weights form a cycle: " + " -> ".join(f"`{c}`" for c in cycle + [target]),
+                          tie, "one of them must keep its own storage: remove one tie")
+                else:
+                    error("E041", f"`{tie.source}` is itself tied (to `{sources[source]}`)", tie,
+                          f"tie to the weight that holds the storage: `{sources[source]}`")
+                continue
+            w = by_name[target]
+            by_name[target] = N.WeightInfo(w.name, w.shape, w.dtype, w.init, source, w.span)
         return [by_name[w.name] for w in weights]
 
     # ---- checkpoint and train --------------------------------------------------------------------
@@ -1108,6 +1242,10 @@ class _Scope:
             self.rep.error("E041", f"`{st.iterable}` is not a `repeat` stack", st.span,
                            did_you_mean(st.iterable, [s.name for s in self.subs.values() if s.repeat is not None]))
             raise _Abort
+        if st.var in self.loop_vars:
+            self.rep.error("E011", f"`{st.var}` is already the variable of an enclosing loop", st.span,
+                           f"name the inner loop's variable differently, e.g. `for {st.var}_2 in {st.iterable}:`")
+            raise _Abort
         self.used_members.add(sub.name)
         assigned = _assigned_vars(st.body)
         carried = [v for v in assigned if v in self.env]
@@ -1259,6 +1397,15 @@ def _assigned_vars(body) -> list[str]:
         elif isinstance(st, A.For):
             out.update(dict.fromkeys(_assigned_vars(st.body)))
     return list(out)
+
+
+def _ops(body):
+    """Every Op of a body, inside loops too."""
+    for st in body:
+        if isinstance(st, N.Loop):
+            yield from _ops(st.body)
+        else:
+            yield st
 
 
 def _is_tensor(e: N.E) -> bool:
