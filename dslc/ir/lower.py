@@ -799,6 +799,16 @@ class Lowering:
                                f"[{', '.join(_show(d) for d in shape)}]", w.span,
                                notes=(f"instantiated from {span}",))
                 continue
+            if w.init_std is not None:
+                try:
+                    std = evaluate(w.init_std, lookup)
+                except EvalError as e:
+                    self.rep.error("E021", f"`normal` std of weight `{w.name}`: {e}", w.span)
+                    continue
+                if isinstance(std, bool) or not isinstance(std, (int, float)) or std < 0:
+                    self.rep.error("E021", f"`normal` std of weight `{w.name}` must be a number >= 0, got {_show(std)}",
+                                   w.span, self._values_help(w.init_std, lookup))
+                    continue
             out.append(N.WeightInfo(prefix + w.name, shape, w.dtype, w.init, None, w.span))
         for s in mdef.submodules:
             try:
@@ -945,9 +955,33 @@ class Lowering:
                 if len(r.targets) > 1 and "split" not in names:
                     self.rep.error("E050", "several parameters need `split(dim = N)`", r.span,
                                    'split it on the way: `"ab" -> split(dim = 0) -> "a", "b"`')
+                self._check_layer_index(r)
                 rules.append(N.LayoutRuleDef(r.sources, tuple(transforms), r.targets, r.span))
+            for i in d.ignores:
+                if i.pattern.count("{i}") > 1:
+                    self.rep.error("E050", f"`{{i}}` appears {i.pattern.count('{i}')} times in `{i.pattern}`", i.span,
+                                   "a pattern holds one layer index, `{i}`")
             ignores += [i.pattern for i in d.ignores]
         return N.CheckpointDef(tuple(rules), tuple(ignores))
+
+    def _check_layer_index(self, r: A.LayoutRule) -> None:
+        """`{i}` stands for one layer index, read from the rule's first source key and written into the other
+        names: at most one per pattern, and in the first source whenever another name has it."""
+        for pattern in r.sources + r.targets:
+            if pattern.count("{i}") > 1:
+                self.rep.error("E050", f"`{{i}}` appears {pattern.count('{i}')} times in `{pattern}`", r.span,
+                               "a pattern holds one layer index, `{i}`")
+                return
+        first_has = "{i}" in r.sources[0]
+        others = [p for p in r.sources[1:] + r.targets if "{i}" in p]
+        if others and not first_has:
+            self.rep.error("E050", f"`{others[0]}` has a layer index `{{i}}`, but the checkpoint key "
+                           f"`{r.sources[0]}` has none to give it", r.span,
+                           "put `{i}` in the first checkpoint key too, where it is read from")
+        elif first_has and not any("{i}" in t for t in r.targets):
+            self.rep.error("E050", f"checkpoint key `{r.sources[0]}` has a layer index `{{i}}`, but no parameter "
+                           "of the rule does", r.span, "every layer would load into the same parameter: "
+                           "put `{i}` in the parameter name too")
 
     def _check_layout(self, checkpoint: N.CheckpointDef, weights: list[N.WeightInfo]) -> None:
         """Each rule's targets must be weights of the model, and its transforms must fit their shapes."""
@@ -1148,6 +1182,17 @@ class _Scope:
             for d in a.tensor.dims if a.tensor else ():
                 if isinstance(d, N.Ref) and d.kind == "sym":
                     self.syms.add(d.name)
+        for t in sig.results or ():  # a result's size symbols come from the arguments
+            for n in _ast_names(t.dims):
+                if n.id in self.syms or n.id in self.scalars or n.id in self.params:
+                    continue
+                if not self.is_fn and n.id in self.low.config_fields:
+                    continue
+                known = list(self.syms) + list(self.scalars) + list(self.params) + (
+                    [] if self.is_fn else list(self.low.config_fields))
+                self.rep.error("E010", f"unknown size `{n.id}` in the result type", n.span,
+                               did_you_mean(n.id, known)
+                               or "a result's sizes are config fields, parameters or symbols the arguments bind")
         outputs: tuple[str, ...] = ()
         for i, st in enumerate(body):
             try:
@@ -1397,6 +1442,24 @@ def _assigned_vars(body) -> list[str]:
         elif isinstance(st, A.For):
             out.update(dict.fromkeys(_assigned_vars(st.body)))
     return list(out)
+
+
+def _ast_names(exprs) -> list[A.Name]:
+    """The names read by AST expressions, in order."""
+    out, todo = [], list(reversed(exprs))
+    while todo:
+        e = todo.pop()
+        if isinstance(e, A.Name):
+            out.append(e)
+        elif isinstance(e, A.BinOp):
+            todo += [e.right, e.left]
+        elif isinstance(e, A.UnaryOp):
+            todo.append(e.operand)
+        elif isinstance(e, A.Cond):
+            todo += [e.orelse, e.test, e.then]
+        elif isinstance(e, (A.ListLit,)):
+            todo += list(reversed(e.items))
+    return out
 
 
 def _ops(body):
