@@ -12,7 +12,7 @@ from dslc.check.primitives import PRIMITIVES
 from dslc.diagnostics import Reporter, Span, did_you_mean
 from dslc.ir import nodes as N
 from dslc.ir.evaluate import EvalError, evaluate, free_refs
-from dslc.ir.names import identifier_problem
+from dslc.ir.names import config_flags, identifier_problem
 from dslc.syntax import ast as A
 
 SCALAR_TYPES = ("int", "float", "bool", "str")
@@ -252,6 +252,9 @@ class Lowering:
             problem = identifier_problem(f.name, role="config field")
             if problem:
                 self.rep.error("E012", problem, f.span)
+            elif f.name in config_flags() and f.type.name != "bool":
+                self.rep.error("E021", f"config field `{f.name}` must be bool: the generated model reads it as "
+                               "a forward flag, as transformers does", f.type.span)
             if f.name in seen:
                 self.rep.error("E011", f"config field `{f.name}` is defined twice", f.span)
             seen.add(f.name)
@@ -505,6 +508,9 @@ class Lowering:
             problem = identifier_problem(p.name, role="parameter")
             if problem:
                 self.rep.error("E012", problem, p.span)
+            elif p.name in self.decls.modules:
+                self.rep.error("E012", f"`{p.name}` names a module: a parameter of that name would hide it in the "
+                               "generated __init__", p.span)
             if p.name in params:
                 self.rep.error("E011", f"parameter `{p.name}` is defined twice", p.span)
             if p.type.name not in SCALAR_TYPES:
@@ -516,7 +522,7 @@ class Lowering:
         member_names: dict[str, Span] = {}
 
         def claim(name: str, span: Span, role: str) -> None:
-            problem = identifier_problem(name, role=role)
+            problem = identifier_problem(name, role=role, is_model=m.is_model)
             if problem:
                 self.rep.error("E012", problem, span)
             if name in member_names:
