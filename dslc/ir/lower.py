@@ -442,7 +442,10 @@ class Lowering:
                     self.rep.error("E021", str(e), f.span)
                 elif key not in reported:  # a failing default or override is reported once, not per arch
                     reported.add(key)
-                    self.rep.error("E021", prefix + str(e), source[1] if source else f.span)
+                    expr = source[0] if source else f.default
+                    shown = [f"{r.name} = {_show(values[r.name])}" for r in free_refs(expr) if r.name in values]
+                    self.rep.error("E021", prefix + str(e), source[1] if source else f.span,
+                                   f"with {', '.join(dict.fromkeys(shown))}" if shown and arch is not None else "")
                 raise _Reported(name) from None
             finally:
                 visiting.pop()
