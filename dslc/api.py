@@ -24,6 +24,7 @@ class Checked:
     warnings: list[Diagnostic]
     types: dict  # (module, params) -> {value: TType}, from the checker
     optimized: object = None  # dslc.passes.pipeline.Optimized, once a build ran the passes
+    config_eval: object = None  # dslc.ir.lower.ConfigEvaluation: the config per arch, as checked
 
 
 def check_file(path: str | Path, arch: str | None = None, overrides: dict[str, str] | None = None) -> Checked:
@@ -60,7 +61,8 @@ def check_ast(spec, arch=None, overrides=None) -> Checked:
     errors = _dedupe([d for d in diags if d.is_error])
     if errors:
         raise DslcError(errors)
-    return Checked(program, _dedupe([d for d in diags if not d.is_error]), checker.types)
+    return Checked(program, _dedupe([d for d in diags if not d.is_error]), checker.types,
+                   config_eval=low.config_eval)
 
 
 def _dedupe(diags: list[Diagnostic]) -> list[Diagnostic]:

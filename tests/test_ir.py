@@ -42,7 +42,7 @@ config TinyConfig:
     use_bias: bool = false
     use_extra: bool = true
     name: str = "tiny \"model\" \\ v1\n\ttab"
-    extra: int? = none
+    spare: int? = none
     derived: int = dim * 2 if not use_bias and dim > 4 else -(dim - 1) // 2 ** 2
     from_hf n_embd -> dim
     from_hf a.b -> layers

@@ -33,7 +33,23 @@ def _desc(x) -> str:
         return f"a tensor {x}"
     if x == NONE_TYPE:
         return "an absent optional weight (none)"
+    if x is None:
+        return "`none`"
+    if isinstance(x, bool):
+        return f"`{str(x).lower()}`"
+    if isinstance(x, str):
+        return f"the string {x!r}"
+    if isinstance(x, list):
+        return f"the list `[{', '.join(str(i) for i in x)}]`"
     return f"`{x}`"
+
+
+def _is_number(x) -> bool:
+    """A build-time number or size symbol (a bool counts: torch takes it as 0 or 1)."""
+    return isinstance(x, (int, float, Sym))
+
+
+_SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**", "matmul": "@"}
 
 
 def _dim_index(d, rank: int, what: str = "dim") -> int:
@@ -103,6 +119,12 @@ def _binary(name: str):
                     raise OpTypeError("E041", "cannot subtract from an absent weight")
                 return [other]
             raise OpTypeError("E041", f"`{name}` of an absent optional weight", "only `+` and `-` skip a none")
+        for x in (a, b):
+            if not isinstance(x, TType) and not _is_number(x):
+                raise OpTypeError("E041", f"`{_SYMBOLS.get(name, name)}` needs tensors or numbers, got {_desc(x)}")
+        if name == "matmul" and not (isinstance(a, TType) and isinstance(b, TType)):
+            raise OpTypeError("E041", f"`@` needs tensors on both sides, got {_desc(a)} and {_desc(b)}",
+                              "scale with `*`; `@` is a matrix product")
         if not isinstance(a, TType):
             return [_t(b, "operand")]
         if not isinstance(b, TType):
@@ -129,6 +151,9 @@ def _where(args, kw):
     c = _t(args[0], "`where`'s condition")
     if c.dtype != "bool":
         raise OpTypeError("E032", f"`where`'s condition must be bool, got {c.dtype}")
+    for x in args[1:]:
+        if not isinstance(x, TType) and not _is_number(x):
+            raise OpTypeError("E041", f"`where`'s branches must be tensors or numbers, got {_desc(x)}")
     tensors = [x for x in args[1:] if isinstance(x, TType)]
     if not tensors:
         raise OpTypeError("E041", "`where` needs at least one tensor branch")
@@ -148,6 +173,8 @@ def _reduction(name: str):
         dims = dims if isinstance(dims, list) else [dims]
         axes = {_dim_index(d, x.rank) for d in dims}
         keep = kw.get("keepdim", False)
+        if not isinstance(keep, bool):
+            raise OpTypeError("E041", f"`{name}`'s keepdim must be true or false, got {_desc(keep)}")
         out = tuple(1 if i in axes else d for i, d in enumerate(x.dims) if keep or i not in axes)
         return [TType(out, x.dtype)]
 
@@ -188,6 +215,9 @@ def _gather(args, kw):
     if set(kw) - {"padding_idx"}:
         raise OpTypeError("E040", f"`gather` takes only `padding_idx` as a keyword, got {', '.join(sorted(kw))}")
     table, ids = _t(args[0], "`gather`'s table"), _t(args[1], "`gather`'s ids")
+    pad = kw.get("padding_idx")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)):
+        raise OpTypeError("E041", f"`gather`'s padding_idx must be an int or none, got {_desc(pad)}")
     if ids.dtype not in ("i64", "i32"):
         raise OpTypeError("E032", f"`gather`'s ids must be integers, got {ids.dtype}")
     if table.rank != 2:
@@ -307,6 +337,11 @@ def _split(args, kw):
     if len(args) != 2 or not isinstance(args[1], list):
         raise OpTypeError("E040", "`split` takes (x, [sizes], dim = d)")
     x = _t(args[0], "`split`'s input")
+    for size in args[1]:
+        if isinstance(size, bool) or not isinstance(size, (int, Sym)) or (isinstance(size, int) and size < 0):
+            raise OpTypeError("E041", f"`split` sizes must be sizes, got {_desc(size)}")
+    if not args[1]:
+        raise OpTypeError("E040", "`split` needs at least one size")
     return _split_sizes(x, args[1], kw.get("dim", -1), "split")
 
 
@@ -361,6 +396,17 @@ def _attention(args, kw):
     for key in kw:
         if key not in ATTENTION_OPTIONS:
             raise OpTypeError("E040", f"`attention` has no option `{key}`", f"options: {', '.join(ATTENTION_OPTIONS)}")
+    if "causal" not in kw:
+        raise OpTypeError("E040", "`attention` needs `causal = true` or `causal = false`")
+    if not isinstance(kw["causal"], bool):
+        raise OpTypeError("E041", f"`attention`'s causal must be true or false, got {_desc(kw['causal'])}")
+    window = kw.get("window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise OpTypeError("E041", f"`attention`'s window must be a positive int or none, got {_desc(window)}")
+    for key in ("softcap", "scale"):
+        v_ = kw.get(key)
+        if v_ is not None and (isinstance(v_, bool) or not isinstance(v_, (int, float)) or not v_ > 0):
+            raise OpTypeError("E041", f"`attention`'s {key} must be a positive number or none, got {_desc(v_)}")
     return [TType((q.dims[0], hq, q.dims[2], v.dims[3]), q.dtype)]
 
 
@@ -378,14 +424,21 @@ def _rotate_half(args, kw):
 
 def _dropout(args, kw):
     x = _t(args[0] if args else None, "`dropout`'s input")
+    if len(args) > 2 or set(kw) - {"p"} or (len(args) == 2 and "p" in kw):
+        raise OpTypeError("E040", "`dropout` takes (x, p) or (x, p = p)")
+    p = args[1] if len(args) == 2 else kw.get("p", 0.0)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise OpTypeError("E041", f"`dropout`'s probability must be a number from 0 to 1, got {_desc(p)}")
     return [x]
 
 
 def _topk(args, kw):
     x = _t(args[0] if args else None, "`topk`'s input")
     k = args[1] if len(args) > 1 else None
-    if not isinstance(k, int):
+    if not isinstance(k, int) or isinstance(k, bool):
         raise OpTypeError("E040", "`topk` takes (x, k)")
+    if k < 1:
+        raise OpTypeError("E041", f"`topk`'s k must be a positive int, got {_desc(k)}")
     return [TType(x.dims[:-1] + (k,), x.dtype), TType(x.dims[:-1] + (k,), "i64")]
 
 

@@ -330,18 +330,29 @@ class PackageRenderer:
         return self.p.config.name
 
     def config_view(self) -> dict:
+        """The config class's fields and archs, from the values the check evaluated (`checked.config_eval`).
+
+        The build's arch and `--set` values become the fields' defaults, so `Config()` is the config that was
+        checked and reported; each arch holds its values as the check evaluated them, plus the spec's own
+        default for any field the build changed and the arch does not set (`for_arch` starts from the spec)."""
+        from dslc.ir.evaluate import free_refs
+
         c = self.p.config
+        ev = self.checked.config_eval
         ctx = BodyContext(spec_name=self.spec_name, in_module=False)
         ctx.config_prefix = "self"
+        fixed = set(ev.fixed)
         fields, derived = [], []
         for f in c.fields:
             ann = PY_TYPES[f.type] + (" | None" if f.optional else "")
-            from dslc.ir.evaluate import free_refs
-
             is_derived = f.default is not None and any(r.kind == "config" for r in free_refs(f.default))
+            built = static_text(N.Const(ev.values[f.name]), ctx, {}, 0) if f.name in fixed else None
             if is_derived:
                 derived.append((f.name, static_text(f.default, ctx, {}, 0)))
-                fields.append((f.name, f"{PY_TYPES[f.type]} | None", "None", f.doc or f"derived: {_src(f, ctx)}"))
+                doc = f.doc or f"derived: {_src(f, ctx)}"
+                fields.append((f.name, f"{PY_TYPES[f.type]} | None", built or "None", doc))
+            elif built is not None:
+                fields.append((f.name, ann, built, f.doc))
             elif f.default is None:
                 fields.append((f.name, ann, "None" if f.optional else None, f.doc))
             else:
@@ -349,16 +360,9 @@ class PackageRenderer:
         requires = [(static_text(r.test, ctx, {}, 0), r.message or "requirement failed",
                      sorted({x.name for x in _refs(r.test)}), self.where(r.span)) for r in c.requires]
         archs = {}
-        by_name = {a.name: a for a in c.archs}
-        for a in c.archs:
-            chain, cur = [], a
-            while cur is not None:
-                chain.append(cur)
-                cur = by_name.get(cur.base) if cur.base else None
-            values: dict = {}
-            for step in reversed(chain):
-                values.update({k: self._const(v) for k, v in step.overrides})
-            archs[a.name] = values
+        for name, values in ev.arch_values.items():
+            restore = {k: ev.defaults[k] for k in ev.fixed if k not in values and k in ev.defaults}
+            archs[name] = {**restore, **values}
         return {
             "name": c.name,
             "fields": fields,

@@ -12,13 +12,16 @@ from dslc.check.primitives import PRIMITIVES
 from dslc.diagnostics import Reporter, Span, did_you_mean
 from dslc.ir import nodes as N
 from dslc.ir.evaluate import EvalError, evaluate, free_refs
-from dslc.ir.names import identifier_problem
+from dslc.ir.names import config_flags, identifier_problem
 from dslc.syntax import ast as A
 
 SCALAR_TYPES = ("int", "float", "bool", "str")
 TASKS = ("causal_lm", "masked_lm", "sequence_classification", "embedding", "base")
 INITS = ("normal", "zeros", "ones")
 TRANSFORMS = ("transpose", "split", "concat")
+MAX_REPEAT = 100_000  # layers in one `repeat` stack
+MAX_WEIGHT_TENSORS = 1_000_000  # weight tensors in one model: the compiler lists each (checkpoint names, ties)
+MAX_NESTING = 32  # submodules inside submodules, fns calling fns: deeper is refused (E005), never a RecursionError
 
 
 class _Abort(Exception):
@@ -71,6 +74,16 @@ def parse_override_value(text: str):
 
 
 @dataclass
+class ConfigEvaluation:
+    """The config as the check evaluated it, once per arch; codegen renders these values, never re-evaluates."""
+
+    values: dict  # the build's values: its arch, its `--set` overrides, derived defaults following them
+    fixed: tuple[str, ...]  # fields the build's arch chain or `--set` gives a value (the package's defaults)
+    arch_values: dict[str, dict]  # arch -> {field its `extends` chain sets: value, evaluated in that arch}
+    defaults: dict  # field -> the spec's own default value (None for a derived one), where it has one
+
+
+@dataclass
 class _Decls:
     configs: dict[str, A.ConfigDecl]
     modules: dict[str, A.ModuleDecl]
@@ -87,6 +100,8 @@ class Lowering:
         self.arch = arch
         self.overrides = overrides
         self.rep = Reporter()
+        self._pending_ties: list[tuple] = []  # (target, source, TieDef, prefix) of each instantiated tie
+        self._n_weights = 0  # weight tensors instantiated so far
 
     # ---- entry ------------------------------------------------------------------------
     def run(self) -> N.Program:
@@ -135,6 +150,8 @@ class Lowering:
         self.rep.raise_if_errors()
         self.module_defs = module_defs
         self.fn_defs = fn_defs
+        self._check_fn_calls()
+        self.rep.raise_if_errors()
 
         order = self._dependency_order(model.name)
         fns_used = self._fns_used(order)
@@ -229,11 +246,15 @@ class Lowering:
     def _lower_config(self, decl: A.ConfigDecl, archs: list[A.ArchDecl]) -> N.ConfigDef:
         fields, seen = [], set()
         self._failed_fields: set[str] = set()
+        self.override_spans: dict[tuple[str, str], Span] = {}  # (arch, field) -> the override's span
         resolve = self._config_resolver()
         for f in decl.fields:
             problem = identifier_problem(f.name, role="config field")
             if problem:
                 self.rep.error("E012", problem, f.span)
+            elif f.name in config_flags() and f.type.name != "bool":
+                self.rep.error("E021", f"config field `{f.name}` must be bool: the generated model reads it as "
+                               "a forward flag, as transformers does", f.type.span)
             if f.name in seen:
                 self.rep.error("E011", f"config field `{f.name}` is defined twice", f.span)
             seen.add(f.name)
@@ -246,11 +267,17 @@ class Lowering:
                 default = None
                 self._failed_fields.add(f.name)
             fields.append(N.FieldDef(f.name, f.type.name, f.type.optional, default, f.doc, f.span))
-        aliases = []
+        aliases, alias_at = [], {}
         for a in decl.aliases:
             if a.field not in seen:
                 self.rep.error("E010", f"alias target `{a.field}` is not a config field", a.span,
                                did_you_mean(a.field, seen))
+            if a.hf_key in alias_at:
+                first, at = alias_at[a.hf_key]
+                self.rep.error("E011", f"config.json key `{a.hf_key}` is mapped twice (to `{first}` and `{a.field}`)",
+                               a.span, "keep one `from_hf` line per key", notes=(f"first mapped at {at}",))
+                continue
+            alias_at[a.hf_key] = (a.field, a.span)
             aliases.append((a.hf_key, a.field))
         requires = []
         for r in decl.requires:
@@ -264,11 +291,16 @@ class Lowering:
             if a.name in names:
                 self.rep.error("E011", f"arch `{a.name}` is defined twice", a.span)
             names.add(a.name)
-            ovs = []
+            ovs, set_here = [], set()
             for o in a.overrides:
                 if o.name not in seen:
                     self.rep.error("E010", f"unknown config field `{o.name}`", o.span, did_you_mean(o.name, seen))
                     continue
+                if o.name in set_here:
+                    self.rep.error("E011", f"arch `{a.name}` sets `{o.name}` twice", o.span)
+                    continue
+                set_here.add(o.name)
+                self.override_spans[(a.name, o.name)] = o.span
                 try:
                     ovs.append((o.name, self._static(o.value, resolve)))
                 except _Abort:
@@ -280,59 +312,114 @@ class Lowering:
                                did_you_mean(a.base, names) or f"archs: {', '.join(sorted(names))}")
         return N.ConfigDef(decl.name, tuple(fields), tuple(aliases), tuple(requires), tuple(arch_defs), decl.span)
 
-    def _arch_chain(self, config: N.ConfigDef, name: str, span: Span) -> list[N.ArchDef]:
+    def _arch_overrides(self, config: N.ConfigDef) -> dict[str, dict | None]:
+        """Per arch: field -> (expression, span, arch setting it), merged along its `extends` chain (the most
+        derived arch wins); None for an arch whose chain has a cycle (E023, reported here once per cycle) or an
+        unknown base (E022, reported at the `extends`). Each arch is resolved once: linear in the archs."""
         by_name = {a.name: a for a in config.archs}
-        chain, cur = [], name
-        while cur is not None:
-            if cur not in by_name:
-                if chain:  # an unknown base: _lower_config reported it at the `extends`
-                    raise _Abort
-                self.rep.error("E022", f"`--arch {cur}`: no arch named `{cur}`", span,
-                               did_you_mean(cur, by_name) or f"archs: {', '.join(by_name) or '(none declared)'}")
-                raise _Abort
-            a = by_name[cur]
-            if a in chain:
-                cycle = [c.name for c in chain[chain.index(a):]]
-                reported = getattr(self, "_arch_cycles", set())
-                self._arch_cycles = reported | {frozenset(cycle)}
+        memo: dict[str, dict | None] = {}
+        reported: set[frozenset] = set()
+        for start in by_name:
+            path: list[str] = []
+            on_path: set[str] = set()
+            cur = start
+            while cur is not None and cur not in memo and cur in by_name and cur not in on_path:
+                path.append(cur)
+                on_path.add(cur)
+                cur = by_name[cur].base
+            if cur is None:
+                base: dict | None = {}
+            elif cur in memo:
+                base = memo[cur]
+            elif cur in on_path:
+                cycle = path[path.index(cur):]
                 if frozenset(cycle) not in reported:
-                    what = (f"arch `{a.name}` extends itself" if len(cycle) == 1 else
-                            "archs extend each other in a cycle: " + " -> ".join(f"`{c}`" for c in cycle + [a.name]))
-                    self.rep.error("E023", what, a.span, "remove one `extends` to break the cycle")
-                raise _Abort
-            chain.append(a)
-            cur = a.base
-        return list(reversed(chain))
+                    reported.add(frozenset(cycle))
+                    what = (f"arch `{cur}` extends itself" if len(cycle) == 1 else
+                            "archs extend each other in a cycle: " + " -> ".join(f"`{c}`" for c in cycle + [cur]))
+                    self.rep.error("E023", what, by_name[cur].span, "remove one `extends` to break the cycle")
+                base = None
+            else:  # an unknown base
+                base = None
+            for name in reversed(path):
+                if base is not None:
+                    a = by_name[name]
+                    base = {**base, **{k: (e, self.override_spans.get((name, k), a.span), name)
+                                       for k, e in a.overrides}}
+                memo[name] = base
+        return memo
 
     def _evaluate_config(self, config: N.ConfigDef) -> dict:
-        """Field values for the chosen arch and `--set` overrides; derived defaults follow overrides."""
-        fixed: dict[str, N.E] = {}
+        """The build's field values (its arch and `--set` overrides; derived defaults follow overrides).
+
+        The spec's own defaults and every arch are evaluated too, each once, and checked the same way (types,
+        requirements): an arch that is never selected still fails the check. `self.config_eval` keeps the
+        results for codegen, so the generated config's archs hold exactly the values checked here.
+        """
         spec_span = Span(config.span.file, config.span.line, config.span.col, config.span.line,
                          config.span.col + len("config ") + len(config.name))
-        for a in config.archs:  # every arch is checked for cycles and unknown bases
-            try:
-                self._arch_chain(config, a.name, a.span)
-            except _Abort:
-                pass
-        if self.arch is not None:
-            try:
-                for a in self._arch_chain(config, self.arch, spec_span):
-                    fixed.update(dict(a.overrides))
-            except _Abort:
-                return {}
+        per_arch = self._arch_overrides(config)
         fields = {f.name: f for f in config.fields}
+        fixed: dict[str, tuple] = {}
+        arch_ok = True
+        if self.arch is not None:
+            if self.arch not in per_arch:
+                self.rep.error("E022", f"`--arch {self.arch}`: no arch named `{self.arch}`", spec_span,
+                               did_you_mean(self.arch, per_arch)
+                               or f"archs: {', '.join(per_arch) or '(none declared)'}")
+                arch_ok = False
+            elif per_arch[self.arch] is None:
+                arch_ok = False
+            else:
+                fixed.update(per_arch[self.arch])
         for key, text in self.overrides.items():
             if key not in fields:
                 self.rep.error("E024", f"`--set {key}`: no config field `{key}`", spec_span,
                                did_you_mean(key, fields) or f"fields: {', '.join(fields)}")
                 continue
-            fixed[key] = N.Const(parse_override_value(text))
+            fixed[key] = (N.Const(parse_override_value(text)), None, None)
+        reported: set[tuple[str, str]] = set()  # (arch or "", field) whose expression failed: reported once
+        spec_values: dict = {}
+        if self.arch is not None or self.overrides:
+            spec_values = self._evaluate_values(config, {}, None, False, reported)
+        values = self._evaluate_values(config, fixed, self.arch, True, reported) if arch_ok else {}
+        if not (self.arch is not None or self.overrides):
+            spec_values = values
+        arch_values: dict[str, dict] = {}
+        for name, chain in per_arch.items():
+            if chain is None:
+                continue
+            if name == self.arch and not self.overrides:
+                got = values
+            else:
+                got = self._evaluate_values(config, chain, name, False, reported)
+            arch_values[name] = {k: got[k] for k in fields if k in chain and k in got}
+        derived = {f.name for f in config.fields if f.default is not None and free_refs(f.default)}
+        self.config_eval = ConfigEvaluation(
+            values=values,
+            fixed=tuple(k for k in fields if k in fixed),
+            arch_values=arch_values,
+            defaults={k: (None if k in derived else spec_values[k]) for k, f in fields.items()
+                      if f.default is not None and (k in derived or k in spec_values)},
+        )
+        return values
+
+    def _evaluate_values(self, config: N.ConfigDef, fixed: dict[str, tuple], arch: str | None, strict: bool,
+                         reported: set[tuple[str, str]]) -> dict:
+        """Field values with `fixed` (field -> (expression, span, arch or None for `--set`)) in place of defaults.
+
+        Errors are reported at the expression that failed (an arch's override, else the field), prefixed with
+        the arch evaluated. `strict`: a field without a value is an error (else it stays unknown, quietly, as do
+        fields and requirements depending on it)."""
+        fields = {f.name: f for f in config.fields}
+        prefix = f"arch `{arch}`: " if arch is not None else ""
         values: dict = {}
         visiting: list[str] = []
-        failed: set[str] = set()  # fields whose error is reported: their dependents stay quiet
+        failed: set[str] = set()  # fields whose error is reported (or that are unknown): dependents stay quiet
+        mark = len(self.rep.diagnostics)
 
         def value_of(name: str):
-            """The field's value; an error is reported once, at the field, and its dependents stay quiet."""
+            """The field's value; an error is reported once, at its source, and its dependents stay quiet."""
             if name in values:
                 return values[name]
             if name in failed:
@@ -348,18 +435,29 @@ class Lowering:
                 failed.add(name)
                 raise
             except EvalError as e:
-                self.rep.error("E021", str(e), f.span)
                 failed.add(name)
+                source = fixed.get(name)
+                key = (source[2] if source else "", name)  # the default, or the arch's override, of this field
+                if source is not None and source[2] is None:  # a `--set` value
+                    self.rep.error("E021", str(e), f.span)
+                elif key not in reported:  # a failing default or override is reported once, not per arch
+                    reported.add(key)
+                    expr = source[0] if source else f.default
+                    shown = [f"{r.name} = {_show(values[r.name])}" for r in free_refs(expr) if r.name in values]
+                    self.rep.error("E021", prefix + str(e), source[1] if source else f.span,
+                                   f"with {', '.join(dict.fromkeys(shown))}" if shown and arch is not None else "")
                 raise _Reported(name) from None
             finally:
                 visiting.pop()
             return values[name]
 
         def own_value(name: str, f):
-            expr = fixed.get(name, f.default)
+            expr = fixed[name][0] if name in fixed else f.default
             if expr is None and name in self._failed_fields:
                 raise _Reported(name)
             if expr is None:
+                if not f.optional and not strict:
+                    raise _Reported(name)  # given when the config is made; nothing to check here
                 if not f.optional:
                     raise EvalError(f"config field `{name}` has no default and no value")
                 v = None
@@ -374,18 +472,20 @@ class Lowering:
                 value_of(f.name)
             except EvalError:  # reported (once) inside value_of
                 pass
-        if self.rep.has_errors:
+        if any(d.is_error for d in self.rep.diagnostics[mark:]) or (strict and self.rep.has_errors):
             return values
         for r in config.requires:
+            used = sorted({ref.name for ref in free_refs(r.test)})
+            if any(u not in values for u in used):
+                continue  # depends on a field without a value here
             try:
                 ok = evaluate(r.test, lambda ref: values[ref.name])
             except EvalError as e:
-                self.rep.error("E020", f"requirement cannot be evaluated: {e}", r.span)
+                self.rep.error("E020", f"{prefix}requirement cannot be evaluated: {e}", r.span)
                 continue
             if not ok:
-                used = sorted({ref.name for ref in free_refs(r.test)})
                 shown = ", ".join(f"{u} = {_show(values[u])}" for u in used)
-                self.rep.error("E020", f"requirement failed: {r.message or 'condition is false'}", r.span,
+                self.rep.error("E020", f"{prefix}requirement failed: {r.message or 'condition is false'}", r.span,
                                f"with {shown}" if shown else "",
                                "change the arch or the `--set` values so the condition holds")
         return values
@@ -411,6 +511,9 @@ class Lowering:
             problem = identifier_problem(p.name, role="parameter")
             if problem:
                 self.rep.error("E012", problem, p.span)
+            elif p.name in self.decls.modules:
+                self.rep.error("E012", f"`{p.name}` names a module: a parameter of that name would hide it in the "
+                               "generated __init__", p.span)
             if p.name in params:
                 self.rep.error("E011", f"parameter `{p.name}` is defined twice", p.span)
             if p.type.name not in SCALAR_TYPES:
@@ -422,7 +525,7 @@ class Lowering:
         member_names: dict[str, Span] = {}
 
         def claim(name: str, span: Span, role: str) -> None:
-            problem = identifier_problem(name, role=role)
+            problem = identifier_problem(name, role=role, is_model=m.is_model)
             if problem:
                 self.rep.error("E012", problem, span)
             if name in member_names:
@@ -543,22 +646,80 @@ class Lowering:
         return N.FnDef(f.name, graph, f.doc, f.span)
 
     # ---- program structure ---------------------------------------------------------------------
+    def _check_fn_calls(self) -> None:
+        """Fns are inlined: one that calls itself (E060) or a chain of calls deeper than MAX_NESTING (E005)
+        has no end or no reasonable one. Iterative, so any depth of input is answered with a diagnostic."""
+        calls = {name: [(st.target, st.span) for st in _ops(f.graph.body) if st.op == "fn" and st.target in self.fn_defs]
+                 for name, f in self.fn_defs.items()}
+        state: dict[str, int] = {}  # 1: on the current path, 2: done
+        depth: dict[str, int] = {}  # longest chain of calls from a fn (1: it calls none)
+        deepest: dict[str, tuple[str, Span] | None] = {}
+        reported: set[frozenset] = set()
+        for root in calls:
+            if root in state:
+                continue
+            path, stack = [root], [iter(calls[root])]
+            state[root] = 1
+            while stack:
+                nxt = next(stack[-1], None)
+                if nxt is None:
+                    name = path.pop()
+                    stack.pop()
+                    state[name] = 2
+                    done = [(depth[t], t, sp) for t, sp in calls[name] if t in depth]
+                    best = max(done, key=lambda x: x[0]) if done else None
+                    depth[name] = 1 + (best[0] if best else 0)
+                    deepest[name] = (best[1], best[2]) if best else None
+                    continue
+                target, span = nxt
+                if state.get(target) == 1:
+                    cycle = path[path.index(target):]
+                    if frozenset(cycle) not in reported:
+                        reported.add(frozenset(cycle))
+                        what = f"fn `{target}` calls itself" + ("" if len(cycle) == 1 else " through others")
+                        self.rep.error("E060", what, span, "a fn is inlined where it is called, so recursion has no end",
+                                       notes=("through " + " -> ".join(cycle + [target]),))
+                elif target not in state:
+                    state[target] = 1
+                    path.append(target)
+                    stack.append(iter(calls[target]))
+        if reported:
+            return
+        for name in calls:
+            if depth[name] == MAX_NESTING + 1:  # the first fn of a chain one call too deep
+                chain, cur = [name], deepest[name]
+                while cur is not None:
+                    chain.append(cur[0])
+                    cur = deepest[cur[0]]
+                shown = chain if len(chain) <= 6 else chain[:3] + ["..."] + chain[-2:]
+                self.rep.error("E005", f"fn calls nested more than {MAX_NESTING} deep", deepest[name][1],
+                               "call the inner fns from the outer one in sequence, or merge them",
+                               notes=("through " + " -> ".join(shown),))
+
     def _dependency_order(self, root: str) -> list[str]:
         order: list[str] = []
+        placed: set[str] = set()
         stack: list[str] = []
 
         def visit(name: str, span: Span) -> None:
-            if name in order:
+            if name in placed:
                 return
             if name in stack:
                 self.rep.error("E060", f"module `{name}` contains itself", span,
                                notes=("through " + " -> ".join(stack[stack.index(name):] + [name]),))
+                raise _Abort
+            if len(stack) == MAX_NESTING:
+                shown = stack if len(stack) <= 6 else stack[:3] + ["..."] + stack[-2:]
+                self.rep.error("E005", f"submodules nested more than {MAX_NESTING} deep", span,
+                               "flatten the hierarchy: hold the inner modules side by side in one module",
+                               notes=("through " + " -> ".join(shown + [name]),))
                 raise _Abort
             stack.append(name)
             for s in self.module_defs[name].submodules:
                 visit(s.module, s.span)
             stack.pop()
             order.append(name)
+            placed.add(name)
 
         try:
             visit(root, self.module_defs[root].span)
@@ -647,6 +808,16 @@ class Lowering:
                                f"[{', '.join(_show(d) for d in shape)}]", w.span,
                                notes=(f"instantiated from {span}",))
                 continue
+            if w.init_std is not None:
+                try:
+                    std = evaluate(w.init_std, lookup)
+                except EvalError as e:
+                    self.rep.error("E021", f"`normal` std of weight `{w.name}`: {e}", w.span)
+                    continue
+                if isinstance(std, bool) or not isinstance(std, (int, float)) or std < 0:
+                    self.rep.error("E021", f"`normal` std of weight `{w.name}` must be a number >= 0, got {_show(std)}",
+                                   w.span, self._values_help(w.init_std, lookup))
+                    continue
             out.append(N.WeightInfo(prefix + w.name, shape, w.dtype, w.init, None, w.span))
         for s in mdef.submodules:
             try:
@@ -661,17 +832,32 @@ class Lowering:
                 if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                     self.rep.error("E021", f"repeat count must be a positive int, got {_show(n)}", s.span)
                     continue
-                layer0 = self._instantiate(s.module, child_params, f"{prefix}{s.name}.0.", ties, s.span)
+                if n > MAX_REPEAT:
+                    self.rep.error("E021", f"repeat count {n:,} is too large (at most {MAX_REPEAT:,} layers)", s.span,
+                                   self._values_help(s.repeat, lookup))
+                    continue
+                p0 = f"{prefix}{s.name}.0."
+                mark = len(self._pending_ties)
+                layer0 = self._instantiate(s.module, child_params, p0, ties, s.span)
+                if self._n_weights + len(layer0) * (n - 1) > MAX_WEIGHT_TENSORS:
+                    self.rep.error("E021", f"`{s.name}` would hold {len(layer0) * n:,} weight tensors "
+                                   f"({n:,} layers of {len(layer0):,}); at most {MAX_WEIGHT_TENSORS:,} in a model",
+                                   s.span, self._values_help(s.repeat, lookup))
+                    continue
                 out += layer0
-                for i in range(1, n):  # every copy has layer 0's shapes
-                    p0, pi = f"{prefix}{s.name}.0.", f"{prefix}{s.name}.{i}."
+                layer0_ties = self._pending_ties[mark:]
+                for i in range(1, n):  # every copy has layer 0's shapes and ties
+                    pi = f"{prefix}{s.name}.{i}."
                     out += [N.WeightInfo(pi + w.name[len(p0):], w.shape, w.dtype, w.init, None, w.span)
                             for w in layer0]
+                    self._pending_ties += [(pi + t[len(p0):], pi + src[len(p0):], tie, pi + at[len(p0):])
+                                           for t, src, tie, at in layer0_ties]
+                self._n_weights += len(layer0) * (n - 1)
             except EvalError as e:
                 self.rep.error("E021", f"submodule `{s.name}`: {e}", s.span)
             except _Abort:
                 pass
-        self._pending_ties = getattr(self, "_pending_ties", [])
+        self._n_weights += len(mdef.weights)
         for t in mdef.ties:
             try:
                 if t.condition is not None and not evaluate(t.condition, lookup):
@@ -679,22 +865,76 @@ class Lowering:
             except EvalError as e:
                 self.rep.error("E021", f"tie: {e}", t.span)
                 continue
-            self._pending_ties.append((prefix + t.target, prefix + t.source, t.span))
+            self._pending_ties.append((prefix + t.target, prefix + t.source, t, prefix))
         return out
 
+    def _values_help(self, e: N.E, lookup) -> str:
+        """`with n = 4, layers = 2`: the params and config fields an expression reads, for a help line."""
+        shown = []
+        for r in free_refs(e):
+            try:
+                shown.append(f"{r.name} = {_show(lookup(r))}")
+            except EvalError:
+                pass
+        return f"with {', '.join(dict.fromkeys(shown))}" if shown else ""
+
     def _apply_ties(self, weights: list[N.WeightInfo]) -> list[N.WeightInfo]:
+        """Each tie makes its target share its source's storage: both must exist with one shape, a weight is
+        tied at most once, and a tie's source is an untied weight (a tie to a tied weight, or a cycle of ties,
+        would leave no storage to save or load). A tie inside a `repeat` is reported once, not per layer."""
         by_name = {w.name: w for w in weights}
-        for target, source, span in getattr(self, "_pending_ties", []):
-            for name in (target, source):
-                if name not in by_name:
-                    self.rep.error("E010", f"tie names unknown weight `{name}`", span, did_you_mean(name, by_name))
-            if target in by_name and source in by_name:
-                t, s = by_name[target], by_name[source]
-                if t.shape != s.shape:
-                    self.rep.error("E033", f"tied weights differ in shape: `{target}` is {list(t.shape)}, "
-                                   f"`{source}` is {list(s.shape)}", span)
+        tied_at: dict[str, N.TieDef] = {}
+        reported: set[Span] = set()
+
+        def error(code: str, message: str, tie: N.TieDef, *help: str, notes: tuple = ()) -> None:
+            if tie.span not in reported:
+                reported.add(tie.span)
+                self.rep.error(code, message, tie.span, *help, notes=notes)
+
+        ties = []
+        for target, source, tie, prefix in self._pending_ties:
+            unknown = [(full, local) for full, local in ((target, tie.target), (source, tie.source)) if full not in by_name]
+            if unknown:
+                full, local = unknown[0]
+                local_names = [n[len(prefix):] for n in by_name if n.startswith(prefix)]
+                error("E010", f"tie names unknown weight `{local}`", tie, did_you_mean(local, local_names))
+                continue
+            if target == source:
+                error("E060", f"`{tie.target}` is tied to itself", tie, "a tie names two different weights: "
+                      "`tie head.weight = embed.weight`")
+                continue
+            t, s = by_name[target], by_name[source]
+            if t.shape != s.shape:
+                error("E033", f"tied weights differ in shape: `{tie.target}` is {list(t.shape)}, "
+                      f"`{tie.source}` is {list(s.shape)}", tie)
+                continue
+            if target in tied_at:
+                first = tied_at[target]
+                error("E011", f"`{tie.target}` is tied twice", tie, "keep one tie per weight",
+                      notes=(f"first tied at {first.span}",))
+                continue
+            tied_at[target] = tie
+            ties.append((target, source, tie))
+        sources = {target: source for target, source, _ in ties}
+        cycles: set[frozenset] = set()
+        for target, source, tie in ties:
+            if source in sources:
+                cycle, cur = [target], source
+                while cur in sources and cur not in cycle:
+                    cycle.append(cur)
+                    cur = sources[cur]
+                if cur == target and frozenset(cycle) in cycles:
                     continue
-                by_name[target] = N.WeightInfo(t.name, t.shape, t.dtype, t.init, source, t.span)
+                if cur == target:
+                    cycles.add(frozenset(cycle))
+                    error("E060", "tied weights form a cycle: " + " -> ".join(f"`{c}`" for c in cycle + [target]),
+                          tie, "one of them must keep its own storage: remove one tie")
+                else:
+                    error("E041", f"`{tie.source}` is itself tied (to `{sources[source]}`)", tie,
+                          f"tie to the weight that holds the storage: `{sources[source]}`")
+                continue
+            w = by_name[target]
+            by_name[target] = N.WeightInfo(w.name, w.shape, w.dtype, w.init, source, w.span)
         return [by_name[w.name] for w in weights]
 
     # ---- checkpoint and train --------------------------------------------------------------------
@@ -724,9 +964,33 @@ class Lowering:
                 if len(r.targets) > 1 and "split" not in names:
                     self.rep.error("E050", "several parameters need `split(dim = N)`", r.span,
                                    'split it on the way: `"ab" -> split(dim = 0) -> "a", "b"`')
+                self._check_layer_index(r)
                 rules.append(N.LayoutRuleDef(r.sources, tuple(transforms), r.targets, r.span))
+            for i in d.ignores:
+                if i.pattern.count("{i}") > 1:
+                    self.rep.error("E050", f"`{{i}}` appears {i.pattern.count('{i}')} times in `{i.pattern}`", i.span,
+                                   "a pattern holds one layer index, `{i}`")
             ignores += [i.pattern for i in d.ignores]
         return N.CheckpointDef(tuple(rules), tuple(ignores))
+
+    def _check_layer_index(self, r: A.LayoutRule) -> None:
+        """`{i}` stands for one layer index, read from the rule's first source key and written into the other
+        names: at most one per pattern, and in the first source whenever another name has it."""
+        for pattern in r.sources + r.targets:
+            if pattern.count("{i}") > 1:
+                self.rep.error("E050", f"`{{i}}` appears {pattern.count('{i}')} times in `{pattern}`", r.span,
+                               "a pattern holds one layer index, `{i}`")
+                return
+        first_has = "{i}" in r.sources[0]
+        others = [p for p in r.sources[1:] + r.targets if "{i}" in p]
+        if others and not first_has:
+            self.rep.error("E050", f"`{others[0]}` has a layer index `{{i}}`, but the checkpoint key "
+                           f"`{r.sources[0]}` has none to give it", r.span,
+                           "put `{i}` in the first checkpoint key too, where it is read from")
+        elif first_has and not any("{i}" in t for t in r.targets):
+            self.rep.error("E050", f"checkpoint key `{r.sources[0]}` has a layer index `{{i}}`, but no parameter "
+                           "of the rule does", r.span, "every layer would load into the same parameter: "
+                           "put `{i}` in the parameter name too")
 
     def _check_layout(self, checkpoint: N.CheckpointDef, weights: list[N.WeightInfo]) -> None:
         """Each rule's targets must be weights of the model, and its transforms must fit their shapes."""
@@ -805,6 +1069,7 @@ class _Scope:
         self.scalars: dict[str, N.E] = {}  # fn scalar arguments
         self.loop_vars: dict[str, str] = {}  # loop variable -> repeat submodule
         self.taken: set[str] = set()
+        self.next_suffix: dict[str, int] = {}  # variable -> the next `_<n>` suffix fresh() tries
         self.read: set[str] = set()
         self.defined_at: dict[str, Span] = {}
         self.used_members: set[str] = set()
@@ -816,10 +1081,13 @@ class _Scope:
     # names ------------------------------------------------------------------------------
     def fresh(self, var: str) -> str:
         """A new SSA name: the variable's own name if free, else `var_1`, ...; temporaries are `t<n>`."""
-        if var:
-            name, i = var, 1
+        if var:  # user-named values are never released, so counting on from the last suffix finds the same name
+            i = self.next_suffix.get(var, 0)
+            name = f"{var}_{i}" if i else var
             while name in self.taken:
-                name, i = f"{var}_{i}", i + 1
+                i += 1
+                name = f"{var}_{i}"
+            self.next_suffix[var] = i + 1
         else:
             i = len(self.taken)
             name = f"t{i}"
@@ -923,6 +1191,17 @@ class _Scope:
             for d in a.tensor.dims if a.tensor else ():
                 if isinstance(d, N.Ref) and d.kind == "sym":
                     self.syms.add(d.name)
+        for t in sig.results or ():  # a result's size symbols come from the arguments
+            for n in _ast_names(t.dims):
+                if n.id in self.syms or n.id in self.scalars or n.id in self.params:
+                    continue
+                if not self.is_fn and n.id in self.low.config_fields:
+                    continue
+                known = list(self.syms) + list(self.scalars) + list(self.params) + (
+                    [] if self.is_fn else list(self.low.config_fields))
+                self.rep.error("E010", f"unknown size `{n.id}` in the result type", n.span,
+                               did_you_mean(n.id, known)
+                               or "a result's sizes are config fields, parameters or symbols the arguments bind")
         outputs: tuple[str, ...] = ()
         for i, st in enumerate(body):
             try:
@@ -1016,6 +1295,10 @@ class _Scope:
         if sub is None or sub.repeat is None:
             self.rep.error("E041", f"`{st.iterable}` is not a `repeat` stack", st.span,
                            did_you_mean(st.iterable, [s.name for s in self.subs.values() if s.repeat is not None]))
+            raise _Abort
+        if st.var in self.loop_vars:
+            self.rep.error("E011", f"`{st.var}` is already the variable of an enclosing loop", st.span,
+                           f"name the inner loop's variable differently, e.g. `for {st.var}_2 in {st.iterable}:`")
             raise _Abort
         self.used_members.add(sub.name)
         assigned = _assigned_vars(st.body)
@@ -1161,13 +1444,40 @@ class _Scope:
 
 
 def _assigned_vars(body) -> list[str]:
-    out: list[str] = []
+    out: dict[str, None] = {}  # ordered, without repeats
     for st in body:
         if isinstance(st, A.Assign):
-            out += [t for t in st.targets if t not in out]
+            out.update(dict.fromkeys(st.targets))
         elif isinstance(st, A.For):
-            out += [v for v in _assigned_vars(st.body) if v not in out]
+            out.update(dict.fromkeys(_assigned_vars(st.body)))
+    return list(out)
+
+
+def _ast_names(exprs) -> list[A.Name]:
+    """The names read by AST expressions, in order."""
+    out, todo = [], list(reversed(exprs))
+    while todo:
+        e = todo.pop()
+        if isinstance(e, A.Name):
+            out.append(e)
+        elif isinstance(e, A.BinOp):
+            todo += [e.right, e.left]
+        elif isinstance(e, A.UnaryOp):
+            todo.append(e.operand)
+        elif isinstance(e, A.Cond):
+            todo += [e.orelse, e.test, e.then]
+        elif isinstance(e, (A.ListLit,)):
+            todo += list(reversed(e.items))
     return out
+
+
+def _ops(body):
+    """Every Op of a body, inside loops too."""
+    for st in body:
+        if isinstance(st, N.Loop):
+            yield from _ops(st.body)
+        else:
+            yield st
 
 
 def _is_tensor(e: N.E) -> bool:
