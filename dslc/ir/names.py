@@ -37,7 +37,8 @@ MODULE_ATTRIBUTES = frozenset(
     _load_from_state_dict _load_state_dict_post_hooks _load_state_dict_pre_hooks _maybe_warn_non_full_backward_hook
     _modules _named_members _non_persistent_buffers_set _parameters _register_load_state_dict_pre_hook
     _register_state_dict_hook _replicate_for_data_parallel _save_to_state_dict _slow_forward _state_dict_hooks
-    _state_dict_pre_hooks _version _wrapped_call_impl""".split()
+    _state_dict_pre_hooks _version _wrapped_call_impl
+    smart_apply""".split()  # the last: transformers adds it to nn.Module when it is imported
 )
 
 # attributes the generated code keeps on (or reads from) every module it writes
