@@ -11,10 +11,17 @@ from dslc.diagnostics import Diagnostic, DslcError, Span
 
 
 def package_name(spec: Path, name: str | None) -> str:
+    from dslc.ir.names import package_name_problem
+
     pkg = name or spec.stem.replace("-", "_").replace(".", "_")
     if not pkg.isidentifier() or pkg.startswith("__"):
         raise DslcError([Diagnostic("E070", f"`{pkg}` is not a valid package name", Span.at(str(spec), 1, 1),
                                     ("pass --name with a Python identifier",))])
+    problem = package_name_problem(pkg)
+    if problem:  # a package that shadows a module it imports (or its users import) breaks on import
+        raise DslcError([Diagnostic("E070", f"package name {problem}", Span.at(str(spec), 1, 1),
+                                    ("pass --name with another name" if name else
+                                     "the name comes from the file name: pass --name with another one",))])
     return pkg
 
 

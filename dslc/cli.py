@@ -97,15 +97,7 @@ def _show(args) -> int:
 
 def _build(args) -> int:
     from dslc.build import build_command
-    from dslc.diagnostics import Span
-    from dslc.ir.names import package_name_problem
 
-    pkg = args.name or Path(args.file).stem.replace("-", "_").replace(".", "_")
-    problem = package_name_problem(pkg)
-    if problem:  # a package that shadows a module it imports (or its users import) breaks on import
-        raise DslcError([Diagnostic("E070", f"package name {problem}", Span.at(args.file, 1, 1),
-                                    ("pass --name with another name" if args.name else
-                                     "the name comes from the file name: pass --name with another one",))])
     return build_command(args)
 
 
