@@ -649,7 +649,7 @@ class Lowering:
     def _check_fn_calls(self) -> None:
         """Fns are inlined: one that calls itself (E060) or a chain of calls deeper than MAX_NESTING (E005)
         has no end or no reasonable one. Iterative, so any depth of input is answered with a diagnostic."""
-        calls = {name: [(st.target, st.span) for st in _ops(f.graph.body) if st.op == "fn" and st.target in self.fn_defs]
+        calls = {name: [(st.target, st.span) for st in N.iter_ops(f.graph.body) if st.op == "fn" and st.target in self.fn_defs]
                  for name, f in self.fn_defs.items()}
         state: dict[str, int] = {}  # 1: on the current path, 2: done
         depth: dict[str, int] = {}  # longest chain of calls from a fn (1: it calls none)
@@ -1469,15 +1469,6 @@ def _ast_names(exprs) -> list[A.Name]:
         elif isinstance(e, (A.ListLit,)):
             todo += list(reversed(e.items))
     return out
-
-
-def _ops(body):
-    """Every Op of a body, inside loops too."""
-    for st in body:
-        if isinstance(st, N.Loop):
-            yield from _ops(st.body)
-        else:
-            yield st
 
 
 def _is_tensor(e: N.E) -> bool:

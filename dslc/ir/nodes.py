@@ -124,6 +124,15 @@ class Loop:
 Stmt = Union[Op, Loop]
 
 
+def iter_ops(body):
+    """Every Op of a body, inside loops too, in order."""
+    for st in body:
+        if isinstance(st, Loop):
+            yield from iter_ops(st.body)
+        else:
+            yield st
+
+
 @dataclass(frozen=True)
 class Graph:
     args: tuple[ArgDef, ...]

@@ -102,14 +102,6 @@ def _rewrite(body, norms: set[str], subs: dict[str, N.SubmoduleDef], types: dict
     return out, changed
 
 
-def _ops(body):
-    for st in body:
-        if isinstance(st, N.Loop):
-            yield from _ops(st.body)
-        else:
-            yield st
-
-
 def fuse_residual_norms(program: N.Program, types: dict) -> N.Program:
     """Move each residual add that feeds a norm submodule into that norm's call (types: `infer_types`)."""
     norms = {m.name for m in program.modules if is_norm(program, m.name)}
@@ -126,7 +118,7 @@ def fuse_residual_norms(program: N.Program, types: dict) -> N.Program:
         subs = {s.name: s for s in m.submodules if s.repeat is None and s.condition is None}
         body, changed = _rewrite(m.forward.body, norms, subs, first_types[m.name])
         if changed:
-            used |= {subs[st.target].module for st in _ops(body) if st.op == "call" and dict(st.kwargs).get("residual")}
+            used |= {subs[st.target].module for st in N.iter_ops(body) if st.op == "call" and dict(st.kwargs).get("residual")}
             m = replace(m, forward=replace(m.forward, body=tuple(body)))
         modules.append(m)
     modules = [replace(m, residual=residual_graph(m)) if m.name in used else m for m in modules]
