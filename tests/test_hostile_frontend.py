@@ -586,3 +586,17 @@ def test_check_does_not_import_torch():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("spec,key,value", [
+    ("qwen2", "rms_norm_eps", "-1"), ("qwen2", "rms_norm_eps", "0"), ("qwen2", "rope_theta", "-5"),
+    ("llama", "rms_norm_eps", "-1e-6"), ("gpt2", "layer_norm_epsilon", "-1e-5"), ("bert", "layer_norm_eps", "0"),
+])
+def test_shipped_specs_refuse_nonpositive_epsilons_and_bases(spec, key, value):
+    """A negative epsilon or rotary base computes NaN logits: the shipped specs `require` them positive (E020)."""
+    from dslc.api import check_file
+    from dslc.diagnostics import DslcError
+
+    with pytest.raises(DslcError) as err:
+        check_file(ROOT / "models" / f"{spec}.model", overrides={key: value})
+    assert [d.code for d in err.value.diagnostics] == ["E020"] and key in err.value.diagnostics[0].message
