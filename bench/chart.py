@@ -17,10 +17,14 @@ def bars(cpu_qwen2: dict | None, train: dict | None, decode: dict | None) -> lis
     out = []
     if cpu_qwen2:
         speed = cpu_qwen2["summary"]["speed"]
-        for scenario, label in (("forward 1x256 (no grad)", "forward 1x256"),
-                                ("train 2x128: forward+backward", "fwd+bwd 2x128")):
+        for scenario, label in (
+            ("forward 1x256 (no grad)", "forward 1x256"),
+            ("train 2x128: forward+backward", "fwd+bwd 2x128"),
+        ):
             out.append((f"{label}\n(0.5B shape, 4 layers)", "HF eager (sdpa)", speed[scenario]["hf_sdpa_over_dslc"]))
-            out.append((f"{label}\n(0.5B shape, 4 layers)", "HF eager attention", speed[scenario]["hf_eager_over_dslc"]))
+            out.append(
+                (f"{label}\n(0.5B shape, 4 layers)", "HF eager attention", speed[scenario]["hf_eager_over_dslc"])
+            )
     if train:
         med = train["median_step_seconds"]
         label = f"train step {train['batch']}x{train['seq']}\n(fwd+bwd+AdamW)"

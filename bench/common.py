@@ -89,9 +89,13 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def interleaved(fns: dict[str, Callable[[int], dict[str, float]]], repeats: int, warmup: int = 1,
-                after_warmup: Callable[[], None] | None = None, log: Callable[[str], None] | None = None
-                ) -> dict[str, dict[str, list[float]]]:
+def interleaved(
+    fns: dict[str, Callable[[int], dict[str, float]]],
+    repeats: int,
+    warmup: int = 1,
+    after_warmup: Callable[[], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, list[float]]]:
     """Run each implementation once per round, in the same order every round: A B C A B C ...
 
     Each fn takes the round index (warm-up rounds included, from 0) and returns {phase: seconds}.

@@ -51,8 +51,13 @@ FWD_SHAPE = (1, 256)
 TRAIN_SHAPE = (2, 128)
 IMPLS = ("dslc", "hf-sdpa", "hf-eager")
 # parameters whose gradients are compared (the embedding also carries the tied LM head's gradient)
-GRAD_PROBES = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-               "model.layers.0.self_attn.k_proj.bias", "model.layers.3.mlp.down_proj.weight", "model.norm.weight")
+GRAD_PROBES = (
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.self_attn.k_proj.bias",
+    "model.layers.3.mlp.down_proj.weight",
+    "model.norm.weight",
+)
 
 
 def log(msg: str) -> None:
@@ -70,8 +75,11 @@ def set_threads(n: int | None) -> int:
 def hf_config():
     import transformers as tf
 
-    rope = ({"rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA}}
-            if int(tf.__version__.split(".")[0]) >= 5 else {"rope_theta": ROPE_THETA})
+    rope = (
+        {"rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA}}
+        if int(tf.__version__.split(".")[0]) >= 5
+        else {"rope_theta": ROPE_THETA}
+    )
     config = tf.Qwen2Config(**CONFIG, **rope)
     config._attn_implementation = "sdpa"
     return config
@@ -136,8 +144,9 @@ def bench_forward(ours, hf, repeats: int) -> tuple[dict, dict]:
                 else:
                     ref = reference["logits"]
                     check[f"max_abs_logit_diff_vs_{name}"] = (ref - logits).abs().max().item()
-                    torch.testing.assert_close(ref, logits, rtol=1e-4, atol=1e-4,
-                                               msg=lambda m: f"dslc logits differ from {name}: {m}")
+                    torch.testing.assert_close(
+                        ref, logits, rtol=1e-4, atol=1e-4, msg=lambda m: f"dslc logits differ from {name}: {m}"
+                    )
             return {"forward": dt}
 
         return fn
@@ -155,8 +164,7 @@ def bench_train(ours, hf, repeats: int, lr: float) -> tuple[dict, dict]:
     labels = ids.clone()
     ours.train()
     hf.train()
-    opts = {"dslc": torch.optim.AdamW(ours.parameters(), lr=lr),
-            "hf": torch.optim.AdamW(hf.parameters(), lr=lr)}
+    opts = {"dslc": torch.optim.AdamW(ours.parameters(), lr=lr), "hf": torch.optim.AdamW(hf.parameters(), lr=lr)}
     check = {}
 
     def run(name):
@@ -178,8 +186,13 @@ def bench_train(ours, hf, repeats: int, lr: float) -> tuple[dict, dict]:
                 check["loss_dslc"] = loss.item()
             if r == 0 and name == "hf-sdpa":  # dslc's warm-up grads are still in place: compare before any step
                 check["loss_hf"] = loss.item()
-                torch.testing.assert_close(torch.tensor(check["loss_dslc"]), loss.detach(), rtol=1e-5, atol=1e-5,
-                                           msg=lambda m: f"dslc loss differs from HF: {m}")
+                torch.testing.assert_close(
+                    torch.tensor(check["loss_dslc"]),
+                    loss.detach(),
+                    rtol=1e-5,
+                    atol=1e-5,
+                    msg=lambda m: f"dslc loss differs from HF: {m}",
+                )
                 ours_p = dict(ours.named_parameters())
                 hf_p = dict(hf.named_parameters())
                 for pname in GRAD_PROBES:
@@ -187,7 +200,9 @@ def bench_train(ours, hf, repeats: int, lr: float) -> tuple[dict, dict]:
                     scale = b.abs().max().item()
                     diff = (a - b).abs().max().item()
                     check[f"grad_rel_diff:{pname}"] = diff / scale
-                    assert diff <= 1e-3 * scale + 1e-7, f"dslc gradient of {pname} differs from HF: {diff} vs |g| {scale}"
+                    assert diff <= 1e-3 * scale + 1e-7, (
+                        f"dslc gradient of {pname} differs from HF: {diff} vs |g| {scale}"
+                    )
             if name == "hf-eager":  # same model and optimizer as hf-sdpa: its step would time the same thing
                 return {"fwd_bwd": t1 - t0}
             opt.step()
@@ -246,8 +261,18 @@ def mem_probe(kind: str, folder: str, pkg_dir: str, threads: int) -> dict:
 def bench_memory(folder: Path, pkg_dir: Path, threads: int) -> dict:
     res = {}
     for kind in ("baseline-dslc", "dslc", "baseline-hf", "hf"):
-        cmd = [sys.executable, __file__, "--mem-probe", kind, "--folder", str(folder), "--pkg-dir", str(pkg_dir),
-               "--threads", str(threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--mem-probe",
+            kind,
+            "--folder",
+            str(folder),
+            "--pkg-dir",
+            str(pkg_dir),
+            "--threads",
+            str(threads),
+        ]
         res[kind] = common.child_json(cmd, clean_rss=True)
         log(f"  memory {kind}: {json.dumps(res[kind])}")
     return res
@@ -268,10 +293,16 @@ def dslc_source() -> dict:
     root = Path(dslc.__file__).resolve().parents[1]
     out = {"path": str(root), "version": dslc.__version__}
     try:
-        out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                                       text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "dslc", "templates",
-                                 "grammar"], cwd=root, capture_output=True, text=True, check=True).stdout
+        out["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "dslc", "templates", "grammar"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         out["dirty"] = bool(status.strip())
     except (OSError, subprocess.CalledProcessError):
         out["commit"] = None
@@ -298,10 +329,12 @@ def summarize(results: dict) -> dict:
     m = common.median
     fwd, train = results["forward"]["times"], results["train"]["times"]
     rows = {}
-    for label, times, phase in (("forward 1x256 (no grad)", fwd, "forward"),
-                                ("train 2x128: forward+backward", train, "fwd_bwd"),
-                                ("train 2x128: AdamW step", train, "adamw_step"),
-                                ("train 2x128: fwd+bwd+AdamW", train, "total")):
+    for label, times, phase in (
+        ("forward 1x256 (no grad)", fwd, "forward"),
+        ("train 2x128: forward+backward", train, "fwd_bwd"),
+        ("train 2x128: AdamW step", train, "adamw_step"),
+        ("train 2x128: fwd+bwd+AdamW", train, "total"),
+    ):
         med = {name: m(times[name].get(phase, [])) for name in IMPLS}
         best = {name: min(times[name].get(phase, []), default=None) for name in IMPLS}
         rows[label] = {
@@ -328,35 +361,71 @@ def summarize(results: dict) -> dict:
             "load_s": run["load_s"],
         }
     comp = results["compiler"]
-    compiler = {"build_median_s": m(comp["build_s"]), "build_min_s": min(comp["build_s"], default=None),
-                "check_median_s": m(comp["check_s"]), "check_min_s": min(comp["check_s"], default=None)}
+    compiler = {
+        "build_median_s": m(comp["build_s"]),
+        "build_min_s": min(comp["build_s"], default=None),
+        "check_median_s": m(comp["check_s"]),
+        "check_min_s": min(comp["check_s"], default=None),
+    }
     return {"speed": rows, "memory": memory, "compiler": compiler}
 
 
 def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     s = results["summary"]
     n = results["repeats"]
-    speed = [[label, *(common.fmt_s(r["median_s"][i]) for i in IMPLS), common.fmt_ratio(r["hf_sdpa_over_dslc"]),
-              common.fmt_ratio(r["hf_eager_over_dslc"]), common.fmt_ratio(r["min_hf_sdpa_over_dslc"]),
-              common.fmt_ratio(r["min_hf_eager_over_dslc"])] for label, r in s["speed"].items()]
+    speed = [
+        [
+            label,
+            *(common.fmt_s(r["median_s"][i]) for i in IMPLS),
+            common.fmt_ratio(r["hf_sdpa_over_dslc"]),
+            common.fmt_ratio(r["hf_eager_over_dslc"]),
+            common.fmt_ratio(r["min_hf_sdpa_over_dslc"]),
+            common.fmt_ratio(r["min_hf_eager_over_dslc"]),
+        ]
+        for label, r in s["speed"].items()
+    ]
     weights = results["checkpoint"]["weight_bytes"]
-    mem = [[impl, common.fmt_mib(r["baseline_peak_rss"]), common.fmt_mib(r["peak_rss_load"]),
-            common.fmt_mib(r["load_minus_baseline"]), common.fmt_ratio(r["load_over_weights"]),
-            common.fmt_mib(r["touched_minus_baseline"]), common.fmt_ratio(r["touched_over_weights"]),
-            common.fmt_s(r["load_s"])]
-           for impl, r in (("dslc", s["memory"]["dslc"]), ("HF", s["memory"]["hf"]))]
+    mem = [
+        [
+            impl,
+            common.fmt_mib(r["baseline_peak_rss"]),
+            common.fmt_mib(r["peak_rss_load"]),
+            common.fmt_mib(r["load_minus_baseline"]),
+            common.fmt_ratio(r["load_over_weights"]),
+            common.fmt_mib(r["touched_minus_baseline"]),
+            common.fmt_ratio(r["touched_over_weights"]),
+            common.fmt_s(r["load_s"]),
+        ]
+        for impl, r in (("dslc", s["memory"]["dslc"]), ("HF", s["memory"]["hf"]))
+    ]
     c = s["compiler"]
     nb = results["compiler_runs"]
-    comp = [[f"dslc {k} models/qwen2.model", common.fmt_s(c[f"{k}_median_s"]), common.fmt_s(c[f"{k}_min_s"])]
-            if not results["compiler"].get(f"{k}_error") else [f"dslc {k} models/qwen2.model", "FAILED", "-"]
-            for k in ("build", "check")]
+    comp = [
+        [f"dslc {k} models/qwen2.model", common.fmt_s(c[f"{k}_median_s"]), common.fmt_s(c[f"{k}_min_s"])]
+        if not results["compiler"].get(f"{k}_error")
+        else [f"dslc {k} models/qwen2.model", "FAILED", "-"]
+        for k in ("build", "check")
+    ]
     return [
-        (f"Speed: median of {n} interleaved repeats after 1 warm-up (ratio = HF / dslc, >1: dslc faster)",
-         ["", "dslc", "HF sdpa", "HF eager", "HF sdpa/dslc", "HF eager/dslc", "sdpa/dslc (min)",
-          "eager/dslc (min)"], speed),
-        (f"Load memory: peak RSS of a fresh process; weights {common.fmt_mib(weights)}",
-         ["", "baseline", "peak after load", "load - baseline", "/ weights", "touched - baseline", "/ weights",
-          "load time"], mem),
+        (
+            f"Speed: median of {n} interleaved repeats after 1 warm-up (ratio = HF / dslc, >1: dslc faster)",
+            ["", "dslc", "HF sdpa", "HF eager", "HF sdpa/dslc", "HF eager/dslc", "sdpa/dslc (min)", "eager/dslc (min)"],
+            speed,
+        ),
+        (
+            f"Load memory: peak RSS of a fresh process; weights {common.fmt_mib(weights)}",
+            [
+                "",
+                "baseline",
+                "peak after load",
+                "load - baseline",
+                "/ weights",
+                "touched - baseline",
+                "/ weights",
+                "load time",
+            ],
+            mem,
+        ),
         (f"Compiler: whole-process wall time, {nb} runs", ["command", "median", "min"], comp),
     ]
 
@@ -390,11 +459,16 @@ def main(argv=None) -> int:
     tf.utils.logging.disable_progress_bar()
     tf.utils.logging.set_verbosity_error()
     torch.manual_seed(args.seed)
-    results: dict = {"benchmark": "cpu_qwen2", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                     "machine": common.machine_info(), "dslc_source": dslc_source(), "spec": str(spec),
-                     "repeats": args.repeats,
-                     "model": {**CONFIG, "rope_theta": ROPE_THETA, "dtype": "float32"},
-                     "shapes": {"forward": list(FWD_SHAPE), "train": list(TRAIN_SHAPE)}}
+    results: dict = {
+        "benchmark": "cpu_qwen2",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": common.machine_info(),
+        "dslc_source": dslc_source(),
+        "spec": str(spec),
+        "repeats": args.repeats,
+        "model": {**CONFIG, "rope_theta": ROPE_THETA, "dtype": "float32"},
+        "shapes": {"forward": list(FWD_SHAPE), "train": list(TRAIN_SHAPE)},
+    }
     with tempfile.TemporaryDirectory(prefix="dslc-bench-") as tmp:
         tmp = Path(tmp)
         pkg_dir, folder = tmp / "pkg", tmp / "checkpoint"
@@ -432,11 +506,15 @@ def main(argv=None) -> int:
     for title, columns, rows in tables(results):
         common.print_table(title, columns, rows)
     m = results["machine"]
-    print(f"\n{m['date']}  {m['cpu_model']}, {m['usable_cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-          f"transformers {m['transformers']}, dslc {m['dslc']}; load average {m['loadavg_start']} -> {m['loadavg_end']}; "
-          f"total {results['wall_s']:.0f} s")
-    print("checks: " + ", ".join(f"{k} {v:.3g}" for k, v in {**results['forward']['check'],
-                                                             **results['train']['check']}.items()))
+    print(
+        f"\n{m['date']}  {m['cpu_model']}, {m['usable_cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"transformers {m['transformers']}, dslc {m['dslc']}; load average {m['loadavg_start']} -> {m['loadavg_end']}; "
+        f"total {results['wall_s']:.0f} s"
+    )
+    print(
+        "checks: "
+        + ", ".join(f"{k} {v:.3g}" for k, v in {**results["forward"]["check"], **results["train"]["check"]}.items())
+    )
     if args.json:
         common.write_json(args.json, results)
         print(f"wrote {args.json}")

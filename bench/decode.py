@@ -42,15 +42,35 @@ import common  # noqa: E402
 SPEC = common.ROOT / "models" / "qwen2.model"
 NAME = "bench_decode_qwen2"
 CONFIGS = {
-    "cuda": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2),
-    "cpu": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                num_attention_heads=8, num_key_value_heads=2),
+    "cuda": dict(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+    ),
+    "cpu": dict(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    ),
 }
-COMMON = dict(max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_dropout=0.0,
-              bos_token_id=1, eos_token_id=2)
-DEFAULTS = {"cuda": dict(dtype="bfloat16", prompt=128, new=128, repeats=5),
-            "cpu": dict(dtype="float32", prompt=32, new=24, repeats=3)}
+COMMON = dict(
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    attention_dropout=0.0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+DEFAULTS = {
+    "cuda": dict(dtype="bfloat16", prompt=128, new=128, repeats=5),
+    "cpu": dict(dtype="float32", prompt=32, new=24, repeats=3),
+}
 ROPE_THETA = 1_000_000.0
 
 
@@ -61,8 +81,11 @@ def log(msg: str) -> None:
 def hf_config(device: str):
     import transformers as tf
 
-    rope = ({"rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA}}
-            if int(tf.__version__.split(".")[0]) >= 5 else {"rope_theta": ROPE_THETA})
+    rope = (
+        {"rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA}}
+        if int(tf.__version__.split(".")[0]) >= 5
+        else {"rope_theta": ROPE_THETA}
+    )
     return tf.Qwen2Config(**CONFIGS[device], **COMMON, **rope)
 
 
@@ -145,10 +168,17 @@ def main(argv=None) -> int:
     tf.utils.logging.disable_progress_bar()
     tf.utils.logging.set_verbosity_error()
 
-    results: dict = {"benchmark": "decode", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                     "machine": common.machine_info(), "device": device,
-                     "model": {**CONFIGS[device], **COMMON, "rope_theta": ROPE_THETA, "dtype": dtype_name},
-                     "prompt": prompt, "new_tokens": new, "repeats": repeats, "runs": {}}
+    results: dict = {
+        "benchmark": "decode",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": common.machine_info(),
+        "device": device,
+        "model": {**CONFIGS[device], **COMMON, "rope_theta": ROPE_THETA, "dtype": dtype_name},
+        "prompt": prompt,
+        "new_tokens": new,
+        "repeats": repeats,
+        "runs": {},
+    }
     if device == "cuda":
         results["machine"]["gpu"] = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth(device)
@@ -172,19 +202,31 @@ def main(argv=None) -> int:
         hf.generation_config.pad_token_id = 0
         results["weight_bytes"] = common.unique_parameter_bytes(ours)
 
-        impls = {"dslc-eager": lambda ids, n: ours.generate(ids, max_new_tokens=n, cuda_graph=False),
-                 "hf": lambda ids, n: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                                  do_sample=False)}
+        impls = {
+            "dslc-eager": lambda ids, n: ours.generate(ids, max_new_tokens=n, cuda_graph=False),
+            "hf": lambda ids, n: hf.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False
+            ),
+        }
         if device == "cuda":
             impls["dslc-graph"] = lambda ids, n: ours.generate(ids, max_new_tokens=n, cuda_graph=True)
             compile_config = tf.CompileConfig(fullgraph=True, mode="reduce-overhead")
             impls["hf-static-compile"] = lambda ids, n: hf.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                cache_implementation="static", compile_config=compile_config)
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                do_sample=False,
+                cache_implementation="static",
+                compile_config=compile_config,
+            )
 
         for batch in args.batches:
-            ids = torch.randint(3, CONFIGS[device]["vocab_size"], (batch, prompt),
-                                generator=torch.Generator().manual_seed(args.seed + batch)).to(device)
+            ids = torch.randint(
+                3,
+                CONFIGS[device]["vocab_size"],
+                (batch, prompt),
+                generator=torch.Generator().manual_seed(args.seed + batch),
+            ).to(device)
             outputs = {}
 
             def run(name, ids=ids, outputs=outputs):
@@ -216,12 +258,19 @@ def main(argv=None) -> int:
                 dec, dec_median = min(times[name]["decode"]), common.median(times[name]["decode"])
                 step = dec / (new - 1)
                 results["runs"][f"{name} b{batch}"] = {
-                    "impl": name, "batch": batch, "times": times[name],
-                    "prefill_s": min(times[name]["prefill"]), "decode_s": dec, "decode_median_s": dec_median,
-                    "step_s": step, "step_median_s": dec_median / (new - 1),
+                    "impl": name,
+                    "batch": batch,
+                    "times": times[name],
+                    "prefill_s": min(times[name]["prefill"]),
+                    "decode_s": dec,
+                    "decode_median_s": dec_median,
+                    "step_s": step,
+                    "step_median_s": dec_median / (new - 1),
                     "decode_tokens_per_s": batch * (new - 1) / dec,
-                    "decode_tokens_per_s_median": batch * (new - 1) / dec_median, "roofline_step_s": floor,
-                    "roofline_fraction": floor / step, "tokens_equal_dslc_eager": match[name],
+                    "decode_tokens_per_s_median": batch * (new - 1) / dec_median,
+                    "roofline_step_s": floor,
+                    "roofline_fraction": floor / step,
+                    "tokens_equal_dslc_eager": match[name],
                     "token_agreement_with_dslc_eager": agree[name],
                 }
         impls.clear()
@@ -231,19 +280,36 @@ def main(argv=None) -> int:
     rows = []
     for key, r in runs.items():
         base = runs.get(f"hf b{r['batch']}")
-        rows.append([key, common.fmt_s(r["prefill_s"]), f"{r['step_s'] * 1000:.2f} ms",
-                     f"{r['step_median_s'] * 1000:.2f} ms", f"{r['decode_tokens_per_s']:,.0f}",
-                     f"{100 * r['roofline_fraction']:.0f}%",
-                     common.fmt_ratio(common.ratio(r["decode_tokens_per_s"], base and base["decode_tokens_per_s"])),
-                     "yes" if r["tokens_equal_dslc_eager"] else f"{100 * r['token_agreement_with_dslc_eager']:.0f}%"])
+        rows.append(
+            [
+                key,
+                common.fmt_s(r["prefill_s"]),
+                f"{r['step_s'] * 1000:.2f} ms",
+                f"{r['step_median_s'] * 1000:.2f} ms",
+                f"{r['decode_tokens_per_s']:,.0f}",
+                f"{100 * r['roofline_fraction']:.0f}%",
+                common.fmt_ratio(common.ratio(r["decode_tokens_per_s"], base and base["decode_tokens_per_s"])),
+                "yes" if r["tokens_equal_dslc_eager"] else f"{100 * r['token_agreement_with_dslc_eager']:.0f}%",
+            ]
+        )
     m = results["machine"]
     where = m.get("gpu") or f"{m['cpu_model']}, {m['usable_cores']} cores, {m['torch_threads']} threads"
     common.print_table(
         f"Decode, {device} ({where}), {dtype_name}, prompt {prompt}, {new} new tokens, best of {repeats} "
         f"interleaved repeats (median too); weights {results['weight_bytes'] / 2**20:,.0f} MiB, copy bandwidth "
         f"{bandwidth / 1e9:.1f} GB/s",
-        ["impl / batch", "prefill+1", "decode step", "step (median)", "decode tok/s", "roofline", "vs hf",
-         "= dslc-eager"], rows)
+        [
+            "impl / batch",
+            "prefill+1",
+            "decode step",
+            "step (median)",
+            "decode tok/s",
+            "roofline",
+            "vs hf",
+            "= dslc-eager",
+        ],
+        rows,
+    )
     print(f"torch {m['torch']}, transformers {m['transformers']}, dslc {m['dslc']}; total {results['wall_s']:.0f} s")
     if args.json:
         common.write_json(args.json, results)

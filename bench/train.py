@@ -22,11 +22,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-CPU_CONFIG = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=32000, max_position_embeddings=512, tie_word_embeddings=True)
-GPU_CONFIG = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True,
-                  rope_theta=1000000.0)
+CPU_CONFIG = dict(
+    hidden_size=256,
+    intermediate_size=704,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=32000,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
+GPU_CONFIG = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    tie_word_embeddings=True,
+    rope_theta=1000000.0,
+)
 
 
 def log(msg: str) -> None:
@@ -159,34 +175,84 @@ def main(argv=None) -> int:
     if abs(losses["dslc"] - losses["hf"]) > (1e-4 if args.dtype == "float32" else 2e-2) * abs(losses["hf"]):
         raise SystemExit(f"dslc and HF losses differ: {losses}")
     first = {name: steps[name]() for name in impls}  # includes torch.compile's warm-up for hf+compile
-    times = common.interleaved({name: (lambda r, s=steps[name]: {"step": s()}) for name in impls},
-                               repeats=args.repeats, warmup=1, log=log)
-    build_times = common.wall_times([sys.executable, "-m", "dslc", "build", str(common.ROOT / "models" / "qwen2.model"),
-                                     "-o", tempfile.mkdtemp()], 3)
+    times = common.interleaved(
+        {name: (lambda r, s=steps[name]: {"step": s()}) for name in impls}, repeats=args.repeats, warmup=1, log=log
+    )
+    build_times = common.wall_times(
+        [sys.executable, "-m", "dslc", "build", str(common.ROOT / "models" / "qwen2.model"), "-o", tempfile.mkdtemp()],
+        3,
+    )
     tokens = args.batch * args.seq
     peaks = {}
     for name in impls:
-        peaks[name] = common.child_json([sys.executable, __file__, "--child", name, "--folder", str(folder),
-                                         "--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq),
-                                         "--dtype", args.dtype], clean_rss=True).get("peak_bytes")
+        peaks[name] = common.child_json(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--folder",
+                str(folder),
+                "--device",
+                args.device,
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+                "--dtype",
+                args.dtype,
+            ],
+            clean_rss=True,
+        ).get("peak_bytes")
     med = {name: common.median(times[name]["step"]) for name in impls}
     rows = []
     for name in impls:
-        rows.append([name, common.fmt_s(med[name]), f"{tokens / med[name]:,.0f}", common.fmt_ratio(common.ratio(med[name], med["dslc"])),
-                     common.fmt_mib(peaks[name]), common.fmt_ratio(common.ratio(peaks["dslc"], peaks[name])),
-                     common.fmt_s(first[name])])
-    common.print_table(f"Training step {args.batch}x{args.seq} ({args.device}, {args.dtype}): fwd+bwd+AdamW",
-                       ["impl", "step (median)", "tokens/s", "time / dslc's", "peak memory", "dslc peak / this",
-                        "first step (incl. warm-up)"], rows)
+        rows.append(
+            [
+                name,
+                common.fmt_s(med[name]),
+                f"{tokens / med[name]:,.0f}",
+                common.fmt_ratio(common.ratio(med[name], med["dslc"])),
+                common.fmt_mib(peaks[name]),
+                common.fmt_ratio(common.ratio(peaks["dslc"], peaks[name])),
+                common.fmt_s(first[name]),
+            ]
+        )
+    common.print_table(
+        f"Training step {args.batch}x{args.seq} ({args.device}, {args.dtype}): fwd+bwd+AdamW",
+        [
+            "impl",
+            "step (median)",
+            "tokens/s",
+            "time / dslc's",
+            "peak memory",
+            "dslc peak / this",
+            "first step (incl. warm-up)",
+        ],
+        rows,
+    )
     dslc_build = common.median(build_times)
     warm = first["hf+compile"] - med["hf+compile"]
-    print(f"dslc build (whole process, median of 3): {dslc_build:.2f} s;  torch.compile warm-up "
-          f"(first step minus a steady step): {warm:.1f} s;  ratio {warm / dslc_build:.0f}x")
-    result = {"machine": common.machine_info(), "device": args.device, "dtype": args.dtype, "batch": args.batch,
-              "seq": args.seq, "config": GPU_CONFIG if gpu else CPU_CONFIG, "step_seconds": times,
-              "median_step_seconds": med, "tokens_per_second": {n: tokens / med[n] for n in impls},
-              "speedup_vs": {n: med[n] / med["dslc"] for n in impls}, "peak_bytes": peaks,
-              "first_step_seconds": first, "dslc_build_seconds": build_times, "compile_warmup_seconds": warm}
+    print(
+        f"dslc build (whole process, median of 3): {dslc_build:.2f} s;  torch.compile warm-up "
+        f"(first step minus a steady step): {warm:.1f} s;  ratio {warm / dslc_build:.0f}x"
+    )
+    result = {
+        "machine": common.machine_info(),
+        "device": args.device,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "seq": args.seq,
+        "config": GPU_CONFIG if gpu else CPU_CONFIG,
+        "step_seconds": times,
+        "median_step_seconds": med,
+        "tokens_per_second": {n: tokens / med[n] for n in impls},
+        "speedup_vs": {n: med[n] / med["dslc"] for n in impls},
+        "peak_bytes": peaks,
+        "first_step_seconds": first,
+        "dslc_build_seconds": build_times,
+        "compile_warmup_seconds": warm,
+    }
     if args.json:
         common.write_json(args.json, result)
     return 0

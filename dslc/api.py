@@ -34,8 +34,9 @@ def check_file(path: str | Path, arch: str | None = None, overrides: dict[str, s
     return check_ast(parse_file(path), arch, overrides)
 
 
-def check_source(text: str, path: str = "<input>", arch: str | None = None,
-                 overrides: dict[str, str] | None = None) -> Checked:
+def check_source(
+    text: str, path: str = "<input>", arch: str | None = None, overrides: dict[str, str] | None = None
+) -> Checked:
     from dslc.syntax.parser import parse_text
 
     return check_ast(parse_text(text, path), arch, overrides)
@@ -61,8 +62,7 @@ def check_ast(spec, arch=None, overrides=None) -> Checked:
     errors = _dedupe([d for d in diags if d.is_error])
     if errors:
         raise DslcError(errors)
-    return Checked(program, _dedupe([d for d in diags if not d.is_error]), checker.types,
-                   config_eval=low.config_eval)
+    return Checked(program, _dedupe([d for d in diags if not d.is_error]), checker.types, config_eval=low.config_eval)
 
 
 def _dedupe(diags: list[Diagnostic]) -> list[Diagnostic]:

@@ -15,13 +15,32 @@ def package_name(spec: Path, name: str | None) -> str:
 
     pkg = name or spec.stem.replace("-", "_").replace(".", "_")
     if not pkg.isidentifier() or pkg.startswith("__"):
-        raise DslcError([Diagnostic("E070", f"`{pkg}` is not a valid package name", Span.at(str(spec), 1, 1),
-                                    ("pass --name with a Python identifier",))])
+        raise DslcError(
+            [
+                Diagnostic(
+                    "E070",
+                    f"`{pkg}` is not a valid package name",
+                    Span.at(str(spec), 1, 1),
+                    ("pass --name with a Python identifier",),
+                )
+            ]
+        )
     problem = package_name_problem(pkg)
     if problem:  # a package that shadows a module it imports (or its users import) breaks on import
-        raise DslcError([Diagnostic("E070", f"package name {problem}", Span.at(str(spec), 1, 1),
-                                    ("pass --name with another name" if name else
-                                     "the name comes from the file name: pass --name with another one",))])
+        raise DslcError(
+            [
+                Diagnostic(
+                    "E070",
+                    f"package name {problem}",
+                    Span.at(str(spec), 1, 1),
+                    (
+                        "pass --name with another name"
+                        if name
+                        else "the name comes from the file name: pass --name with another one",
+                    ),
+                )
+            ]
+        )
     return pkg
 
 
@@ -57,8 +76,13 @@ def write_atomically(out_dir: Path, pkg: str, files: dict[str, str]) -> Path:
     return install(Path(out_dir), pkg, files)
 
 
-def build(spec: str | Path, out: str | Path = "build", arch: str | None = None,
-          overrides: dict[str, str] | None = None, name: str | None = None) -> Path:
+def build(
+    spec: str | Path,
+    out: str | Path = "build",
+    arch: str | None = None,
+    overrides: dict[str, str] | None = None,
+    name: str | None = None,
+) -> Path:
     """Build `spec` into `out/<name>/` and return that path (raises DslcError on a bad spec)."""
     pkg, files, _ = render(Path(spec), arch, overrides or {}, name)
     return write_atomically(Path(out), pkg, files)

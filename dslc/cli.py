@@ -20,11 +20,27 @@ def _overrides(pairs: list[str], spec: str = "<command line>") -> dict[str, str]
     for p in pairs or ():
         key, sep, value = p.partition("=")
         if not sep or not key.strip():
-            raise DslcError([Diagnostic("E024", f"`--set {p}` is not `key=value`", Span.at(spec, 1, 1),
-                                        ("write it as `--set num_hidden_layers=2`",))])
+            raise DslcError(
+                [
+                    Diagnostic(
+                        "E024",
+                        f"`--set {p}` is not `key=value`",
+                        Span.at(spec, 1, 1),
+                        ("write it as `--set num_hidden_layers=2`",),
+                    )
+                ]
+            )
         if not _finite(value.strip()):  # docs/language.md: non-finite values are errors
-            raise DslcError([Diagnostic("E021", f"`--set {p.strip()}`: {value.strip()!r} is not a finite number",
-                                        Span.at(spec, 1, 1), ("give a finite number, e.g. `--set rms_norm_eps=1e-6`",))])
+            raise DslcError(
+                [
+                    Diagnostic(
+                        "E021",
+                        f"`--set {p.strip()}`: {value.strip()!r} is not a finite number",
+                        Span.at(spec, 1, 1),
+                        ("give a finite number, e.g. `--set rms_norm_eps=1e-6`",),
+                    )
+                ]
+            )
         out[key.strip()] = value.strip()
     return out
 
@@ -78,8 +94,10 @@ def _check(args) -> int:
     if not args.json:
         p = checked.program
         arch = f" (arch {p.arch})" if p.arch else ""
-        print(f"ok: {args.file}: {p.model}{arch}, {p.param_count:,} parameters, "
-              f"{len(checked.warnings)} warning{'s' * (len(checked.warnings) != 1)}")
+        print(
+            f"ok: {args.file}: {p.model}{arch}, {p.param_count:,} parameters, "
+            f"{len(checked.warnings)} warning{'s' * (len(checked.warnings) != 1)}"
+        )
     return 0
 
 

@@ -114,7 +114,9 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
 
 
 def _printable(text: str) -> str:
-    return "".join(ch if ch.isprintable() or ch == " " else f"\\x{ord(ch):02x}" if ord(ch) < 256 else "?" for ch in text)
+    return "".join(
+        ch if ch.isprintable() or ch == " " else f"\\x{ord(ch):02x}" if ord(ch) < 256 else "?" for ch in text
+    )
 
 
 def comment_start(line: str) -> int:

@@ -60,8 +60,11 @@ def _check_folder(weights: Path) -> Path:
         raise GenerateError(f"weights folder not found: {weights}")
     config = weights / "config.json"
     if not config.is_file():  # is_file: False for a FIFO or a device, which are never opened
-        raise GenerateError(f"{config} is not a regular file" if config.exists() else
-                            f"{weights} has no config.json: pass a Hugging Face checkpoint folder")
+        raise GenerateError(
+            f"{config} is not a regular file"
+            if config.exists()
+            else f"{weights} has no config.json: pass a Hugging Face checkpoint folder"
+        )
     tok = weights / "tokenizer.json"
     if not tok.is_file():
         if tok.exists():
@@ -85,8 +88,10 @@ def _check_args(args):
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise GenerateError(f"--temperature must be a finite number > 0, got {args.temperature}")
     if args.do_sample and args.temperature == 0:
-        raise GenerateError("--temperature 0 with --do-sample divides by zero: leave out --do-sample for greedy "
-                            "decoding, or give a temperature > 0")
+        raise GenerateError(
+            "--temperature 0 with --do-sample divides by zero: leave out --do-sample for greedy "
+            "decoding, or give a temperature > 0"
+        )
     if args.top_k is not None and args.top_k < 0:
         raise GenerateError(f"--top-k must be 0 (off) or more, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -98,8 +103,9 @@ def _check_args(args):
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise GenerateError(f"--prompt is not valid UTF-8 (an undecodable byte at character {e.start}); "
-                            "pass the text in UTF-8") from None
+        raise GenerateError(
+            f"--prompt is not valid UTF-8 (an undecodable byte at character {e.start}); pass the text in UTF-8"
+        ) from None
     return _device(args.device)
 
 
@@ -116,11 +122,14 @@ def _device(name: str | None):
         raise GenerateError("--device meta holds no data: use cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise GenerateError(f"--device {name}: CUDA is not available here (this torch is "
-                                f"{torch.__version__}); use --device cpu")
+            raise GenerateError(
+                f"--device {name}: CUDA is not available here (this torch is {torch.__version__}); use --device cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise GenerateError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices "
-                                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+            raise GenerateError(
+                f"--device {name}: there are {torch.cuda.device_count()} CUDA devices "
+                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+            )
     elif device.type != "cpu":
         try:
             torch.empty(1, device=device)
@@ -214,7 +223,9 @@ def generate_command(args) -> int:
         device = _check_args(args)
         start = time.perf_counter()
         pkg, reused = cached_build(spec, args.build_dir)
-        console.print(f"[dim]{'reused' if reused else 'built'} {pkg.__name__} in {time.perf_counter() - start:.2f} s[/dim]")
+        console.print(
+            f"[dim]{'reused' if reused else 'built'} {pkg.__name__} in {time.perf_counter() - start:.2f} s[/dim]"
+        )
     except GenerateError as e:
         return error(str(e))
     except DslcError:
@@ -222,8 +233,11 @@ def generate_command(args) -> int:
     import torch
     from tokenizers import Tokenizer
 
-    model_cls = next(getattr(pkg, n) for n in pkg.__all__ if hasattr(getattr(pkg, n), "from_pretrained")
-                     and hasattr(getattr(pkg, n), "generate"))
+    model_cls = next(
+        getattr(pkg, n)
+        for n in pkg.__all__
+        if hasattr(getattr(pkg, n), "from_pretrained") and hasattr(getattr(pkg, n), "generate")
+    )
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype or "float32"]
     try:  # everything but the weights, before the weights load
         config = model_cls.config_class.from_pretrained(weights)
@@ -238,8 +252,9 @@ def generate_command(args) -> int:
             bos = _special_ids(weights, "bos_token_id", vocab)
             if not bos:
                 what = "is empty" if not args.prompt else f"({args.prompt!r}) encodes to no tokens"
-                raise GenerateError(f"--prompt {what} and {weights} names no bos_token_id to start from: give "
-                                    "the text to continue")
+                raise GenerateError(
+                    f"--prompt {what} and {weights} names no bos_token_id to start from: give the text to continue"
+                )
             ids = bos[:1]
             console.print(f"[dim]no prompt tokens: starting from bos_token_id {ids[0]}[/dim]")
         outside = [i for i in ids if vocab is not None and i >= vocab]
@@ -274,22 +289,32 @@ def generate_command(args) -> int:
         out_ids.append(int(token[0]))
         text = _native(lambda: tokenizer.decode(out_ids), f"{tok_path} cannot decode the generated tokens")
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(printed):])
+            sys.stdout.write(text[len(printed) :])
             sys.stdout.flush()
             printed = text
 
     sys.stdout.write(args.prompt)
     start = time.perf_counter()
     try:
-        model.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       eos_token_id=eos, generator=generator, streamer=stream)
+        model.generate(
+            input_ids,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_token_id=eos,
+            generator=generator,
+            streamer=stream,
+        )
     except (GenerateError, ValueError) as e:
         sys.stdout.write("\n")
         return error(str(e))
     seconds = time.perf_counter() - start
     sys.stdout.write("\n")
     n = len(out_ids)
-    console.print(f"[dim]{n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tokens/s); "
-                  f"loaded {model.num_parameters():,} parameters in {load_s:.2f} s[/dim]")
+    console.print(
+        f"[dim]{n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tokens/s); "
+        f"loaded {model.num_parameters():,} parameters in {load_s:.2f} s[/dim]"
+    )
     return 0

@@ -34,6 +34,9 @@ def print_fusion_report(optimized, console: Console | None = None) -> None:
     regions, rejected = fusion_tables(optimized)
     console.print(regions)
     console.print(rejected)
-    console.print("bytes/row: an estimate per row of N values at 2 bytes per model-dtype value "
-                  "(4 for float32 ones), counting every op's reads and writes before fusion and the "
-                  "region's inputs and outputs after.", style="dim")
+    console.print(
+        "bytes/row: an estimate per row of N values at 2 bytes per model-dtype value "
+        "(4 for float32 ones), counting every op's reads and writes before fusion and the "
+        "region's inputs and outputs after.",
+        style="dim",
+    )

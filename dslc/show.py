@@ -48,9 +48,11 @@ def show_program(checked, ir: bool = False, graph: str | None = None, fusion: bo
     if graph:  # the IR before fusion, and after the pass pipeline beside it
         path = Path(graph)
         if path.suffix.lower() == ".svg" and shutil.which("dot") is None:
-            print(f"error: writing {graph} needs Graphviz's `dot` program, which is not on PATH\n"
-                  f"  = help: install Graphviz, or write the graph as .dot: --graph {path.with_suffix('.dot')}",
-                  file=sys.stderr)
+            print(
+                f"error: writing {graph} needs Graphviz's `dot` program, which is not on PATH\n"
+                f"  = help: install Graphviz, or write the graph as .dot: --graph {path.with_suffix('.dot')}",
+                file=sys.stderr,
+            )
             return 1
         before = str(path.with_name(f"{path.stem}.before{path.suffix}"))
         status = write_graph(p, before, console) or write_graph(optimized.program, graph, console)
@@ -119,14 +121,19 @@ def build_tree(p: N.Program) -> _Node:
     def declares_weights(mdef: N.ModuleDef, seen=()) -> bool:
         if mdef.weights:
             return True
-        return any(s.module in modules and s.module not in seen and declares_weights(modules[s.module], seen + (mdef.name,))
-                   for s in mdef.submodules)
+        return any(
+            s.module in modules and s.module not in seen and declares_weights(modules[s.module], seen + (mdef.name,))
+            for s in mdef.submodules
+        )
 
     def build(mdef: N.ModuleDef, name: str, path: str) -> _Node:
         node = _Node(name, mdef.name)
         own = {w.name: w for w in by_prefix.get(path, [])}
-        node.weights = [own[f"{path}.{w.name}" if path else w.name] for w in mdef.weights
-                        if (f"{path}.{w.name}" if path else w.name) in own]
+        node.weights = [
+            own[f"{path}.{w.name}" if path else w.name]
+            for w in mdef.weights
+            if (f"{path}.{w.name}" if path else w.name) in own
+        ]
         for s in mdef.submodules:
             child = modules.get(s.module)
             sub_path = f"{path}.{s.name}" if path else s.name
@@ -165,7 +172,7 @@ def _fail(r: N.Ref):
 
 def _signature(node: _Node, root: str) -> tuple:
     """What makes two layers identical: relative weight names, shapes, dtypes, inits, ties."""
-    return tuple((w.name[len(root):], w.shape, w.dtype, w.init, w.tied_to is None) for w in node.all_weights())
+    return tuple((w.name[len(root) :], w.shape, w.dtype, w.init, w.tied_to is None) for w in node.all_weights())
 
 
 def weight_tree(p: N.Program):
@@ -214,8 +221,10 @@ def weight_tree(p: N.Program):
                 else:
                     span = "{" + ",".join(map(str, idx)) + "}"
                 each = first.params()
-                branch.add(f"{c.name}.{span}  {len(same)} × {first.module}, identical to {c.name}.0  "
-                           f"{each:,} params each, {each * len(same):,} in all")
+                branch.add(
+                    f"{c.name}.{span}  {len(same)} × {first.module}, identical to {c.name}.0  "
+                    f"{each:,} params each, {each * len(same):,} in all"
+                )
             for lay in other:
                 sub = branch.add(label(lay))
                 add(sub, lay, f"{cpath}.{lay.name}")
@@ -234,8 +243,13 @@ def _dot_str(s: str) -> str:
 
 class _Dot:
     def __init__(self):
-        self.lines: list[str] = ["digraph dslc {", "  rankdir=TB;", "  node [fontname=\"Helvetica\", fontsize=10];",
-                                 "  edge [fontname=\"Helvetica\", fontsize=9];", "  compound=true;"]
+        self.lines: list[str] = [
+            "digraph dslc {",
+            "  rankdir=TB;",
+            '  node [fontname="Helvetica", fontsize=10];',
+            '  edge [fontname="Helvetica", fontsize=9];',
+            "  compound=true;",
+        ]
         self.n = 0
 
     def node(self, depth: int, label: str, **attrs) -> str:
@@ -333,13 +347,16 @@ def write_graph(p: N.Program, out: str, console) -> int:
     if path.suffix.lower() == ".svg":
         exe = shutil.which("dot")
         if exe is None:
-            print(f"error: writing {out} needs Graphviz's `dot` program, which is not on PATH\n"
-                  f"  = help: install Graphviz, or write the graph as .dot: --graph {path.with_suffix('.dot')}",
-                  file=sys.stderr)
+            print(
+                f"error: writing {out} needs Graphviz's `dot` program, which is not on PATH\n"
+                f"  = help: install Graphviz, or write the graph as .dot: --graph {path.with_suffix('.dot')}",
+                file=sys.stderr,
+            )
             return 1
         try:
-            subprocess.run([exe, "-Tsvg", "-o", str(path)], input=text, text=True, check=True,
-                           capture_output=True, timeout=120)
+            subprocess.run(
+                [exe, "-Tsvg", "-o", str(path)], input=text, text=True, check=True, capture_output=True, timeout=120
+            )
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
             detail = getattr(e, "stderr", "") or str(e)
             print(f"error: Graphviz could not render {out}: {detail.strip()}", file=sys.stderr)

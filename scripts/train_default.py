@@ -129,16 +129,22 @@ def main() -> int:
         out = Path(args.out)
         model.to(torch.bfloat16).save_pretrained(out)
         tokenizer.save(str(out / "tokenizer.json"))
-        (out / "training.json").write_text(json.dumps({
-            "script": "scripts/train_default.py",
-            "args": vars(args),
-            "corpus": f"Python {sys.version.split()[0]} stdlib, {len(files)} top-level modules",
-            "tokens": len(data),
-            "parameters": model.num_parameters(),
-            "final_train_loss": round(loss.item(), 4),
-            "validation_loss": round(val_loss, 4),
-            "seconds": round(time.time() - start, 1),
-        }, indent=2) + "\n")
+        (out / "training.json").write_text(
+            json.dumps(
+                {
+                    "script": "scripts/train_default.py",
+                    "args": vars(args),
+                    "corpus": f"Python {sys.version.split()[0]} stdlib, {len(files)} top-level modules",
+                    "tokens": len(data),
+                    "parameters": model.num_parameters(),
+                    "final_train_loss": round(loss.item(), 4),
+                    "validation_loss": round(val_loss, 4),
+                    "seconds": round(time.time() - start, 1),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"saved {out}", flush=True)
     return 0
 

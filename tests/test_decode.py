@@ -136,8 +136,11 @@ def test_default_on_cpu_is_the_plain_loop(model, cg):
     assert cg.decoder_of(model) is None
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=1.5), dict(temperature=0.8, top_k=20), dict(top_p=0.9)],
-                         ids=["temperature", "top_k", "top_p"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(temperature=1.5), dict(temperature=0.8, top_k=20), dict(top_p=0.9)],
+    ids=["temperature", "top_k", "top_p"],
+)
 def test_static_buffer_sampling_equals_multinomial(model, kw):
     """argmax(probs / Exp(1) noise), noise drawn from the caller's generator, equals torch.multinomial."""
     ids, mask = _left_padded(3, 6, seed=2)
@@ -145,8 +148,15 @@ def test_static_buffer_sampling_equals_multinomial(model, kw):
     def run(cuda_graph):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True,
-                                  generator=torch.Generator().manual_seed(7), cuda_graph=cuda_graph, **kw)
+            return model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=12,
+                do_sample=True,
+                generator=torch.Generator().manual_seed(7),
+                cuda_graph=cuda_graph,
+                **kw,
+            )
 
     plain, buffered = run(False), run(True)
     assert torch.equal(buffered, plain)
@@ -196,8 +206,16 @@ class _Trace(TorchDispatchMode):
 
 # what cannot run inside a CUDA graph capture: a device -> host read, a host -> device tensor,
 # output shapes that depend on the data
-HOST_SYNC_OPS = ("aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.nonzero", "aten.lift_fresh",
-                 "aten.masked_select", "aten.unique", "aten._assert_async")
+HOST_SYNC_OPS = (
+    "aten._local_scalar_dense",
+    "aten.item",
+    "aten.is_nonzero",
+    "aten.nonzero",
+    "aten.lift_fresh",
+    "aten.masked_select",
+    "aten.unique",
+    "aten._assert_async",
+)
 
 
 @pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sample"])
@@ -213,10 +231,23 @@ def test_decode_step_is_graph_safe(cg, model, sample):
     try:
         with torch.no_grad():
             model.decode_step(ids, pos, key_mask, torch.arange(prompt))
-            decoder = cg.CUDAGraphDecoder(model, key_mask, hf_oracle.VOCAB, do_sample=sample, top_k=10, top_p=0.9,
-                                          generator=torch.Generator().manual_seed(0), graph=False)
-            buffers = [decoder.input_ids, decoder.position_ids, decoder.cache_position, decoder.key_mask,
-                       decoder.next_token] + ([decoder.noise] if sample else [])
+            decoder = cg.CUDAGraphDecoder(
+                model,
+                key_mask,
+                hf_oracle.VOCAB,
+                do_sample=sample,
+                top_k=10,
+                top_p=0.9,
+                generator=torch.Generator().manual_seed(0),
+                graph=False,
+            )
+            buffers = [
+                decoder.input_ids,
+                decoder.position_ids,
+                decoder.cache_position,
+                decoder.key_mask,
+                decoder.next_token,
+            ] + ([decoder.noise] if sample else [])
             addresses = [b.data_ptr() for b in buffers] + [t.data_ptr() for c in decoder.caches for t in (c.k, c.v)]
             traces = []
             token, next_pos = torch.tensor([[5], [9]]), pos[:, -1:] + 1
@@ -314,8 +345,14 @@ def test_graph_greedy_equals_eager_and_hf(pkg, cg, qwen2_dir, hf_cuda, dtype, ba
     assert torch.equal(graph, eager), f"graph {graph.tolist()} != eager {eager.tolist()}"
     hf = hf_cuda[dtype]
     if dtype == "fp32":
-        expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                               pad_token_id=0, eos_token_id=hf_oracle.EOS)
+        expected = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=hf_oracle.EOS,
+        )
         ours = model.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=hf_oracle.EOS, pad_token_id=0)
         assert torch.equal(ours, expected), f"ours {ours.tolist()} != HF {expected.tolist()}"
     else:
@@ -349,8 +386,9 @@ def test_graph_sampling_equals_eager_sampling(pkg, cg, qwen2_dir, kw):
 
     def run(cuda_graph, seed=0):
         gen = torch.Generator(device="cuda").manual_seed(seed)
-        return model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=True, generator=gen,
-                              cuda_graph=cuda_graph, **kw)
+        return model.generate(
+            ids, attention_mask=mask, max_new_tokens=16, do_sample=True, generator=gen, cuda_graph=cuda_graph, **kw
+        )
 
     eager, graph = run(False), run(True)
     assert cg.decoder_of(model).graph is not None

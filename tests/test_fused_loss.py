@@ -43,7 +43,7 @@ def test_fused_loss_equals_unfused(losses, bias, chunk):
         torch.testing.assert_close(got, want)
 
 
-PEAK = textwrap.dedent('''
+PEAK = textwrap.dedent("""
     import json, resource, sys, torch
     sys.path.insert(0, sys.argv[1])
     from qwen2_loss.losses import causal_lm_loss, fused_causal_lm_loss
@@ -60,7 +60,7 @@ PEAK = textwrap.dedent('''
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_extra_kib": peak - base, "loss": loss.item()}))
-''')
+""")
 
 
 def _peak(out: Path, mode: str) -> dict:
@@ -72,8 +72,10 @@ def test_fused_loss_peak_memory_is_a_fraction_of_unfused(losses):
     _, out = losses
     fused, plain = _peak(out, "fused"), _peak(out, "plain")
     logits_kib = 1024 * 151936 * 4 // 1024
-    print(f"peak extra memory: fused {fused['peak_extra_kib'] / 1024:.0f} MiB, "
-          f"unfused {plain['peak_extra_kib'] / 1024:.0f} MiB (float32 logits alone: {logits_kib / 1024:.0f} MiB)")
+    print(
+        f"peak extra memory: fused {fused['peak_extra_kib'] / 1024:.0f} MiB, "
+        f"unfused {plain['peak_extra_kib'] / 1024:.0f} MiB (float32 logits alone: {logits_kib / 1024:.0f} MiB)"
+    )
     assert abs(fused["loss"] - plain["loss"]) < 1e-3
     assert plain["peak_extra_kib"] > logits_kib  # the unfused loss does hold the logits
     assert fused["peak_extra_kib"] < plain["peak_extra_kib"] / 4

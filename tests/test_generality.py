@@ -183,8 +183,15 @@ def test_kernels_come_from_region_op_lists(pkg, report):
             base = re.sub(r"(_fwd_kernel|_bwd_kernel|_triton|Function)$", "", node.name)
             assert base in regions or base in camel, f"{node.name} is not named after a fused region"
     # region names come from the spec's modules and values, so the only layer words are the spec's own
-    modules = {"decoder_layer", "attention", "gelu_gated_mlp", "gemma_like_model", "gemma_like_for_causal_lm",
-               "offset_rms_norm", "layer_norm"}
+    modules = {
+        "decoder_layer",
+        "attention",
+        "gelu_gated_mlp",
+        "gemma_like_model",
+        "gemma_like_for_causal_lm",
+        "offset_rms_norm",
+        "layer_norm",
+    }
     for name in regions:
         assert any(name == m or name.startswith(m + "_") for m in modules), f"region {name} is not named after a module"
     runtime = (folder / "kernels_runtime.py").read_text()

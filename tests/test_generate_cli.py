@@ -28,8 +28,9 @@ def test_greedy_text_equals_hf_generate(capsys, tmp_path):
     from transformers import AutoModelForCausalLM
 
     prompt = "def parse_args("
-    rc, out, err = run(capsys, "--weights", str(WEIGHTS), "--prompt", prompt, "--max-new-tokens", "12",
-                       build_dir=tmp_path)
+    rc, out, err = run(
+        capsys, "--weights", str(WEIGHTS), "--prompt", prompt, "--max-new-tokens", "12", build_dir=tmp_path
+    )
     assert rc == 0, err
     assert "tokens/s" in err and "built" in err
     tok = Tokenizer.from_file(str(WEIGHTS / "tokenizer.json"))
@@ -37,14 +38,27 @@ def test_greedy_text_equals_hf_generate(capsys, tmp_path):
     ids = torch.tensor([tok.encode(prompt).ids])
     eos = json.loads((WEIGHTS / "config.json").read_text())["eos_token_id"]
     expected = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=eos)
-    text = tok.decode(expected[0, ids.shape[1]:].tolist())
+    text = tok.decode(expected[0, ids.shape[1] :].tolist())
     assert out == prompt + text + "\n"
     assert len(out.strip()) > len(prompt), "the bundled model wrote nothing"
 
 
 def test_sampling_is_reproducible_and_the_build_is_reused(capsys, tmp_path):
-    args = ("--weights", str(WEIGHTS), "--prompt", "import ", "--max-new-tokens", "10", "--do-sample",
-            "--temperature", "0.9", "--top-k", "20", "--seed", "3")
+    args = (
+        "--weights",
+        str(WEIGHTS),
+        "--prompt",
+        "import ",
+        "--max-new-tokens",
+        "10",
+        "--do-sample",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "20",
+        "--seed",
+        "3",
+    )
     rc1, out1, err1 = run(capsys, *args, build_dir=tmp_path)
     rc2, out2, err2 = run(capsys, *args, build_dir=tmp_path)
     assert rc1 == rc2 == 0
@@ -65,10 +79,13 @@ def test_missing_tokenizer(capsys, tmp_path):
     assert rc == 2 and "tokenizer.json" in err
 
 
-@pytest.mark.parametrize("key,value,expect", [
-    ("model_type", "llama", "model_type"),
-    ("hidden_size", "128", "hidden_size"),
-])
+@pytest.mark.parametrize(
+    "key,value,expect",
+    [
+        ("model_type", "llama", "model_type"),
+        ("hidden_size", "128", "hidden_size"),
+    ],
+)
 def test_config_that_does_not_fit_names_the_key(capsys, tmp_path, key, value, expect):
     folder = tmp_path / "w"
     shutil.copytree(WEIGHTS, folder)

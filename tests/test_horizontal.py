@@ -19,8 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pass_groups_projections_of_one_input():
-    groups = {m.name: dict(m.projection_groups)
-              for m in optimize(check_file(ROOT / "models" / "qwen2.model").program, verify=True).program.modules}
+    groups = {
+        m.name: dict(m.projection_groups)
+        for m in optimize(check_file(ROOT / "models" / "qwen2.model").program, verify=True).program.modules
+    }
     assert groups["Attention"] == {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # o_proj reads another input
     assert groups["GatedMLP"] == {"gate_up_proj": ("gate_proj", "up_proj")}  # down_proj too
 

@@ -72,18 +72,26 @@ model M(C): causal_lm
 
 def stack(n="2", name="layers"):
     """A `repeat` stack of Block, looped over in forward."""
-    return dict(decls=BLOCK, members=f"    {name} = repeat({n}, Block())",
-                body=f"        for layer in {name}:\n            x = layer(x)")
+    return dict(
+        decls=BLOCK,
+        members=f"    {name} = repeat({n}, Block())",
+        body=f"        for layer in {name}:\n            x = layer(x)",
+    )
 
 
 def fn_chain(n: int) -> str:
-    return "".join(f"fn f{i}(x: [B, T, D]) -> [B, T, D]:\n    return f{i + 1}(x)\n\n" for i in range(n)) + \
-        f"fn f{n}(x: [B, T, D]) -> [B, T, D]:\n    return x * 2.0\n"
+    return (
+        "".join(f"fn f{i}(x: [B, T, D]) -> [B, T, D]:\n    return f{i + 1}(x)\n\n" for i in range(n))
+        + f"fn f{n}(x: [B, T, D]) -> [B, T, D]:\n    return x * 2.0\n"
+    )
 
 
 def module_chain(n: int) -> str:
-    out = "".join(f"module N{i}:\n    inner = N{i + 1}()\n\n    forward(x: [B, T, dim]) -> [B, T, dim]:\n"
-                  f"        return inner(x)\n\n" for i in range(n))
+    out = "".join(
+        f"module N{i}:\n    inner = N{i + 1}()\n\n    forward(x: [B, T, dim]) -> [B, T, dim]:\n"
+        f"        return inner(x)\n\n"
+        for i in range(n)
+    )
     return out + BLOCK.replace("module Block:", f"module N{n}:")
 
 
@@ -119,60 +127,198 @@ def run_main(*args: str) -> tuple[int, str, str]:
 
 CASES = [
     # 11: every arch checked; a failing default under --set
-    ("arch never selected fails", spec(archs='arch "bad": dim = 1 // 0'), None, {}, "E021", "arch `bad`: division by zero"),
-    ("arch extending a failing arch", spec(archs='arch "bad": dim = 1 // 0\narch "child" extends "bad": heads = 2'),
-     None, {}, "E021", "division by zero"),
-    ("arch failing a require", spec(config='    require dim % heads == 0, "dim splits into heads"',
-                                    archs='arch "odd": heads = 5'), None, {}, "E020", "arch `odd`: requirement failed"),
-    ("arch value of the wrong type", spec(archs='arch "f": dim = 2.5'), None, {}, "E021", "arch `f`: config field `dim` is int"),
-    ("failing default under --set", spec(config="    extra_dim: int = 1 % 0"), None, {"extra_dim": "8"}, "E021",
-     "division by zero"),
-    ("failing default under --arch", spec(config="    extra_dim: int = 1 % 0", archs='arch "a": extra_dim = 8'), "a", {},
-     "E021", "division by zero"),
+    (
+        "arch never selected fails",
+        spec(archs='arch "bad": dim = 1 // 0'),
+        None,
+        {},
+        "E021",
+        "arch `bad`: division by zero",
+    ),
+    (
+        "arch extending a failing arch",
+        spec(archs='arch "bad": dim = 1 // 0\narch "child" extends "bad": heads = 2'),
+        None,
+        {},
+        "E021",
+        "division by zero",
+    ),
+    (
+        "arch failing a require",
+        spec(config='    require dim % heads == 0, "dim splits into heads"', archs='arch "odd": heads = 5'),
+        None,
+        {},
+        "E020",
+        "arch `odd`: requirement failed",
+    ),
+    (
+        "arch value of the wrong type",
+        spec(archs='arch "f": dim = 2.5'),
+        None,
+        {},
+        "E021",
+        "arch `f`: config field `dim` is int",
+    ),
+    (
+        "failing default under --set",
+        spec(config="    extra_dim: int = 1 % 0"),
+        None,
+        {"extra_dim": "8"},
+        "E021",
+        "division by zero",
+    ),
+    (
+        "failing default under --arch",
+        spec(config="    extra_dim: int = 1 % 0", archs='arch "a": extra_dim = 8'),
+        "a",
+        {},
+        "E021",
+        "division by zero",
+    ),
     ("arch sets a field twice", spec(archs='arch "a": dim = 8, dim = 16'), None, {}, "E011", "sets `dim` twice"),
     # 12: recursion, depth, loop variables
-    ("self-recursive fn", spec(decls="fn f(x: [B, T, D]) -> [B, T, D]:\n    return f(x)\n", body="        x = f(x)"),
-     None, {}, "E060", "fn `f` calls itself"),
-    ("mutually recursive fns", spec(decls="fn f(x: [B, T, D]) -> [B, T, D]:\n    return g(x)\n\n"
-                                    "fn g(x: [B, T, D]) -> [B, T, D]:\n    return f(x)\n", body="        x = f(x)"),
-     None, {}, "E060", "calls itself through others"),
-    ("unused recursive fn", spec(decls="fn f(x: [B, T, D]) -> [B, T, D]:\n    return f(x)\n"), None, {}, "E060", "calls itself"),
-    ("300-deep fn chain", spec(decls=fn_chain(300), body="        x = f0(x)"), None, {}, "E005", "fn calls nested more than"),
-    ("3000-deep module nesting", spec(decls=module_chain(3000), members="    n0 = N0()", body="        x = n0(x)"),
-     None, {}, "E005", "submodules nested more than"),
-    ("modules containing each other 20 deep", spec(decls=module_chain(20).replace("inner = N20()", "inner = N0()"),
-                                                   members="    n0 = N0()", body="        x = n0(x)"),
-     None, {}, "E060", "contains itself"),
-    ("nested loop reusing its variable", spec(decls=BLOCK, members="    ls = repeat(2, Block())\n    ms = repeat(2, Block())",
-                                              body="        for layer in ls:\n            for layer in ms:\n"
-                                                   "                x = layer(x)"),
-     None, {}, "E011", "already the variable of an enclosing loop"),
+    (
+        "self-recursive fn",
+        spec(decls="fn f(x: [B, T, D]) -> [B, T, D]:\n    return f(x)\n", body="        x = f(x)"),
+        None,
+        {},
+        "E060",
+        "fn `f` calls itself",
+    ),
+    (
+        "mutually recursive fns",
+        spec(
+            decls="fn f(x: [B, T, D]) -> [B, T, D]:\n    return g(x)\n\n"
+            "fn g(x: [B, T, D]) -> [B, T, D]:\n    return f(x)\n",
+            body="        x = f(x)",
+        ),
+        None,
+        {},
+        "E060",
+        "calls itself through others",
+    ),
+    (
+        "unused recursive fn",
+        spec(decls="fn f(x: [B, T, D]) -> [B, T, D]:\n    return f(x)\n"),
+        None,
+        {},
+        "E060",
+        "calls itself",
+    ),
+    (
+        "300-deep fn chain",
+        spec(decls=fn_chain(300), body="        x = f0(x)"),
+        None,
+        {},
+        "E005",
+        "fn calls nested more than",
+    ),
+    (
+        "3000-deep module nesting",
+        spec(decls=module_chain(3000), members="    n0 = N0()", body="        x = n0(x)"),
+        None,
+        {},
+        "E005",
+        "submodules nested more than",
+    ),
+    (
+        "modules containing each other 20 deep",
+        spec(
+            decls=module_chain(20).replace("inner = N20()", "inner = N0()"),
+            members="    n0 = N0()",
+            body="        x = n0(x)",
+        ),
+        None,
+        {},
+        "E060",
+        "contains itself",
+    ),
+    (
+        "nested loop reusing its variable",
+        spec(
+            decls=BLOCK,
+            members="    ls = repeat(2, Block())\n    ms = repeat(2, Block())",
+            body="        for layer in ls:\n            for layer in ms:\n                x = layer(x)",
+        ),
+        None,
+        {},
+        "E011",
+        "already the variable of an enclosing loop",
+    ),
     # 13: absurd sizes refused before instantiation
     ("repeat(10**9)", spec(**stack("10**9")), None, {}, "E021", "repeat count 1,000,000,000 is too large"),
     ("--set num_hidden_layers=10**9 on qwen2", QWEN2, None, {"num_hidden_layers": "1000000000"}, "E021", "too large"),
-    ("nested stacks over the tensor limit", spec(decls=BLOCK + "\nmodule Stack:\n    inner = repeat(100000, Block())\n\n"
-                                                 "    forward(x: [B, T, dim]) -> [B, T, dim]:\n"
-                                                 "        for b in inner:\n            x = b(x)\n        return x\n",
-                                                 members="    outer = repeat(100000, Stack())",
-                                                 body="        for s in outer:\n            x = s(x)"),
-     None, {}, "E021", "weight tensors"),
+    (
+        "nested stacks over the tensor limit",
+        spec(
+            decls=BLOCK + "\nmodule Stack:\n    inner = repeat(100000, Block())\n\n"
+            "    forward(x: [B, T, dim]) -> [B, T, dim]:\n"
+            "        for b in inner:\n            x = b(x)\n        return x\n",
+            members="    outer = repeat(100000, Stack())",
+            body="        for s in outer:\n            x = s(x)",
+        ),
+        None,
+        {},
+        "E021",
+        "weight tensors",
+    ),
     # 15: ties and from_hf keys
     ("tie to itself", spec(members="    tie head.weight = head.weight"), None, {}, "E060", "tied to itself"),
-    ("tie cycle", spec(members="    h2 = Linear(dim, vocab)\n    tie head.weight = h2.weight\n    tie h2.weight = head.weight",
-                       body="        _y = h2(x)"), None, {}, "E060", "form a cycle"),
-    ("two ties on one target", spec(members="    h2 = Linear(dim, vocab)\n    h3 = Linear(dim, vocab)\n"
-                                            "    tie head.weight = h2.weight\n    tie head.weight = h3.weight",
-                                    body="        _y = h2(x) + h3(x)"), None, {}, "E011", "tied twice"),
-    ("tie to a tied weight", spec(members="    h2 = Linear(dim, vocab)\n    h3 = Linear(dim, vocab)\n"
-                                          "    tie head.weight = h2.weight\n    tie h2.weight = h3.weight",
-                                  body="        _y = h2(x) + h3(x)"), None, {}, "E041", "is itself tied"),
-    ("tie in a repeated layer, unknown weight", spec(decls=BLOCK.replace("    w: [dim] = ones", "    w: [dim] = ones\n"
-                                                                           "    tie w = nope"),
-                                                     members="    layers = repeat(3, Block())",
-                                                     body="        for layer in layers:\n            x = layer(x)"),
-     None, {}, "E010", "tie names unknown weight `nope`"),
-    ("two from_hf lines with one key", spec(config="    from_hf n_embd -> dim\n    from_hf n_embd -> heads"), None, {},
-     "E011", "config.json key `n_embd` is mapped twice"),
+    (
+        "tie cycle",
+        spec(
+            members="    h2 = Linear(dim, vocab)\n    tie head.weight = h2.weight\n    tie h2.weight = head.weight",
+            body="        _y = h2(x)",
+        ),
+        None,
+        {},
+        "E060",
+        "form a cycle",
+    ),
+    (
+        "two ties on one target",
+        spec(
+            members="    h2 = Linear(dim, vocab)\n    h3 = Linear(dim, vocab)\n"
+            "    tie head.weight = h2.weight\n    tie head.weight = h3.weight",
+            body="        _y = h2(x) + h3(x)",
+        ),
+        None,
+        {},
+        "E011",
+        "tied twice",
+    ),
+    (
+        "tie to a tied weight",
+        spec(
+            members="    h2 = Linear(dim, vocab)\n    h3 = Linear(dim, vocab)\n"
+            "    tie head.weight = h2.weight\n    tie h2.weight = h3.weight",
+            body="        _y = h2(x) + h3(x)",
+        ),
+        None,
+        {},
+        "E041",
+        "is itself tied",
+    ),
+    (
+        "tie in a repeated layer, unknown weight",
+        spec(
+            decls=BLOCK.replace("    w: [dim] = ones", "    w: [dim] = ones\n    tie w = nope"),
+            members="    layers = repeat(3, Block())",
+            body="        for layer in layers:\n            x = layer(x)",
+        ),
+        None,
+        {},
+        "E010",
+        "tie names unknown weight `nope`",
+    ),
+    (
+        "two from_hf lines with one key",
+        spec(config="    from_hf n_embd -> dim\n    from_hf n_embd -> heads"),
+        None,
+        {},
+        "E011",
+        "config.json key `n_embd` is mapped twice",
+    ),
     # 19: checker gaps found at run time
     ("tensor + list", spec(body="        x = x + [1, 2]"), None, {}, "E041", "got the list"),
     ("tensor * str", spec(body='        x = x * "s"'), None, {}, "E041", "got the string"),
@@ -182,30 +328,88 @@ CASES = [
     ("x @ 2.0", spec(body="        x = x @ 2.0"), None, {}, "E041", "`@` needs tensors on both sides"),
     ("dropout(x, 5.0)", spec(body="        x = dropout(x, 5.0)"), None, {}, "E041", "probability"),
     ("dropout(x, p = -0.1)", spec(body="        x = dropout(x, p = -0.1)"), None, {}, "E041", "probability"),
-    ("normal(std = -1.0)", spec(members="    s: [dim] = normal(std = -1.0)", body="        x = x * s"), None, {}, "E021",
-     "must be a number >= 0"),
-    ('attention causal = "yes"', spec(decls='module A:\n    forward(x: [B, T, dim]) -> [B, T, dim]:\n'
-                                            '        q = split_heads(x, heads)\n'
-                                            '        return merge_heads(attention(q, q, q, causal = "yes"))\n',
-                                      members="    a = A()", body="        x = a(x)"),
-     None, {}, "E041", "causal must be true or false"),
-    ("attention without causal", spec(decls='module A:\n    forward(x: [B, T, dim]) -> [B, T, dim]:\n'
-                                            '        q = split_heads(x, heads)\n'
-                                            '        return merge_heads(attention(q, q, q))\n',
-                                      members="    a = A()", body="        x = a(x)"),
-     None, {}, "E040", "needs `causal = true` or `causal = false`"),
-    ("attention window = 0", spec(decls='module A:\n    forward(x: [B, T, dim]) -> [B, T, dim]:\n'
-                                        '        q = split_heads(x, heads)\n'
-                                        '        return merge_heads(attention(q, q, q, causal = true, window = 0))\n',
-                                  members="    a = A()", body="        x = a(x)"),
-     None, {}, "E041", "window must be a positive int"),
-    ("{i} twice in a checkpoint key", spec(**stack(), tail='checkpoint:\n    "h.{i}.{i}.w" -> "layers.{i}.w"\n'), None, {},
-     "E050", "appears 2 times"),
-    ("{i} twice in an ignore pattern", spec(tail='checkpoint:\n    ignore "h.{i}.{i}"\n'), None, {}, "E050", "appears 2 times"),
-    ("{i} only on the target side", spec(**stack(), tail='checkpoint:\n    "h.w" -> "layers.{i}.w"\n'), None, {},
-     "E050", "has none to give it"),
-    ("{i} only on the source side", spec(**stack(), tail='checkpoint:\n    "h.{i}.w" -> "head.weight"\n'), None, {},
-     "E050", "no parameter of the rule does"),
+    (
+        "normal(std = -1.0)",
+        spec(members="    s: [dim] = normal(std = -1.0)", body="        x = x * s"),
+        None,
+        {},
+        "E021",
+        "must be a number >= 0",
+    ),
+    (
+        'attention causal = "yes"',
+        spec(
+            decls="module A:\n    forward(x: [B, T, dim]) -> [B, T, dim]:\n"
+            "        q = split_heads(x, heads)\n"
+            '        return merge_heads(attention(q, q, q, causal = "yes"))\n',
+            members="    a = A()",
+            body="        x = a(x)",
+        ),
+        None,
+        {},
+        "E041",
+        "causal must be true or false",
+    ),
+    (
+        "attention without causal",
+        spec(
+            decls="module A:\n    forward(x: [B, T, dim]) -> [B, T, dim]:\n"
+            "        q = split_heads(x, heads)\n"
+            "        return merge_heads(attention(q, q, q))\n",
+            members="    a = A()",
+            body="        x = a(x)",
+        ),
+        None,
+        {},
+        "E040",
+        "needs `causal = true` or `causal = false`",
+    ),
+    (
+        "attention window = 0",
+        spec(
+            decls="module A:\n    forward(x: [B, T, dim]) -> [B, T, dim]:\n"
+            "        q = split_heads(x, heads)\n"
+            "        return merge_heads(attention(q, q, q, causal = true, window = 0))\n",
+            members="    a = A()",
+            body="        x = a(x)",
+        ),
+        None,
+        {},
+        "E041",
+        "window must be a positive int",
+    ),
+    (
+        "{i} twice in a checkpoint key",
+        spec(**stack(), tail='checkpoint:\n    "h.{i}.{i}.w" -> "layers.{i}.w"\n'),
+        None,
+        {},
+        "E050",
+        "appears 2 times",
+    ),
+    (
+        "{i} twice in an ignore pattern",
+        spec(tail='checkpoint:\n    ignore "h.{i}.{i}"\n'),
+        None,
+        {},
+        "E050",
+        "appears 2 times",
+    ),
+    (
+        "{i} only on the target side",
+        spec(**stack(), tail='checkpoint:\n    "h.w" -> "layers.{i}.w"\n'),
+        None,
+        {},
+        "E050",
+        "has none to give it",
+    ),
+    (
+        "{i} only on the source side",
+        spec(**stack(), tail='checkpoint:\n    "h.{i}.w" -> "head.weight"\n'),
+        None,
+        {},
+        "E050",
+        "no parameter of the rule does",
+    ),
     ("misspelt size in a result type", spec(result="[B, T, vocabb]"), None, {}, "E010", "unknown size `vocabb`"),
 ]
 
@@ -238,7 +442,9 @@ def test_hostile_cases_through_the_cli_never_print_a_traceback(tmp_path):
     for name, text, arch, overrides, _, _ in CASES:
         path = tmp_path / "c.model"
         path.write_text(text)
-        args = ["check", str(path)] + (["--arch", arch] if arch else []) + [f"--set={k}={v}" for k, v in overrides.items()]
+        args = (
+            ["check", str(path)] + (["--arch", arch] if arch else []) + [f"--set={k}={v}" for k, v in overrides.items()]
+        )
         rc, _, err = run_main(*args)
         assert rc == 1 and "Traceback" not in err and err.startswith("error["), (name, err)
 
@@ -266,8 +472,9 @@ def _render(text: str, tmp_path: Path, name: str, arch=None, overrides=None):
     return files, checked
 
 
-ARCH_CHAIN = spec(archs='arch "a": vocab = 100, dim = vocab * 2\narch "b" extends "a": heads = 8\n'
-                        'arch "c" extends "b": vocab = 50')
+ARCH_CHAIN = spec(
+    archs='arch "a": vocab = 100, dim = vocab * 2\narch "b" extends "a": heads = 8\narch "c" extends "b": vocab = 50'
+)
 
 
 def test_arch_values_are_evaluated_in_their_arch_and_shared_with_the_generated_config(tmp_path):
@@ -325,7 +532,9 @@ def test_build_of_a_failing_arch_is_a_diagnostic_not_a_traceback(tmp_path):
 
 
 def test_long_extends_chain_checks(tmp_path):
-    archs = "\n".join(['arch "a0": dim = 8'] + [f'arch "a{i}" extends "a{i - 1}": vocab = {i + 2}' for i in range(1, 2000)])
+    archs = "\n".join(
+        ['arch "a0": dim = 8'] + [f'arch "a{i}" extends "a{i - 1}": vocab = {i + 2}' for i in range(1, 2000)]
+    )
     text = spec(archs=archs)
     assert check_source(text, PATH, "a1999").program.config_values == {"dim": 8, "heads": 4, "vocab": 2001}
 
@@ -345,15 +554,23 @@ def test_stack_limits_and_exact_counts():
 def test_ties_inside_a_repeat_apply_to_every_layer():
     block = BLOCK.replace("    w: [dim] = ones", "    w: [dim] = ones\n    v: [dim] = ones\n    tie v = w")
     block = block.replace("return x * w", "return x * w * v")
-    program = check_source(spec(decls=block, members="    layers = repeat(3, Block())",
-                                body="        for layer in layers:\n            x = layer(x)"), PATH).program
+    program = check_source(
+        spec(
+            decls=block,
+            members="    layers = repeat(3, Block())",
+            body="        for layer in layers:\n            x = layer(x)",
+        ),
+        PATH,
+    ).program
     tied = {w.name: w.tied_to for w in program.weights if w.tied_to}
     assert tied == {f"layers.{i}.v": f"layers.{i}.w" for i in range(3)}
     assert program.param_count == 16 * 32 * 2 + 3 * 32
 
 
 def test_nesting_at_the_limit_checks():
-    checked = check_source(spec(decls=module_chain(MAX_NESTING - 2), members="    n0 = N0()", body="        x = n0(x)"), PATH)
+    checked = check_source(
+        spec(decls=module_chain(MAX_NESTING - 2), members="    n0 = N0()", body="        x = n0(x)"), PATH
+    )
     assert checked.program.param_count == 16 * 32 * 2 + 32
     check_source(spec(decls=fn_chain(MAX_NESTING - 1), body="        x = f0(x)"), PATH)
 
@@ -363,8 +580,11 @@ def test_nesting_at_the_limit_checks():
 
 def _with_name(role: str, name: str) -> str:
     if role == "module":
-        return spec(decls=BLOCK.replace("module Block:", f"module {name}:"), members=f"    b = {name}()",
-                    body="        x = b(x)")
+        return spec(
+            decls=BLOCK.replace("module Block:", f"module {name}:"),
+            members=f"    b = {name}()",
+            body="        x = b(x)",
+        )
     if role == "model":
         return spec().replace("model M(C)", f"model {name}(C)")
     if role == "config":
@@ -376,40 +596,102 @@ def _with_name(role: str, name: str) -> str:
     if role == "model member":
         return spec(members=f"    {name} = Linear(dim, dim)", body=f"        x = {name}(x)")
     if role == "weight":
-        return spec(decls=BLOCK.replace("w: [dim] = ones", f"{name}: [dim] = ones").replace("x * w", f"x * {name}"),
-                    members="    b = Block()", body="        x = b(x)")
+        return spec(
+            decls=BLOCK.replace("w: [dim] = ones", f"{name}: [dim] = ones").replace("x * w", f"x * {name}"),
+            members="    b = Block()",
+            body="        x = b(x)",
+        )
     if role == "parameter":
-        return spec(decls=f"module P({name}: float = 2.0):\n    forward(x: [B, T, dim]) -> [B, T, dim]:\n"
-                          f"        return x * {name}\n", members="    p = P()", body="        x = p(x)")
+        return spec(
+            decls=f"module P({name}: float = 2.0):\n    forward(x: [B, T, dim]) -> [B, T, dim]:\n"
+            f"        return x * {name}\n",
+            members="    p = P()",
+            body="        x = p(x)",
+        )
     raise AssertionError(role)
 
 
-RESERVED = [
-    ("module", n) for n in ("torch", "nn", "F", "kernels", "attention", "config", "PreTrainedModel", "self", "_",
-                            "checkpoint_call", "fused_linear", "modeling", "outputs", "json")
-] + [("model", "super"), ("model", "range"), ("model", "ConfigError")] + [
-    ("config", n) for n in ("fields", "json", "Path", "dataclass", "field", "ClassVar", "annotations")
-] + [("fn", n) for n in ("torch", "attention", "super", "isinstance", "self")] + [
-    ("config field", n) for n in ("extra", "to_dict", "for_arch", "from_dict", "from_pretrained", "TYPES", "ARCHS",
-                                  "ALIASES", "field", "dict", "classmethod", "dtype", "architectures")
-] + [
-    ("model member", n) for n in ("generate", "from_pretrained", "register_forward_hook", "save_pretrained",
-                                  "forward_graph", "tied", "kv_cache", "tie_weights", "task", "config", "state_dict",
-                                  "loss_head", "forward_hidden", "_parameters", "decode_step", "gradient_checkpointing")
-] + [("weight", n) for n in ("tied", "kv_cache", "register_forward_hook", "reset_parameters", "training", "_modules")] + [
-    ("parameter", n) for n in ("self", "config", "training", "tied", "torch", "Block")
-]
+RESERVED = (
+    [
+        ("module", n)
+        for n in (
+            "torch",
+            "nn",
+            "F",
+            "kernels",
+            "attention",
+            "config",
+            "PreTrainedModel",
+            "self",
+            "_",
+            "checkpoint_call",
+            "fused_linear",
+            "modeling",
+            "outputs",
+            "json",
+        )
+    ]
+    + [("model", "super"), ("model", "range"), ("model", "ConfigError")]
+    + [("config", n) for n in ("fields", "json", "Path", "dataclass", "field", "ClassVar", "annotations")]
+    + [("fn", n) for n in ("torch", "attention", "super", "isinstance", "self")]
+    + [
+        ("config field", n)
+        for n in (
+            "extra",
+            "to_dict",
+            "for_arch",
+            "from_dict",
+            "from_pretrained",
+            "TYPES",
+            "ARCHS",
+            "ALIASES",
+            "field",
+            "dict",
+            "classmethod",
+            "dtype",
+            "architectures",
+        )
+    ]
+    + [
+        ("model member", n)
+        for n in (
+            "generate",
+            "from_pretrained",
+            "register_forward_hook",
+            "save_pretrained",
+            "forward_graph",
+            "tied",
+            "kv_cache",
+            "tie_weights",
+            "task",
+            "config",
+            "state_dict",
+            "loss_head",
+            "forward_hidden",
+            "_parameters",
+            "decode_step",
+            "gradient_checkpointing",
+        )
+    ]
+    + [("weight", n) for n in ("tied", "kv_cache", "register_forward_hook", "reset_parameters", "training", "_modules")]
+    + [("parameter", n) for n in ("self", "config", "training", "tied", "torch", "Block")]
+)
 
 
 @pytest.mark.parametrize("role, name", RESERVED, ids=[f"{r}-{n}" for r, n in RESERVED])
 def test_reserved_name_is_refused_with_the_reason(role, name):
-    text = _with_name(role, name) if role != "parameter" or name != "Block" else \
-        _with_name(role, name).replace("module P(", BLOCK + "\nmodule P(")
+    text = (
+        _with_name(role, name)
+        if role != "parameter" or name != "Block"
+        else _with_name(role, name).replace("module P(", BLOCK + "\nmodule P(")
+    )
     diags = refused(text)
     assert any(d.code == "E012" and f"`{name}`" in d.message for d in diags), [(d.code, d.message) for d in diags]
 
 
-@pytest.mark.parametrize("role", ["module", "model", "config", "fn", "config field", "model member", "weight", "parameter"])
+@pytest.mark.parametrize(
+    "role", ["module", "model", "config", "fn", "config field", "model member", "weight", "parameter"]
+)
 def test_ordinary_names_in_each_role_check_clean(role):
     check_source(_with_name(role, "proj2"), PATH)
 
@@ -465,7 +747,8 @@ def _module_level(tree: ast.Module) -> set[str]:
 def _loaded_globals(fn: ast.FunctionDef) -> set[str]:
     """Names a function reads that are not its own locals (module-level names and builtins)."""
     local = {a.arg for a in fn.args.args + fn.args.kwonlyargs} | {
-        n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+    }
     return {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - local
 
 
@@ -497,7 +780,9 @@ def test_module_level_names_of_generated_files_are_reserved_for_declarations(gen
                 if name.startswith("__"):
                     continue
                 for role in ("module", "fn", "config"):
-                    assert reserved.identifier_problem(name, role=role), f"{file} binds `{name}`: not reserved for {role}"
+                    assert reserved.identifier_problem(name, role=role), (
+                        f"{file} binds `{name}`: not reserved for {role}"
+                    )
 
 
 def test_package_files_are_reserved_for_exported_classes(generated):
@@ -519,16 +804,23 @@ def test_attributes_generated_modules_bind_are_reserved_for_members(generated):
         for cls in (n for n in trees["modeling.py"].body if isinstance(n, ast.ClassDef)):
             is_model = cls.name == program.model
             own = members.get(cls.name, set())
-            bound = {n.attr for n in ast.walk(cls) if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store)
-                     and isinstance(n.value, ast.Name) and n.value.id == "self"}
+            bound = {
+                n.attr
+                for n in ast.walk(cls)
+                if isinstance(n, ast.Attribute)
+                and isinstance(n.ctx, ast.Store)
+                and isinstance(n.value, ast.Name)
+                and n.value.id == "self"
+            }
             bound |= {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
             bound |= {t.id for n in cls.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
             for name in bound - own:
                 if name.startswith("__"):
                     continue
                 for role in ("weight", "submodule"):
-                    assert reserved.identifier_problem(name, role=role, is_model=is_model), \
+                    assert reserved.identifier_problem(name, role=role, is_model=is_model), (
                         f"{cls.name} binds self.{name}: not reserved for a {role}"
+                    )
             for fn in (n for n in cls.body if isinstance(n, ast.FunctionDef)):
                 for arg in fn.args.args:  # generated parameters of generated methods
                     if arg.arg not in own and fn.name == "__init__":
@@ -578,9 +870,11 @@ def test_imports_of_generated_files_are_reserved_package_names(generated):
 
 
 def test_check_does_not_import_torch():
-    code = ("import sys; from dslc.api import check_file; from dslc.ir import names; "
-            "names.model_members(); names.config_members(); check_file('models/qwen2.model'); "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys; from dslc.api import check_file; from dslc.ir import names; "
+        "names.model_members(); names.config_members(); check_file('models/qwen2.model'); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     import subprocess
 
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -588,10 +882,17 @@ def test_check_does_not_import_torch():
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("spec,key,value", [
-    ("qwen2", "rms_norm_eps", "-1"), ("qwen2", "rms_norm_eps", "0"), ("qwen2", "rope_theta", "-5"),
-    ("llama", "rms_norm_eps", "-1e-6"), ("gpt2", "layer_norm_epsilon", "-1e-5"), ("bert", "layer_norm_eps", "0"),
-])
+@pytest.mark.parametrize(
+    "spec,key,value",
+    [
+        ("qwen2", "rms_norm_eps", "-1"),
+        ("qwen2", "rms_norm_eps", "0"),
+        ("qwen2", "rope_theta", "-5"),
+        ("llama", "rms_norm_eps", "-1e-6"),
+        ("gpt2", "layer_norm_epsilon", "-1e-5"),
+        ("bert", "layer_norm_eps", "0"),
+    ],
+)
 def test_shipped_specs_refuse_nonpositive_epsilons_and_bases(spec, key, value):
     """A negative epsilon or rotary base computes NaN logits: the shipped specs `require` them positive (E020)."""
     from dslc.api import check_file

@@ -26,7 +26,7 @@ QWEN2 = str(ROOT / "models" / "qwen2.model")
 # Every node kind: repeat + loop with two carried values, a loop carrying nothing, ties, conditional
 # weights and submodules, fns with scalar args and tuple results, x.dtype of values and weights,
 # checkpoint rules with transforms, train hints, negative / float / string constants, escapes.
-TINY = r'''
+TINY = r"""
 # A tiny model exercising every IR node kind.
 use std
 
@@ -101,10 +101,10 @@ train:
     activation_checkpointing Block, Extra
     parallel "blocks.{i}.proj" -> colwise
     parallel "head" -> rowwise
-'''
+"""
 
 # A second shape of spec: no std, no archs, no ties, no checkpoint; a forward without a loop.
-PLAIN = '''
+PLAIN = """
 config C:
     n: int = 4
 
@@ -115,7 +115,7 @@ model M(C): base
     forward(x: [B, n]) -> [B, n]:
         y = x @ w
         return y + b
-'''
+"""
 
 
 @cache
@@ -152,8 +152,10 @@ def _round_trip(p: N.Program, types=None) -> None:
 # ---- round trip ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("source,arch", [("qwen2", None), ("qwen2", "0.5b"), ("tiny", None), ("tiny", "small"),
-                                         ("tiny", "big"), ("plain", None)])
+@pytest.mark.parametrize(
+    "source,arch",
+    [("qwen2", None), ("qwen2", "0.5b"), ("tiny", None), ("tiny", "small"), ("tiny", "big"), ("plain", None)],
+)
 def test_round_trip_and_verify(source, arch):
     c = _checked(source, arch)
     _round_trip(c.program)
@@ -194,7 +196,7 @@ def test_tiny_covers_every_node_kind():
 
 # ---- hand-made programs: the corners of the text form --------------------------------------------------------
 
-_S = Span("odd dir/with \"quotes\" and: colon.model", -1, 0, 2, 3)
+_S = Span('odd dir/with "quotes" and: colon.model', -1, 0, 2, 3)
 
 
 def _edge_program() -> N.Program:
@@ -202,28 +204,58 @@ def _edge_program() -> N.Program:
     p = _checked("tiny", None).program
     C, R, B, U = N.Const, N.Ref, N.BinE, N.UnE
     exprs = (
-        C(-0.0), C(float("inf")), C(float("-inf")), C(1e300), C(5e-324), C(-(10**30)), C(""), C("a\"b\\c\n\x00é\u2028"),
-        U("-", C(1)), U("-", C(-1.5)), U("-", U("-", R("config", "dim"))), U("not", U("not", C(True))),
-        B("**", C(-2), C(2)), B("**", C(2), U("-", C(1))), B("**", B("**", C(2), C(3)), C(2)), B("**", C(2), B("**", C(3), C(2))),
-        B("-", C(1), B("-", C(2), C(3))), B("-", B("-", C(1), C(2)), C(3)), B("-", C(1), C(-1)),
-        B("<", B("<", C(1), C(2)), C(3)), B("==", C(1), B("==", C(2), C(3))),
+        C(-0.0),
+        C(float("inf")),
+        C(float("-inf")),
+        C(1e300),
+        C(5e-324),
+        C(-(10**30)),
+        C(""),
+        C('a"b\\c\n\x00é\u2028'),
+        U("-", C(1)),
+        U("-", C(-1.5)),
+        U("-", U("-", R("config", "dim"))),
+        U("not", U("not", C(True))),
+        B("**", C(-2), C(2)),
+        B("**", C(2), U("-", C(1))),
+        B("**", B("**", C(2), C(3)), C(2)),
+        B("**", C(2), B("**", C(3), C(2))),
+        B("-", C(1), B("-", C(2), C(3))),
+        B("-", B("-", C(1), C(2)), C(3)),
+        B("-", C(1), C(-1)),
+        B("<", B("<", C(1), C(2)), C(3)),
+        B("==", C(1), B("==", C(2), C(3))),
         N.CondE(N.CondE(C(1), C(True), C(2)), N.CondE(C(False), C(True), C(False)), N.CondE(C(3), C(False), C(4))),
         B("and", B("or", C(True), C(False)), U("not", B("and", C(True), C(False)))),
-        N.ListE(()), N.ListE((N.ListE((C(1),)), C("..."), R("sym", "B"))),
-        R("foo", "bar"), R("config", "in"), R("config", "weird name"), R("value", "a b"), R("param", '"q"'),
-        R("dtype", "f32"), R("dtype_of", "weight:w w"), R("dtype_of", "x"), R("weight", "0"), R("sym", "?"),
-        B("@", R("value", "a"), R("value", "b")), B("%", R("value", "a"), B("//", C(7), C(2))),
+        N.ListE(()),
+        N.ListE((N.ListE((C(1),)), C("..."), R("sym", "B"))),
+        R("foo", "bar"),
+        R("config", "in"),
+        R("config", "weird name"),
+        R("value", "a b"),
+        R("param", '"q"'),
+        R("dtype", "f32"),
+        R("dtype_of", "weight:w w"),
+        R("dtype_of", "x"),
+        R("weight", "0"),
+        R("sym", "?"),
+        B("@", R("value", "a"), R("value", "b")),
+        B("%", R("value", "a"), B("//", C(7), C(2))),
     )
     config = p.config
-    requires = tuple(N.RequireDef(e, f"message {i} \"q\" \\", _S) for i, e in enumerate(exprs))
+    requires = tuple(N.RequireDef(e, f'message {i} "q" \\', _S) for i, e in enumerate(exprs))
     fields = config.fields + (
         N.FieldDef("in", "int", True, None, "a keyword as a name", _S),
         N.FieldDef("weird name", "str", False, C("x"), "", _S),
         N.FieldDef("dots", "str", False, C("..."), "", _S),
     )
-    config = replace(config, requires=config.requires + requires, fields=fields,
-                     aliases=config.aliases + (("with space", "in"),),
-                     archs=config.archs + (N.ArchDef("quote\"arch", "small", (("weird name", C("y")),), _S),))
+    config = replace(
+        config,
+        requires=config.requires + requires,
+        fields=fields,
+        aliases=config.aliases + (("with space", "in"),),
+        archs=config.archs + (N.ArchDef('quote"arch', "small", (("weird name", C("y")),), _S),),
+    )
     # values in an order the fields do not imply, with an extra float
     values = tuple(reversed(p.values)) + (("in", None), ("dots", "..."), ("nan", float("inf")))
     block = p.module("Block")
@@ -236,19 +268,36 @@ def _edge_program() -> N.Program:
         N.Op("weird op", (), (), ("u",), ("v",), "target name", _S),
     )
     odd_args = (N.ArgDef("both", N.TensorSig((C("..."),), "f32"), "int", _S), N.ArgDef("none", None, None, _S))
-    block = replace(block, doc="line one\nline \"two\"\t\\", task=None,
-                    forward=replace(g, body=odd_ops + g.body, args=g.args + odd_args, result_sigs=()))
+    block = replace(
+        block,
+        doc='line one\nline "two"\t\\',
+        task=None,
+        forward=replace(g, body=odd_ops + g.body, args=g.args + odd_args, result_sigs=()),
+    )
     empty = N.ModuleDef("Empty Module", (), (), (), (), N.Graph((), (), (), None, _S), False, None, "", _S)
     modules = tuple(block if m.name == "Block" else m for m in p.modules)
     modules = (empty,) + modules
-    weights = p.weights + (N.WeightInfo("weird.0.name with space", (1, 2), "f32", "ones", "embed.weight", _S),
-                           N.WeightInfo("plain", (), "float", "zeros", None, _S))
-    checkpoint = N.CheckpointDef(p.checkpoint.rules + (N.LayoutRuleDef((), (("x y", ()),), (), _S),),
-                                 p.checkpoint.ignores + ("a\"b",))
+    weights = p.weights + (
+        N.WeightInfo("weird.0.name with space", (1, 2), "f32", "ones", "embed.weight", _S),
+        N.WeightInfo("plain", (), "float", "zeros", None, _S),
+    )
+    checkpoint = N.CheckpointDef(
+        p.checkpoint.rules + (N.LayoutRuleDef((), (("x y", ()),), (), _S),), p.checkpoint.ignores + ('a"b',)
+    )
     train = N.TrainDef(p.train.checkpointing + ("Empty Module",), p.train.parallel + (("p\\q", "odd style"),))
     extra = {"regions": _regions()} if HAS_REGIONS else {}
-    return replace(p, source="dir with space/\"x\"\n.model", arch="quote\"arch", config=config, values=values,
-                   modules=modules, weights=weights, checkpoint=checkpoint, train=train, **extra)
+    return replace(
+        p,
+        source='dir with space/"x"\n.model',
+        arch='quote"arch',
+        config=config,
+        values=values,
+        modules=modules,
+        weights=weights,
+        checkpoint=checkpoint,
+        train=train,
+        **extra,
+    )
 
 
 HAS_REGIONS = "regions" in {f.name for f in dataclasses.fields(N.Program)}
@@ -260,11 +309,23 @@ def _regions() -> tuple:
     norm = RowRegion(
         "rms_norm_0",
         (RegionInput("x"), RegionInput("w"), RegionInput("eps", "scalar", False)),
-        (RegionOp("cast", ("x",), "h", (("dtype", "f32"),)), RegionOp("mul", ("h", "h"), "t1"),
-         RegionOp("mean", ("t1",), "t2"), RegionOp("add", ("t2", "eps"), "t3"), RegionOp("rsqrt", ("t3",), "t4"),
-         RegionOp("mul", ("h", "t4"), "t5"), RegionOp("cast", ("t5",), "t6", (("dtype", "input:x"),)),
-         RegionOp("mul", ("w", "t6"), "y"), RegionOp("pow", ("y", -0.5), "z"), RegionOp("add", ("z", 2), "zz")),
-        ("y", "t4"), ("input:x", "f32"), "std.model:24-27", ("fused \"norm\"", "second note"))
+        (
+            RegionOp("cast", ("x",), "h", (("dtype", "f32"),)),
+            RegionOp("mul", ("h", "h"), "t1"),
+            RegionOp("mean", ("t1",), "t2"),
+            RegionOp("add", ("t2", "eps"), "t3"),
+            RegionOp("rsqrt", ("t3",), "t4"),
+            RegionOp("mul", ("h", "t4"), "t5"),
+            RegionOp("cast", ("t5",), "t6", (("dtype", "input:x"),)),
+            RegionOp("mul", ("w", "t6"), "y"),
+            RegionOp("pow", ("y", -0.5), "z"),
+            RegionOp("add", ("z", 2), "zz"),
+        ),
+        ("y", "t4"),
+        ("input:x", "f32"),
+        "std.model:24-27",
+        ('fused "norm"', "second note"),
+    )
     return (norm, RowRegion("empty", (), (), ()))
 
 
@@ -282,8 +343,19 @@ def test_round_trip_corner_cases():
 
 def test_round_trip_random_expressions():
     rng = random.Random(1234)
-    leaves = [N.Const(0), N.Const(-3), N.Const(2.5), N.Const(-1e-3), N.Const(True), N.Const(None), N.Const("s\"\\"),
-              N.Ref("config", "dim"), N.Ref("param", "p"), N.Ref("value", "v"), N.Ref("sym", "B")]
+    leaves = [
+        N.Const(0),
+        N.Const(-3),
+        N.Const(2.5),
+        N.Const(-1e-3),
+        N.Const(True),
+        N.Const(None),
+        N.Const('s"\\'),
+        N.Ref("config", "dim"),
+        N.Ref("param", "p"),
+        N.Ref("value", "v"),
+        N.Ref("sym", "B"),
+    ]
     binops = ["or", "and", "==", "!=", "<", "<=", ">", ">=", "+", "-", "*", "/", "//", "%", "@", "**"]
 
     def gen(depth: int) -> N.E:
@@ -314,24 +386,49 @@ def test_grammar_keywords_as_names():
         op = N.Op(w, (N.Ref("config", w), N.Ref("param", w)), ((w, N.Ref("weight", w)),), (w,), (w,), w, _S)
         sub = N.SubmoduleDef(w, w, (N.Ref("config", w),), ((w, N.Const(w)),), N.Ref("config", w), None, w, _S)
         loop = N.Loop(w, w, (op,), (), (), (), (), (), _S)
-        m2 = replace(m, name=w, task=w, params=(N.ParamDef(w, w, None, _S),),
-                     weights=m.weights + (N.WeightDef(w, (N.Ref("param", w),), w, w, None, None, w, _S),),
-                     submodules=(sub,), ties=(N.TieDef(w, f"{w}.{w}", None, _S),),
-                     forward=replace(g, args=(N.ArgDef(w, N.TensorSig((N.Ref("sym", w),), w), None, _S),),
-                                     body=(loop,) + g.body))
+        m2 = replace(
+            m,
+            name=w,
+            task=w,
+            params=(N.ParamDef(w, w, None, _S),),
+            weights=m.weights + (N.WeightDef(w, (N.Ref("param", w),), w, w, None, None, w, _S),),
+            submodules=(sub,),
+            ties=(N.TieDef(w, f"{w}.{w}", None, _S),),
+            forward=replace(
+                g, args=(N.ArgDef(w, N.TensorSig((N.Ref("sym", w),), w), None, _S),), body=(loop,) + g.body
+            ),
+        )
         fn = N.FnDef(w, N.Graph((N.ArgDef(w, None, w, _S),), (), (), (N.TensorSig((), w),), _S), w, _S)
-        config = replace(base.config, name=w, fields=base.config.fields + (N.FieldDef(w, w, False, None, w, _S),),
-                         aliases=((w, w),), archs=(N.ArchDef(w, w, ((w, N.Ref("config", w)),), _S),))
-        p = replace(base, model=w, arch=w, config=config, modules=(m2,), fns=(fn,),
-                    values=base.values + ((w, w),),
-                    checkpoint=N.CheckpointDef((N.LayoutRuleDef((w,), ((w, ((w, N.Const(1)),)),), (w,), _S),), (w,)),
-                    train=N.TrainDef((w,), ((w, w),)),
-                    weights=(N.WeightInfo(w, (1,), w, w, w, _S),))
+        config = replace(
+            base.config,
+            name=w,
+            fields=base.config.fields + (N.FieldDef(w, w, False, None, w, _S),),
+            aliases=((w, w),),
+            archs=(N.ArchDef(w, w, ((w, N.Ref("config", w)),), _S),),
+        )
+        p = replace(
+            base,
+            model=w,
+            arch=w,
+            config=config,
+            modules=(m2,),
+            fns=(fn,),
+            values=base.values + ((w, w),),
+            checkpoint=N.CheckpointDef((N.LayoutRuleDef((w,), ((w, ((w, N.Const(1)),)),), (w,), _S),), (w,)),
+            train=N.TrainDef((w,), ((w, w),)),
+            weights=(N.WeightInfo(w, (1,), w, w, w, _S),),
+        )
         if HAS_REGIONS:
             from dslc.ir.regions import RegionInput, RegionOp, RowRegion
 
-            p = replace(p, regions=(RowRegion(w, (RegionInput(w, w, True),), (RegionOp(w, (w, 1.0), w, ((w, w),)),),
-                                              (w,), (w,), w, (w,)),))
+            p = replace(
+                p,
+                regions=(
+                    RowRegion(
+                        w, (RegionInput(w, w, True),), (RegionOp(w, (w, 1.0), w, ((w, w),)),), (w,), (w,), w, (w,)
+                    ),
+                ),
+            )
         _round_trip(p)
 
 
@@ -367,7 +464,9 @@ def test_verify_ssa_defined_twice():
     p = _qwen2()
     body = list(p.module("Attention").forward.body)
     body[1] = replace(body[1], results=(body[0].results[0],))  # %q reuses %t3's name
-    _one(verify_program(_with_body(p, "Attention", body)), r"module `Attention` forward: `%t3` is defined more than once")
+    _one(
+        verify_program(_with_body(p, "Attention", body)), r"module `Attention` forward: `%t3` is defined more than once"
+    )
 
 
 def test_verify_ssa_use_before_definition():
@@ -391,8 +490,10 @@ def test_verify_loop_scope_and_outputs():
     bad = _with_module(p, replace(m, forward=replace(m.forward, outputs=("nope",))))
     _one(verify_program(bad), r"output `%nope` is not defined")
     bad_loop = replace(loop, yields=("ghost",))
-    _one(verify_program(_with_body(p, "Qwen2Model", [bad_loop if st is loop else st for st in body])),
-         r"loop yield `%ghost` is not defined")
+    _one(
+        verify_program(_with_body(p, "Qwen2Model", [bad_loop if st is loop else st for st in body])),
+        r"loop yield `%ghost` is not defined",
+    )
 
 
 def test_verify_unknown_targets_and_refs():
@@ -404,17 +505,27 @@ def test_verify_unknown_targets_and_refs():
         (replace(body[0], op="frobnicate", target=""), r"unknown op `frobnicate`"),
         (replace(body[0], args=(N.Ref("weight", "w"),)), r"unknown weight `&w`"),
         (replace(body[0], args=(N.Ref("param", "p"),)), r"unknown module parameter `\$p`"),
-        (replace(body[1], args=(N.Ref("value", "t3"), N.Ref("config", "num_heads"))), r"unknown config field `num_heads`"),
+        (
+            replace(body[1], args=(N.Ref("value", "t3"), N.Ref("config", "num_heads"))),
+            r"unknown config field `num_heads`",
+        ),
         (replace(body[0], vars=()), r"1 result\(s\) but 0 var name\(s\)"),
         (replace(body[0], args=(N.Ref("weight", "q_proj.nope"),)), r"unknown weight `&q_proj.nope`: `Linear` has no "),
     ]
     for op, pattern in cases:
-        _one(verify_program(_with_body(p, "Attention", [op] + body[1:] if op.span == body[0].span else
-                                       [body[0], op] + body[2:])), pattern)
+        _one(
+            verify_program(
+                _with_body(p, "Attention", [op] + body[1:] if op.span == body[0].span else [body[0], op] + body[2:])
+            ),
+            pattern,
+        )
     # a submodule's weight by its path, as the inlining pass leaves it, is valid
-    inlined = _with_body(p, "Attention", [replace(body[0], op="linear", target="",
-                                                  args=(N.Ref("value", "x"), N.Ref("weight", "q_proj.weight")))]
-                         + body[1:])
+    inlined = _with_body(
+        p,
+        "Attention",
+        [replace(body[0], op="linear", target="", args=(N.Ref("value", "x"), N.Ref("weight", "q_proj.weight")))]
+        + body[1:],
+    )
     assert verify_program(inlined) == []
     _round_trip(inlined)
     assert "linear(%x, &q_proj.weight)" in print_program(inlined)
@@ -436,7 +547,10 @@ def test_verify_ties_and_weights():
     _one(verify_program(replace(p, weights=p.weights + (p.weights[0],))), r"appears twice in the weight tree")
     m = p.module(p.model)
     bad_tie = replace(m, ties=(replace(m.ties[0], source="model.embed.weight"),))
-    _one(verify_program(_with_module(p, bad_tie)), r"tie path `model.embed.weight`: `Qwen2Model` has no submodule `embed`")
+    _one(
+        verify_program(_with_module(p, bad_tie)),
+        r"tie path `model.embed.weight`: `Qwen2Model` has no submodule `embed`",
+    )
 
 
 def test_verify_program_structure():
@@ -459,19 +573,30 @@ def test_verify_regions():
     p = _qwen2()
     norm = p.module("RMSNorm")
     g = norm.forward
-    op = N.Op("region", (N.Ref("value", "x"), N.Ref("weight", "weight"), N.Ref("param", "eps")), (), ("y", "r"),
-              ("", ""), "rms_norm_0", g.span)
+    op = N.Op(
+        "region",
+        (N.Ref("value", "x"), N.Ref("weight", "weight"), N.Ref("param", "eps")),
+        (),
+        ("y", "r"),
+        ("", ""),
+        "rms_norm_0",
+        g.span,
+    )
     fused = replace(p, regions=_regions())
     fused = _with_module(fused, replace(norm, forward=replace(g, body=(op,), outputs=("y",))))
     assert verify_program(fused) == []
     _round_trip(fused)
     _one(verify_program(_with_body(fused, "RMSNorm", [replace(op, target="rms")])), r"call of unknown region `rms`")
-    _one(verify_program(_with_body(fused, "RMSNorm", [replace(op, args=op.args[:2])])),
-         r"region `rms_norm_0` takes 3 input\(s\), got 2")
+    _one(
+        verify_program(_with_body(fused, "RMSNorm", [replace(op, args=op.args[:2])])),
+        r"region `rms_norm_0` takes 3 input\(s\), got 2",
+    )
     region = fused.regions[0]
     broken = replace(region, ops=region.ops[1:])  # %h is read but no longer defined
-    _one(verify_program(replace(fused, regions=(broken,) + fused.regions[1:])),
-         r"region `rms_norm_0`: `%h` is used before it is defined")
+    _one(
+        verify_program(replace(fused, regions=(broken,) + fused.regions[1:])),
+        r"region `rms_norm_0`: `%h` is used before it is defined",
+    )
     twice = replace(region, ops=region.ops + (region.ops[0],))
     _one(verify_program(replace(fused, regions=(twice,) + fused.regions[1:])), r"`%h` is defined more than once")
 
@@ -489,7 +614,7 @@ def test_show_parameter_count_and_ir(capsys):
     assert "tie_word_embeddings" in out and "hidden_size // num_attention_heads" in out
     assert "fused regions" in out and "gated_mlp_pointwise" in out
     # the IR section is the exact text form: it reads back to the program
-    ir = out[out.index("# dslc IR"):out.index("fused regions")]
+    ir = out[out.index("# dslc IR") : out.index("fused regions")]
     assert read_program(ir) == _qwen2()
 
 

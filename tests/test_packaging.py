@@ -67,7 +67,15 @@ def test_installed_wheel_finds_its_data(wheel: Path, tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", code, str(target)], check=True, env=env, cwd=tmp_path, timeout=60)
     # and the installed compiler builds a package from a spec: grammar, std library and templates all found
     spec = Path(__file__).resolve().parents[1] / "models" / "gpt2.model"
-    built = subprocess.run([sys.executable, "-m", "dslc", "build", str(spec), "-o", str(tmp_path / "out")],
-                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    built = subprocess.run(
+        [sys.executable, "-m", "dslc", "build", str(spec), "-o", str(tmp_path / "out")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert built.returncode == 0, built.stderr
-    assert (tmp_path / "out" / "gpt2" / "modeling.py").is_file() and (tmp_path / "out" / "gpt2" / "kernels.py").is_file()
+    assert (tmp_path / "out" / "gpt2" / "modeling.py").is_file() and (
+        tmp_path / "out" / "gpt2" / "kernels.py"
+    ).is_file()

@@ -16,11 +16,14 @@ def _regions(spec: str):
     return optimize(check_file(ROOT / "models" / spec).program, verify=True).report.regions
 
 
-@pytest.mark.parametrize("spec,module", [
-    ("gpt2.model", "MLP"),
-    ("bert.model", "BertIntermediate"),
-    ("bert.model", "BertPooler"),
-])
+@pytest.mark.parametrize(
+    "spec,module",
+    [
+        ("gpt2.model", "MLP"),
+        ("bert.model", "BertIntermediate"),
+        ("bert.model", "BertPooler"),
+    ],
+)
 def test_a_linear_keeps_its_bias(spec, module):
     """A Linear is called through its forward, bias included (cuBLAS adds it in the matmul's epilogue): nothing
     reaches past the module to its `.weight` or `.bias`."""
@@ -30,17 +33,23 @@ def test_a_linear_keeps_its_bias(spec, module):
     assert [op.op for op in body if op.op == "call"], f"{module} calls no submodule"
 
 
-@pytest.mark.parametrize("spec,norm,users", [
-    ("qwen2.model", "RMSNorm", {"DecoderLayer": 1}),  # post_attention_layernorm(x + attn)
-    ("gpt2.model", "LayerNorm", {"Block": 1}),  # ln_2(x + attn)
-    ("bert.model", "LayerNorm", {"BertEmbeddings": 1, "BertSelfOutput": 1, "BertOutput": 1}),  # post-norm
-])
+@pytest.mark.parametrize(
+    "spec,norm,users",
+    [
+        ("qwen2.model", "RMSNorm", {"DecoderLayer": 1}),  # post_attention_layernorm(x + attn)
+        ("gpt2.model", "LayerNorm", {"Block": 1}),  # ln_2(x + attn)
+        ("bert.model", "LayerNorm", {"BertEmbeddings": 1, "BertSelfOutput": 1, "BertOutput": 1}),  # post-norm
+    ],
+)
 def test_residual_add_moves_into_the_norm(spec, norm, users):
     program = optimize(check_file(ROOT / "models" / spec).program, verify=True).program
     assert program.module(norm).residual is not None
     for module, n in users.items():
-        calls = [op for op in program.module(module).forward.body
-                 if op.op == "call" and dict(op.kwargs).get("residual") is not None]
+        calls = [
+            op
+            for op in program.module(module).forward.body
+            if op.op == "call" and dict(op.kwargs).get("residual") is not None
+        ]
         assert len(calls) == n and all(len(op.results) == 2 for op in calls), module
 
 

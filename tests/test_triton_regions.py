@@ -64,52 +64,153 @@ def ops(*lines: str) -> tuple[RegionOp, ...]:
     return tuple(out)
 
 
-RMS_BODY = ("xf = cast(x, f32)", "sq = mul(xf, xf)", "var = mean(sq)", "var_eps = add(var, eps)",
-            "rstd = rsqrt(var_eps)", "normed = mul(xf, rstd)", "normed_x = cast(normed, input:x)",
-            "y = mul(weight, normed_x)")
+RMS_BODY = (
+    "xf = cast(x, f32)",
+    "sq = mul(xf, xf)",
+    "var = mean(sq)",
+    "var_eps = add(var, eps)",
+    "rstd = rsqrt(var_eps)",
+    "normed = mul(xf, rstd)",
+    "normed_x = cast(normed, input:x)",
+    "y = mul(weight, normed_x)",
+)
 
 REGIONS = {
-    "rmsnorm": RowRegion("rmsnorm", (T("x"), T("weight"), S("eps")), ops(*RMS_BODY), ("y",), ("input:x",),
-                         "test.model:1-3"),
-    "gemma_rmsnorm": RowRegion("gemma_rmsnorm", (T("x"), T("weight"), S("eps")), ops(
-        "xf = cast(x, f32)", "sq = mul(xf, xf)", "var = mean(sq)", "var_eps = add(var, eps)", "rstd = rsqrt(var_eps)",
-        "normed = mul(xf, rstd)", "wf = cast(weight, f32)", "scale = add(1.0, wf)", "y32 = mul(normed, scale)",
-        "y = cast(y32, input:x)"), ("y",), ("input:x",)),
-    "layernorm": RowRegion("layernorm", (T("x"), T("weight"), T("bias"), S("eps")), ops(
-        "xf = cast(x, f32)", "mu = mean(xf)", "xc = sub(xf, mu)", "sq = mul(xc, xc)", "var = mean(sq)",
-        "var_eps = add(var, eps)", "rstd = rsqrt(var_eps)", "normed = mul(xc, rstd)", "scaled = mul(normed, weight)",
-        "shifted = add(scaled, bias)", "y = cast(shifted, input:x)"), ("y",), ("input:x",)),
-    "add_rmsnorm": RowRegion("add_rmsnorm", (T("x"), T("residual"), T("weight"), S("eps")), ops(
-        "h = add(x, residual)", "xf = cast(h, f32)", *RMS_BODY[1:]),
-        ("h", "y"), ("input:x", "input:x")),
+    "rmsnorm": RowRegion(
+        "rmsnorm", (T("x"), T("weight"), S("eps")), ops(*RMS_BODY), ("y",), ("input:x",), "test.model:1-3"
+    ),
+    "gemma_rmsnorm": RowRegion(
+        "gemma_rmsnorm",
+        (T("x"), T("weight"), S("eps")),
+        ops(
+            "xf = cast(x, f32)",
+            "sq = mul(xf, xf)",
+            "var = mean(sq)",
+            "var_eps = add(var, eps)",
+            "rstd = rsqrt(var_eps)",
+            "normed = mul(xf, rstd)",
+            "wf = cast(weight, f32)",
+            "scale = add(1.0, wf)",
+            "y32 = mul(normed, scale)",
+            "y = cast(y32, input:x)",
+        ),
+        ("y",),
+        ("input:x",),
+    ),
+    "layernorm": RowRegion(
+        "layernorm",
+        (T("x"), T("weight"), T("bias"), S("eps")),
+        ops(
+            "xf = cast(x, f32)",
+            "mu = mean(xf)",
+            "xc = sub(xf, mu)",
+            "sq = mul(xc, xc)",
+            "var = mean(sq)",
+            "var_eps = add(var, eps)",
+            "rstd = rsqrt(var_eps)",
+            "normed = mul(xc, rstd)",
+            "scaled = mul(normed, weight)",
+            "shifted = add(scaled, bias)",
+            "y = cast(shifted, input:x)",
+        ),
+        ("y",),
+        ("input:x",),
+    ),
+    "add_rmsnorm": RowRegion(
+        "add_rmsnorm",
+        (T("x"), T("residual"), T("weight"), S("eps")),
+        ops("h = add(x, residual)", "xf = cast(h, f32)", *RMS_BODY[1:]),
+        ("h", "y"),
+        ("input:x", "input:x"),
+    ),
     "swiglu": RowRegion("swiglu", (T("gate"), T("up")), ops("act = silu(gate)", "y = mul(act, up)"), ("y",)),
     "gelu_bias": RowRegion("gelu_bias", (T("x"), T("b")), ops("xb = add(x, b)", "y = gelu_tanh(xb)"), ("y",)),
-    "softcap": RowRegion("softcap", (T("x"), S("cap")), ops("xs = div(x, cap)", "t = tanh(xs)", "y = mul(cap, t)"),
-                         ("y",)),
-    "softmax": RowRegion("softmax", (T("x"),), ops(
-        "m = amax(x)", "z = sub(x, m)", "e = exp(z)", "s = sum(e)", "y = div(e, s)"), ("y",)),
-    "rope": RowRegion("rope", (T("x"), T("cos"), T("sin", needs_grad=False)), ops(
-        "xc = mul(x, cos)", "xr = rotate_half(x)", "xs = mul(xr, sin)", "y = add(xc, xs)"), ("y",)),
+    "softcap": RowRegion(
+        "softcap", (T("x"), S("cap")), ops("xs = div(x, cap)", "t = tanh(xs)", "y = mul(cap, t)"), ("y",)
+    ),
+    "softmax": RowRegion(
+        "softmax", (T("x"),), ops("m = amax(x)", "z = sub(x, m)", "e = exp(z)", "s = sum(e)", "y = div(e, s)"), ("y",)
+    ),
+    "rope": RowRegion(
+        "rope",
+        (T("x"), T("cos"), T("sin", needs_grad=False)),
+        ops("xc = mul(x, cos)", "xr = rotate_half(x)", "xs = mul(xr, sin)", "y = add(xc, xs)"),
+        ("y",),
+    ),
     # every op at least once; p is a per-row tensor [..., 1]; two outputs, one full-row and one per-row
-    "all_ops": RowRegion("all_ops", (T("a"), T("b"), T("p"), S("s")), ops(
-        "t1 = tanh(a)", "t2 = sigmoid(b)", "t3 = silu(a)", "t4 = gelu(b)", "t5 = gelu_tanh(a)", "t6 = relu(b)",
-        "t7 = cos(a)", "t8 = sin(b)", "t9 = abs(a)", "t10 = neg(b)", "t11 = identity(a)", "ab = abs(b)",
-        "ab1 = add(ab, 1.0)", "t12 = log(ab1)", "t13 = sqrt(ab1)", "t14 = rsqrt(ab1)", "t15 = pow(ab1, 2.5)",
-        "t16 = pow(a, 3.0)", "t17 = pow(a, 5.0)", "t18 = maximum(a, b)", "t19 = minimum(a, 0.25)",
-        "t20 = div(t1, ab1)", "t21 = exp(t2)", "t22 = mul(p, t3)", "t23 = cast(t4, input:a)", "t24 = cast(t5, f32)",
-        "t25 = sub(t6, t7)", "rs = sqrt(s)", "t26 = mul(rs, t8)", "t27 = rotate_half(a)", "t28 = mul(t27, t9)",
-        "m = amax(t1)", "t29 = sub(t1, m)", "r1 = sum(t16)", "r2 = mean(t17)", "r3 = mul(r1, r2)", "r4 = div(r3, 64.0)",
-        "u1 = add(t1, t2)", "u2 = add(u1, t3)", "u3 = add(u2, t23)", "u4 = add(u3, t24)", "u5 = add(u4, t25)",
-        "u6 = add(u5, t26)", "u7 = add(u6, t28)", "u8 = add(u7, t29)", "u9 = add(u8, t10)", "u10 = mul(u9, t11)",
-        "u11 = add(u10, t12)", "u12 = add(u11, t13)", "u13 = add(u12, t14)", "u14 = add(u13, t15)",
-        "u15 = add(u14, t18)", "u16 = add(u15, t19)", "u17 = add(u16, t20)", "u18 = add(u17, t21)",
-        "u19 = add(u18, t22)", "u20 = mul(u19, r4)", "out = add(u20, t1)", "ssum = sum(u19)", "row_out = add(ssum, m)"),
-        ("out", "row_out")),
+    "all_ops": RowRegion(
+        "all_ops",
+        (T("a"), T("b"), T("p"), S("s")),
+        ops(
+            "t1 = tanh(a)",
+            "t2 = sigmoid(b)",
+            "t3 = silu(a)",
+            "t4 = gelu(b)",
+            "t5 = gelu_tanh(a)",
+            "t6 = relu(b)",
+            "t7 = cos(a)",
+            "t8 = sin(b)",
+            "t9 = abs(a)",
+            "t10 = neg(b)",
+            "t11 = identity(a)",
+            "ab = abs(b)",
+            "ab1 = add(ab, 1.0)",
+            "t12 = log(ab1)",
+            "t13 = sqrt(ab1)",
+            "t14 = rsqrt(ab1)",
+            "t15 = pow(ab1, 2.5)",
+            "t16 = pow(a, 3.0)",
+            "t17 = pow(a, 5.0)",
+            "t18 = maximum(a, b)",
+            "t19 = minimum(a, 0.25)",
+            "t20 = div(t1, ab1)",
+            "t21 = exp(t2)",
+            "t22 = mul(p, t3)",
+            "t23 = cast(t4, input:a)",
+            "t24 = cast(t5, f32)",
+            "t25 = sub(t6, t7)",
+            "rs = sqrt(s)",
+            "t26 = mul(rs, t8)",
+            "t27 = rotate_half(a)",
+            "t28 = mul(t27, t9)",
+            "m = amax(t1)",
+            "t29 = sub(t1, m)",
+            "r1 = sum(t16)",
+            "r2 = mean(t17)",
+            "r3 = mul(r1, r2)",
+            "r4 = div(r3, 64.0)",
+            "u1 = add(t1, t2)",
+            "u2 = add(u1, t3)",
+            "u3 = add(u2, t23)",
+            "u4 = add(u3, t24)",
+            "u5 = add(u4, t25)",
+            "u6 = add(u5, t26)",
+            "u7 = add(u6, t28)",
+            "u8 = add(u7, t29)",
+            "u9 = add(u8, t10)",
+            "u10 = mul(u9, t11)",
+            "u11 = add(u10, t12)",
+            "u12 = add(u11, t13)",
+            "u13 = add(u12, t14)",
+            "u14 = add(u13, t15)",
+            "u15 = add(u14, t18)",
+            "u16 = add(u15, t19)",
+            "u17 = add(u16, t20)",
+            "u18 = add(u17, t21)",
+            "u19 = add(u18, t22)",
+            "u20 = mul(u19, r4)",
+            "out = add(u20, t1)",
+            "ssum = sum(u19)",
+            "row_out = add(ssum, m)",
+        ),
+        ("out", "row_out"),
+    ),
     # a row sum of an input that may be per-row: fine when p is full-width, refused when p is [..., 1]
     "rowsum": RowRegion("rowsum", (T("x"), T("p")), ops("q = sum(p)", "y = mul(x, q)"), ("y",)),
     # names that shadow builtins, an input passed through as an output, the same output twice
-    "edge_names": RowRegion("edge_names", (T("input"), T("max")), ops("sum = add(input, max)", "y = mul(sum, 2.0)"),
-                            ("input", "y", "y")),
+    "edge_names": RowRegion(
+        "edge_names", (T("input"), T("max")), ops("sum = add(input, max)", "y = mul(sum, 2.0)"), ("input", "y", "y")
+    ),
 }
 
 
@@ -235,8 +336,12 @@ def check_region(K, name, shape, dtype=torch.float32):
 # ---- Triton against the PyTorch rendering -----------------------------------------------------------------------
 
 ROW_REGIONS = [n for n in REGIONS if n != "rope"]
-CASES = [((37, 781), torch.float32), ((1, 781), torch.float32), ((2, 3, 5, 100), torch.float32),
-         ((16, 200), torch.bfloat16)]
+CASES = [
+    ((37, 781), torch.float32),
+    ((1, 781), torch.float32),
+    ((2, 3, 5, 100), torch.float32),
+    ((16, 200), torch.bfloat16),
+]
 
 
 @pytest.mark.parametrize("name", ROW_REGIONS)
@@ -247,16 +352,24 @@ def test_triton_matches_torch(K, name, shape, dtype):
     check_region(K, name, shape, dtype)
 
 
-@pytest.mark.parametrize("name,shape", [("rmsnorm", (1823, 781)), ("softmax", (1823, 781)), ("all_ops", (1823, 64)),
-                                        ("swiglu", (1823, 64))])
+@pytest.mark.parametrize(
+    "name,shape", [("rmsnorm", (1823, 781)), ("softmax", (1823, 781)), ("all_ops", (1823, 64)), ("swiglu", (1823, 64))]
+)
 def test_triton_many_rows(K, name, shape):
     t = time.perf_counter()
     check_region(K, name, shape)
     assert time.perf_counter() - t < 30  # the interpreter is slow; a regression here makes the suite crawl
 
 
-@pytest.mark.parametrize("shape,dtype", [((2, 4, 37, 94), torch.float32), ((1, 1, 1, 94), torch.float32),
-                                         ((3, 2, 5, 64), torch.float32), ((2, 4, 9, 64), torch.bfloat16)])
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [
+        ((2, 4, 37, 94), torch.float32),
+        ((1, 1, 1, 94), torch.float32),
+        ((3, 2, 5, 64), torch.float32),
+        ((2, 4, 9, 64), torch.bfloat16),
+    ],
+)
 def test_triton_rope_broadcast_tables(K, shape, dtype):
     check_region(K, "rope", shape, dtype)
 
@@ -299,8 +412,9 @@ def _rotate_half(x):
 
 HAND_REFERENCES = {
     "rmsnorm": _rms_ref,
-    "gemma_rmsnorm": lambda x, w, eps: (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-                                        * (1.0 + w.float())).to(x.dtype),
+    "gemma_rmsnorm": lambda x, w, eps: (
+        x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w.float())
+    ).to(x.dtype),
     "layernorm": lambda x, w, b, eps: F.layer_norm(x, (x.shape[-1],), w, b, eps),
     "add_rmsnorm": lambda x, r, w, eps: (x + r, _rms_ref(x + r, w, eps)),
     "swiglu": lambda g, u: F.silu(g) * u,
@@ -381,14 +495,17 @@ def test_empty_rows_and_rank_limit(K):
         K.add_rmsnorm_triton(torch.randn(2, 4, 8), torch.randn(2, 2, 8), torch.randn(8), 1e-6)
 
 
-@pytest.mark.parametrize("region,message", [
-    (RowRegion("bad", (T("x"),), ops("y = frob(x)"), ("y",)), "unknown op"),
-    (RowRegion("bad", (T("x"), T("e")), ops("y = pow(x, e)"), ("y",)), "exponent must be a constant"),
-    (RowRegion("bad", (T("x"),), ops("h = neg(x)", "y = rotate_half(h)"), ("y",)), "must be a region tensor input"),
-    (RowRegion("bad", (T("x"),), ops("y = mul(x, z)"), ("y",)), "neither a region input"),
-    (RowRegion("bad", (T("x"),), ops("y = cast(x, f8)"), ("y",)), "dtype 'f8'"),
-    (RowRegion("bad", (S("e"),), ops("y = neg(e)"), ("y",)), "at least one tensor input"),
-])
+@pytest.mark.parametrize(
+    "region,message",
+    [
+        (RowRegion("bad", (T("x"),), ops("y = frob(x)"), ("y",)), "unknown op"),
+        (RowRegion("bad", (T("x"), T("e")), ops("y = pow(x, e)"), ("y",)), "exponent must be a constant"),
+        (RowRegion("bad", (T("x"),), ops("h = neg(x)", "y = rotate_half(h)"), ("y",)), "must be a region tensor input"),
+        (RowRegion("bad", (T("x"),), ops("y = mul(x, z)"), ("y",)), "neither a region input"),
+        (RowRegion("bad", (T("x"),), ops("y = cast(x, f8)"), ("y",)), "dtype 'f8'"),
+        (RowRegion("bad", (S("e"),), ops("y = neg(e)"), ("y",)), "at least one tensor input"),
+    ],
+)
 def test_bad_regions_are_refused(region, message):
     with pytest.raises(RegionError, match=message):
         render_region_triton(region)

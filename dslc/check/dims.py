@@ -117,8 +117,11 @@ class NamedInt(int):
     def _with(self, other, op: str, prec: int, value: int, swap: bool = False):
         if isinstance(other, bool) or not isinstance(other, int):
             return value
-        if not isinstance(other, NamedInt) and (other == 0 and op in "+-" or other == 1 and op in ("*", "//")) \
-                and not (swap and op in ("-", "//")):
+        if (
+            not isinstance(other, NamedInt)
+            and (other == 0 and op in "+-" or other == 1 and op in ("*", "//"))
+            and not (swap and op in ("-", "//"))
+        ):
             return self  # x + 0, x * 1, x // 1
         fields = {**getattr(other, "fields", {}), **self.fields}
         for name, v in fields.items():  # `heads * head_dim // heads` is `head_dim`: name the field itself

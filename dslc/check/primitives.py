@@ -123,8 +123,11 @@ def _binary(name: str):
             if not isinstance(x, TType) and not _is_number(x):
                 raise OpTypeError("E041", f"`{_SYMBOLS.get(name, name)}` needs tensors or numbers, got {_desc(x)}")
         if name == "matmul" and not (isinstance(a, TType) and isinstance(b, TType)):
-            raise OpTypeError("E041", f"`@` needs tensors on both sides, got {_desc(a)} and {_desc(b)}",
-                              "scale with `*`; `@` is a matrix product")
+            raise OpTypeError(
+                "E041",
+                f"`@` needs tensors on both sides, got {_desc(a)} and {_desc(b)}",
+                "scale with `*`; `@` is a matrix product",
+            )
         if not isinstance(a, TType):
             return [_t(b, "operand")]
         if not isinstance(b, TType):
@@ -315,7 +318,9 @@ def _split_sizes(x: TType, sizes, dim: int, name: str):
     for s in sizes[1:]:
         total = dim_add(total, s)
     if _comparable(total, x.dims[d]) and total != x.dims[d]:
-        raise OpTypeError("E030", f"`{name}` sizes {_fmt(sizes)} add up to {total}, but dim {dim} of {x} is {x.dims[d]}")
+        raise OpTypeError(
+            "E030", f"`{name}` sizes {_fmt(sizes)} add up to {total}, but dim {dim} of {x} is {x.dims[d]}"
+        )
     return [TType(x.dims[:d] + (s,) + x.dims[d + 1 :], x.dtype) for s in sizes]
 
 
@@ -381,16 +386,22 @@ def _attention(args, kw):
     q, k, v = (_t(a, "`attention`'s inputs") for a in args)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.rank != 4:
-            raise OpTypeError("E031", f"`attention` needs {name} as [B, heads, T, head_dim], got {t}",
-                              "use split_heads(x, heads) first")
+            raise OpTypeError(
+                "E031",
+                f"`attention` needs {name} as [B, heads, T, head_dim], got {t}",
+                "use split_heads(x, heads) first",
+            )
     if q.dims[3] != k.dims[3]:
         raise OpTypeError("E030", f"`attention`: q head_dim {q.dims[3]} differs from k head_dim {k.dims[3]}")
     if k.dims[1] != v.dims[1] or k.dims[2] != v.dims[2]:
         raise OpTypeError("E030", f"`attention`: k {k} and v {v} disagree on heads or length")
     hq, hk = q.dims[1], k.dims[1]
     if isinstance(hq, int) and isinstance(hk, int) and hq % hk:
-        raise OpTypeError("E034", f"`attention`: {hq} query heads are not a multiple of {hk} key/value heads",
-                          "grouped-query attention shares each key/value head among a whole number of query heads")
+        raise OpTypeError(
+            "E034",
+            f"`attention`: {hq} query heads are not a multiple of {hk} key/value heads",
+            "grouped-query attention shares each key/value head among a whole number of query heads",
+        )
     join_dtype(q.dtype, k.dtype, "attention")
     join_dtype(q.dtype, v.dtype, "attention")
     for key in kw:
@@ -442,8 +453,24 @@ def _topk(args, kw):
     return [TType(x.dims[:-1] + (k,), x.dtype), TType(x.dims[:-1] + (k,), "i64")]
 
 
-UNARY = ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "relu", "cos", "sin",
-         "abs", "erf", "neg", "identity")
+UNARY = (
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "tanh",
+    "sigmoid",
+    "silu",
+    "gelu",
+    "gelu_tanh",
+    "relu",
+    "cos",
+    "sin",
+    "abs",
+    "erf",
+    "neg",
+    "identity",
+)
 BINARY = ("add", "sub", "mul", "div", "pow", "matmul", "maximum", "minimum")
 
 PRIMITIVES: dict[str, Callable] = {

@@ -108,20 +108,27 @@ class Checker:
             raise _Stop
         return v
 
-    def _bind_sig(self, sig_args, actual: list, params: dict, span: Span, callee: str,
-                  mdef: N.ModuleDef | None = None) -> dict:
+    def _bind_sig(
+        self, sig_args, actual: list, params: dict, span: Span, callee: str, mdef: N.ModuleDef | None = None
+    ) -> dict:
         """Unify declared argument types with actual ones; returns symbol bindings."""
         tensor_args = [a for a in sig_args]
         if len(actual) != len(tensor_args):
-            self.rep.error("E040", f"`{callee}` takes {len(tensor_args)} argument(s), got {len(actual)}", span,
-                           f"signature: {callee}({', '.join(a.name for a in tensor_args)})")
+            self.rep.error(
+                "E040",
+                f"`{callee}` takes {len(tensor_args)} argument(s), got {len(actual)}",
+                span,
+                f"signature: {callee}({', '.join(a.name for a in tensor_args)})",
+            )
             raise _Stop
         bindings: dict = {}
         pending = []
         for a, t in zip(tensor_args, actual):
             if a.tensor is None:  # scalar argument of a fn
                 if isinstance(t, TType) or t == NONE_TYPE:
-                    self.rep.error("E041", f"argument `{a.name}` of `{callee}` is a {a.scalar_type}, got a tensor", span)
+                    self.rep.error(
+                        "E041", f"argument `{a.name}` of `{callee}` is a {a.scalar_type}, got a tensor", span
+                    )
                     raise _Stop
                 bindings[("scalar", a.name)] = t
                 continue
@@ -132,29 +139,40 @@ class Checker:
             ell = [i for i, d in enumerate(dims) if isinstance(d, N.Const) and d.value == "..."]
             fixed = len(dims) - len(ell)
             if (not ell and t.rank != len(dims)) or (ell and t.rank < fixed):
-                self.rep.error("E031", f"argument `{a.name}` of `{callee}` must have rank {len(dims)}"
-                               f"{' or more' if ell else ''}, got {t}", span,
-                               f"declared as [{', '.join(_show_dim(d) for d in dims)}]")
+                self.rep.error(
+                    "E031",
+                    f"argument `{a.name}` of `{callee}` must have rank {len(dims)}{' or more' if ell else ''}, got {t}",
+                    span,
+                    f"declared as [{', '.join(_show_dim(d) for d in dims)}]",
+                )
                 raise _Stop
             actual_dims = list(t.dims)
             if ell:
                 i = ell[0]
                 n_prefix = t.rank - fixed
-                pairs = list(zip(dims[:i], actual_dims[:i])) + list(zip(dims[i + 1:], actual_dims[i + n_prefix:]))
+                pairs = list(zip(dims[:i], actual_dims[:i])) + list(zip(dims[i + 1 :], actual_dims[i + n_prefix :]))
             else:
                 pairs = list(zip(dims, actual_dims))
             for d, actual_d in pairs:
                 if isinstance(d, N.Ref) and d.kind == "sym":
                     if d.name in bindings and bindings[d.name] != actual_d:
-                        self.rep.error("E030", f"argument `{a.name}` of `{callee}`: `{d.name}` is {bindings[d.name]} "
-                                       f"elsewhere but {actual_d} here ({t})", span)
+                        self.rep.error(
+                            "E030",
+                            f"argument `{a.name}` of `{callee}`: `{d.name}` is {bindings[d.name]} "
+                            f"elsewhere but {actual_d} here ({t})",
+                            span,
+                        )
                         raise _Stop
                     bindings[d.name] = actual_d
                 else:
                     pending.append((a, d, actual_d, t))
             if a.tensor.dtype != t.dtype:
-                self.rep.error("E032", f"argument `{a.name}` of `{callee}` must be {_dt(a.tensor.dtype)}, got {_dt(t.dtype)}",
-                               span, "cast it: `cast(x, f32)`, or declare the argument's dtype")
+                self.rep.error(
+                    "E032",
+                    f"argument `{a.name}` of `{callee}` must be {_dt(a.tensor.dtype)}, got {_dt(t.dtype)}",
+                    span,
+                    "cast it: `cast(x, f32)`, or declare the argument's dtype",
+                )
                 raise _Stop
         scalar_params = dict(params)
         scalar_params.update({k[1]: v for k, v in bindings.items() if isinstance(k, tuple)})
@@ -162,16 +180,22 @@ class Checker:
             want = self._eval_dim(d, scalar_params, bindings, span)
             if want != actual_d and mdef is not None and self._sized_weight(mdef, d, params):
                 w, wt = self._sized_weight(mdef, d, params)
-                self.rep.error("E033", f"argument `{a.name}` of `{callee}` is {t}, but its weight `{w}` {wt} "
-                               f"needs size {want} where it has {actual_d}", span,
-                               f"declared as [{', '.join(_show_dim(x) for x in a.tensor.dims)}]"
-                               + self._where(d, scalar_params),
-                               "check the sizes the submodule is declared with")
+                self.rep.error(
+                    "E033",
+                    f"argument `{a.name}` of `{callee}` is {t}, but its weight `{w}` {wt} "
+                    f"needs size {want} where it has {actual_d}",
+                    span,
+                    f"declared as [{', '.join(_show_dim(x) for x in a.tensor.dims)}]" + self._where(d, scalar_params),
+                    "check the sizes the submodule is declared with",
+                )
                 raise _Stop
             if want != actual_d:
-                self.rep.error("E030", f"argument `{a.name}` of `{callee}`: expected size {want}, got {actual_d} "
-                               f"(in {t})", span, f"declared as [{', '.join(_show_dim(x) for x in a.tensor.dims)}]"
-                               + self._where(d, scalar_params))
+                self.rep.error(
+                    "E030",
+                    f"argument `{a.name}` of `{callee}`: expected size {want}, got {actual_d} (in {t})",
+                    span,
+                    f"declared as [{', '.join(_show_dim(x) for x in a.tensor.dims)}]" + self._where(d, scalar_params),
+                )
                 raise _Stop
         return bindings
 
@@ -214,8 +238,9 @@ class Checker:
                 raise _Stop from None
         return out
 
-    def call_module(self, mdef: N.ModuleDef, params: dict, _prefix: str, actual: list, span: Span,
-                    residual: bool = False) -> list:
+    def call_module(
+        self, mdef: N.ModuleDef, params: dict, _prefix: str, actual: list, span: Span, residual: bool = False
+    ) -> list:
         """Infer the module's forward for these argument types (`residual`: its residual-norm variant)."""
         kind = "residual" if residual else "module"
         key = (kind, mdef.name, tuple(sorted((k, _freeze(v)) for k, v in params.items())), tuple(actual))
@@ -282,8 +307,12 @@ class Checker:
                     continue
                 want = self._sig_type(sig, ctx.params, bindings, got, g.span)
                 if want is not None and (want.dims != got.dims or want.dtype != got.dtype):
-                    self.rep.error("E042", f"result {i + 1} is {got}, but the signature declares {want}", g.span,
-                                   "fix the declared result type or the computation")
+                    self.rep.error(
+                        "E042",
+                        f"result {i + 1} is {got}, but the signature declares {want}",
+                        g.span,
+                        "fix the declared result type or the computation",
+                    )
                     raise _Stop
         return results
 
@@ -315,7 +344,7 @@ class Checker:
                 return self._weight(ctx, e.name, span)
             if e.kind == "dtype_of":
                 if e.name.startswith("weight:"):
-                    t = self._weight(ctx, e.name[len("weight:"):], span)
+                    t = self._weight(ctx, e.name[len("weight:") :], span)
                 else:
                     t = ctx.types.get(e.name)
                 return t.dtype if isinstance(t, TType) else "float"
@@ -341,8 +370,11 @@ class Checker:
             kwargs = {k: self._operand(v, ctx, st.span) for k, v in st.kwargs}
             results = self._op_types(st, args, kwargs, ctx)
             if len(results) != len(st.results):
-                self.rep.error("E042", f"`{st.target or st.op}` gives {len(results)} value(s), "
-                               f"but {len(st.results)} name(s) receive them", st.span)
+                self.rep.error(
+                    "E042",
+                    f"`{st.target or st.op}` gives {len(results)} value(s), but {len(st.results)} name(s) receive them",
+                    st.span,
+                )
                 raise _Stop
             for name, t in zip(st.results, results):
                 if isinstance(t, TType):
@@ -396,7 +428,7 @@ class Checker:
             kw = {}
             if op.op == "cast":
                 dtype = dict(op.attrs)["dtype"]
-                vals.append(env[dtype[len("input:"):]].dtype if dtype.startswith("input:") else dtype)
+                vals.append(env[dtype[len("input:") :]].dtype if dtype.startswith("input:") else dtype)
             elif op.op in ("sum", "mean", "amax"):
                 kw = {"dim": -1, "keepdim": True}
             try:
@@ -441,8 +473,12 @@ class Checker:
         """Reshape targets may name the symbols bound from the arguments (B, T) and sizes."""
         target = st.args[1]
         assert isinstance(target, N.ListE)
-        return [self._eval_dim(d, ctx.params, ctx.bindings, st.span) if not (isinstance(d, N.Const) and d.value == -1)
-                else -1 for d in target.items]
+        return [
+            self._eval_dim(d, ctx.params, ctx.bindings, st.span)
+            if not (isinstance(d, N.Const) and d.value == -1)
+            else -1
+            for d in target.items
+        ]
 
     def _loop(self, st: N.Loop, ctx: _Ctx) -> None:
         for inp, param in zip(st.inputs, st.params):
@@ -451,8 +487,13 @@ class Checker:
         self._run(st.body, ctx)
         for y, r, v in zip(st.yields, st.results, st.vars):
             if ctx.types.get(y) != ctx.types.get(self._find_param(st, v)):
-                self.rep.error("E030", f"`{v}` changes type across a loop pass: {ctx.types.get(self._find_param(st, v))}"
-                               f" -> {ctx.types.get(y)}", st.span, "each layer of a stack must keep its carried shape")
+                self.rep.error(
+                    "E030",
+                    f"`{v}` changes type across a loop pass: {ctx.types.get(self._find_param(st, v))}"
+                    f" -> {ctx.types.get(y)}",
+                    st.span,
+                    "each layer of a stack must keep its carried shape",
+                )
                 raise _Stop
             ctx.types[r] = ctx.types[y]
         del ctx.loop_vars[st.var]

@@ -170,14 +170,49 @@ def _is_number(a) -> bool:
 
 
 # helpers the generated code imports from the package's kernels_runtime.py
-RUNTIME_NAMES = ("check_lanes", "check_output_shape", "grad_buffer", "grad_or_zeros", "reduce_grad", "row_layout",
-                 "strides4", "sum_to_shape")
+RUNTIME_NAMES = (
+    "check_lanes",
+    "check_output_shape",
+    "grad_buffer",
+    "grad_or_zeros",
+    "reduce_grad",
+    "row_layout",
+    "strides4",
+    "sum_to_shape",
+)
 
 # names the generated code uses itself (modules, kernel and launcher locals, runtime helpers, builtins it calls)
-_RESERVED = set(keyword.kwlist) | set(RUNTIME_NAMES) | {
-    "tl", "triton", "torch", "math", "F", "ctx", "rows", "cols", "row_mask", "mask", "i0", "i1", "i2",
-    "R", "D0", "D1", "D2", "N", "BLOCK_M", "BLOCK_N", "rot_cols", "rot_sign", "rot_idx", "lay", "float",
-}
+_RESERVED = (
+    set(keyword.kwlist)
+    | set(RUNTIME_NAMES)
+    | {
+        "tl",
+        "triton",
+        "torch",
+        "math",
+        "F",
+        "ctx",
+        "rows",
+        "cols",
+        "row_mask",
+        "mask",
+        "i0",
+        "i1",
+        "i2",
+        "R",
+        "D0",
+        "D1",
+        "D2",
+        "N",
+        "BLOCK_M",
+        "BLOCK_N",
+        "rot_cols",
+        "rot_sign",
+        "rot_idx",
+        "lay",
+        "float",
+    }
+)
 
 
 class Namer:
@@ -249,8 +284,14 @@ def analyze(region: RowRegion) -> RegionInfo:
         if inp.name in values:
             raise RegionError(f"{where}: input {inp.name!r} is listed twice")
         if inp.kind == "tensor":
-            values[inp.name] = ValueInfo(namer.fresh(inp.name), FULL, frozenset({inp.name}), frozenset({inp.name}),
-                                         inp.needs_grad, f"{inp.name}.dtype")
+            values[inp.name] = ValueInfo(
+                namer.fresh(inp.name),
+                FULL,
+                frozenset({inp.name}),
+                frozenset({inp.name}),
+                inp.needs_grad,
+                f"{inp.name}.dtype",
+            )
             info.tensor_inputs.append(inp.name)
             if inp.needs_grad:
                 info.grad_inputs.append(inp.name)
@@ -294,7 +335,7 @@ def analyze(region: RowRegion) -> RegionInfo:
         elif op.op == "cast":
             d = cast_dtype(op)
             if d.startswith("input:"):
-                src = d[len("input:"):]
+                src = d[len("input:") :]
                 if src not in info.tensor_inputs:
                     raise RegionError(f"{at}: dtype {d!r} names no tensor input")
                 dtype = f"{src}.dtype"
@@ -308,8 +349,10 @@ def analyze(region: RowRegion) -> RegionInfo:
         elif op.op == "rotate_half":
             a = op.args[0]
             if _is_number(a) or a not in info.tensor_inputs:
-                raise RegionError(f"{at}: the argument of rotate_half must be a region tensor input, got {a!r} "
-                                  "(the kernel loads it a second time at the rotated columns)")
+                raise RegionError(
+                    f"{at}: the argument of rotate_half must be a region tensor input, got {a!r} "
+                    "(the kernel loads it a second time at the rotated columns)"
+                )
         values[op.result] = ValueInfo(namer.fresh(op.result), kind, lanes, deps, active, dtype)
 
     if not region.outputs:
@@ -322,9 +365,10 @@ def analyze(region: RowRegion) -> RegionInfo:
     if region.output_dtypes and len(region.output_dtypes) != len(region.outputs):
         raise RegionError(f"{where}: {len(region.outputs)} outputs but {len(region.output_dtypes)} output dtypes")
     for d in region.output_dtypes:
-        if not (d in CAST_DTYPES or (d.startswith("input:") and d[len("input:"):] in info.tensor_inputs)):
-            raise RegionError(f"{where}: output dtype {d!r} (expected one of {', '.join(CAST_DTYPES)} "
-                              "or input:<tensor input>)")
+        if not (d in CAST_DTYPES or (d.startswith("input:") and d[len("input:") :] in info.tensor_inputs)):
+            raise RegionError(
+                f"{where}: output dtype {d!r} (expected one of {', '.join(CAST_DTYPES)} or input:<tensor input>)"
+            )
     return info
 
 
@@ -460,7 +504,7 @@ class TritonDialect(Dialect):
         if dtype == "f32":
             return a
         if dtype.startswith("input:"):
-            ptr = self.loads[dtype[len("input:"):]][0]
+            ptr = self.loads[dtype[len("input:") :]][0]
             return method(method(a, f"to({ptr}.dtype.element_ty)"), "to(tl.float32)")
         return method(method(a, f"to({TL_DTYPES[dtype]})"), "to(tl.float32)")
 
@@ -501,10 +545,21 @@ class TorchDialect(Dialect):
     Ops run in their arguments' dtype (plain torch semantics); a cast converts with `.to(...)`.
     """
 
-    TORCH_FN = {"exp": "torch.exp", "log": "torch.log", "sqrt": "torch.sqrt", "rsqrt": "torch.rsqrt",
-                "sigmoid": "torch.sigmoid", "erf": "torch.erf", "cos": "torch.cos", "sin": "torch.sin",
-                "abs": "torch.abs", "tanh": "torch.tanh", "relu": "torch.relu",
-                "silu": "torch.nn.functional.silu", "gelu": "torch.nn.functional.gelu"}
+    TORCH_FN = {
+        "exp": "torch.exp",
+        "log": "torch.log",
+        "sqrt": "torch.sqrt",
+        "rsqrt": "torch.rsqrt",
+        "sigmoid": "torch.sigmoid",
+        "erf": "torch.erf",
+        "cos": "torch.cos",
+        "sin": "torch.sin",
+        "abs": "torch.abs",
+        "tanh": "torch.tanh",
+        "relu": "torch.relu",
+        "silu": "torch.nn.functional.silu",
+        "gelu": "torch.nn.functional.gelu",
+    }
 
     def _t(self, a: Expr) -> Expr:
         return call("torch.as_tensor", a) if a.kind == CONST else a
@@ -542,7 +597,7 @@ class TorchDialect(Dialect):
     def cast(self, a, dtype):
         a = self._t(a)
         if dtype.startswith("input:"):
-            src = self.info.ident(dtype[len("input:"):])
+            src = self.info.ident(dtype[len("input:") :])
             return method(a, f"to({src}.dtype)", extra=[name(src, FULL)])
         return method(a, f"to({TORCH_DTYPES[dtype]})")
 
@@ -685,8 +740,10 @@ def _adjoint(info: RegionInfo, op: RegionOp, y: Expr, g: Expr, d: Dialect) -> li
             return [None, d.where(b.ge(a) if o == "maximum" else b.le(a), g, 0.0)]
         # torch.maximum / minimum: ties split the gradient in half
         half = 0.5 * g
-        return [d.where(wins(a, b), g, d.where(a.eq(b), half, 0.0)),
-                d.where(wins(b, a), g, d.where(a.eq(b), half, 0.0))]
+        return [
+            d.where(wins(a, b), g, d.where(a.eq(b), half, 0.0)),
+            d.where(wins(b, a), g, d.where(a.eq(b), half, 0.0)),
+        ]
     if o == "pow":
         c = float(op.args[1])
         if c == 0.0:

@@ -15,9 +15,16 @@ from dslc.codegen.text import comment, docstring, where
 from dslc.ir import nodes as N
 from dslc.resources import templates_dir
 
-STATIC_FILES = ("attention.py", "checkpoint.py", "cuda_graphs.py", "generation.py", "kernels_runtime.py", "losses.py",
-                "model_base.py",
-                "outputs.py")
+STATIC_FILES = (
+    "attention.py",
+    "checkpoint.py",
+    "cuda_graphs.py",
+    "generation.py",
+    "kernels_runtime.py",
+    "losses.py",
+    "model_base.py",
+    "outputs.py",
+)
 TASK_OUTPUTS = {
     "causal_lm": ("logits",),
     "masked_lm": ("logits",),
@@ -35,7 +42,9 @@ TORCH_LAYERS = {
     "Embedding": ("nn.Embedding", "num_embeddings, embedding_dim, padding_idx=padding_idx"),
     "LayerNorm": ("nn.LayerNorm", "dim, eps=eps, bias=bias"),
 }
-TORCH_LAYER_RESET = {"Embedding": "self._fill_padding_idx_with_zero()  # the pad row starts at zero, as in torch and HF"}
+TORCH_LAYER_RESET = {
+    "Embedding": "self._fill_padding_idx_with_zero()  # the pad row starts at zero, as in torch and HF"
+}
 STD_FILE = "std.model"
 
 
@@ -101,8 +110,10 @@ def _dim_names(params: dict, config_values: dict) -> dict[int, str]:
 def _type_text(t, dim_names: dict[int, str]) -> str:
     if not isinstance(t, TType):
         return ""
-    dims = ", ".join(d.text if isinstance(d, NamedInt) else dim_names.get(d, str(d)) if isinstance(d, int) else str(d)
-                     for d in t.dims)
+    dims = ", ".join(
+        d.text if isinstance(d, NamedInt) else dim_names.get(d, str(d)) if isinstance(d, int) else str(d)
+        for d in t.dims
+    )
     return f"[{dims}]" + ("" if t.dtype == "float" else f" {t.dtype}")
 
 
@@ -222,8 +233,11 @@ class PackageRenderer:
             residual_arg = m.residual.args[1].name
             args.append(f"{residual_arg}=None")
             residual_lines = BodyRenderer(m.residual, ctx).render()
-            lines = [f"if {residual_arg} is not None:  # returns (norm of x + {residual_arg}, x + {residual_arg})"] \
-                + [f"    {line}" for line in residual_lines] + lines
+            lines = (
+                [f"if {residual_arg} is not None:  # returns (norm of x + {residual_arg}, x + {residual_arg})"]
+                + [f"    {line}" for line in residual_lines]
+                + lines
+            )
         attrs, extra = [], []
         if m.projection_groups:
             attrs.append(f"projection_groups = {dict(m.projection_groups)!r}")
@@ -233,8 +247,7 @@ class PackageRenderer:
             attrs.append(f"loss_head = {head[0] if head else None!r}")
             if head:
                 hidden_graph = head[1]
-                extra.append(("forward_hidden", ", ".join(["self"] + args),
-                              BodyRenderer(hidden_graph, ctx).render()))
+                extra.append(("forward_hidden", ", ".join(["self"] + args), BodyRenderer(hidden_graph, ctx).render()))
         return ModuleView(
             name=m.name,
             doc=m.doc or f"The `{m.name}` module.",
@@ -280,7 +293,11 @@ class PackageRenderer:
     def model_class_attrs(self, m: N.ModuleDef) -> list[str]:
         outputs = TASK_OUTPUTS.get(m.task or "base", ("logits",))
         n_out = len(m.forward.outputs)
-        outputs = outputs[:n_out] if len(outputs) >= n_out else outputs + tuple(f"output_{i}" for i in range(len(outputs), n_out))
+        outputs = (
+            outputs[:n_out]
+            if len(outputs) >= n_out
+            else outputs + tuple(f"output_{i}" for i in range(len(outputs), n_out))
+        )
         rules = []
         for r in self.p.checkpoint.rules:
             transforms = [(name, {k: self._const(v) for k, v in kw}) for name, kw in r.transforms]
@@ -357,8 +374,15 @@ class PackageRenderer:
                 fields.append((f.name, ann, "None" if f.optional else None, f.doc))
             else:
                 fields.append((f.name, ann, static_text(f.default, ctx, {}, 0), f.doc))
-        requires = [(static_text(r.test, ctx, {}, 0), r.message or "requirement failed",
-                     sorted({x.name for x in _refs(r.test)}), self.where(r.span)) for r in c.requires]
+        requires = [
+            (
+                static_text(r.test, ctx, {}, 0),
+                r.message or "requirement failed",
+                sorted({x.name for x in _refs(r.test)}),
+                self.where(r.span),
+            )
+            for r in c.requires
+        ]
         archs = {}
         for name, values in ev.arch_values.items():
             restore = {k: ev.defaults[k] for k in ev.fixed if k not in values and k in ev.defaults}
@@ -376,6 +400,7 @@ class PackageRenderer:
     def called_fns(self) -> set[str]:
         """The fns some module still calls after inlining (directly or through another fn): the others are
         not rendered."""
+
         def calls(body):
             for st in body:
                 if isinstance(st, N.Loop):
@@ -395,8 +420,11 @@ class PackageRenderer:
 
     def modeling_imports(self, modules: list[ModuleView], fns: list[FnView]) -> list[str]:
         """The package-relative imports modeling.py uses (nothing unused, for ruff's F401)."""
-        text = "\n".join(line for m in modules for line in m.init_lines + m.forward_lines
-                         + [x for _, _, lines in m.extra_methods for x in lines])
+        text = "\n".join(
+            line
+            for m in modules
+            for line in m.init_lines + m.forward_lines + [x for _, _, lines in m.extra_methods for x in lines]
+        )
         text += "\n".join(line for f in fns for line in f.lines)
         imports = []
         if "kernels." in text:
@@ -424,18 +452,26 @@ class PackageRenderer:
         modules = [self.module_view(m) for m in self.p.modules]
         fns = [self.fn_view(f) for f in self.p.fns if f.name in self.called_fns()]
         model = next(m for m in modules if m.is_model)
-        common = {"spec": self.spec_name, "package": self.package, "model": model.name,
-                  "config_class": self.config_class, "version": metadata["dslc_version"]}
+        common = {
+            "spec": self.spec_name,
+            "package": self.package,
+            "model": model.name,
+            "config_class": self.config_class,
+            "version": metadata["dslc_version"],
+        }
         regions = [self.region_view(r) for r in self.p.regions]
         files = {
             "__init__.py": env.get_template("__init__.py.j2").render(**common, modules=modules),
             "kernels.py": env.get_template("kernels.py.j2").render(**common, regions=regions),
             "kernels_triton.py": env.get_template("kernels_triton.py.j2").render(
-                **common, regions=regions,
-                runtime_names=sorted(n for n in RUNTIME_NAMES if any(f"{n}(" in r["triton_source"] for r in regions))),
+                **common,
+                regions=regions,
+                runtime_names=sorted(n for n in RUNTIME_NAMES if any(f"{n}(" in r["triton_source"] for r in regions)),
+            ),
             "config.py": env.get_template("config.py.j2").render(**common, config=self.config_view()),
-            "modeling.py": env.get_template("modeling.py.j2").render(**common, modules=modules, fns=fns,
-                                                                      imports=self.modeling_imports(modules, fns)),
+            "modeling.py": env.get_template("modeling.py.j2").render(
+                **common, modules=modules, fns=fns, imports=self.modeling_imports(modules, fns)
+            ),
         }
         for name in STATIC_FILES:
             files[name] = (templates_dir() / "package" / name).read_text()
@@ -455,8 +491,13 @@ def graph_inputs(forward: N.Graph) -> tuple[str, ...]:
     argument of another name (`ids`) is the token ids, `input_ids` (the HF-style forward's first argument)."""
     names = [a.name for a in forward.args]
     first = forward.args[0] if forward.args else None
-    if first is not None and first.name not in KNOWN_INPUTS and "input_ids" not in names \
-            and first.tensor is not None and first.tensor.dtype in ("i64", "i32"):
+    if (
+        first is not None
+        and first.name not in KNOWN_INPUTS
+        and "input_ids" not in names
+        and first.tensor is not None
+        and first.tensor.dtype in ("i64", "i32")
+    ):
         names[0] = "input_ids"
     return tuple(names)
 

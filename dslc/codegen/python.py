@@ -26,13 +26,47 @@ TORCH_DTYPES = {
 ATOM, POW, UNARY, MUL, ADD, CMP, COND = 100, 15, 14, 13, 12, 9, 1
 VIEW_OPS = ("unsqueeze", "squeeze", "transpose", "reshape", "select")
 INLINE_LIMIT = 60  # a region or module call longer than this gets its own line instead of being nested
-_BIN = {"add": ("+", ADD), "sub": ("-", ADD), "mul": ("*", MUL), "div": ("/", MUL), "matmul": ("@", MUL),
-        "pow": ("**", POW)}
-_STATIC_BIN = {"+": ADD, "-": ADD, "*": MUL, "/": MUL, "//": MUL, "%": MUL, "@": MUL, "**": POW,
-               "==": CMP, "!=": CMP, "<": CMP, "<=": CMP, ">": CMP, ">=": CMP, "and": 4, "or": 3}
-_TORCH_UNARY = {"exp": "torch.exp", "log": "torch.log", "sqrt": "torch.sqrt", "rsqrt": "torch.rsqrt",
-                "tanh": "torch.tanh", "sigmoid": "torch.sigmoid", "cos": "torch.cos", "sin": "torch.sin",
-                "abs": "torch.abs", "erf": "torch.erf", "silu": "F.silu", "relu": "F.relu", "gelu": "F.gelu"}
+_BIN = {
+    "add": ("+", ADD),
+    "sub": ("-", ADD),
+    "mul": ("*", MUL),
+    "div": ("/", MUL),
+    "matmul": ("@", MUL),
+    "pow": ("**", POW),
+}
+_STATIC_BIN = {
+    "+": ADD,
+    "-": ADD,
+    "*": MUL,
+    "/": MUL,
+    "//": MUL,
+    "%": MUL,
+    "@": MUL,
+    "**": POW,
+    "==": CMP,
+    "!=": CMP,
+    "<": CMP,
+    "<=": CMP,
+    ">": CMP,
+    ">=": CMP,
+    "and": 4,
+    "or": 3,
+}
+_TORCH_UNARY = {
+    "exp": "torch.exp",
+    "log": "torch.log",
+    "sqrt": "torch.sqrt",
+    "rsqrt": "torch.rsqrt",
+    "tanh": "torch.tanh",
+    "sigmoid": "torch.sigmoid",
+    "cos": "torch.cos",
+    "sin": "torch.sin",
+    "abs": "torch.abs",
+    "erf": "torch.erf",
+    "silu": "F.silu",
+    "relu": "F.relu",
+    "gelu": "F.gelu",
+}
 
 
 class CodegenError(Exception):
@@ -87,7 +121,7 @@ def _static(e: N.E, ctx: BodyContext, names: dict[str, str], init: bool) -> tupl
             return TORCH_DTYPES[e.name], ATOM
         if e.kind == "dtype_of":
             if e.name.startswith("weight:"):
-                return f"self.{e.name[len('weight:'):]}.dtype", ATOM
+                return f"self.{e.name[len('weight:') :]}.dtype", ATOM
             return f"{names[e.name]}.dtype", ATOM
         raise CodegenError(f"unknown reference kind {e.kind}")
     if isinstance(e, N.BinE):
@@ -103,8 +137,10 @@ def _static(e: N.E, ctx: BodyContext, names: dict[str, str], init: bool) -> tupl
             return f"not {static_text(e.operand, ctx, names, 5, init)}", 5
         return f"-{static_text(e.operand, ctx, names, UNARY, init)}", UNARY
     if isinstance(e, N.CondE):
-        return (f"{static_text(e.then, ctx, names, 2, init)} if {static_text(e.test, ctx, names, 2, init)} "
-                f"else {static_text(e.orelse, ctx, names, COND, init)}"), COND
+        return (
+            f"{static_text(e.then, ctx, names, 2, init)} if {static_text(e.test, ctx, names, 2, init)} "
+            f"else {static_text(e.orelse, ctx, names, COND, init)}"
+        ), COND
     if isinstance(e, N.ListE):
         return "[" + ", ".join(static_text(i, ctx, names, 0, init) for i in e.items) + "]", ATOM
     raise CodegenError(f"cannot render {type(e).__name__}")
@@ -152,8 +188,12 @@ class BodyRenderer:
         self.loop_vars: dict[str, str] = {}  # a loop's variable (`layer`) -> its Python name
         self.last_read, self.position, self.loop_end = _liveness(graph)
         self.holder: dict[str, str] = {name: value for value, name in self.names.items()}  # Python name -> value
-        self.reserved = set(keyword.kwlist) | set(_GLOBALS) | _sym_names(graph) | {
-            st.target for st in _walk(graph.body) if isinstance(st, N.Op) and st.op == "fn"}
+        self.reserved = (
+            set(keyword.kwlist)
+            | set(_GLOBALS)
+            | _sym_names(graph)
+            | {st.target for st in _walk(graph.body) if isinstance(st, N.Op) and st.op == "fn"}
+        )
         self._reading: set[str] = set()  # values read by the op being rendered (through inlined text too)
 
     # ---- operands ---------------------------------------------------------------------------------
@@ -180,7 +220,9 @@ class BodyRenderer:
         name = op.op
         if name in _BIN:
             sym, p = _BIN[name]
-            cond = [x for x in a if isinstance(x, N.Ref) and x.kind == "weight" and x.name in self.ctx.conditional_weights]
+            cond = [
+                x for x in a if isinstance(x, N.Ref) and x.kind == "weight" and x.name in self.ctx.conditional_weights
+            ]
             left = self.operand(a[0], p + (name == "pow"))
             right = self.operand(a[1], p if name == "pow" else p + 1)
             if cond and name in ("add", "sub"):
@@ -299,8 +341,11 @@ class BodyRenderer:
             text, p = self.op_text(st)
             single_use = len(st.results) == 1 and not st.vars[0] and self.counts.get(st.results[0], 0) == 1
             returned = st.results[0] in self.g.outputs
-            if single_use and (returned or len(text) <= INLINE_LIMIT or st.op not in ("region", "call")) \
-                    and not (st.op == "call" and self._feeds_region(st.results[0])):
+            if (
+                single_use
+                and (returned or len(text) <= INLINE_LIMIT or st.op not in ("region", "call"))
+                and not (st.op == "call" and self._feeds_region(st.results[0]))
+            ):
                 self.inline[st.results[0]] = (text, p, frozenset(self._reading))
                 continue
             at = self.position[id(st)]
@@ -345,8 +390,14 @@ class BodyRenderer:
         result, `<value>_<view>` for an unnamed view, or the inliner's `norm__7_t8` as `norm_out`."""
         if not var and st.op in ("call", "region"):
             return f"{st.target}_out"  # self.self_attn(...) -> self_attn_out
-        if not var and st.op in VIEW_OPS and st.args and isinstance(st.args[0], N.Ref) and st.args[0].kind == "value" \
-                and st.args[0].name in self.names:
+        if (
+            not var
+            and st.op in VIEW_OPS
+            and st.args
+            and isinstance(st.args[0], N.Ref)
+            and st.args[0].kind == "value"
+            and st.args[0].name in self.names
+        ):
             return f"{self.names[st.args[0].name]}_{st.op}"  # cos.unsqueeze(1) -> cos_unsqueeze
         if var:
             return var  # the spec's own name, as written (`y__a` too)
@@ -374,7 +425,9 @@ class BodyRenderer:
 
     def _feeds_region(self, value: str) -> bool:
         """A module call read by a fused region: kept on its own line, so the region's line stays short."""
-        return any(isinstance(st, N.Op) and st.op == "region" and N.Ref("value", value) in st.args for st in self.g.body)
+        return any(
+            isinstance(st, N.Op) and st.op == "region" and N.Ref("value", value) in st.args for st in self.g.body
+        )
 
     def _sym_bindings(self) -> list[str]:
         lines = []
@@ -425,8 +478,14 @@ def _sym_names(graph: N.Graph) -> set[str]:
     """Size symbols of the arguments' types: `_sym_bindings` may bind them (`B = x.shape[0]`)."""
     from dslc.ir.evaluate import free_refs
 
-    return {r.name for a in graph.args if a.tensor is not None for d in a.tensor.dims for r in free_refs(d)
-            if r.kind == "sym"}
+    return {
+        r.name
+        for a in graph.args
+        if a.tensor is not None
+        for d in a.tensor.dims
+        for r in free_refs(d)
+        if r.kind == "sym"
+    }
 
 
 def _liveness(graph: N.Graph) -> tuple[dict[str, float], dict[int, int], dict[int, int]]:

@@ -106,14 +106,18 @@ def triton_refusal(region: RowRegion, types: dict[str, tuple | None]) -> str | N
         if op.op == "sum" and isinstance(op.args[0], str) and row_wide and info.kind(op.args[0]) == FULL:
             t = types.get(op.args[0])
             if t is None or tuple(t)[-1:] == (1,):
-                return (f"sum({op.args[0]}) over a value that is {_dims(t)} in PyTorch, not a whole row: the "
-                        "Triton kernel would sum the broadcast row")
+                return (
+                    f"sum({op.args[0]}) over a value that is {_dims(t)} in PyTorch, not a whole row: the "
+                    "Triton kernel would sum the broadcast row"
+                )
     for o in region.outputs:
         want = shape if info.kind(o) == FULL else shape[:-1] + (1,)
         got = types.get(o)
         if got is None or tuple(got) != want:
-            return (f"output {o} is {_dims(got)} in PyTorch but the Triton kernel writes {_dims(want)} "
-                    "(it depends on the row only through narrower inputs)")
+            return (
+                f"output {o} is {_dims(got)} in PyTorch but the Triton kernel writes {_dims(want)} "
+                "(it depends on the row only through narrower inputs)"
+            )
     return None
 
 
@@ -144,8 +148,10 @@ def render_region_torch(region: RowRegion) -> str:
     """`def <name>_torch(<inputs>)`: the region as torch ops (each op in its arguments' dtype, casts `.to`)."""
     info = analyze(region)
     d = TorchDialect(info)
-    lines = [f"def {region.name}_torch({', '.join(_params(region))}):",
-             f"    {_doc(region, 'PyTorch ops (the reference and the CPU path)')}"]
+    lines = [
+        f"def {region.name}_torch({', '.join(_params(region))}):",
+        f"    {_doc(region, 'PyTorch ops (the reference and the CPU path)')}",
+    ]
     for s in forward_program(info, d):
         lines.append(_line("    ", s, TORCH_SHAPE))
     lines.append(f"    return {', '.join(info.ident(o) for o in region.outputs)}")
@@ -161,8 +167,10 @@ def render_region_torch_backward(region: RowRegion) -> str:
     gnames = {str(i): name(info.namer.fresh(f"d_{info.ident(o)}"), info.kind(o)) for i, o in enumerate(region.outputs)}
     bw = backward_program(info, d, gnames)
     params = _params(region) + [g.text for g in gnames.values()]
-    lines = [f"def {region.name}_torch_bwd({', '.join(params)}):",
-             f"    {_doc(region, 'derived backward as PyTorch ops (reverse mode over the op list)')}"]
+    lines = [
+        f"def {region.name}_torch_bwd({', '.join(params)}):",
+        f"    {_doc(region, 'derived backward as PyTorch ops (reverse mode over the op list)')}",
+    ]
     for s in bw.stmts:
         lines.append(_line("    ", s, TORCH_SHAPE))
     rets = []
@@ -266,8 +274,10 @@ def _loads(info: RegionInfo, k: _KernelNames, live: set[str]) -> list[str]:
         s0, s1, s2, s3 = k.strides[x]
         lines.append(f"    {k.row[x]} = i0 * {s0} + i1 * {s1} + i2 * {s2}  # [BLOCK_M, 1] offset of {x}'s rows")
         if ident in live:
-            lines.append(f"    {ident} = tl.load({k.ptr[x]} + {k.row[x]} + cols * {s3}, mask=mask, other=0.0)"
-                         f".to(tl.float32)  # [BLOCK_M, BLOCK_N] {x}")
+            lines.append(
+                f"    {ident} = tl.load({k.ptr[x]} + {k.row[x]} + cols * {s3}, mask=mask, other=0.0)"
+                f".to(tl.float32)  # [BLOCK_M, BLOCK_N] {x}"
+            )
     return lines
 
 
@@ -330,17 +340,22 @@ def _render_bwd_kernel(info: RegionInfo, k: _KernelNames) -> str:
         s0, s1, s2, s3 = k.gout_strides[i]
         lines.append(f"    {k.gout_row[i]} = i0 * {s0} + i1 * {s1} + i2 * {s2}  # [BLOCK_M, 1]")
         if info.kind(o) == FULL:
-            lines.append(f"    {g} = tl.load({k.gout_ptr[i]} + {k.gout_row[i]} + cols * {s3}, mask=mask, other=0.0)"
-                         f".to(tl.float32)  # [BLOCK_M, BLOCK_N] incoming gradient of {o}")
+            lines.append(
+                f"    {g} = tl.load({k.gout_ptr[i]} + {k.gout_row[i]} + cols * {s3}, mask=mask, other=0.0)"
+                f".to(tl.float32)  # [BLOCK_M, BLOCK_N] incoming gradient of {o}"
+            )
         else:
-            lines.append(f"    {g} = tl.load({k.gout_ptr[i]} + {k.gout_row[i]}, mask=row_mask, other=0.0)"
-                         f".to(tl.float32)  # [BLOCK_M, 1] incoming gradient of {o}")
+            lines.append(
+                f"    {g} = tl.load({k.gout_ptr[i]} + {k.gout_row[i]}, mask=row_mask, other=0.0)"
+                f".to(tl.float32)  # [BLOCK_M, 1] incoming gradient of {o}"
+            )
     lines += [_line("    ", s, TL_SHAPE) for s in bw.stmts]
     for x in info.grad_inputs:
         p = k.gin_ptr[x]
         lines.append(f"    if {k.store_flag[x]}:")
-        lines.append(f"        tl.store({p} + rows * N + cols, {bw.input_grads[x].paren(9)}.to({p}.dtype.element_ty), "
-                     "mask=mask)")
+        lines.append(
+            f"        tl.store({p} + rows * N + cols, {bw.input_grads[x].paren(9)}.to({p}.dtype.element_ty), mask=mask)"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -357,7 +372,7 @@ def _out_dtype_texts(info: RegionInfo) -> list[str]:
         if dt is None:
             out.append(info.values[o].dtype or "torch.float32")
         elif dt.startswith("input:"):
-            out.append(f"{dt[len('input:'):]}.dtype")
+            out.append(f"{dt[len('input:') :]}.dtype")
         else:
             out.append(TORCH_DTYPES[dt])
     return out
@@ -468,17 +483,23 @@ def _render_function(info: RegionInfo, k: _KernelNames) -> str:
 def _render_launcher(info: RegionInfo) -> str:
     region = info.region
     params = ", ".join(_params(region))
-    return (f"def {region.name}_triton({params}):\n"
-            f"    {_doc(region, 'Triton kernels with autograd')}\n"
-            f"    return {class_name(region)}.apply({params})\n")
+    return (
+        f"def {region.name}_triton({params}):\n"
+        f"    {_doc(region, 'Triton kernels with autograd')}\n"
+        f"    return {class_name(region)}.apply({params})\n"
+    )
 
 
 def render_region_triton(region: RowRegion) -> str:
     """Triton forward and backward kernels, the autograd.Function and `<name>_triton(<inputs>)`."""
     info = analyze(region)
     k = _KernelNames(info)
-    parts = [_render_fwd_kernel(info, k), _render_bwd_kernel(info, k), _render_function(info, k),
-             _render_launcher(info)]
+    parts = [
+        _render_fwd_kernel(info, k),
+        _render_bwd_kernel(info, k),
+        _render_function(info, k),
+        _render_launcher(info),
+    ]
     return "\n\n".join(parts)
 
 
@@ -514,13 +535,22 @@ def render_kernels_module(regions: list[RowRegion], runtime_import: str = "from 
     for r in regions:
         params = ", ".join(_params(r))
         first = next(i.name for i in r.inputs if i.kind == "tensor")
-        body.append(f"def {r.name}({params}):\n"
-                    f"    {_doc(r, 'Triton on CUDA, PyTorch elsewhere')}\n"
-                    f"    if triton is not None and {first}.is_cuda:\n"
-                    f"        return {r.name}_triton({params})\n"
-                    f"    return {r.name}_torch({params})\n")
+        body.append(
+            f"def {r.name}({params}):\n"
+            f"    {_doc(r, 'Triton on CUDA, PyTorch elsewhere')}\n"
+            f"    if triton is not None and {first}.is_cuda:\n"
+            f"        return {r.name}_triton({params})\n"
+            f"    return {r.name}_torch({params})\n"
+        )
     return "\n".join(head) + "\n\n".join(body)
 
 
-__all__ = ["triton_refusal", "render_region_torch", "render_region_torch_backward", "render_region_triton", "render_kernels_module",
-           "class_name", "Expr"]
+__all__ = [
+    "triton_refusal",
+    "render_region_torch",
+    "render_region_torch_backward",
+    "render_region_triton",
+    "render_kernels_module",
+    "class_name",
+    "Expr",
+]

@@ -116,18 +116,27 @@ class Lowering:
             )
             self.rep.raise_if_errors()
         if len(models) > 1:
-            self.rep.error("E011", f"more than one `model` declaration (`{models[0].name}` and `{models[1].name}`)",
-                           models[1].span)
+            self.rep.error(
+                "E011", f"more than one `model` declaration (`{models[0].name}` and `{models[1].name}`)", models[1].span
+            )
         model = models[0]
         config_decl = decls.configs.get(model.config or "")
         if config_decl is None:
             span = model.span
-            self.rep.error("E010", f"unknown config `{model.config}`", span,
-                           did_you_mean(model.config or "", decls.configs) or "declare it with `config Name:`")
+            self.rep.error(
+                "E010",
+                f"unknown config `{model.config}`",
+                span,
+                did_you_mean(model.config or "", decls.configs) or "declare it with `config Name:`",
+            )
             self.rep.raise_if_errors()
         if model.task not in TASKS:
-            self.rep.error("E015", f"unknown task `{model.task}`", model.span,
-                           did_you_mean(model.task or "", TASKS) or f"tasks: {', '.join(TASKS)}")
+            self.rep.error(
+                "E015",
+                f"unknown task `{model.task}`",
+                model.span,
+                did_you_mean(model.task or "", TASKS) or f"tasks: {', '.join(TASKS)}",
+            )
         self.config_fields = {f.name: f for f in config_decl.fields}
         config = self._lower_config(config_decl, decls.archs)
         values = self._evaluate_config(config)
@@ -194,8 +203,12 @@ class Lowering:
                     if item.name in seen and f is self.spec and seen[item.name].file != f.path:
                         pass  # a spec may redefine a std declaration: its own wins
                     elif item.name in seen:
-                        self.rep.error("E011", f"`{item.name}` is defined twice", item.span,
-                                       notes=(f"first defined at {seen[item.name]}",))
+                        self.rep.error(
+                            "E011",
+                            f"`{item.name}` is defined twice",
+                            item.span,
+                            notes=(f"first defined at {seen[item.name]}",),
+                        )
                         continue
                     seen[item.name] = item.span
                     target = {"config": d.configs, "module": d.modules, "fn": d.fns}[kind]
@@ -219,12 +232,14 @@ class Lowering:
         if isinstance(expr, A.UnaryOp):
             return N.UnE(expr.op, self._static(expr.operand, resolve))
         if isinstance(expr, A.Cond):
-            return N.CondE(self._static(expr.then, resolve), self._static(expr.test, resolve),
-                           self._static(expr.orelse, resolve))
+            return N.CondE(
+                self._static(expr.then, resolve), self._static(expr.test, resolve), self._static(expr.orelse, resolve)
+            )
         if isinstance(expr, A.ListLit):
             return N.ListE(tuple(self._static(i, resolve) for i in expr.items))
-        self.rep.error("E016", "expected a value known at build time", expr.span,
-                       "calls and attributes are not allowed here")
+        self.rep.error(
+            "E016", "expected a value known at build time", expr.span, "calls and attributes are not allowed here"
+        )
         raise _Abort
 
     def _unknown(self, name: A.Name, candidates, what: str = "name") -> None:
@@ -253,14 +268,22 @@ class Lowering:
             if problem:
                 self.rep.error("E012", problem, f.span)
             elif f.name in config_flags() and f.type.name != "bool":
-                self.rep.error("E021", f"config field `{f.name}` must be bool: the generated model reads it as "
-                               "a forward flag, as transformers does", f.type.span)
+                self.rep.error(
+                    "E021",
+                    f"config field `{f.name}` must be bool: the generated model reads it as "
+                    "a forward flag, as transformers does",
+                    f.type.span,
+                )
             if f.name in seen:
                 self.rep.error("E011", f"config field `{f.name}` is defined twice", f.span)
             seen.add(f.name)
             if f.type.name not in SCALAR_TYPES:
-                self.rep.error("E021", f"unknown type `{f.type.name}`", f.type.span,
-                               did_you_mean(f.type.name, SCALAR_TYPES) or f"types: {', '.join(SCALAR_TYPES)}")
+                self.rep.error(
+                    "E021",
+                    f"unknown type `{f.type.name}`",
+                    f.type.span,
+                    did_you_mean(f.type.name, SCALAR_TYPES) or f"types: {', '.join(SCALAR_TYPES)}",
+                )
             try:
                 default = self._static(f.default, resolve) if f.default is not None else None
             except _Abort:
@@ -270,12 +293,18 @@ class Lowering:
         aliases, alias_at = [], {}
         for a in decl.aliases:
             if a.field not in seen:
-                self.rep.error("E010", f"alias target `{a.field}` is not a config field", a.span,
-                               did_you_mean(a.field, seen))
+                self.rep.error(
+                    "E010", f"alias target `{a.field}` is not a config field", a.span, did_you_mean(a.field, seen)
+                )
             if a.hf_key in alias_at:
                 first, at = alias_at[a.hf_key]
-                self.rep.error("E011", f"config.json key `{a.hf_key}` is mapped twice (to `{first}` and `{a.field}`)",
-                               a.span, "keep one `from_hf` line per key", notes=(f"first mapped at {at}",))
+                self.rep.error(
+                    "E011",
+                    f"config.json key `{a.hf_key}` is mapped twice (to `{first}` and `{a.field}`)",
+                    a.span,
+                    "keep one `from_hf` line per key",
+                    notes=(f"first mapped at {at}",),
+                )
                 continue
             alias_at[a.hf_key] = (a.field, a.span)
             aliases.append((a.hf_key, a.field))
@@ -308,8 +337,12 @@ class Lowering:
             arch_defs.append(N.ArchDef(a.name, a.base, tuple(ovs), a.span))
         for a in arch_defs:
             if a.base is not None and a.base not in names:
-                self.rep.error("E022", f"unknown base arch `{a.base}`", a.span,
-                               did_you_mean(a.base, names) or f"archs: {', '.join(sorted(names))}")
+                self.rep.error(
+                    "E022",
+                    f"unknown base arch `{a.base}`",
+                    a.span,
+                    did_you_mean(a.base, names) or f"archs: {', '.join(sorted(names))}",
+                )
         return N.ConfigDef(decl.name, tuple(fields), tuple(aliases), tuple(requires), tuple(arch_defs), decl.span)
 
     def _arch_overrides(self, config: N.ConfigDef) -> dict[str, dict | None]:
@@ -332,11 +365,14 @@ class Lowering:
             elif cur in memo:
                 base = memo[cur]
             elif cur in on_path:
-                cycle = path[path.index(cur):]
+                cycle = path[path.index(cur) :]
                 if frozenset(cycle) not in reported:
                     reported.add(frozenset(cycle))
-                    what = (f"arch `{cur}` extends itself" if len(cycle) == 1 else
-                            "archs extend each other in a cycle: " + " -> ".join(f"`{c}`" for c in cycle + [cur]))
+                    what = (
+                        f"arch `{cur}` extends itself"
+                        if len(cycle) == 1
+                        else "archs extend each other in a cycle: " + " -> ".join(f"`{c}`" for c in cycle + [cur])
+                    )
                     self.rep.error("E023", what, by_name[cur].span, "remove one `extends` to break the cycle")
                 base = None
             else:  # an unknown base
@@ -344,8 +380,10 @@ class Lowering:
             for name in reversed(path):
                 if base is not None:
                     a = by_name[name]
-                    base = {**base, **{k: (e, self.override_spans.get((name, k), a.span), name)
-                                       for k, e in a.overrides}}
+                    base = {
+                        **base,
+                        **{k: (e, self.override_spans.get((name, k), a.span), name) for k, e in a.overrides},
+                    }
                 memo[name] = base
         return memo
 
@@ -356,17 +394,25 @@ class Lowering:
         requirements): an arch that is never selected still fails the check. `self.config_eval` keeps the
         results for codegen, so the generated config's archs hold exactly the values checked here.
         """
-        spec_span = Span(config.span.file, config.span.line, config.span.col, config.span.line,
-                         config.span.col + len("config ") + len(config.name))
+        spec_span = Span(
+            config.span.file,
+            config.span.line,
+            config.span.col,
+            config.span.line,
+            config.span.col + len("config ") + len(config.name),
+        )
         per_arch = self._arch_overrides(config)
         fields = {f.name: f for f in config.fields}
         fixed: dict[str, tuple] = {}
         arch_ok = True
         if self.arch is not None:
             if self.arch not in per_arch:
-                self.rep.error("E022", f"`--arch {self.arch}`: no arch named `{self.arch}`", spec_span,
-                               did_you_mean(self.arch, per_arch)
-                               or f"archs: {', '.join(per_arch) or '(none declared)'}")
+                self.rep.error(
+                    "E022",
+                    f"`--arch {self.arch}`: no arch named `{self.arch}`",
+                    spec_span,
+                    did_you_mean(self.arch, per_arch) or f"archs: {', '.join(per_arch) or '(none declared)'}",
+                )
                 arch_ok = False
             elif per_arch[self.arch] is None:
                 arch_ok = False
@@ -374,8 +420,12 @@ class Lowering:
                 fixed.update(per_arch[self.arch])
         for key, text in self.overrides.items():
             if key not in fields:
-                self.rep.error("E024", f"`--set {key}`: no config field `{key}`", spec_span,
-                               did_you_mean(key, fields) or f"fields: {', '.join(fields)}")
+                self.rep.error(
+                    "E024",
+                    f"`--set {key}`: no config field `{key}`",
+                    spec_span,
+                    did_you_mean(key, fields) or f"fields: {', '.join(fields)}",
+                )
                 continue
             fixed[key] = (N.Const(parse_override_value(text)), None, None)
         reported: set[tuple[str, str]] = set()  # (arch or "", field) whose expression failed: reported once
@@ -399,13 +449,22 @@ class Lowering:
             values=values,
             fixed=tuple(k for k in fields if k in fixed),
             arch_values=arch_values,
-            defaults={k: (None if k in derived else spec_values[k]) for k, f in fields.items()
-                      if f.default is not None and (k in derived or k in spec_values)},
+            defaults={
+                k: (None if k in derived else spec_values[k])
+                for k, f in fields.items()
+                if f.default is not None and (k in derived or k in spec_values)
+            },
         )
         return values
 
-    def _evaluate_values(self, config: N.ConfigDef, fixed: dict[str, tuple], arch: str | None, strict: bool,
-                         reported: set[tuple[str, str]]) -> dict:
+    def _evaluate_values(
+        self,
+        config: N.ConfigDef,
+        fixed: dict[str, tuple],
+        arch: str | None,
+        strict: bool,
+        reported: set[tuple[str, str]],
+    ) -> dict:
         """Field values with `fixed` (field -> (expression, span, arch or None for `--set`)) in place of defaults.
 
         Errors are reported at the expression that failed (an arch's override, else the field), prefixed with
@@ -426,7 +485,7 @@ class Lowering:
                 raise _Reported(name)
             f = fields[name]
             if name in visiting:
-                cycle = " -> ".join(visiting[visiting.index(name):] + [name])
+                cycle = " -> ".join(visiting[visiting.index(name) :] + [name])
                 raise EvalError(f"config fields depend on each other: {cycle}")
             visiting.append(name)
             try:
@@ -444,8 +503,12 @@ class Lowering:
                     reported.add(key)
                     expr = source[0] if source else f.default
                     shown = [f"{r.name} = {_show(values[r.name])}" for r in free_refs(expr) if r.name in values]
-                    self.rep.error("E021", prefix + str(e), source[1] if source else f.span,
-                                   f"with {', '.join(dict.fromkeys(shown))}" if shown and arch is not None else "")
+                    self.rep.error(
+                        "E021",
+                        prefix + str(e),
+                        source[1] if source else f.span,
+                        f"with {', '.join(dict.fromkeys(shown))}" if shown and arch is not None else "",
+                    )
                 raise _Reported(name) from None
             finally:
                 visiting.pop()
@@ -485,9 +548,13 @@ class Lowering:
                 continue
             if not ok:
                 shown = ", ".join(f"{u} = {_show(values[u])}" for u in used)
-                self.rep.error("E020", f"{prefix}requirement failed: {r.message or 'condition is false'}", r.span,
-                               f"with {shown}" if shown else "",
-                               "change the arch or the `--set` values so the condition holds")
+                self.rep.error(
+                    "E020",
+                    f"{prefix}requirement failed: {r.message or 'condition is false'}",
+                    r.span,
+                    f"with {shown}" if shown else "",
+                    "change the arch or the `--set` values so the condition holds",
+                )
         return values
 
     # ---- modules ---------------------------------------------------------------------------------
@@ -512,12 +579,17 @@ class Lowering:
             if problem:
                 self.rep.error("E012", problem, p.span)
             elif p.name in self.decls.modules:
-                self.rep.error("E012", f"`{p.name}` names a module: a parameter of that name would hide it in the "
-                               "generated __init__", p.span)
+                self.rep.error(
+                    "E012",
+                    f"`{p.name}` names a module: a parameter of that name would hide it in the generated __init__",
+                    p.span,
+                )
             if p.name in params:
                 self.rep.error("E011", f"parameter `{p.name}` is defined twice", p.span)
             if p.type.name not in SCALAR_TYPES:
-                self.rep.error("E021", f"unknown type `{p.type.name}`", p.type.span, did_you_mean(p.type.name, SCALAR_TYPES))
+                self.rep.error(
+                    "E021", f"unknown type `{p.type.name}`", p.type.span, did_you_mean(p.type.name, SCALAR_TYPES)
+                )
             default = self._static(p.default, self._module_resolver(params, uses)) if p.default is not None else None
             params[p.name] = p
             param_defs.append(N.ParamDef(p.name, p.type.name, default, p.span, p.type.optional))
@@ -529,8 +601,12 @@ class Lowering:
             if problem:
                 self.rep.error("E012", problem, span)
             if name in member_names:
-                self.rep.error("E011", f"`{name}` is defined twice in module `{m.name}`", span,
-                               notes=(f"first defined at {member_names[name]}",))
+                self.rep.error(
+                    "E011",
+                    f"`{name}` is defined twice in module `{m.name}`",
+                    span,
+                    notes=(f"first defined at {member_names[name]}",),
+                )
             member_names[name] = span
 
         weights = []
@@ -559,8 +635,12 @@ class Lowering:
             ties.append(N.TieDef(".".join(t.target), ".".join(t.source), cond, t.span))
         forward = None
         if m.forward is None:
-            self.rep.error("E017", f"module `{m.name}` has no forward", m.span,
-                           "add `forward(x: [B, T, dim]) -> [B, T, dim]:` with its body")
+            self.rep.error(
+                "E017",
+                f"module `{m.name}` has no forward",
+                m.span,
+                "add `forward(x: [B, T, dim]) -> [B, T, dim]:` with its body",
+            )
             raise _Abort
         scope = _Scope(self, m.name, params, {w.name: w for w in weights}, {s.name: s for s in subs}, uses)
         scope.failed = failed
@@ -587,16 +667,24 @@ class Lowering:
             dims.append(self._static(d, resolve))
         dtype = w.shape.dtype or "float"
         if dtype not in N.DTYPES:
-            self.rep.error("E032", f"unknown dtype `{dtype}`", w.span,
-                           did_you_mean(dtype, N.DTYPES) or f"dtypes: {', '.join(N.DTYPES)}")
+            self.rep.error(
+                "E032",
+                f"unknown dtype `{dtype}`",
+                w.span,
+                did_you_mean(dtype, N.DTYPES) or f"dtypes: {', '.join(N.DTYPES)}",
+            )
         init, std = "normal", None
         if w.init is not None:
             call = w.init if isinstance(w.init, A.Call) else None
             head = call.func if call else w.init
             if not isinstance(head, A.Name) or head.id not in INITS:
-                self.rep.error("E018", "unknown initializer", w.init.span,
-                               did_you_mean(head.id if isinstance(head, A.Name) else "", INITS)
-                               or f"initializers: {', '.join(INITS)}")
+                self.rep.error(
+                    "E018",
+                    "unknown initializer",
+                    w.init.span,
+                    did_you_mean(head.id if isinstance(head, A.Name) else "", INITS)
+                    or f"initializers: {', '.join(INITS)}",
+                )
                 raise _Abort
             init = head.id
             if call:
@@ -649,8 +737,12 @@ class Lowering:
     def _check_fn_calls(self) -> None:
         """Fns are inlined: one that calls itself (E060) or a chain of calls deeper than MAX_NESTING (E005)
         has no end or no reasonable one. Iterative, so any depth of input is answered with a diagnostic."""
-        calls = {name: [(st.target, st.span) for st in N.iter_ops(f.graph.body) if st.op == "fn" and st.target in self.fn_defs]
-                 for name, f in self.fn_defs.items()}
+        calls = {
+            name: [
+                (st.target, st.span) for st in N.iter_ops(f.graph.body) if st.op == "fn" and st.target in self.fn_defs
+            ]
+            for name, f in self.fn_defs.items()
+        }
         state: dict[str, int] = {}  # 1: on the current path, 2: done
         depth: dict[str, int] = {}  # longest chain of calls from a fn (1: it calls none)
         deepest: dict[str, tuple[str, Span] | None] = {}
@@ -673,12 +765,17 @@ class Lowering:
                     continue
                 target, span = nxt
                 if state.get(target) == 1:
-                    cycle = path[path.index(target):]
+                    cycle = path[path.index(target) :]
                     if frozenset(cycle) not in reported:
                         reported.add(frozenset(cycle))
                         what = f"fn `{target}` calls itself" + ("" if len(cycle) == 1 else " through others")
-                        self.rep.error("E060", what, span, "a fn is inlined where it is called, so recursion has no end",
-                                       notes=("through " + " -> ".join(cycle + [target]),))
+                        self.rep.error(
+                            "E060",
+                            what,
+                            span,
+                            "a fn is inlined where it is called, so recursion has no end",
+                            notes=("through " + " -> ".join(cycle + [target]),),
+                        )
                 elif target not in state:
                     state[target] = 1
                     path.append(target)
@@ -692,9 +789,13 @@ class Lowering:
                     chain.append(cur[0])
                     cur = deepest[cur[0]]
                 shown = chain if len(chain) <= 6 else chain[:3] + ["..."] + chain[-2:]
-                self.rep.error("E005", f"fn calls nested more than {MAX_NESTING} deep", deepest[name][1],
-                               "call the inner fns from the outer one in sequence, or merge them",
-                               notes=("through " + " -> ".join(shown),))
+                self.rep.error(
+                    "E005",
+                    f"fn calls nested more than {MAX_NESTING} deep",
+                    deepest[name][1],
+                    "call the inner fns from the outer one in sequence, or merge them",
+                    notes=("through " + " -> ".join(shown),),
+                )
 
     def _dependency_order(self, root: str) -> list[str]:
         order: list[str] = []
@@ -705,14 +806,22 @@ class Lowering:
             if name in placed:
                 return
             if name in stack:
-                self.rep.error("E060", f"module `{name}` contains itself", span,
-                               notes=("through " + " -> ".join(stack[stack.index(name):] + [name]),))
+                self.rep.error(
+                    "E060",
+                    f"module `{name}` contains itself",
+                    span,
+                    notes=("through " + " -> ".join(stack[stack.index(name) :] + [name]),),
+                )
                 raise _Abort
             if len(stack) == MAX_NESTING:
                 shown = stack if len(stack) <= 6 else stack[:3] + ["..."] + stack[-2:]
-                self.rep.error("E005", f"submodules nested more than {MAX_NESTING} deep", span,
-                               "flatten the hierarchy: hold the inner modules side by side in one module",
-                               notes=("through " + " -> ".join(shown + [name]),))
+                self.rep.error(
+                    "E005",
+                    f"submodules nested more than {MAX_NESTING} deep",
+                    span,
+                    "flatten the hierarchy: hold the inner modules side by side in one module",
+                    notes=("through " + " -> ".join(shown + [name]),),
+                )
                 raise _Abort
             stack.append(name)
             for s in self.module_defs[name].submodules:
@@ -748,14 +857,22 @@ class Lowering:
         values: dict = {}
         names = [p.name for p in mdef.params]
         if len(args) > len(names):
-            self.rep.error("E040", f"`{mdef.name}` takes {len(names)} argument(s), got {len(args)}", span,
-                           f"parameters: {mdef.name}({', '.join(names)})")
+            self.rep.error(
+                "E040",
+                f"`{mdef.name}` takes {len(names)} argument(s), got {len(args)}",
+                span,
+                f"parameters: {mdef.name}({', '.join(names)})",
+            )
             raise _Abort
         given: dict[str, N.E] = dict(zip(names, args))
         for k, v in kwargs:
             if k not in names:
-                self.rep.error("E040", f"`{mdef.name}` has no parameter `{k}`", span,
-                               did_you_mean(k, names) or f"parameters: {', '.join(names) or '(none)'}")
+                self.rep.error(
+                    "E040",
+                    f"`{mdef.name}` has no parameter `{k}`",
+                    span,
+                    did_you_mean(k, names) or f"parameters: {', '.join(names) or '(none)'}",
+                )
                 raise _Abort
             if k in given:
                 self.rep.error("E040", f"parameter `{k}` of `{mdef.name}` given twice", span)
@@ -768,8 +885,12 @@ class Lowering:
                 elif p.default is not None:
                     v = evaluate(p.default, lambda r: values[r.name] if r.kind == "param" else self.values[r.name])
                 else:
-                    self.rep.error("E040", f"`{mdef.name}` needs parameter `{p.name}`", span,
-                                   f"pass it: `{mdef.name}({', '.join(names)})`")
+                    self.rep.error(
+                        "E040",
+                        f"`{mdef.name}` needs parameter `{p.name}`",
+                        span,
+                        f"pass it: `{mdef.name}({', '.join(names)})`",
+                    )
                     raise _Abort
             except EvalError as e:
                 self.rep.error("E021", f"parameter `{p.name}` of `{mdef.name}`: {e}", span)
@@ -804,9 +925,13 @@ class Lowering:
                 continue
             bad = [d for d in shape if not isinstance(d, int) or isinstance(d, bool) or d <= 0]
             if bad:
-                self.rep.error("E030", f"weight `{prefix}{w.name}` has a non-positive or non-integer size: "
-                               f"[{', '.join(_show(d) for d in shape)}]", w.span,
-                               notes=(f"instantiated from {span}",))
+                self.rep.error(
+                    "E030",
+                    f"weight `{prefix}{w.name}` has a non-positive or non-integer size: "
+                    f"[{', '.join(_show(d) for d in shape)}]",
+                    w.span,
+                    notes=(f"instantiated from {span}",),
+                )
                 continue
             if w.init_std is not None:
                 try:
@@ -815,8 +940,12 @@ class Lowering:
                     self.rep.error("E021", f"`normal` std of weight `{w.name}`: {e}", w.span)
                     continue
                 if isinstance(std, bool) or not isinstance(std, (int, float)) or std < 0:
-                    self.rep.error("E021", f"`normal` std of weight `{w.name}` must be a number >= 0, got {_show(std)}",
-                                   w.span, self._values_help(w.init_std, lookup))
+                    self.rep.error(
+                        "E021",
+                        f"`normal` std of weight `{w.name}` must be a number >= 0, got {_show(std)}",
+                        w.span,
+                        self._values_help(w.init_std, lookup),
+                    )
                     continue
             out.append(N.WeightInfo(prefix + w.name, shape, w.dtype, w.init, None, w.span))
         for s in mdef.submodules:
@@ -833,25 +962,36 @@ class Lowering:
                     self.rep.error("E021", f"repeat count must be a positive int, got {_show(n)}", s.span)
                     continue
                 if n > MAX_REPEAT:
-                    self.rep.error("E021", f"repeat count {n:,} is too large (at most {MAX_REPEAT:,} layers)", s.span,
-                                   self._values_help(s.repeat, lookup))
+                    self.rep.error(
+                        "E021",
+                        f"repeat count {n:,} is too large (at most {MAX_REPEAT:,} layers)",
+                        s.span,
+                        self._values_help(s.repeat, lookup),
+                    )
                     continue
                 p0 = f"{prefix}{s.name}.0."
                 mark = len(self._pending_ties)
                 layer0 = self._instantiate(s.module, child_params, p0, ties, s.span)
                 if self._n_weights + len(layer0) * (n - 1) > MAX_WEIGHT_TENSORS:
-                    self.rep.error("E021", f"`{s.name}` would hold {len(layer0) * n:,} weight tensors "
-                                   f"({n:,} layers of {len(layer0):,}); at most {MAX_WEIGHT_TENSORS:,} in a model",
-                                   s.span, self._values_help(s.repeat, lookup))
+                    self.rep.error(
+                        "E021",
+                        f"`{s.name}` would hold {len(layer0) * n:,} weight tensors "
+                        f"({n:,} layers of {len(layer0):,}); at most {MAX_WEIGHT_TENSORS:,} in a model",
+                        s.span,
+                        self._values_help(s.repeat, lookup),
+                    )
                     continue
                 out += layer0
                 layer0_ties = self._pending_ties[mark:]
                 for i in range(1, n):  # every copy has layer 0's shapes and ties
                     pi = f"{prefix}{s.name}.{i}."
-                    out += [N.WeightInfo(pi + w.name[len(p0):], w.shape, w.dtype, w.init, None, w.span)
-                            for w in layer0]
-                    self._pending_ties += [(pi + t[len(p0):], pi + src[len(p0):], tie, pi + at[len(p0):])
-                                           for t, src, tie, at in layer0_ties]
+                    out += [
+                        N.WeightInfo(pi + w.name[len(p0) :], w.shape, w.dtype, w.init, None, w.span) for w in layer0
+                    ]
+                    self._pending_ties += [
+                        (pi + t[len(p0) :], pi + src[len(p0) :], tie, pi + at[len(p0) :])
+                        for t, src, tie, at in layer0_ties
+                    ]
                 self._n_weights += len(layer0) * (n - 1)
             except EvalError as e:
                 self.rep.error("E021", f"submodule `{s.name}`: {e}", s.span)
@@ -893,25 +1033,40 @@ class Lowering:
 
         ties = []
         for target, source, tie, prefix in self._pending_ties:
-            unknown = [(full, local) for full, local in ((target, tie.target), (source, tie.source)) if full not in by_name]
+            unknown = [
+                (full, local) for full, local in ((target, tie.target), (source, tie.source)) if full not in by_name
+            ]
             if unknown:
                 full, local = unknown[0]
-                local_names = [n[len(prefix):] for n in by_name if n.startswith(prefix)]
+                local_names = [n[len(prefix) :] for n in by_name if n.startswith(prefix)]
                 error("E010", f"tie names unknown weight `{local}`", tie, did_you_mean(local, local_names))
                 continue
             if target == source:
-                error("E060", f"`{tie.target}` is tied to itself", tie, "a tie names two different weights: "
-                      "`tie head.weight = embed.weight`")
+                error(
+                    "E060",
+                    f"`{tie.target}` is tied to itself",
+                    tie,
+                    "a tie names two different weights: `tie head.weight = embed.weight`",
+                )
                 continue
             t, s = by_name[target], by_name[source]
             if t.shape != s.shape:
-                error("E033", f"tied weights differ in shape: `{tie.target}` is {list(t.shape)}, "
-                      f"`{tie.source}` is {list(s.shape)}", tie)
+                error(
+                    "E033",
+                    f"tied weights differ in shape: `{tie.target}` is {list(t.shape)}, "
+                    f"`{tie.source}` is {list(s.shape)}",
+                    tie,
+                )
                 continue
             if target in tied_at:
                 first = tied_at[target]
-                error("E011", f"`{tie.target}` is tied twice", tie, "keep one tie per weight",
-                      notes=(f"first tied at {first.span}",))
+                error(
+                    "E011",
+                    f"`{tie.target}` is tied twice",
+                    tie,
+                    "keep one tie per weight",
+                    notes=(f"first tied at {first.span}",),
+                )
                 continue
             tied_at[target] = tie
             ties.append((target, source, tie))
@@ -927,11 +1082,19 @@ class Lowering:
                     continue
                 if cur == target:
                     cycles.add(frozenset(cycle))
-                    error("E060", "tied weights form a cycle: " + " -> ".join(f"`{c}`" for c in cycle + [target]),
-                          tie, "one of them must keep its own storage: remove one tie")
+                    error(
+                        "E060",
+                        "tied weights form a cycle: " + " -> ".join(f"`{c}`" for c in cycle + [target]),
+                        tie,
+                        "one of them must keep its own storage: remove one tie",
+                    )
                 else:
-                    error("E041", f"`{tie.source}` is itself tied (to `{sources[source]}`)", tie,
-                          f"tie to the weight that holds the storage: `{sources[source]}`")
+                    error(
+                        "E041",
+                        f"`{tie.source}` is itself tied (to `{sources[source]}`)",
+                        tie,
+                        f"tie to the weight that holds the storage: `{sources[source]}`",
+                    )
                 continue
             w = by_name[target]
             by_name[target] = N.WeightInfo(w.name, w.shape, w.dtype, w.init, source, w.span)
@@ -947,8 +1110,12 @@ class Lowering:
                 for t in r.transforms:
                     name = t.func.id if isinstance(t.func, A.Name) else ""
                     if name not in TRANSFORMS:
-                        self.rep.error("E050", f"unknown checkpoint transform `{name}`", t.span,
-                                       did_you_mean(name, TRANSFORMS) or f"transforms: {', '.join(TRANSFORMS)}")
+                        self.rep.error(
+                            "E050",
+                            f"unknown checkpoint transform `{name}`",
+                            t.span,
+                            did_you_mean(name, TRANSFORMS) or f"transforms: {', '.join(TRANSFORMS)}",
+                        )
                         continue
                     if t.args:
                         self.rep.error("E050", f"`{name}` takes keyword arguments only, e.g. `{name}(dim = 0)`", t.span)
@@ -959,17 +1126,29 @@ class Lowering:
                     transforms.append((name, kws))
                 names = [x for x, _ in transforms]
                 if len(r.sources) > 1 and "concat" not in names:
-                    self.rep.error("E050", "several checkpoint tensors need `concat(dim = N)`", r.span,
-                                   'join them on the way: `"a", "b" -> concat(dim = 0) -> "ab"`')
+                    self.rep.error(
+                        "E050",
+                        "several checkpoint tensors need `concat(dim = N)`",
+                        r.span,
+                        'join them on the way: `"a", "b" -> concat(dim = 0) -> "ab"`',
+                    )
                 if len(r.targets) > 1 and "split" not in names:
-                    self.rep.error("E050", "several parameters need `split(dim = N)`", r.span,
-                                   'split it on the way: `"ab" -> split(dim = 0) -> "a", "b"`')
+                    self.rep.error(
+                        "E050",
+                        "several parameters need `split(dim = N)`",
+                        r.span,
+                        'split it on the way: `"ab" -> split(dim = 0) -> "a", "b"`',
+                    )
                 self._check_layer_index(r)
                 rules.append(N.LayoutRuleDef(r.sources, tuple(transforms), r.targets, r.span))
             for i in d.ignores:
                 if i.pattern.count("{i}") > 1:
-                    self.rep.error("E050", f"`{{i}}` appears {i.pattern.count('{i}')} times in `{i.pattern}`", i.span,
-                                   "a pattern holds one layer index, `{i}`")
+                    self.rep.error(
+                        "E050",
+                        f"`{{i}}` appears {i.pattern.count('{i}')} times in `{i.pattern}`",
+                        i.span,
+                        "a pattern holds one layer index, `{i}`",
+                    )
             ignores += [i.pattern for i in d.ignores]
         return N.CheckpointDef(tuple(rules), tuple(ignores))
 
@@ -978,19 +1157,29 @@ class Lowering:
         names: at most one per pattern, and in the first source whenever another name has it."""
         for pattern in r.sources + r.targets:
             if pattern.count("{i}") > 1:
-                self.rep.error("E050", f"`{{i}}` appears {pattern.count('{i}')} times in `{pattern}`", r.span,
-                               "a pattern holds one layer index, `{i}`")
+                self.rep.error(
+                    "E050",
+                    f"`{{i}}` appears {pattern.count('{i}')} times in `{pattern}`",
+                    r.span,
+                    "a pattern holds one layer index, `{i}`",
+                )
                 return
         first_has = "{i}" in r.sources[0]
         others = [p for p in r.sources[1:] + r.targets if "{i}" in p]
         if others and not first_has:
-            self.rep.error("E050", f"`{others[0]}` has a layer index `{{i}}`, but the checkpoint key "
-                           f"`{r.sources[0]}` has none to give it", r.span,
-                           "put `{i}` in the first checkpoint key too, where it is read from")
+            self.rep.error(
+                "E050",
+                f"`{others[0]}` has a layer index `{{i}}`, but the checkpoint key `{r.sources[0]}` has none to give it",
+                r.span,
+                "put `{i}` in the first checkpoint key too, where it is read from",
+            )
         elif first_has and not any("{i}" in t for t in r.targets):
-            self.rep.error("E050", f"checkpoint key `{r.sources[0]}` has a layer index `{{i}}`, but no parameter "
-                           "of the rule does", r.span, "every layer would load into the same parameter: "
-                           "put `{i}` in the parameter name too")
+            self.rep.error(
+                "E050",
+                f"checkpoint key `{r.sources[0]}` has a layer index `{{i}}`, but no parameter of the rule does",
+                r.span,
+                "every layer would load into the same parameter: put `{i}` in the parameter name too",
+            )
 
     def _check_layout(self, checkpoint: N.CheckpointDef, weights: list[N.WeightInfo]) -> None:
         """Each rule's targets must be weights of the model, and its transforms must fit their shapes."""
@@ -1003,8 +1192,12 @@ class Lowering:
             matched = [[n for n in shapes if pat.match(n)] for pat in first]
             missing = [t for t, m in zip(rule.targets, matched) if not m]
             for t in missing:
-                self.rep.error("E050", f"layout rule target `{t}` is not a weight of the model", rule.span,
-                               did_you_mean(t, generic) or "targets are parameter names, `{i}` for a layer index")
+                self.rep.error(
+                    "E050",
+                    f"layout rule target `{t}` is not a weight of the model",
+                    rule.span,
+                    did_you_mean(t, generic) or "targets are parameter names, `{i}` for a layer index",
+                )
             if missing:
                 continue
             target_shapes = [shapes[m[0]] for m in matched]
@@ -1020,32 +1213,49 @@ class Lowering:
                     group = target_shapes if name == "split" else target_shapes[:1]
                     bad = [s for s in group if not (isinstance(dim, int) and -len(s) <= dim < len(s))]
                     if bad:
-                        self.rep.error("E050", f"`{name}(dim = {dim})` is out of range for a weight of shape "
-                                       f"{list(bad[0])}", rule.span)
+                        self.rep.error(
+                            "E050",
+                            f"`{name}(dim = {dim})` is out of range for a weight of shape {list(bad[0])}",
+                            rule.span,
+                        )
                         continue
                     if name == "split":
                         d = dim % len(target_shapes[0])
                         rest = {tuple(x for i, x in enumerate(s) if i != d) for s in target_shapes}
                         if len(rest) > 1:
-                            self.rep.error("E050", f"`split(dim = {dim})` into weights of shapes "
-                                           f"{[list(s) for s in target_shapes]}: they differ outside dim {dim}",
-                                           rule.span)
+                            self.rep.error(
+                                "E050",
+                                f"`split(dim = {dim})` into weights of shapes "
+                                f"{[list(s) for s in target_shapes]}: they differ outside dim {dim}",
+                                rule.span,
+                            )
                 elif name == "transpose" and any(len(s) > 2 for s in target_shapes):
-                    self.rep.error("E050", "`transpose` swaps the two dims of a matrix; this weight has "
-                                   f"{len(target_shapes[0])}", rule.span)
+                    self.rep.error(
+                        "E050",
+                        f"`transpose` swaps the two dims of a matrix; this weight has {len(target_shapes[0])}",
+                        rule.span,
+                    )
 
     def _lower_train(self, decls: list[A.TrainDecl], modules: list[str]) -> N.TrainDef:
         ckpt, par = [], []
         for d in decls:
             for name, span in d.checkpointing:
                 if name not in modules:
-                    self.rep.error("E010", f"activation checkpointing names unknown module `{name}`", span,
-                                   did_you_mean(name, modules) or f"modules in this model: {', '.join(modules)}")
+                    self.rep.error(
+                        "E010",
+                        f"activation checkpointing names unknown module `{name}`",
+                        span,
+                        did_you_mean(name, modules) or f"modules in this model: {', '.join(modules)}",
+                    )
                 ckpt.append(name)
             for pattern, style, span in d.parallel:
                 if style not in ("colwise", "rowwise"):
-                    self.rep.error("E019", f"unknown parallel style `{style}`", span,
-                                   did_you_mean(style, ("colwise", "rowwise")) or "styles: colwise, rowwise")
+                    self.rep.error(
+                        "E019",
+                        f"unknown parallel style `{style}`",
+                        span,
+                        did_you_mean(style, ("colwise", "rowwise")) or "styles: colwise, rowwise",
+                    )
                 par.append((pattern, style))
         return N.TrainDef(tuple(ckpt), tuple(par))
 
@@ -1098,8 +1308,16 @@ class _Scope:
         return name
 
     def candidates(self) -> list[str]:
-        return (list(self.env) + list(self.weights) + list(self.subs) + list(self.params) + list(self.scalars)
-                + list(self.low.config_fields) + list(self.low.fn_names()) + list(PRIMITIVES))
+        return (
+            list(self.env)
+            + list(self.weights)
+            + list(self.subs)
+            + list(self.params)
+            + list(self.scalars)
+            + list(self.low.config_fields)
+            + list(self.low.fn_names())
+            + list(PRIMITIVES)
+        )
 
     def resolve(self, n: A.Name) -> N.E:
         i = n.id
@@ -1155,8 +1373,12 @@ class _Scope:
                 dims.append(self.low._static(d, self.sig_resolver))
         dtype = t.dtype or "float"
         if dtype not in N.DTYPES:
-            self.rep.error("E032", f"unknown dtype `{dtype}`", t.span,
-                           did_you_mean(dtype, N.DTYPES) or f"dtypes: {', '.join(N.DTYPES)}")
+            self.rep.error(
+                "E032",
+                f"unknown dtype `{dtype}`",
+                t.span,
+                did_you_mean(dtype, N.DTYPES) or f"dtypes: {', '.join(N.DTYPES)}",
+            )
         return N.TensorSig(tuple(dims), dtype)
 
     def sig_resolver(self, n: A.Name) -> N.E:
@@ -1197,18 +1419,30 @@ class _Scope:
                     continue
                 if not self.is_fn and n.id in self.low.config_fields:
                     continue
-                known = list(self.syms) + list(self.scalars) + list(self.params) + (
-                    [] if self.is_fn else list(self.low.config_fields))
-                self.rep.error("E010", f"unknown size `{n.id}` in the result type", n.span,
-                               did_you_mean(n.id, known)
-                               or "a result's sizes are config fields, parameters or symbols the arguments bind")
+                known = (
+                    list(self.syms)
+                    + list(self.scalars)
+                    + list(self.params)
+                    + ([] if self.is_fn else list(self.low.config_fields))
+                )
+                self.rep.error(
+                    "E010",
+                    f"unknown size `{n.id}` in the result type",
+                    n.span,
+                    did_you_mean(n.id, known)
+                    or "a result's sizes are config fields, parameters or symbols the arguments bind",
+                )
         outputs: tuple[str, ...] = ()
         for i, st in enumerate(body):
             try:
                 if isinstance(st, A.Return):
                     if i != len(body) - 1:
-                        self.rep.error("E013", "statements after `return` never run", body[i + 1].span,
-                                       "remove them, or move them before the `return`")
+                        self.rep.error(
+                            "E013",
+                            "statements after `return` never run",
+                            body[i + 1].span,
+                            "remove them, or move them before the `return`",
+                        )
                     outputs = tuple(self.value_of(self.expr(v), v.span) for v in st.values)
                 else:
                     self.stmt(st)
@@ -1216,8 +1450,7 @@ class _Scope:
                 for var in _assigned_vars([st]):  # later uses of a failed assignment stay quiet
                     self.env[var] = _POISON
         if not any(isinstance(st, A.Return) for st in body):
-            self.rep.error("E013", "forward must end with `return`", span,
-                           "return the result: `return y`")
+            self.rep.error("E013", "forward must end with `return`", span, "return the result: `return y`")
         if results is not None and outputs and len(results) != len(outputs):
             self.rep.error("E042", f"declared {len(results)} result(s), returns {len(outputs)}", body[-1].span)
         for name, at in self.defined_at.items():
@@ -1227,12 +1460,17 @@ class _Scope:
         if not self.is_fn:
             for w in self.weights.values():
                 if w.name not in self.used_members:
-                    self.rep.warn("W002", f"weight `{w.name}` is never used in forward", w.span,
-                                  "remove it, or use it in forward")
+                    self.rep.warn(
+                        "W002", f"weight `{w.name}` is never used in forward", w.span, "remove it, or use it in forward"
+                    )
             for s in self.subs.values():
                 if s.name not in self.used_members:
-                    self.rep.warn("W002", f"submodule `{s.name}` is never used in forward", s.span,
-                                  "remove it, or call it in forward")
+                    self.rep.warn(
+                        "W002",
+                        f"submodule `{s.name}` is never used in forward",
+                        s.span,
+                        "remove it, or call it in forward",
+                    )
         return N.Graph(tuple(args), tuple(self.body), outputs, results, span)
 
     def value_of(self, e: N.E, span: Span) -> str:
@@ -1253,8 +1491,13 @@ class _Scope:
             if len(st.targets) == 1:
                 var = st.targets[0]
                 e = self.expr(st.value)
-                fresh_temp = (isinstance(e, N.Ref) and e.kind == "value" and self.body
-                              and e.name in self.body[-1].results and e.name not in self.defined_at)
+                fresh_temp = (
+                    isinstance(e, N.Ref)
+                    and e.kind == "value"
+                    and self.body
+                    and e.name in self.body[-1].results
+                    and e.name not in self.defined_at
+                )
                 if fresh_temp:
                     value = self.rename_result(e.name, var)
                 else:  # `y = x`, a weight or a build-time value: an explicit copy keeps SSA
@@ -1293,12 +1536,20 @@ class _Scope:
             raise _Abort
         sub = self.subs.get(st.iterable)
         if sub is None or sub.repeat is None:
-            self.rep.error("E041", f"`{st.iterable}` is not a `repeat` stack", st.span,
-                           did_you_mean(st.iterable, [s.name for s in self.subs.values() if s.repeat is not None]))
+            self.rep.error(
+                "E041",
+                f"`{st.iterable}` is not a `repeat` stack",
+                st.span,
+                did_you_mean(st.iterable, [s.name for s in self.subs.values() if s.repeat is not None]),
+            )
             raise _Abort
         if st.var in self.loop_vars:
-            self.rep.error("E011", f"`{st.var}` is already the variable of an enclosing loop", st.span,
-                           f"name the inner loop's variable differently, e.g. `for {st.var}_2 in {st.iterable}:`")
+            self.rep.error(
+                "E011",
+                f"`{st.var}` is already the variable of an enclosing loop",
+                st.span,
+                f"name the inner loop's variable differently, e.g. `for {st.var}_2 in {st.iterable}:`",
+            )
             raise _Abort
         self.used_members.add(sub.name)
         assigned = _assigned_vars(st.body)
@@ -1332,8 +1583,9 @@ class _Scope:
             r = self.fresh(v)
             results.append(r)
             self.bind(v, r, st.span)
-        self.body.append(N.Loop(st.var, sub.name, body, inputs, tuple(params), yields, tuple(results),
-                                tuple(carried), st.span))
+        self.body.append(
+            N.Loop(st.var, sub.name, body, inputs, tuple(params), yields, tuple(results), tuple(carried), st.span)
+        )
 
     # expressions ------------------------------------------------------------------------------
     def expr(self, e: A.Expr) -> N.E:
@@ -1358,9 +1610,12 @@ class _Scope:
                 return N.BinE(e.op, left, right)
             op = _BINARY.get(e.op)
             if op is None:
-                self.rep.error("E041", f"`{e.op}` is not defined on tensors", e.span,
-                               "use where(), maximum() or minimum()" if e.op in ("<", ">", "<=", ">=", "==", "!=")
-                               else "")
+                self.rep.error(
+                    "E041",
+                    f"`{e.op}` is not defined on tensors",
+                    e.span,
+                    "use where(), maximum() or minimum()" if e.op in ("<", ">", "<=", ">=", "==", "!=") else "",
+                )
                 raise _Abort
             return self.emit(op, (left, right), (), e.span)
         if isinstance(e, A.UnaryOp):
@@ -1415,8 +1670,7 @@ class _Scope:
         if f in self.loop_vars or f in self.subs:
             if f in self.subs:
                 if self.subs[f].repeat is not None:
-                    self.rep.error("E041", f"`{f}` is a `repeat` stack: loop over it with `for layer in {f}:`",
-                                   e.span)
+                    self.rep.error("E041", f"`{f}` is a `repeat` stack: loop over it with `for layer in {f}:`", e.span)
                     raise _Abort
                 self.used_members.add(f)
             if kwargs:
@@ -1430,13 +1684,15 @@ class _Scope:
             self.emit("fn", args, (), e.span, target=f, n=n)
         elif f in PRIMITIVES:
             if f == "attention" and self.is_fn:
-                self.rep.error("E041", "`attention` keeps a KV cache, so it must be called in a module's forward",
-                               e.span)
+                self.rep.error(
+                    "E041", "`attention` keeps a KV cache, so it must be called in a module's forward", e.span
+                )
                 raise _Abort
             self.emit(f, args, kwargs, e.span, n=n)
         elif f in self.low.decls.modules:
-            self.rep.error("E041", f"`{f}` is a module type: declare a submodule `name = {f}(...)` and call that",
-                           e.func.span)
+            self.rep.error(
+                "E041", f"`{f}` is a module type: declare a submodule `name = {f}(...)` and call that", e.func.span
+            )
             raise _Abort
         else:
             self.low._unknown(e.func, [c for c in self.candidates() if c not in self.env], "function")
@@ -1485,8 +1741,9 @@ _POISON = "<error>"  # the value of a variable whose assignment failed
 _BINARY = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow", "@": "matmul"}
 
 
-def lower(spec: A.File, std: A.File | None, arch: str | None = None,
-          overrides: dict[str, str] | None = None) -> tuple[N.Program, list]:
+def lower(
+    spec: A.File, std: A.File | None, arch: str | None = None, overrides: dict[str, str] | None = None
+) -> tuple[N.Program, list]:
     """Lower a parsed spec (with the parsed standard library) to (Program, warnings), or raise DslcError."""
     low = Lowering(spec, std, arch, overrides or {})
     try:
@@ -1496,4 +1753,3 @@ def lower(spec: A.File, std: A.File | None, arch: str | None = None,
         raise
     program_warnings = [d for d in low.rep.diagnostics if not d.is_error]
     return program, program_warnings
-

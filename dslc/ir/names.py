@@ -116,8 +116,12 @@ def _class_members(tree: ast.Module, class_name: str) -> set[str]:
                 elif isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
                     out.add(item.target.id)
             for sub in ast.walk(node):
-                if (isinstance(sub, ast.Attribute) and isinstance(sub.ctx, ast.Store)
-                        and isinstance(sub.value, ast.Name) and sub.value.id == "self"):
+                if (
+                    isinstance(sub, ast.Attribute)
+                    and isinstance(sub.ctx, ast.Store)
+                    and isinstance(sub.value, ast.Name)
+                    and sub.value.id == "self"
+                ):
                     out.add(sub.attr)
     return out
 
@@ -164,9 +168,14 @@ def config_keys_written() -> frozenset[str]:
     tree = _model_base_tree()
     out = set()
     for node in ast.walk(tree) if tree else ():
-        if (isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store) and isinstance(node.value, ast.Name)
-                and node.value.id == "config" and isinstance(node.slice, ast.Constant)
-                and isinstance(node.slice.value, str)):
+        if (
+            isinstance(node, ast.Subscript)
+            and isinstance(node.ctx, ast.Store)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "config"
+            and isinstance(node.slice, ast.Constant)
+            and isinstance(node.slice.value, str)
+        ):
             out.add(node.slice.value)
     return frozenset(out)
 
@@ -178,8 +187,14 @@ def config_flags() -> frozenset[str]:
     tree = _model_base_tree()
     out = set()
     for node in ast.walk(tree) if tree else ():
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "_flag"
-                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "_flag"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             out.add(node.args[0].value)
     return frozenset(out)
 

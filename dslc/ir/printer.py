@@ -10,8 +10,24 @@ from functools import lru_cache
 from dslc.diagnostics import Span
 from dslc.ir import nodes as N
 
-_PREC = {"or": 1, "and": 2, "==": 4, "!=": 4, "<": 4, "<=": 4, ">": 4, ">=": 4, "+": 5, "-": 5,
-         "*": 6, "/": 6, "//": 6, "%": 6, "@": 6, "**": 8}
+_PREC = {
+    "or": 1,
+    "and": 2,
+    "==": 4,
+    "!=": 4,
+    "<": 4,
+    "<=": 4,
+    ">": 4,
+    ">=": 4,
+    "+": 5,
+    "-": 5,
+    "*": 6,
+    "/": 6,
+    "//": 6,
+    "%": 6,
+    "@": 6,
+    "**": 8,
+}
 
 
 def expr_text(e: N.E, prec: int = 0) -> str:
@@ -20,7 +36,8 @@ def expr_text(e: N.E, prec: int = 0) -> str:
         return const_text(e.value)
     if isinstance(e, N.Ref):
         return {"value": "%", "param": "$", "weight": "&"}.get(e.kind, "") + (
-            f"dtype(%{e.name})" if e.kind == "dtype_of" else e.name)
+            f"dtype(%{e.name})" if e.kind == "dtype_of" else e.name
+        )
     if isinstance(e, N.BinE):
         p = _PREC[e.op]
         right_p = p if e.op == "**" else p + 1
@@ -130,7 +147,7 @@ def ir_expr(e: N.E, prec: int = 0) -> str:
             return e.name
         if e.kind == "dtype_of":
             if e.name.startswith("weight:"):
-                return f"dtype({sigil_text('&', e.name[len('weight:'):])})"
+                return f"dtype({sigil_text('&', e.name[len('weight:') :])})"
             return f"dtype({sigil_text('%', e.name)})"
         return f"ref({quote(e.kind)}, {quote(e.name)})"
     if isinstance(e, N.BinE):
@@ -150,8 +167,11 @@ def ir_expr(e: N.E, prec: int = 0) -> str:
             text, p = f"not {ir_expr(e.operand, 3)}", 3
         elif e.op == "-":
             operand = e.operand
-            numeric = isinstance(operand, N.Const) and isinstance(operand.value, (int, float)) \
+            numeric = (
+                isinstance(operand, N.Const)
+                and isinstance(operand.value, (int, float))
                 and not isinstance(operand.value, bool)
+            )
             # `-1` reads back as the constant -1, so a negated number keeps its parentheses
             text, p = (f"-({const_text(operand.value)})" if numeric else f"-{ir_expr(operand, 7)}"), 7
         else:
@@ -266,8 +286,10 @@ class _Printer:
         if not keys:
             return {}, ""
         key = keys[0]
-        params = ", ".join(f"{k}={const_text(v) if isinstance(v, (int, float, str, bool)) or v is None else v}"
-                           for k, v in (key[2] if len(key) > 2 else ()))
+        params = ", ".join(
+            f"{k}={const_text(v) if isinstance(v, (int, float, str, bool)) or v is None else v}"
+            for k, v in (key[2] if len(key) > 2 else ())
+        )
         note = f"types for {m.name}({params})"
         if len(keys) > 1:
             note += f", the first of {len(keys)} instantiations"
@@ -420,11 +442,16 @@ class _Printer:
                 self.emit(2, f"source {quote(r.source)}")
             for i in r.inputs:
                 optional = "?" if i.optional else ""
-                self.emit(2, f"input {sigil_text('%', i.name)} {name_text(i.kind)}{optional} "
-                          f"{'grad' if i.needs_grad else 'nograd'}")
+                self.emit(
+                    2,
+                    f"input {sigil_text('%', i.name)} {name_text(i.kind)}{optional} "
+                    f"{'grad' if i.needs_grad else 'nograd'}",
+                )
             for op in r.ops:
                 args = ", ".join(sigil_text("%", a) if isinstance(a, str) else const_text(a) for a in op.args)
-                attrs = " {" + ", ".join(f"{key_text(k)}={const_text(v)}" for k, v in op.attrs) + "}" if op.attrs else ""
+                attrs = (
+                    " {" + ", ".join(f"{key_text(k)}={const_text(v)}" for k, v in op.attrs) + "}" if op.attrs else ""
+                )
                 self.emit(2, f"{sigil_text('%', op.result)} = {name_text(op.op)}({args}){attrs}")
             self.emit(2, ("outputs " + ", ".join(sigil_text("%", o) for o in r.outputs)).rstrip())
             if r.output_dtypes:

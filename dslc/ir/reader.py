@@ -253,8 +253,8 @@ class _ToIR(Transformer):
 
     def graph(self, *items):
         at = next(i for i, x in enumerate(items) if isinstance(x, Token) and x.type == "SPAN")
-        args, result_sigs = items[:at - 1], items[at - 1]
-        span, body, outputs = items[at], items[at + 1:-1], items[-1]
+        args, result_sigs = items[: at - 1], items[at - 1]
+        span, body, outputs = items[at], items[at + 1 : -1], items[-1]
         return N.Graph(tuple(args), tuple(body), outputs or (), result_sigs, _span(span))
 
     def result(self, tok, var):
@@ -273,8 +273,15 @@ class _ToIR(Transformer):
     def op(self, results, opname, target, *rest):
         *args, kwargs, span = rest
         results = results or ()
-        return N.Op(opname, _opt(args), kwargs or (), tuple(r for r, _ in results), tuple(v for _, v in results),
-                    target if target is not None else "", _span(span))
+        return N.Op(
+            opname,
+            _opt(args),
+            kwargs or (),
+            tuple(r for r, _ in results),
+            tuple(v for _, v in results),
+            target if target is not None else "",
+            _span(span),
+        )
 
     def carry(self, param, init):
         return (_sigil_name(param), _sigil_name(init))
@@ -282,10 +289,19 @@ class _ToIR(Transformer):
     def loop(self, results, var, over, *rest):
         at = next(i for i, x in enumerate(rest) if isinstance(x, Token) and x.type == "SPAN")
         carries = _opt(rest[:at])
-        span, body, yields = rest[at], rest[at + 1:-1], rest[-1]
+        span, body, yields = rest[at], rest[at + 1 : -1], rest[-1]
         results = results or ()
-        return N.Loop(var, over, tuple(body), tuple(i for _, i in carries), tuple(p for p, _ in carries),
-                      yields or (), tuple(r for r, _ in results), tuple(v for _, v in results), _span(span))
+        return N.Loop(
+            var,
+            over,
+            tuple(body),
+            tuple(i for _, i in carries),
+            tuple(p for p, _ in carries),
+            yields or (),
+            tuple(r for r, _ in results),
+            tuple(v for _, v in results),
+            _span(span),
+        )
 
     # ---- checkpoint, train, weights ---------------------------------------------------------------
     def string_list(self, *toks):
@@ -302,8 +318,9 @@ class _ToIR(Transformer):
         return _str(tok)
 
     def checkpoint(self, *items):
-        return N.CheckpointDef(tuple(i for i in items if isinstance(i, N.LayoutRuleDef)),
-                               tuple(i for i in items if isinstance(i, str)))
+        return N.CheckpointDef(
+            tuple(i for i in items if isinstance(i, N.LayoutRuleDef)), tuple(i for i in items if isinstance(i, str))
+        )
 
     def checkpointing(self, name):
         return ("ckpt", name)

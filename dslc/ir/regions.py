@@ -20,8 +20,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-UNARY_OPS = ("neg", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "relu",
-             "cos", "sin", "abs", "identity")
+UNARY_OPS = (
+    "neg",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "tanh",
+    "sigmoid",
+    "silu",
+    "gelu",
+    "gelu_tanh",
+    "relu",
+    "cos",
+    "sin",
+    "abs",
+    "identity",
+)
 BINARY_OPS = ("add", "sub", "mul", "div", "maximum", "minimum", "pow")
 ROW_OPS = ("sum", "mean", "amax")
 REGION_OPS = UNARY_OPS + BINARY_OPS + ROW_OPS + ("cast", "rotate_half")

@@ -127,11 +127,15 @@ class _Verifier:
             for s in m.submodules:
                 j = index.get(s.module)
                 if j is None:
-                    self.err(f"module `{m.name}`: submodule `{s.name}` instantiates unknown module `{s.module}`",
-                             s.span)
+                    self.err(
+                        f"module `{m.name}`: submodule `{s.name}` instantiates unknown module `{s.module}`", s.span
+                    )
                 elif j >= i:
-                    self.err(f"module `{m.name}` is listed before its submodule's module `{s.module}` "
-                             "(modules must be in dependency order, callees first)", s.span)
+                    self.err(
+                        f"module `{m.name}` is listed before its submodule's module `{s.module}` "
+                        "(modules must be in dependency order, callees first)",
+                        s.span,
+                    )
             if m.name == self.p.model:
                 if m.task not in TASKS:
                     self.err(f"model `{m.name}`: unknown task `{m.task}`", m.span)
@@ -228,8 +232,9 @@ class _Verifier:
                 if isinstance(st, N.Loop):
                     walk(st.body, i, owner)
                 elif st.op == "fn" and st.target in index and index[st.target] >= i:
-                    self.err(f"{owner}: fn `{st.target}` is listed after its caller (fns must be callees first)",
-                             st.span)
+                    self.err(
+                        f"{owner}: fn `{st.target}` is listed after its caller (fns must be callees first)", st.span
+                    )
 
         for i, f in enumerate(self.p.fns):
             walk(f.graph.body, i, f"fn `{f.name}`")
@@ -252,13 +257,14 @@ class _Verifier:
             if src is None:
                 self.err(f"weight `{w.name}` is tied to unknown weight `{w.tied_to}`", w.span)
             elif src.tied_to is not None:
-                self.err(f"weight `{w.name}` is tied to `{w.tied_to}`, which is itself tied to `{src.tied_to}`",
-                         w.span)
+                self.err(f"weight `{w.name}` is tied to `{w.tied_to}`, which is itself tied to `{src.tied_to}`", w.span)
             elif src.name == w.name:
                 self.err(f"weight `{w.name}` is tied to itself", w.span)
             elif src.shape != w.shape:
-                self.err(f"weight `{w.name}` {list(w.shape)} is tied to `{src.name}` of another shape "
-                         f"{list(src.shape)}", w.span)
+                self.err(
+                    f"weight `{w.name}` {list(w.shape)} is tied to `{src.name}` of another shape {list(src.shape)}",
+                    w.span,
+                )
 
     def checkpoint_and_train(self) -> None:
         for r in self.p.checkpoint.rules:
@@ -354,8 +360,12 @@ class _Graph:
         k, n = r.kind, r.name
         if k == "value":
             if n not in scope:
-                self.err(f"`%{n}` is used before it is defined" if n not in self.defined
-                         else f"`%{n}` is used outside the loop that defines it", span)
+                self.err(
+                    f"`%{n}` is used before it is defined"
+                    if n not in self.defined
+                    else f"`%{n}` is used outside the loop that defines it",
+                    span,
+                )
         elif k == "weight":
             if self.is_fn:
                 self.err(f"a fn cannot read weight `&{n}`", span)
@@ -382,7 +392,7 @@ class _Graph:
                 self.err(f"unknown dtype `!{n}`", span)
         elif k == "dtype_of":
             if n.startswith("weight:"):
-                self.ref(N.Ref("weight", n[len("weight:"):]), scope, span)
+                self.ref(N.Ref("weight", n[len("weight:") :]), scope, span)
             else:
                 self.ref(N.Ref("value", n), scope, span)
         else:
@@ -455,8 +465,11 @@ class _Graph:
             callee = self.v.modules.get(self.subs[op.target].module) if op.target in self.subs else None
             residual = dict(op.kwargs).keys() == {"residual"} and callee is not None and callee.residual is not None
             if op.kwargs and not residual:
-                self.err(f"call of `{op.target}` takes positional arguments only (or `residual` for a norm "
-                         "given a residual forward)", op.span)
+                self.err(
+                    f"call of `{op.target}` takes positional arguments only (or `residual` for a norm "
+                    "given a residual forward)",
+                    op.span,
+                )
         elif op.op == "fn":
             if op.target not in self.v.fns:
                 self.err(f"call of unknown fn `{op.target}`", op.span)
@@ -470,8 +483,10 @@ class _Graph:
                 if len(op.args) != len(region.inputs):
                     self.err(f"region `{op.target}` takes {len(region.inputs)} input(s), got {len(op.args)}", op.span)
                 if len(op.results) != len(region.outputs):
-                    self.err(f"region `{op.target}` gives {len(region.outputs)} output(s), the op names "
-                             f"{len(op.results)}", op.span)
+                    self.err(
+                        f"region `{op.target}` gives {len(region.outputs)} output(s), the op names {len(op.results)}",
+                        op.span,
+                    )
         elif op.op == "fused_linear":
             parts = dict(op.kwargs).get("parts")
             names = [c.value for c in parts.items] if isinstance(parts, N.ListE) else []

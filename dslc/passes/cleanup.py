@@ -26,19 +26,30 @@ def _propagate(body, names: dict[str, str], counts: dict[str, int]) -> list:
     for st in body:
         if isinstance(st, N.Loop):
             inner = _propagate(st.body, names, counts)
-            out.append(replace(st, body=tuple(inner), inputs=tuple(names.get(v, v) for v in st.inputs),
-                               yields=tuple(names.get(v, v) for v in st.yields)))
+            out.append(
+                replace(
+                    st,
+                    body=tuple(inner),
+                    inputs=tuple(names.get(v, v) for v in st.inputs),
+                    yields=tuple(names.get(v, v) for v in st.yields),
+                )
+            )
             continue
         st = subst_op(st, _rename_ref(names))
         if st.op == "identity" and isinstance(st.args[0], N.Ref) and st.args[0].kind == "value":
             src, dst = st.args[0].name, st.results[0]
-            k = next((i for i in range(len(out) - 1, -1, -1) if isinstance(out[i], N.Op) and src in out[i].results), None)
+            k = next(
+                (i for i in range(len(out) - 1, -1, -1) if isinstance(out[i], N.Op) and src in out[i].results), None
+            )
             if k is not None and counts.get(src, 0) == 1 and st.vars[0]:
                 op = out[k]
                 j = op.results.index(src)
                 if not op.vars[j] or "__" in src:
-                    out[k] = replace(op, results=op.results[:j] + (dst,) + op.results[j + 1:],
-                                     vars=op.vars[:j] + (st.vars[0],) + op.vars[j + 1:])
+                    out[k] = replace(
+                        op,
+                        results=op.results[:j] + (dst,) + op.results[j + 1 :],
+                        vars=op.vars[:j] + (st.vars[0],) + op.vars[j + 1 :],
+                    )
                     continue
             names[dst] = src
             continue
@@ -66,8 +77,14 @@ def cse(program: N.Program) -> N.Program:
             out = []
             for st in body:
                 if isinstance(st, N.Loop):
-                    out.append(replace(st, body=tuple(visit(st.body)), inputs=tuple(names.get(v, v) for v in st.inputs),
-                                       yields=tuple(names.get(v, v) for v in st.yields)))
+                    out.append(
+                        replace(
+                            st,
+                            body=tuple(visit(st.body)),
+                            inputs=tuple(names.get(v, v) for v in st.inputs),
+                            yields=tuple(names.get(v, v) for v in st.yields),
+                        )
+                    )
                     continue
                 st = subst_op(st, _rename_ref(names))
                 if st.op not in PURE_EXCLUDED:
@@ -95,8 +112,11 @@ def dce(program: N.Program) -> N.Program:
         return any(counts.get(r, 0) for r in st.results)
 
     def visit(body, counts: dict) -> list:
-        return [replace(st, body=tuple(visit(st.body, counts))) if isinstance(st, N.Loop) else st
-                for st in body if keep(st, counts)]
+        return [
+            replace(st, body=tuple(visit(st.body, counts))) if isinstance(st, N.Loop) else st
+            for st in body
+            if keep(st, counts)
+        ]
 
     def fn(g: N.Graph, owner) -> N.Graph:
         while True:

@@ -78,8 +78,11 @@ def use_counts(graph: N.Graph) -> dict[str, int]:
 def map_bodies(program: N.Program, fn) -> N.Program:
     """Apply fn(graph, owner) -> Graph to every module forward (and residual variant) and fn body."""
     modules = tuple(
-        replace(m, forward=fn(m.forward, m) if m.forward is not None else None,
-                residual=fn(m.residual, m) if m.residual is not None else None)
+        replace(
+            m,
+            forward=fn(m.forward, m) if m.forward is not None else None,
+            residual=fn(m.residual, m) if m.residual is not None else None,
+        )
         for m in program.modules
     )
     fns = tuple(replace(f, graph=fn(f.graph, f)) for f in program.fns)

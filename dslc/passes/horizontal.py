@@ -63,9 +63,14 @@ def fuse_projections(program: N.Program) -> N.Program:
             fused.append((name, tuple(parts)))
             first = body[idx[0]]
             replaced[idx[0]] = N.Op(
-                "fused_linear", (arg,), (("parts", N.ListE(tuple(N.Const(p) for p in parts))),),
-                tuple(body[i].results[0] for i in idx), tuple(body[i].vars[0] or body[i].target for i in idx), name,
-                first.span)
+                "fused_linear",
+                (arg,),
+                (("parts", N.ListE(tuple(N.Const(p) for p in parts))),),
+                tuple(body[i].results[0] for i in idx),
+                tuple(body[i].vars[0] or body[i].target for i in idx),
+                name,
+                first.span,
+            )
             for i in idx[1:]:
                 replaced[i] = None
         if not fused:

@@ -82,11 +82,26 @@ class _Inliner:
             op = subst_op(st, bind)
             # library code inlined into a spec cites the spec's call line, not the library's own
             span = st.span if st.span.file == call.span.file else call.span
-            ops.append(replace(op, results=tuple(names[r] for r in st.results),
-                               vars=tuple(f"{call.target}_{v}" if v else "" for v in st.vars), span=span))
+            ops.append(
+                replace(
+                    op,
+                    results=tuple(names[r] for r in st.results),
+                    vars=tuple(f"{call.target}_{v}" if v else "" for v in st.vars),
+                    span=span,
+                )
+            )
         for res, out in zip(call.results, graph.outputs):  # the call's results take the callee's outputs
-            ops.append(N.Op("identity", (N.Ref("value", names.get(out, out)),), (), (res,),
-                            (call.vars[call.results.index(res)],), "", call.span))
+            ops.append(
+                N.Op(
+                    "identity",
+                    (N.Ref("value", names.get(out, out)),),
+                    (),
+                    (res,),
+                    (call.vars[call.results.index(res)],),
+                    "",
+                    call.span,
+                )
+            )
         return ops
 
     def inline_fn(self, call: N.Op, taken: set) -> list[N.Op]:

@@ -24,7 +24,10 @@ PIPELINE = [
     ("cse", cse),  # identical pure ops computed once
     ("dce", dce),  # pure ops whose results nobody reads
     ("horizontal-matmul", fuse_projections),  # projections of one input (q/k/v, gate/up) -> one fused_linear
-    ("residual-norm", fuse_residual_norms),  # `norm(a + b)` -> `norm(a, residual = b)`: the add runs in the norm (needs types)
+    (
+        "residual-norm",
+        fuse_residual_norms,
+    ),  # `norm(a + b)` -> `norm(a, residual = b)`: the add runs in the norm (needs types)
     ("row-fusion", fuse_rows),  # elementwise chains and last-dim reductions -> RowRegions (needs types)
     ("dce-after-fusion", dce),
 ]

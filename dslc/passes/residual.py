@@ -118,7 +118,9 @@ def fuse_residual_norms(program: N.Program, types: dict) -> N.Program:
         subs = {s.name: s for s in m.submodules if s.repeat is None and s.condition is None}
         body, changed = _rewrite(m.forward.body, norms, subs, first_types[m.name])
         if changed:
-            used |= {subs[st.target].module for st in N.iter_ops(body) if st.op == "call" and dict(st.kwargs).get("residual")}
+            used |= {
+                subs[st.target].module for st in N.iter_ops(body) if st.op == "call" and dict(st.kwargs).get("residual")
+            }
             m = replace(m, forward=replace(m.forward, body=tuple(body)))
         modules.append(m)
     modules = [replace(m, residual=residual_graph(m)) if m.name in used else m for m in modules]

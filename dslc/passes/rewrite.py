@@ -43,7 +43,9 @@ def rotate_half(program: N.Program) -> N.Program:
             if k is None or body[k] is None or body[k].op != "chunk" or body[k].results != (x1, x2):
                 continue
             ch = body[k]
-            if not (isinstance(ch.args[1], N.Const) and ch.args[1].value == 2 and _is_last_dim(dict(ch.kwargs).get("dim"))):
+            if not (
+                isinstance(ch.args[1], N.Const) and ch.args[1].value == 2 and _is_last_dim(dict(ch.kwargs).get("dim"))
+            ):
                 continue
             if counts.get(x1) != 1 or counts.get(x2) != 1:
                 continue
@@ -79,8 +81,7 @@ def views_first(program: N.Program) -> N.Program:
                 # view first: u = unsqueeze(x); result = inner(u)
                 view = replace(st, args=(x,) + st.args[1:], results=(src,), vars=("",))
                 body[j] = view
-                body[i] = replace(inner, args=(N.Ref("value", src),) + inner.args[1:], results=st.results,
-                                  vars=st.vars)
+                body[i] = replace(inner, args=(N.Ref("value", src),) + inner.args[1:], results=st.results, vars=st.vars)
                 changed = True
                 break
         return replace(g, body=tuple(body))

@@ -40,8 +40,15 @@ def _where(span) -> str:
 
 
 class _Fuser:
-    def __init__(self, module: N.ModuleDef, types: dict, taken: set[str], report: FusionReport, weight_dims=None,
-                 graph: N.Graph | None = None):
+    def __init__(
+        self,
+        module: N.ModuleDef,
+        types: dict,
+        taken: set[str],
+        report: FusionReport,
+        weight_dims=None,
+        graph: N.Graph | None = None,
+    ):
         self.m = module
         self.graph = graph if graph is not None else module.forward  # the forward, or the residual variant
         self.types = types
@@ -82,7 +89,7 @@ class _Fuser:
         so the fusable ops between them end up adjacent. Fusable ops are pure, so this is safe."""
         defined_by: dict[str, int] = {}
         for i, st in enumerate(body):
-            for r in (st.results if isinstance(st, N.Op) else st.results + st.params):
+            for r in st.results if isinstance(st, N.Op) else st.results + st.params:
                 defined_by[r] = i
         deps = [{defined_by[v] for v in value_refs(st) if v in defined_by} for st in body]
         fixed = [self.fusable(st) is not None for st in body]
@@ -243,16 +250,21 @@ class _Fuser:
         while True:  # a value narrower than the row (a broadcast table) leaving the region: compute it outside
             members = {r for op in ops for r in op.results}
             used_inside = self._inside_uses(ops)
-            narrow = [op for op in ops if counts.get(op.results[0], 0) > used_inside.get(op.results[0], 0)
-                      and self.ttype(op.results[0]).dims[:-1] != tuple(shape[:-1])
-                      and not (set(value_refs(op)) & members)]
+            narrow = [
+                op
+                for op in ops
+                if counts.get(op.results[0], 0) > used_inside.get(op.results[0], 0)
+                and self.ttype(op.results[0]).dims[:-1] != tuple(shape[:-1])
+                and not (set(value_refs(op)) & members)
+            ]
             if not narrow:
                 break
             for op in narrow:  # it reads nothing computed in the region: computed before it, unfused
                 ops.remove(op)
                 out.append(op)
-                self.report.rejected.append((self.m.name, _where(op.span),
-                                             f"`{op.op}`: narrower than the row and also read outside the region"))
+                self.report.rejected.append(
+                    (self.m.name, _where(op.span), f"`{op.op}`: narrower than the row and also read outside the region")
+                )
             if not ops:
                 return peeled
             shape = self.region_shape(ops)
@@ -289,10 +301,20 @@ class _Fuser:
         optional = {w.name for w in self.m.weights if w.condition is not None}  # may be None at run time
         for op in ops:
             for k, a in enumerate(op.args):
-                if isinstance(a, N.Ref) and a.kind == "weight" and a.name in optional \
-                        and not (op.op == "add" or (op.op == "sub" and k == 1)):
-                    return None, None, (f"`{op.op}` at {_where(op.span)} reads the optional weight `{a.name}` "
-                                        "other than as an added term")
+                if (
+                    isinstance(a, N.Ref)
+                    and a.kind == "weight"
+                    and a.name in optional
+                    and not (op.op == "add" or (op.op == "sub" and k == 1))
+                ):
+                    return (
+                        None,
+                        None,
+                        (
+                            f"`{op.op}` at {_where(op.span)} reads the optional weight `{a.name}` "
+                            "other than as an added term"
+                        ),
+                    )
         inputs: list[RegionInput] = []
         args: list[N.E] = []
         names: dict = {}  # E (value ref / weight ref / static) -> region name
@@ -361,8 +383,10 @@ class _Fuser:
                 if t is not None and t.dtype == "float":
                     float_input = i.name
         if float_input is not None:
-            region_ops = [replace(o, attrs=(("dtype", f"input:{float_input}"),)) if o.attrs == (("dtype", "float"),)
-                          else o for o in region_ops]
+            region_ops = [
+                replace(o, attrs=(("dtype", f"input:{float_input}"),)) if o.attrs == (("dtype", "float"),) else o
+                for o in region_ops
+            ]
         elif any(o.attrs == (("dtype", "float"),) for o in region_ops):
             return None, None, "no input carries the model's dtype for a cast"
         out_dtypes = []
@@ -379,8 +403,14 @@ class _Fuser:
                 return None, None, "an output narrower than the row"
         spans = sorted({_where(op.span) for op in ops})
         inputs = [replace(i, needs_grad=False) if i.name not in read_values else i for i in inputs]
-        region = RowRegion("region", tuple(inputs), tuple(region_ops), tuple(local[o] for o in outputs),
-                           output_dtypes=tuple(out_dtypes), source=", ".join(spans))
+        region = RowRegion(
+            "region",
+            tuple(inputs),
+            tuple(region_ops),
+            tuple(local[o] for o in outputs),
+            output_dtypes=tuple(out_dtypes),
+            source=", ".join(spans),
+        )
         # the region's values in PyTorch's shapes, for what the Triton path can run
         dims: dict[str, tuple | None] = {local[r]: tuple(self.ttype(r).dims) for r in members}
         for e, n in names.items():
@@ -521,20 +551,28 @@ def fuse_rows(program: N.Program, types: dict) -> tuple[N.Program, FusionReport]
         if m.forward is None or ("module", m.name) not in first_types:
             modules.append(m)
             continue
-        fuser = _Fuser(m, first_types["module", m.name], taken, report,
-                       _weight_dims(program, m, first_params["module", m.name]))
+        fuser = _Fuser(
+            m, first_types["module", m.name], taken, report, _weight_dims(program, m, first_params["module", m.name])
+        )
         body = fuser.run(list(m.forward.body), use_counts(m.forward))
         regions += fuser.regions
         m = replace(m, forward=replace(m.forward, body=tuple(body)))
         if m.residual is not None and ("residual", m.name) in first_types:
-            fuser = _Fuser(m, first_types["residual", m.name], taken, report,
-                           _weight_dims(program, m, first_params["residual", m.name]), graph=m.residual)
+            fuser = _Fuser(
+                m,
+                first_types["residual", m.name],
+                taken,
+                report,
+                _weight_dims(program, m, first_params["residual", m.name]),
+                graph=m.residual,
+            )
             body = fuser.run(list(m.residual.body), use_counts(m.residual))
             regions += fuser.regions
             m = replace(m, residual=replace(m.residual, body=tuple(body)))
         modules.append(m)
     regions, same = _share_identical(list(program.regions) + regions)
     if same:
+
         def retarget(g: N.Graph, _owner) -> N.Graph:
             return replace(g, body=tuple(_retarget(g.body, same)))
 
@@ -599,10 +637,15 @@ def _canonical(r: RowRegion) -> RowRegion:
         return (k, "input:" + names[v[6:]]) if isinstance(v, str) and v.startswith("input:") else (k, v)
 
     return replace(
-        r, name="", source="", notes=(),
+        r,
+        name="",
+        source="",
+        notes=(),
         inputs=tuple(replace(i, name=names[i.name]) for i in r.inputs),
-        ops=tuple(replace(o, args=tuple(map(rename, o.args)), result=names[o.result], attrs=tuple(map(attr, o.attrs)))
-                  for o in r.ops),
+        ops=tuple(
+            replace(o, args=tuple(map(rename, o.args)), result=names[o.result], attrs=tuple(map(attr, o.attrs)))
+            for o in r.ops
+        ),
         outputs=tuple(map(rename, r.outputs)),
         output_dtypes=tuple("input:" + names[d[6:]] if d.startswith("input:") else d for d in r.output_dtypes),
     )

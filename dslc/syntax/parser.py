@@ -73,7 +73,9 @@ def decode_source(data: bytes, path: str) -> str:
     if nul >= 0:
         line = text.count("\n", 0, nul) + 1
         col = nul - (text.rfind("\n", 0, nul) + 1) + 1
-        raise DslcError([Diagnostic("E003", "NUL byte in source", Span.at(path, line, col), ("is this a binary file?",))])
+        raise DslcError(
+            [Diagnostic("E003", "NUL byte in source", Span.at(path, line, col), ("is this a binary file?",))]
+        )
     return text
 
 
@@ -186,9 +188,7 @@ def _open_brackets(text: str, upto: tuple[int, int] | None = None) -> list[tuple
 def _unclosed(stack: list[tuple[int, int, str]], path: str) -> DslcError:
     line, col, ch = stack[-1]
     close = ")" if ch == "(" else "]"
-    return DslcError(
-        [Diagnostic("E002", f"unclosed `{ch}`", Span.at(path, line, col), (f"close it with `{close}`",))]
-    )
+    return DslcError([Diagnostic("E002", f"unclosed `{ch}`", Span.at(path, line, col), (f"close it with `{close}`",))])
 
 
 def _wrap_lark_error(e: Exception, text: str, path: str) -> DslcError:
@@ -200,9 +200,7 @@ def _wrap_lark_error(e: Exception, text: str, path: str) -> DslcError:
     # the end of input is just after the last character of the file (parse_tree appended a newline)
     content = text[:-1].split("\n") if text.endswith("\n") else lines
     end = Span.at(path, len(content), len(content[-1]) + 1)
-    at_end = isinstance(e, UnexpectedEOF) or (
-        isinstance(e, UnexpectedToken) and e.token.type in ("$END", "_DEDENT")
-    )
+    at_end = isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type in ("$END", "_DEDENT"))
     if at_end:
         stack = _open_brackets(text)
         if stack:
@@ -264,7 +262,7 @@ def _wrap_lark_error(e: Exception, text: str, path: str) -> DslcError:
                         "E001",
                         "unterminated string",
                         Span.at(path, e.line, e.column, len(lines[e.line - 1]) - e.column + 1),
-                        ("a string ends with `\"` on the same line",),
+                        ('a string ends with `"` on the same line',),
                     )
                 ]
             )

@@ -34,7 +34,7 @@ def _decode_string(tok: Token, path: str) -> str:
                     "E001",
                     "invalid escape in string",
                     Span.at(path, tok.line, tok.column, len(tok)),
-                    ("escapes: \\\\, \\\", \\n, \\t, \\r, \\xHH, \\uHHHH",),
+                    ('escapes: \\\\, \\", \\n, \\t, \\r, \\xHH, \\uHHHH',),
                 )
             ]
         ) from None
@@ -103,8 +103,9 @@ class _ToAst(Transformer):
 
     def _bad_number(self, meta, message: str):
         span = self._span(meta)
-        raise DslcError([Diagnostic("E001", message, Span.at(self.path, span.line, span.col,
-                                                             min(span.end_col - span.col, 40)))])
+        raise DslcError(
+            [Diagnostic("E001", message, Span.at(self.path, span.line, span.col, min(span.end_col - span.col, 40)))]
+        )
 
     @v_args(meta=True)
     def str_lit(self, meta, children):
@@ -180,7 +181,11 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def neg(self, meta, children):
         operand = children[-1]
-        if isinstance(operand, A.Lit) and isinstance(operand.value, (int, float)) and not isinstance(operand.value, bool):
+        if (
+            isinstance(operand, A.Lit)
+            and isinstance(operand.value, (int, float))
+            and not isinstance(operand.value, bool)
+        ):
             return A.Lit(-operand.value, self._span(meta))
         return A.UnaryOp("-", operand, self._span(meta))
 

@@ -26,9 +26,23 @@ class CheckpointError(ValueError):
 
 # safetensors' dtype names -> torch's; a parameter that wants a float takes the four float dtypes only
 ST_DTYPES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32", "I32": "int32",
-    "U64": "uint64", "I64": "int64", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "U16": "uint16",
+    "I16": "int16",
+    "U32": "uint32",
+    "I32": "int32",
+    "U64": "uint64",
+    "I64": "int64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+    "C64": "complex64",
     "C128": "complex128",
 }
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -119,7 +133,9 @@ class CheckpointReader:
             raise CheckpointError(f"{single if single.exists() else index} is not a regular file")
         else:
             pickles = [n for n in PICKLE_NAMES if (self.folder / n).exists()]
-            pickles += sorted(p.name for p in self.folder.glob("*.bin")) + sorted(p.name for p in self.folder.glob("*.pt"))
+            pickles += sorted(p.name for p in self.folder.glob("*.bin")) + sorted(
+                p.name for p in self.folder.glob("*.pt")
+            )
             if pickles:
                 raise CheckpointError(
                     f"{self.folder}: only pickle checkpoints found ({', '.join(sorted(set(pickles)))}); they are refused "
@@ -134,7 +150,9 @@ class CheckpointReader:
                 handle = safe_open(str(path), framework="pt", device="cpu")
                 keys = list(handle.keys())
             except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise CheckpointError(f"{path}: cannot read safetensors file, it is truncated or corrupt ({e})") from None
+                raise CheckpointError(
+                    f"{path}: cannot read safetensors file, it is truncated or corrupt ({e})"
+                ) from None
             self.handles[name] = handle
             for k in keys:
                 if k in self.location:
@@ -179,8 +197,11 @@ class CheckpointReader:
         firsts = {k.split(".", 1)[0] for k in keys}
         candidates = [("add", p) for p in wanted.prefixes] + [("strip", p) for p in firsts]
         for how, p in candidates:
-            mapped = {(f"{p}.{k}" if how == "add" else k[len(p) + 1:]): k for k in keys
-                      if how == "add" or k.startswith(p + ".")}
+            mapped = {
+                (f"{p}.{k}" if how == "add" else k[len(p) + 1 :]): k
+                for k in keys
+                if how == "add" or k.startswith(p + ".")
+            }
             score = sum(map(wanted, mapped))
             if score > best_score:
                 best, best_score = (how, p, mapped), score
@@ -246,9 +267,14 @@ def _dtype_problem(reader: CheckpointReader, key: str, param: str, want: torch.d
     )
 
 
-def read_state(reader: CheckpointReader, params: dict[str, torch.Size], rules: list[dict], ignored: list[str],
-               tied: dict[str, str], dtypes: dict[str, torch.dtype] | None = None
-               ) -> tuple[dict[str, torch.Tensor], list[str]]:
+def read_state(
+    reader: CheckpointReader,
+    params: dict[str, torch.Size],
+    rules: list[dict],
+    ignored: list[str],
+    tied: dict[str, str],
+    dtypes: dict[str, torch.dtype] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Map checkpoint tensors to parameter names. Returns (tensors, problems). `dtypes`: each parameter's dtype,
     for refusing tensors of another kind (an int16 or bool tensor for a float weight) before reading them."""
     dtypes = dtypes or {}

@@ -56,15 +56,28 @@ class CUDAGraphDecoder:
     warning when CUDA is unavailable or the capture fails. `replays` counts graph replays, `steps` all steps.
     """
 
-    def __init__(self, model, key_mask: torch.Tensor, vocab_size: int, *, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, graph: bool = True, warmup: int = 2):
+    def __init__(
+        self,
+        model,
+        key_mask: torch.Tensor,
+        vocab_size: int,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        graph: bool = True,
+        warmup: int = 2,
+    ):
         batch, max_len = key_mask.shape  # [B, S_max]
         sites = _cache_sites(model)
         caches = [m.kv_cache for m in sites]
         if any(c is None or c.k is None or c.batch != batch or c.max_len != max_len for c in caches):
-            raise ValueError(f"the KV caches must be set up for [{batch}, {max_len}] and filled by the prefill "
-                             "before a decoder is built (decode_step allocates them at the first call)")
+            raise ValueError(
+                f"the KV caches must be set up for [{batch}, {max_len}] and filled by the prefill "
+                "before a decoder is built (decode_step allocates them at the first call)"
+            )
         device = key_mask.device
         self._model = weakref.ref(model)  # the weights stay the model's; the graph only holds their addresses
         self.sites = sites
@@ -125,8 +138,10 @@ class CUDAGraphDecoder:
                     torch._C._cuda_releasePool(stream.device_index, pool)
                 except Exception:  # already ended, or another torch version: nothing to undo
                     pass
-            warnings.warn(f"CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); decoding eagerly",
-                          stacklevel=3)
+            warnings.warn(
+                f"CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); decoding eagerly",
+                stacklevel=3,
+            )
             self.logits = None
             return
         self.graph = graph
@@ -158,12 +173,25 @@ class CUDAGraphDecoder:
 def _reuse_key(model, key_mask: torch.Tensor, sampling) -> tuple:
     """Everything a captured step depends on besides its buffers: shapes, settings and weight addresses."""
     tensors = [*model.parameters(), *model.buffers()]
-    return (tuple(key_mask.shape), key_mask.device, sampling, torch.is_autocast_enabled(key_mask.device.type),
-            tuple((t.data_ptr(), t.dtype) for t in tensors))
+    return (
+        tuple(key_mask.shape),
+        key_mask.device,
+        sampling,
+        torch.is_autocast_enabled(key_mask.device.type),
+        tuple((t.data_ptr(), t.dtype) for t in tensors),
+    )
 
 
-def reuse(model, key_mask: torch.Tensor, *, do_sample: bool = False, temperature: float = 1.0,
-          top_k: int | None = None, top_p: float | None = None, generator=None) -> CUDAGraphDecoder | None:
+def reuse(
+    model,
+    key_mask: torch.Tensor,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator=None,
+) -> CUDAGraphDecoder | None:
     """The model's kept decoder, its KV caches installed, when it fits this call; else None."""
     entry = _DECODERS.get(model)
     if entry is None:

@@ -48,8 +48,9 @@ def _token_ids(name: str, value, vocab: int | None) -> list[int]:
     """An int, a list of ints or an integer tensor of token ids, each checked against the vocabulary."""
     if isinstance(value, torch.Tensor):
         if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool or value.dim() > 1:
-            raise ValueError(f"{name} must be a token id or a list of them, got a {value.dtype} tensor of shape "
-                             f"{list(value.shape)}")
+            raise ValueError(
+                f"{name} must be a token id or a list of them, got a {value.dtype} tensor of shape {list(value.shape)}"
+            )
         ids = value.reshape(-1).tolist()
     elif _is_int(value):
         ids = [value]
@@ -63,14 +64,31 @@ def _token_ids(name: str, value, vocab: int | None) -> list[int]:
     return [int(i) for i in ids]
 
 
-def check_inputs(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                 attention_mask, pad_token_id, generator, streamer, cuda_graph) -> None:
+def check_inputs(
+    model,
+    input_ids,
+    max_new_tokens,
+    do_sample,
+    temperature,
+    top_k,
+    top_p,
+    eos_token_id,
+    attention_mask,
+    pad_token_id,
+    generator,
+    streamer,
+    cuda_graph,
+) -> None:
     """Refuse what generate() cannot use, before anything is allocated, with the argument's name and the fix."""
     if not isinstance(input_ids, torch.Tensor):
-        raise ValueError(f"input_ids must be a torch tensor of token ids [batch, length], got {type(input_ids).__name__}")
+        raise ValueError(
+            f"input_ids must be a torch tensor of token ids [batch, length], got {type(input_ids).__name__}"
+        )
     if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, length], got shape {list(input_ids.shape)} "
-                         "(add a batch dimension: input_ids[None])")
+        raise ValueError(
+            f"input_ids must be [batch, length], got shape {list(input_ids.shape)} "
+            "(add a batch dimension: input_ids[None])"
+        )
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
     if input_ids.numel() == 0:
@@ -79,7 +97,9 @@ def check_inputs(model, input_ids, max_new_tokens, do_sample, temperature, top_k
     low, high = int(input_ids.min()), int(input_ids.max())
     for i in (low, high):
         if i < 0 or (vocab is not None and i >= vocab):
-            raise ValueError(f"input_ids holds token id {i}, outside the model's vocabulary (ids 0..{(vocab or 0) - 1})")
+            raise ValueError(
+                f"input_ids holds token id {i}, outside the model's vocabulary (ids 0..{(vocab or 0) - 1})"
+            )
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     context = context_length(model)
@@ -94,8 +114,10 @@ def check_inputs(model, input_ids, max_new_tokens, do_sample, temperature, top_k
     if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if do_sample and temperature == 0:
-        raise ValueError("temperature=0 with do_sample=True divides the logits by zero: for greedy decoding use "
-                         "do_sample=False, else give a temperature > 0")
+        raise ValueError(
+            "temperature=0 with do_sample=True divides the logits by zero: for greedy decoding use "
+            "do_sample=False, else give a temperature > 0"
+        )
     if top_k is not None and (not _is_int(top_k) or top_k < 0):
         raise ValueError(f"top_k must be None or an int >= 0 (0: no top-k), got {top_k!r}")
     if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
@@ -112,8 +134,10 @@ def check_inputs(model, input_ids, max_new_tokens, do_sample, temperature, top_k
         if not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if generator.device.type != input_ids.device.type:
-            raise ValueError(f"generator is on {generator.device}, input_ids on {input_ids.device}: make the "
-                             f"generator with torch.Generator(device={str(input_ids.device)!r})")
+            raise ValueError(
+                f"generator is on {generator.device}, input_ids on {input_ids.device}: make the "
+                f"generator with torch.Generator(device={str(input_ids.device)!r})"
+            )
     if streamer is not None and not callable(streamer):
         raise ValueError(f"streamer must be a callable taking each step's [batch] tokens, got {streamer!r}")
     if cuda_graph is not None and not isinstance(cuda_graph, bool):
@@ -124,8 +148,9 @@ def _check_mask(mask, input_ids) -> None:
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"attention_mask must be a tensor [batch, length] of 0/1, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(input_ids.shape):
-        raise ValueError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(input_ids.shape)}: "
-                         "they must be equal")
+        raise ValueError(
+            f"attention_mask has shape {list(mask.shape)}, input_ids {list(input_ids.shape)}: they must be equal"
+        )
     if mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("attention_mask must hold 0 or 1 only (1: a token, 0: left padding)")
     keep = mask.bool()
@@ -134,8 +159,10 @@ def _check_mask(mask, input_ids) -> None:
         raise ValueError(f"attention_mask row {row} masks every token: each row needs at least one")
     if not bool((keep.long().cummax(dim=1).values == keep.long()).all()):
         row = int((keep.long().cummax(dim=1).values != keep.long()).any(dim=1).nonzero()[0])
-        raise ValueError(f"attention_mask row {row} has padding after a token: generate() takes left padding only "
-                         "(pad on the left, as tokenizer(..., padding_side='left') does)")
+        raise ValueError(
+            f"attention_mask row {row} has padding after a token: generate() takes left padding only "
+            "(pad on the left, as tokenizer(..., padding_side='left') does)"
+        )
 
 
 def _warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -164,9 +191,21 @@ def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tens
 
 
 @torch.no_grad()
-def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1.0, top_k=None, top_p=None,
-             eos_token_id=None, attention_mask=None, pad_token_id=None, generator=None, streamer=None,
-             cuda_graph=None):
+def generate(
+    model,
+    input_ids,
+    max_new_tokens=20,
+    do_sample=False,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    eos_token_id=None,
+    attention_mask=None,
+    pad_token_id=None,
+    generator=None,
+    streamer=None,
+    cuda_graph=None,
+):
     """Return [B, T + n] token ids (n <= max_new_tokens: stops early once every row hit EOS).
 
     cuda_graph: replay the decode steps from a CUDA graph (cuda_graphs.py); None: when the model is on
@@ -176,8 +215,21 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
     Every argument is checked first (ids inside the vocabulary, prompt + max_new_tokens within the context the
     config names, temperature > 0 when sampling, a left-padded 0/1 mask of input_ids' shape): a ValueError names it.
     """
-    check_inputs(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                 attention_mask, pad_token_id, generator, streamer, cuda_graph)
+    check_inputs(
+        model,
+        input_ids,
+        max_new_tokens,
+        do_sample,
+        temperature,
+        top_k,
+        top_p,
+        eos_token_id,
+        attention_mask,
+        pad_token_id,
+        generator,
+        streamer,
+        cuda_graph,
+    )
     temperature = float(temperature)
     batch, prompt_len = input_ids.shape
     device = input_ids.device
@@ -208,8 +260,9 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
     if decoder is None:
         model.setup_cache(batch, total)
     try:
-        logits = model.decode_step(input_ids, position_ids, key_mask, torch.arange(prompt_len, device=device),
-                                   last_only=True)
+        logits = model.decode_step(
+            input_ids, position_ids, key_mask, torch.arange(prompt_len, device=device), last_only=True
+        )
         if cuda_graph and decoder is None:  # after the prefill: the KV caches exist before the capture
             decoder = cuda_graphs.CUDAGraphDecoder(model, key_mask, logits.shape[-1], **sampling, generator=generator)
             if decoder.graph is not None:

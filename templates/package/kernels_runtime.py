@@ -48,15 +48,21 @@ def row_layout(region: str, *tensors: torch.Tensor, even: bool = False) -> RowLa
         shape = tuple(torch.broadcast_shapes(*(t.shape for t in tensors)))
     except RuntimeError:
         shapes = ", ".join(str(list(t.shape)) for t in tensors)
-        raise ValueError(f"region {region}: the tensor inputs do not broadcast to one shape ({shapes}); a fused "
-                         "row region needs them to") from None
+        raise ValueError(
+            f"region {region}: the tensor inputs do not broadcast to one shape ({shapes}); a fused "
+            "row region needs them to"
+        ) from None
     if not 1 <= len(shape) <= 4:
-        raise ValueError(f"region {region}: inputs broadcast to {list(shape)}; the row kernels take rank 1 to 4 "
-                         "(up to 3 leading dims)")
+        raise ValueError(
+            f"region {region}: inputs broadcast to {list(shape)}; the row kernels take rank 1 to 4 "
+            "(up to 3 leading dims)"
+        )
     D0, D1, D2, N = (1,) * (4 - len(shape)) + shape
     if N > MAX_ROW:
-        raise ValueError(f"region {region}: row length N={N} is above the limit {MAX_ROW} of the fused row kernels "
-                         "(a program holds a whole row); use the PyTorch path for this size")
+        raise ValueError(
+            f"region {region}: row length N={N} is above the limit {MAX_ROW} of the fused row kernels "
+            "(a program holds a whole row); use the PyTorch path for this size"
+        )
     if even and N % 2:
         raise ValueError(f"region {region}: rotate_half needs an even row length, got N={N}")
     R = D0 * D1 * D2
@@ -113,13 +119,17 @@ def check_lanes(region: str, what: str, N: int, *tensors: torch.Tensor) -> None:
     semantics would give a [..., 1] result that the row kernel does not compute; say so."""
     if N > 1 and all(t.dim() == 0 or t.shape[-1] == 1 for t in tensors):
         names = ", ".join(str(tuple(t.shape)) for t in tensors)
-        raise ValueError(f"region {region}: {what} depends on the row only through per-row tensors ({names}); "
-                         "the fused row kernel does not support this, use the PyTorch path")
+        raise ValueError(
+            f"region {region}: {what} depends on the row only through per-row tensors ({names}); "
+            "the fused row kernel does not support this, use the PyTorch path"
+        )
 
 
 def check_output_shape(region: str, output: str, want: tuple[int, ...], *tensors: torch.Tensor) -> None:
     """An output that depends on only some inputs must still cover the region's whole broadcast shape."""
     got = tuple(torch.broadcast_shapes(*(t.shape for t in tensors)))
     if got[:-1] != tuple(want)[:-1]:
-        raise ValueError(f"region {region}: output {output} would have shape {list(got)} in PyTorch but the region "
-                         f"computes {list(want)}; use the PyTorch path")
+        raise ValueError(
+            f"region {region}: output {output} would have shape {list(got)} in PyTorch but the region "
+            f"computes {list(want)}; use the PyTorch path"
+        )

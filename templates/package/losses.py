@@ -64,7 +64,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = None  # float32 [V, H], accumulated in place: no vocab-sized temporary per chunk
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
+        grad_bias = (
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
+        )
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk):
             h = hidden[start : start + chunk]  # [C, H]
@@ -108,8 +110,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         )
 
 
-def fused_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor,
-                         chunk: int | None = None, num_items_in_batch=None) -> torch.Tensor:
+def fused_causal_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias,
+    labels: torch.Tensor,
+    chunk: int | None = None,
+    num_items_in_batch=None,
+) -> torch.Tensor:
     """`causal_lm_loss(hidden @ weight.T + bias, labels)` without materializing the logits."""
     # hidden: [B, T, H]; labels: [B, T]
     labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1).to(hidden.device)  # [B*T]

@@ -30,7 +30,11 @@ LOSSES = {
     "sequence_classification": sequence_classification_loss,
 }
 # the `loss_type` HF Trainer reads to count `num_items_in_batch` (over labels[..., 1:] for a causal LM)
-LOSS_TYPES = {"causal_lm": "ForCausalLM", "masked_lm": "ForMaskedLM", "sequence_classification": "ForSequenceClassification"}
+LOSS_TYPES = {
+    "causal_lm": "ForCausalLM",
+    "masked_lm": "ForMaskedLM",
+    "sequence_classification": "ForSequenceClassification",
+}
 KNOWN_INPUTS = ("input_ids", "position_ids", "token_type_ids")  # what forward() makes or takes by these names
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -146,8 +150,12 @@ class PreTrainedModel(nn.Module):
         """Parameter count, shared (tied) tensors once; HF Trainer calls it with exclude_embeddings=True."""
         skip = set()
         if exclude_embeddings:
-            skip = {id(p) for m in self.modules() if type(m).__name__ == "Embedding" for p in m.parameters(recurse=False)}
-        return sum(p.numel() for p in self.parameters() if id(p) not in skip and (p.requires_grad or not only_trainable))
+            skip = {
+                id(p) for m in self.modules() if type(m).__name__ == "Embedding" for p in m.parameters(recurse=False)
+            }
+        return sum(
+            p.numel() for p in self.parameters() if id(p) not in skip and (p.requires_grad or not only_trainable)
+        )
 
     def get_input_embeddings(self):
         for m in self.modules():
@@ -199,7 +207,9 @@ class PreTrainedModel(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         """`.to()`, `.cuda()`, `.half()`...: fused projections are fused again from the moved parameters."""
-        fused = any(getattr(m, f, None) is not None for m in self.modules() for f in getattr(m, "projection_groups", {}))
+        fused = any(
+            getattr(m, f, None) is not None for m in self.modules() for f in getattr(m, "projection_groups", {})
+        )
         if fused:
             self.unfuse_projections()
         out = super()._apply(fn, recurse)
@@ -232,8 +242,9 @@ class PreTrainedModel(nn.Module):
         model = _build_within(cls, config, reader, folder)
         tied = model.tied_parameters()
         dtypes = {n: p.dtype for n, p in model.named_parameters(remove_duplicate=False)}
-        tensors, problems = read_state(reader, model.parameter_shapes(), cls.layout_rules, cls.ignored_keys, tied,
-                                       dtypes)
+        tensors, problems = read_state(
+            reader, model.parameter_shapes(), cls.layout_rules, cls.ignored_keys, tied, dtypes
+        )
         if not strict:
             extra = [p for p in problems if p.startswith("unexpected")]
             for p in extra:
@@ -252,14 +263,17 @@ class PreTrainedModel(nn.Module):
             if tensor.is_floating_point() and not _finite(tensor):
                 bad = int((~torch.isfinite(tensor)).sum())
                 if bad:
-                    non_finite.append(f"`{name}` has {bad} non-finite value{'s' * (bad != 1)}"
-                                      + (f" (after the cast to {str(dtype).removeprefix('torch.')})" if cast else ""))
+                    non_finite.append(
+                        f"`{name}` has {bad} non-finite value{'s' * (bad != 1)}"
+                        + (f" (after the cast to {str(dtype).removeprefix('torch.')})" if cast else "")
+                    )
             owner, _, leaf = name.rpartition(".")
             module = model.get_submodule(owner) if owner else model
             module._parameters[leaf] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
         if non_finite:
             warnings.warn(
-                f"{folder}: NaN or infinite weights: " + "; ".join(non_finite[:8])
+                f"{folder}: NaN or infinite weights: "
+                + "; ".join(non_finite[:8])
                 + (f"; and {len(non_finite) - 8} more tensors" if len(non_finite) > 8 else "")
                 + ": the outputs will be NaN or infinite where they are used",
                 stacklevel=2,
@@ -275,8 +289,12 @@ class PreTrainedModel(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = write_state(dict(self.named_parameters(remove_duplicate=False)), self.layout_rules, self.tied_parameters())
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        tensors = write_state(
+            dict(self.named_parameters(remove_duplicate=False)), self.layout_rules, self.tied_parameters()
+        )
+        save_file(
+            {k: v.cpu() for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"}
+        )
         config = self.config.to_dict()
         config["architectures"] = [type(self).__name__]
         dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
@@ -284,8 +302,9 @@ class PreTrainedModel(nn.Module):
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     # ---- training --------------------------------------------------------------------------------
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
-                                        offload: bool = False) -> None:
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
         """Recompute the spec's checkpointed blocks in backward while training (always non-reentrant, so
         `activation_checkpointing_kwargs` such as use_reentrant are not needed). HF Trainer calls this."""
         if every_n_layers != 1 or offload:
@@ -386,8 +405,10 @@ class PreTrainedModel(nn.Module):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         missing = [n for n in self.graph_inputs if n not in KNOWN_INPUTS and extra.get(n) is None]
         if missing:
-            raise ValueError(f"{type(self).__name__} needs {', '.join(f'`{n}`' for n in missing)} (its spec's forward "
-                             f"takes {', '.join(self.graph_inputs)}): pass them by name, e.g. model({missing[0]}=...)")
+            raise ValueError(
+                f"{type(self).__name__} needs {', '.join(f'`{n}`' for n in missing)} (its spec's forward "
+                f"takes {', '.join(self.graph_inputs)}): pass them by name, e.g. model({missing[0]}=...)"
+            )
         keep_all = keeps_all_positions(logits_to_keep)
         if not keep_all:
             if self.task != "causal_lm" or self.loss_head is None:
@@ -492,14 +513,38 @@ class PreTrainedModel(nn.Module):
             return self.get_submodule(self.loss_head[0])(hidden[:, -1:])  # [B, 1, V]
         return self.run_graph(ctx, input_ids=input_ids, position_ids=position_ids)[0]
 
-    def generate(self, input_ids, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, eos_token_id=None, attention_mask=None,
-                 pad_token_id=None, generator=None, streamer=None, cuda_graph=None):
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id=None,
+        attention_mask=None,
+        pad_token_id=None,
+        generator=None,
+        streamer=None,
+        cuda_graph=None,
+    ):
         from .generation import generate
 
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                        top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
-                        pad_token_id=pad_token_id, generator=generator, streamer=streamer, cuda_graph=cuda_graph)
+        return generate(
+            self,
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            attention_mask=attention_mask,
+            pad_token_id=pad_token_id,
+            generator=generator,
+            streamer=streamer,
+            cuda_graph=cuda_graph,
+        )
 
 
 # ---- loading helpers -----------------------------------------------------------------------------------
@@ -529,8 +574,9 @@ def _block_counts(keys) -> dict[str, int]:
 
 def _int_fields(config) -> dict[str, int]:
     types = getattr(config, "TYPES", {})
-    return {n: getattr(config, n) for n, (t, _) in types.items()
-            if t == "int" and isinstance(getattr(config, n, None), int)}
+    return {
+        n: getattr(config, n) for n, (t, _) in types.items() if t == "int" and isinstance(getattr(config, n, None), int)
+    }
 
 
 def _build_within(cls, config, reader: CheckpointReader, folder: Path):
@@ -575,8 +621,10 @@ def _build_within(cls, config, reader: CheckpointReader, folder: Path):
     blocks = _block_counts(shapes)
     largest = max([d for s in shapes.values() for d in s] + list(blocks.values()) + [0])
     too_large = [f"{n}={v}" for n, v in _int_fields(config).items() if v > largest]
-    hooks = [register_module_parameter_registration_hook(on_parameter),
-             register_module_module_registration_hook(on_module)]
+    hooks = [
+        register_module_parameter_registration_hook(on_parameter),
+        register_module_module_registration_hook(on_module),
+    ]
     try:
         with torch.device("meta"):
             return cls(config)
@@ -611,8 +659,9 @@ def _size_hint(model, reader: CheckpointReader, config, problems: list[str]) -> 
     wrong: set[int] = set()
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and name in counts and len(module) != counts[name]:
-            lines.append(f"the checkpoint has {counts[name]} `{name}` blocks, the model built from config.json "
-                         f"{len(module)}")
+            lines.append(
+                f"the checkpoint has {counts[name]} `{name}` blocks, the model built from config.json {len(module)}"
+            )
             wrong.add(len(module))
     for p in problems:
         if p.startswith("shape mismatch"):
