@@ -107,11 +107,19 @@ def _dim_names(params: dict, config_values: dict) -> dict[int, str]:
     return names
 
 
-def _type_text(t, dim_names: dict[int, str]) -> str:
+def _type_text(t, dim_names: dict[int, str], param_names: dict[int, str]) -> str:
+    """A shape comment: a module's own parameter (`dim` inside RMSNorm), else the config expression the size
+    came from, else an unambiguous name for the number."""
     if not isinstance(t, TType):
         return ""
     dims = ", ".join(
-        d.text if isinstance(d, NamedInt) else dim_names.get(d, str(d)) if isinstance(d, int) else str(d)
+        param_names[d]
+        if isinstance(d, int) and d in param_names
+        else d.text
+        if isinstance(d, NamedInt)
+        else dim_names.get(d, str(d))
+        if isinstance(d, int)
+        else str(d)
         for d in t.dims
     )
     return f"[{dims}]" + ("" if t.dtype == "float" else f" {t.dtype}")
@@ -158,7 +166,8 @@ class PackageRenderer:
         ctx.checkpointed = self.checkpointed
         params, types = self.first_types.get(m.name, ({}, {}))
         dim_names = _dim_names(params, self.config_values)
-        ctx.type_names = {k: _type_text(t, dim_names) for k, t in types.items()}
+        param_names = _dim_names(params, {})
+        ctx.type_names = {k: _type_text(t, dim_names, param_names) for k, t in types.items()}
 
         init_params = []
         if self.needs_config[m.name]:
