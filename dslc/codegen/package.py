@@ -5,6 +5,7 @@ Python decides (names, expressions, which modules take `config` or `ctx`); the t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -459,7 +460,8 @@ class PackageRenderer:
         env.filters["doc"] = docstring  # text inside a generated docstring
         env.filters["comment"] = comment  # text after a generated `#`
         modules = [self.module_view(m) for m in self.p.modules]
-        fns = [self.fn_view(f) for f in self.p.fns if f.name in self.called_fns()]
+        called = self.called_fns()
+        fns = [self.fn_view(f) for f in self.p.fns if f.name in called]
         model = next(m for m in modules if m.is_model)
         common = {
             "spec": self.spec_name,
@@ -514,8 +516,6 @@ def graph_inputs(forward: N.Graph) -> tuple[str, ...]:
 def spec_copy_name(name: str, files: dict) -> str:
     """The spec's file name inside the package, or `spec.model` when it is not a plain `*.model` name or would
     replace a generated file."""
-    import re
-
     if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.model", name) and name not in files:
         return name
     return "spec.model"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from dslc.codegen.text import where
 from dslc.ir import nodes as N
+from dslc.passes.common import VIEW_OPS
 
 TORCH_DTYPES = {
     "f32": "torch.float32",
@@ -24,7 +25,6 @@ TORCH_DTYPES = {
 }
 
 ATOM, POW, UNARY, MUL, ADD, CMP, COND = 100, 15, 14, 13, 12, 9, 1
-VIEW_OPS = ("unsqueeze", "squeeze", "transpose", "reshape", "select")
 INLINE_LIMIT = 60  # a region or module call longer than this gets its own line instead of being nested
 _BIN = {
     "add": ("+", ADD),
@@ -370,7 +370,7 @@ class BodyRenderer:
         loop_var = self._bind(_loop_var_key(st), st.var, at, taken)
         self.loop_vars[st.var] = loop_var
         self.ctx.module_of_sub[st.var] = self.ctx.module_of_sub.get(st.over, "")
-        self.lines.append(f"{indent}for {loop_var} in self.{st.over}:  # {_where(self.ctx, st.span)}")
+        self.lines.append(f"{indent}for {loop_var} in self.{st.over}:  # {where(st.span)}")
         self._body(st.body, indent + "    ")
         self._reading = set()
         leaving = [(n, self.operand(N.Ref("value", y))) for n, y in zip(carried, st.yields) if self.names.get(y) != n]
@@ -552,10 +552,6 @@ def _truthy(e: N.E) -> bool:
     return isinstance(e, N.Const) and bool(e.value)
 
 
-def _where(ctx: BodyContext, span) -> str:
-    return where(span)
-
-
 LINE_LENGTH = 120  # templates/ruff.toml
 METHOD_INDENT = 8  # a statement in a method body
 
@@ -571,5 +567,5 @@ def commented(code: str, comment: str, indent: str = "") -> list[str]:
 def _shape_comment(ctx: BodyContext, op: N.Op) -> str:
     shapes = [ctx.type_names.get(r) for r in op.results]
     shape = ", ".join(s for s in shapes if s)
-    parts = [x for x in (shape, _where(ctx, op.span)) if x]
+    parts = [x for x in (shape, where(op.span)) if x]
     return "  # " + "  ".join(parts)

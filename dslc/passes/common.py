@@ -11,6 +11,7 @@ from dslc.ir.regions import BINARY_OPS, ROW_OPS, UNARY_OPS
 
 ELEMENTWISE = set(UNARY_OPS) | set(BINARY_OPS) | {"cast", "rotate_half"}
 ROW_REDUCTIONS = set(ROW_OPS)
+VIEW_OPS = ("unsqueeze", "squeeze", "transpose", "reshape", "select")  # a new view of one value, no new numbers
 
 
 def subst(e: N.E, f: Callable[[N.Ref], N.E]) -> N.E:

@@ -34,34 +34,25 @@ class _Inliner:
     def __init__(self, program: N.Program):
         self.p = program
         self.fns = {f.name: f for f in program.fns}
-        self.mods = {m.name: m for m in program.modules}
         self.counter = 0
 
     def fresh_prefix(self, name: str) -> str:
         self.counter += 1
         return f"{name}__{self.counter}_"
 
-    def graph(self, g: N.Graph, owner) -> N.Graph:
-        if isinstance(owner, N.ModuleDef):
-            subs = {s.name: s for s in owner.submodules}
-        else:
-            subs = {}
+    def graph(self, g: N.Graph, _owner) -> N.Graph:
         taken = {r for st in g.body for r in getattr(st, "results", ())} | {a.name for a in g.args}
-        return replace(g, body=tuple(self.body(g.body, subs, taken)))
+        return replace(g, body=tuple(self.body(g.body, taken)))
 
-    def body(self, body, subs: dict, taken: set) -> list:
+    def body(self, body, taken: set) -> list:
         out: list = []
         for st in body:
             if isinstance(st, N.Loop):
-                out.append(replace(st, body=tuple(self.body(st.body, subs, taken))))
-                continue
-            inlined = None
-            if st.op == "fn" and _inlinable_body(self.fns[st.target].graph, self.fns):
-                inlined = self.inline_fn(st, taken)
-            if inlined is None:
-                out.append(st)
+                out.append(replace(st, body=tuple(self.body(st.body, taken))))
+            elif st.op == "fn" and _inlinable_body(self.fns[st.target].graph, self.fns):
+                out.extend(self.body(self.inline_fn(st, taken), taken))
             else:
-                out.extend(self.body(inlined, subs, taken))
+                out.append(st)
         return out
 
     def _rename(self, graph: N.Graph, prefix: str, taken: set) -> dict[str, str]:

@@ -24,7 +24,7 @@ from dslc.codegen.triton_region import triton_refusal
 from dslc.ir import nodes as N
 from dslc.ir.evaluate import EvalError, evaluate
 from dslc.ir.regions import RegionInput, RegionOp, RowRegion
-from dslc.passes.common import ELEMENTWISE, ROW_REDUCTIONS, map_bodies, use_counts, value_refs
+from dslc.passes.common import ELEMENTWISE, ROW_REDUCTIONS, VIEW_OPS, map_bodies, use_counts, value_refs
 
 MAX_RANK = 4  # three leading dims and the row
 
@@ -602,9 +602,6 @@ def _share_identical(regions: list[RowRegion]) -> tuple[list[RowRegion], dict[st
     return out, same
 
 
-VIEW_OPS = ("unsqueeze", "squeeze", "transpose", "reshape", "select", "identity")
-
-
 def _display_names(body, names: dict[str, str]) -> dict[str, str]:
     """Readable names for temporaries that feed regions: a call's result is named after the callee
     (`gate_proj`), a view after what it views (`cos`); named values keep their names."""
@@ -618,7 +615,12 @@ def _display_names(body, names: dict[str, str]) -> dict[str, str]:
                 names[r] = var
             elif st.op == "call" and len(st.results) == 1:
                 names[r] = st.target
-            elif st.op in VIEW_OPS and st.args and isinstance(st.args[0], N.Ref) and st.args[0].kind == "value":
+            elif (
+                st.op in (*VIEW_OPS, "identity")
+                and st.args
+                and isinstance(st.args[0], N.Ref)
+                and st.args[0].kind == "value"
+            ):
                 names[r] = names.get(st.args[0].name, st.args[0].name)
     return names
 

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from .attention import AttentionContext, KVCache
 from .checkpoint import CheckpointError, CheckpointReader, read_state, write_state
@@ -83,8 +84,6 @@ def fused_linear(x, fused: FusedWeights | None, *parts):
 
 def _global_hooks() -> bool:
     """Whether global module hooks (`nn.modules.module.register_module_forward_hook`) are set: they must fire."""
-    from torch.nn.modules import module as torch_module
-
     return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
