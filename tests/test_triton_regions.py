@@ -12,6 +12,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 
 import importlib
+import json
 import shutil
 import sys
 import time
@@ -37,6 +38,11 @@ F = torch.nn.functional
 
 def T(name, needs_grad=True):
     return RegionInput(name, "tensor", needs_grad)
+
+
+def W(name):
+    """A weight [N], the same in every row: the backward sums its gradient in place (partial rows)."""
+    return RegionInput(name, "tensor", True, row_invariant=True)
 
 
 def S(name):
@@ -77,11 +83,11 @@ RMS_BODY = (
 
 REGIONS = {
     "rmsnorm": RowRegion(
-        "rmsnorm", (T("x"), T("weight"), S("eps")), ops(*RMS_BODY), ("y",), ("input:x",), "test.model:1-3"
+        "rmsnorm", (T("x"), W("weight"), S("eps")), ops(*RMS_BODY), ("y",), ("input:x",), "test.model:1-3"
     ),
     "gemma_rmsnorm": RowRegion(
         "gemma_rmsnorm",
-        (T("x"), T("weight"), S("eps")),
+        (T("x"), W("weight"), S("eps")),
         ops(
             "xf = cast(x, f32)",
             "sq = mul(xf, xf)",
@@ -99,7 +105,7 @@ REGIONS = {
     ),
     "layernorm": RowRegion(
         "layernorm",
-        (T("x"), T("weight"), T("bias"), S("eps")),
+        (T("x"), W("weight"), W("bias"), S("eps")),
         ops(
             "xf = cast(x, f32)",
             "mu = mean(xf)",
@@ -118,13 +124,13 @@ REGIONS = {
     ),
     "add_rmsnorm": RowRegion(
         "add_rmsnorm",
-        (T("x"), T("residual"), T("weight"), S("eps")),
+        (T("x"), T("residual"), W("weight"), S("eps")),
         ops("h = add(x, residual)", "xf = cast(h, f32)", *RMS_BODY[1:]),
         ("h", "y"),
         ("input:x", "input:x"),
     ),
     "swiglu": RowRegion("swiglu", (T("gate"), T("up")), ops("act = silu(gate)", "y = mul(act, up)"), ("y",)),
-    "gelu_bias": RowRegion("gelu_bias", (T("x"), T("b")), ops("xb = add(x, b)", "y = gelu_tanh(xb)"), ("y",)),
+    "gelu_bias": RowRegion("gelu_bias", (T("x"), W("b")), ops("xb = add(x, b)", "y = gelu_tanh(xb)"), ("y",)),
     "softcap": RowRegion(
         "softcap", (T("x"), S("cap")), ops("xs = div(x, cap)", "t = tanh(xs)", "y = mul(cap, t)"), ("y",)
     ),
@@ -397,6 +403,67 @@ def test_frozen_weight_gets_no_grad(K):
     torch.testing.assert_close(gx, ex)
 
 
+def _recording(K, monkeypatch):
+    """Record the shape of every gradient buffer the launchers allocate for row-invariant inputs."""
+    shapes = []
+    real = K.partial_grad_buffer
+
+    def spy(t, lay, wanted):
+        buf = real(t, lay, wanted)
+        shapes.append((tuple(buf.shape) if buf is not None else None, lay.R, lay.N, lay.programs))
+        return buf
+
+    monkeypatch.setattr(K, "partial_grad_buffer", spy)
+    return shapes
+
+
+def test_weight_gradient_is_reduced_in_the_kernel(K, monkeypatch):
+    """A weight [N] gets [programs, N] partial sums (programs walk several row blocks each), not a [R, N]
+    buffer: for 1823 rows the buffer is 4 rows under the interpreter."""
+    shapes = _recording(K, monkeypatch)
+    x = torch.randn(1823, 96, requires_grad=True)
+    w = torch.randn(96, requires_grad=True)
+    b = torch.randn(96, requires_grad=True)
+    y = K.layernorm_triton(x, w, b, 1e-5)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w, b), g)
+    want = torch.autograd.grad(K.layernorm_torch(x, w, b, 1e-5), (x, w, b), g)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+    assert [s[0] for s in shapes] == [(4, 96), (4, 96)], shapes
+    assert all(R > programs for _, R, _, programs in shapes)
+
+
+@pytest.mark.parametrize("weight_shape", [(1, 1, 40), (40,)])
+def test_partial_sums_reach_a_weight_with_leading_ones(K, monkeypatch, weight_shape):
+    shapes = _recording(K, monkeypatch)
+    x = torch.randn(3, 70, 40, requires_grad=True)
+    w = torch.randn(weight_shape, requires_grad=True)
+    y = K.rmsnorm_triton(x, w, 1e-6)
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, w), g)
+    ex, ew = torch.autograd.grad(K.rmsnorm_torch(x, w, 1e-6), (x, w), g)
+    assert gw.shape == w.shape
+    torch.testing.assert_close(gx, ex)
+    torch.testing.assert_close(gw, ew, rtol=1e-4, atol=1e-4)
+    assert shapes[0][0] == (shapes[0][3], 40)
+
+
+def test_row_invariant_input_given_per_row_values_falls_back(K, monkeypatch):
+    """The fusion pass marks b [N] as row-invariant; called with a full [R, N] b, the launcher sees it is not
+    and the kernel stores the per-element gradient instead of summing rows."""
+    shapes = _recording(K, monkeypatch)
+    x = torch.randn(300, 48, requires_grad=True)
+    b = torch.randn(300, 48, requires_grad=True)
+    y = K.gelu_bias_triton(x, b)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, b), g)
+    want = torch.autograd.grad(K.gelu_bias_torch(x, b), (x, b), g)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+    assert shapes[0][0] == (300, 48)
+
+
 # ---- the PyTorch rendering and the derived rules ---------------------------------------------------------------
 
 
@@ -528,3 +595,76 @@ def test_generated_text_is_readable():
 def test_kernels_module_dispatches_to_torch_on_cpu(K):
     x, w = torch.randn(3, 40), torch.randn(40)
     torch.testing.assert_close(K.rmsnorm(x, w, 1e-6), K.rmsnorm_torch(x, w, 1e-6))
+
+
+# ---- tuned tiles ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tuning(K, monkeypatch, tmp_path):
+    """Tuning on (DSLC_AUTOTUNE=on measures under the interpreter too), an empty in-memory cache and a
+    disk cache in a temporary folder."""
+    rt = sys.modules[K.__name__.rsplit(".", 1)[0] + ".kernels_runtime"]
+    monkeypatch.setenv("DSLC_AUTOTUNE", "on")
+    monkeypatch.setenv("DSLC_AUTOTUNE_CACHE", str(tmp_path / "tiles.json"))
+    monkeypatch.setattr(rt, "_TILES", {})
+    monkeypatch.setattr(rt, "_DISK_LOADED", False)
+    return rt
+
+
+def test_every_tile_candidate_computes_the_same_region(K, tuning):
+    """Each candidate tile (BLOCK_M, num_warps) is a different compiled kernel: all must agree with PyTorch,
+    forward and backward (the backward with partial weight sums)."""
+    x = torch.randn(300, 72, requires_grad=True)
+    w = torch.randn(72, requires_grad=True)
+    g = torch.randn(300, 72)
+    want = [K.rmsnorm_torch(x, w, 1e-6)] + list(torch.autograd.grad(K.rmsnorm_torch(x, w, 1e-6), (x, w), g))
+    lay = tuning.row_layout("rmsnorm", x, w)
+    candidates = tuning.tile_candidates(lay)
+    assert len(candidates) >= 3 and (lay.BLOCK_M, lay.num_warps) in candidates
+    for tile in candidates:
+        tuning._TILES.clear()
+        real = tuning.tuned_tile
+        tuning.tuned_tile = lambda *a, tile=tile: tile  # force this tile for every launch
+        try:
+            y = K.rmsnorm_triton(x, w, 1e-6)
+            got = [y] + list(torch.autograd.grad(y, (x, w), g))
+        finally:
+            tuning.tuned_tile = real
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, tile=tile: f"tile {tile}: {m}")
+
+
+def test_tuned_tile_is_measured_once_and_cached_on_disk(K, tuning, tmp_path):
+    x = torch.randn(64, 40, requires_grad=True)
+    w = torch.randn(40, requires_grad=True)
+    y = K.rmsnorm_triton(x, w, 1e-6)
+    y.backward(torch.ones_like(y))
+    keys = sorted(tuning._TILES)
+    assert len(keys) == 2 and any("fwd_kernel" in k for k in keys) and any("bwd_kernel" in k for k in keys), keys
+    assert all("|N=40|" in k for k in keys)
+    on_disk = json.loads((tmp_path / "tiles.json").read_text())
+    assert sorted(on_disk) == keys
+    # a fresh process reads the disk cache instead of measuring again
+    tuning._TILES.clear()
+    tuning._DISK_LOADED = False
+    calls = []
+    real_time = tuning._time
+    tuning._time = lambda run, device: calls.append(1) or real_time(run, device)
+    try:
+        K.rmsnorm_triton(x, w, 1e-6)
+    finally:
+        tuning._time = real_time
+    assert calls == [] and sorted(tuning._TILES) == keys
+    # another row width is another key
+    K.rmsnorm_triton(torch.randn(64, 24), torch.randn(24), 1e-6)
+    assert any("|N=24|" in k for k in tuning._TILES)
+
+
+def test_a_corrupt_tile_cache_is_ignored_with_a_warning(K, tuning, tmp_path):
+    (tmp_path / "tiles.json").write_text("{not json")
+    x, w = torch.randn(8, 16), torch.randn(16)
+    with pytest.warns(UserWarning, match="ignoring the autotune cache"):
+        y = K.rmsnorm_triton(x, w, 1e-6)
+    torch.testing.assert_close(y, K.rmsnorm_torch(x, w, 1e-6))
+    assert len(json.loads((tmp_path / "tiles.json").read_text())) == 1  # rewritten with the new measurement

@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from dslc.ir.regions import BINARY_OPS, REGION_OPS, ROW_OPS, UNARY_OPS, RegionOp, RowRegion
+from dslc.ir.regions import BINARY_OPS, REGION_OPS, ROW_OPS, UNARY_OPS, RegionInput, RegionOp, RowRegion
 
 # Value kinds, ordered: an op's result has the largest kind among its arguments.
 CONST, ROW, FULL = 0, 1, 2  # a number (scalar input, literal) / one value per row / the whole row
@@ -175,7 +175,10 @@ RUNTIME_NAMES = (
     "check_output_shape",
     "grad_buffer",
     "grad_or_zeros",
+    "launch_rows",
+    "partial_grad_buffer",
     "reduce_grad",
+    "row_invariant",
     "row_layout",
     "strides4",
     "sum_to_shape",
@@ -195,6 +198,9 @@ _RESERVED = (
         "rows",
         "cols",
         "row_mask",
+        "pid",
+        "block",
+        "partial_cols",
         "mask",
         "i0",
         "i1",
@@ -253,6 +259,9 @@ class RegionInfo:
 
     def ident(self, value: str) -> str:
         return self.values[value].ident
+
+    def region_input(self, name: str) -> RegionInput:
+        return next(i for i in self.region.inputs if i.name == name)
 
     def kind(self, value: str) -> int:
         return self.values[value].kind

@@ -214,6 +214,10 @@ class _KernelNames:
         self.gin_ptr = {x: n.fresh(f"d_{info.ident(x)}_ptr") for x in info.grad_inputs}
         self.store_flag = {x: n.fresh(f"STORE_D_{info.ident(x).upper()}") for x in info.grad_inputs}
         self.gin_buf = {x: n.fresh(f"grad_{info.ident(x)}") for x in info.grad_inputs}  # launcher locals
+        # row-invariant inputs (a weight [N]): the backward sums their gradient over rows in place
+        self.invariant = [x for x in info.grad_inputs if info.region_input(x).row_invariant]
+        self.reduce_flag = {x: n.fresh(f"REDUCE_D_{info.ident(x).upper()}") for x in self.invariant}
+        self.acc = {x: n.fresh(f"acc_d_{info.ident(x)}") for x in self.invariant}
 
     def loads(self) -> dict[str, tuple[str, str, str]]:
         return {x: (self.ptr[x], self.row[x], self.strides[x][3]) for x in self.info.tensor_inputs}
@@ -242,9 +246,14 @@ _BLOCK_ARGS = [
 ]
 
 
-def _prologue(info: RegionInfo, backward: bool) -> list[str]:
+def _prologue(info: RegionInfo, backward: bool, block: str = "tl.program_id(0)") -> list[str]:
+    rows = (
+        "    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]  # [BLOCK_M, 1]"
+        if block == "tl.program_id(0)"
+        else f"    rows = ({block} * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]).to(tl.int64)  # [BLOCK_M, 1]"
+    )
     lines = [
-        "    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]  # [BLOCK_M, 1]",
+        rows,
         "    cols = tl.arange(0, BLOCK_N)[None, :]  # [1, BLOCK_N]",
         "    row_mask = rows < R  # [BLOCK_M, 1]",
         "    mask = row_mask & (cols < N)  # [BLOCK_M, BLOCK_N]",
@@ -324,14 +333,50 @@ def _render_bwd_kernel(info: RegionInfo, k: _KernelNames) -> str:
         for j, s in enumerate(st):
             args.append(f"{s},  # stride over {('D0', 'D1', 'D2', 'N')[j]}")
     for x in info.grad_inputs:
-        args.append(f"{k.gin_ptr[x]},  # gradient of {x}: [R, N] contiguous (the launcher sums broadcast dims)")
+        if x in k.reduce_flag:
+            args.append(
+                f"{k.gin_ptr[x]},  # gradient of {x}: [programs, N] float32 partial sums when "
+                f"{k.reduce_flag[x]}, else [R, N] contiguous"
+            )
+        else:
+            args.append(f"{k.gin_ptr[x]},  # gradient of {x}: [R, N] contiguous (the launcher sums broadcast dims)")
     args += _DIM_ARGS
     for x in info.grad_inputs:
         args.append(f"{k.store_flag[x]}: tl.constexpr,  # whether {x}'s gradient is wanted")
+    for x in k.invariant:
+        args.append(f"{k.reduce_flag[x]}: tl.constexpr,  # {x} is the same in every row: sum its gradient here")
     args += _BLOCK_ARGS
     lines = ["@triton.jit", f"def {region.name}_bwd_kernel("] + [f"    {a}" for a in args] + ["):"]
-    lines.append(_kernel_doc(region, "Triton backward derived by reverse mode; recomputes the forward"))
-    lines += _prologue(info, backward=True)
+    if not k.invariant:
+        lines.append(_kernel_doc(region, "Triton backward derived by reverse mode; recomputes the forward"))
+        body = _bwd_body(info, k, bw, live, "tl.program_id(0)")
+        return "\n".join(lines + body) + "\n"
+    lines.append(
+        _kernel_doc(
+            region,
+            "Triton backward derived by reverse mode; recomputes the forward. Each program walks row blocks "
+            "pid, pid + programs, ... and keeps the gradients of row-invariant inputs as one partial row",
+        )
+    )
+    lines.append("    pid = tl.program_id(0)")
+    for x in k.invariant:
+        lines.append(
+            f"    {k.acc[x]} = tl.zeros([1, BLOCK_N], dtype=tl.float32)  # [1, BLOCK_N] this program's sum of d_{x}"
+        )
+    lines.append("    for block in range(pid, tl.cdiv(R, BLOCK_M), tl.num_programs(0)):")
+    lines += ["    " + ln for ln in _bwd_body(info, k, bw, live, "block")]
+    lines.append("    partial_cols = tl.arange(0, BLOCK_N)[None, :]  # [1, BLOCK_N]")
+    for x in k.invariant:
+        lines.append(f"    if {k.store_flag[x]} and {k.reduce_flag[x]}:")
+        lines.append(f"        tl.store({k.gin_ptr[x]} + pid * N + partial_cols, {k.acc[x]}, mask=partial_cols < N)")
+    return "\n".join(lines) + "\n"
+
+
+def _bwd_body(info: RegionInfo, k: _KernelNames, bw, live: set[str], block: str) -> list[str]:
+    """The backward over one block of BLOCK_M rows: loads, the derived statements, gradient stores (or, for
+    row-invariant inputs, the block's column sums added to the program's partial row)."""
+    region = info.region
+    lines = _prologue(info, backward=True, block=block)
     lines += _loads(info, k, live)
     for i, o in enumerate(region.outputs):
         g = k.gout[i]
@@ -352,11 +397,20 @@ def _render_bwd_kernel(info: RegionInfo, k: _KernelNames) -> str:
     lines += [_line("    ", s, TL_SHAPE) for s in bw.stmts]
     for x in info.grad_inputs:
         p = k.gin_ptr[x]
+        grad = bw.input_grads[x]
+        store = f"tl.store({p} + rows * N + cols, {grad.paren(9)}.to({p}.dtype.element_ty), mask=mask)"
         lines.append(f"    if {k.store_flag[x]}:")
-        lines.append(
-            f"        tl.store({p} + rows * N + cols, {bw.input_grads[x].paren(9)}.to({p}.dtype.element_ty), mask=mask)"
-        )
-    return "\n".join(lines) + "\n"
+        if x in k.reduce_flag:
+            lines.append(f"        if {k.reduce_flag[x]}:")
+            lines.append(
+                f"            {k.acc[x]} += tl.sum(tl.where(mask, {grad.text}, 0.0), axis=0, keep_dims=True)"
+                "  # [1, BLOCK_N]"
+            )
+            lines.append("        else:")
+            lines.append(f"            {store}")
+        else:
+            lines.append(f"        {store}")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -435,11 +489,11 @@ def _render_function(info: RegionInfo, k: _KernelNames) -> str:
         comment = "[..., N]" if info.kind(o) == FULL else "[..., 1]"
         L.append(f"        {v} = torch.empty({shape}, dtype={dt}, device=lay.device)  # {comment} output {o}")
     L.append("        if not lay.empty:")
-    L.append(f"            {region.name}_fwd_kernel[lay.grid](")
+    L.append("            launch_rows(")
+    L.append(f"                {region.name}_fwd_kernel, lay,")
     L += [f"                {a}" for a in _launch_args(info, k)]
     L += [f"                {v}," for v in outs]
     L.append("                lay.R, lay.D1, lay.D2, lay.N,")
-    L.append("                BLOCK_M=lay.BLOCK_M, BLOCK_N=lay.BLOCK_N, num_warps=lay.num_warps,")
     L.append("            )")
     L.append(f"        ctx.save_for_backward({tensors})")
     L.append(f"        ctx.scalars = {_tuple(info.scalar_inputs)}")
@@ -460,9 +514,14 @@ def _render_function(info: RegionInfo, k: _KernelNames) -> str:
         L.append(f"        {g} = grad_or_zeros({g}, {shape}, {first})")
     position = {inp.name: i for i, inp in enumerate(region.inputs)}
     for x in info.grad_inputs:
-        L.append(f"        {k.gin_buf[x]} = grad_buffer({x}, lay.shape, ctx.needs_input_grad[{position[x]}])")
+        wanted = f"ctx.needs_input_grad[{position[x]}]"
+        if x in k.reduce_flag:
+            L.append(f"        {k.gin_buf[x]} = partial_grad_buffer({x}, lay, {wanted})")
+        else:
+            L.append(f"        {k.gin_buf[x]} = grad_buffer({x}, lay.shape, {wanted})")
     L.append("        if not lay.empty:")
-    L.append(f"            {region.name}_bwd_kernel[lay.grid](")
+    L.append("            launch_rows(")
+    L.append(f"                {region.name}_bwd_kernel, lay,")
     L += [f"                {a}" for a in _launch_args(info, k)]
     for o, g in zip(region.outputs, k.gout):
         shape = "lay.shape" if info.kind(o) == FULL else "lay.row_shape"
@@ -471,9 +530,12 @@ def _render_function(info: RegionInfo, k: _KernelNames) -> str:
         b = k.gin_buf[x]
         L.append(f"                {first} if {b} is None else {b},  # any pointer when not wanted")
     L.append("                lay.R, lay.D1, lay.D2, lay.N,")
+    if k.invariant:
+        L.append("                partial=True,  # lay.programs programs, each summing row-invariant gradients")
     for x in info.grad_inputs:
         L.append(f"                {k.store_flag[x]}={k.gin_buf[x]} is not None,")
-    L.append("                BLOCK_M=lay.BLOCK_M, BLOCK_N=lay.BLOCK_N, num_warps=lay.num_warps,")
+    for x in k.invariant:
+        L.append(f"                {k.reduce_flag[x]}=row_invariant({x}, lay),")
     L.append("            )")
     rets = [f"reduce_grad({k.gin_buf[i.name]}, {i.name})" if i.name in k.gin_buf else "None" for i in region.inputs]
     L.append(f"        return {', '.join(rets)}")

@@ -445,7 +445,7 @@ class _Printer:
                 self.emit(
                     2,
                     f"input {sigil_text('%', i.name)} {name_text(i.kind)}{optional} "
-                    f"{'grad' if i.needs_grad else 'nograd'}",
+                    f"{'grad' if i.needs_grad else 'nograd'}{' row_invariant' if i.row_invariant else ''}",
                 )
             for op in r.ops:
                 args = ", ".join(sigil_text("%", a) if isinstance(a, str) else const_text(a) for a in op.args)

@@ -342,10 +342,13 @@ class _ToIR(Transformer):
     def region_source(self, tok):
         return ("source", _str(tok))
 
-    def region_input(self, tok, kind, optional, grad):
+    def region_input(self, tok, kind, optional, grad, invariant):
         from dslc.ir.regions import RegionInput
 
-        return ("input", RegionInput(_sigil_name(tok), kind, str(grad) == "grad", optional is not None))
+        return (
+            "input",
+            RegionInput(_sigil_name(tok), kind, str(grad) == "grad", optional is not None, invariant is not None),
+        )
 
     def region_attr(self, name, c):
         return (name, c.value)

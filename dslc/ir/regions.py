@@ -51,12 +51,15 @@ class RegionInput:
     needs_grad: whether backward must produce its gradient.
     optional: an optional weight (`bias: [dim] = zeros if bias`) that may be None, read only as an added
               term: None counts as zero.
+    row_invariant: the same N values in every row (a weight [N]): its gradient is a sum over the rows,
+              which the backward kernel reduces in place into one partial row per program.
     """
 
     name: str
     kind: str = "tensor"
     needs_grad: bool = True
     optional: bool = False
+    row_invariant: bool = False
 
 
 @dataclass(frozen=True)

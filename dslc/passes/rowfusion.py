@@ -418,6 +418,13 @@ class _Fuser:
                 dims[n] = tuple(self.ttype(e.name).dims) if self.ttype(e.name) is not None else None
             elif isinstance(e, N.Ref) and e.kind == "weight":
                 dims[n] = self.weight_dims(e.name)
+        region = replace(
+            region,
+            inputs=tuple(
+                replace(i, row_invariant=True) if i.needs_grad and _row_invariant(dims.get(i.name), tuple(shape)) else i
+                for i in region.inputs
+            ),
+        )
         why = triton_refusal(region, dims)
         if why is not None:
             return None, None, f"the Triton path could not run it: {why}"
@@ -457,6 +464,17 @@ class _Fuser:
             name, i = f"{base}_{i}", i + 1
         self.taken.add(name)
         return name
+
+
+def _row_invariant(dims: tuple | None, shape: tuple) -> bool:
+    """Whether an input of `dims` holds the same row in every row of a region of `shape` (a weight [N])."""
+    return (
+        dims is not None
+        and len(shape) > 1
+        and len(dims) >= 1
+        and dims[-1] == shape[-1]
+        and all(d == 1 for d in dims[:-1])
+    )
 
 
 def _reads(st) -> list[str]:

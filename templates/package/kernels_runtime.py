@@ -8,7 +8,14 @@ cos [B, 1, T, D] against q [B, H, T, D] all load in place.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -28,10 +35,27 @@ class RowLayout(NamedTuple):
     BLOCK_N: int  # next power of 2 >= N
     num_warps: int
     device: torch.device
+    max_programs: int  # programs of a backward that reduces row-invariant gradients (about 2 per SM)
+
+    @property
+    def blocks(self) -> int:
+        """Row blocks of BLOCK_M rows."""
+        return (self.R + self.BLOCK_M - 1) // self.BLOCK_M
 
     @property
     def grid(self) -> tuple[int]:
-        return ((self.R + self.BLOCK_M - 1) // self.BLOCK_M,)
+        """One program per row block."""
+        return (self.blocks,)
+
+    @property
+    def programs(self) -> int:
+        """Programs of a backward that keeps partial sums, each walking every programs-th row block. It does
+        not depend on BLOCK_M (a program with no block stores a zero row), so any tile fits its buffer."""
+        return max(1, min(self.R, self.max_programs))
+
+    @property
+    def partial_grid(self) -> tuple[int]:
+        return (self.programs,)
 
     @property
     def empty(self) -> bool:
@@ -72,7 +96,23 @@ def row_layout(region: str, *tensors: torch.Tensor, even: bool = False) -> RowLa
     BLOCK_M = max(1, min(tile // BLOCK_N, 64, _next_pow2(R)))
     num_warps = min(32, max(4, BLOCK_M * BLOCK_N // 512))
     device = tensors[0].device
-    return RowLayout(shape, shape[:-1] + (1,), D0, D1, D2, N, R, BLOCK_M, BLOCK_N, num_warps, device)
+    return RowLayout(
+        shape, shape[:-1] + (1,), D0, D1, D2, N, R, BLOCK_M, BLOCK_N, num_warps, device, _max_programs(device)
+    )
+
+
+_PROGRAMS: dict = {}
+
+
+def _max_programs(device: torch.device) -> int:
+    """Two programs per SM on CUDA (as Liger's and the Triton tutorial's norm backward size their partial
+    buffers), a handful under the interpreter (programs run one after another there)."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PROGRAMS:
+        _PROGRAMS[index] = 2 * torch.cuda.get_device_properties(index).multi_processor_count
+    return _PROGRAMS[index]
 
 
 def strides4(t: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
@@ -99,10 +139,30 @@ def grad_buffer(t: torch.Tensor, shape: tuple[int, ...], wanted: bool) -> torch.
     return torch.empty(shape, dtype=torch.float32, device=t.device)
 
 
+def row_invariant(t: torch.Tensor, lay: RowLayout) -> bool:
+    """Whether `t` holds the same N values in every row of `lay` (a weight [N], or [1, .., 1, N])."""
+    return t.dim() >= 1 and t.shape[-1] == lay.N and t.numel() == lay.N
+
+
+def partial_grad_buffer(t: torch.Tensor, lay: RowLayout, wanted: bool) -> torch.Tensor | None:
+    """Where the backward writes the gradient of an input that may be row-invariant: for a row-invariant `t`,
+    [programs, N] float32 partial sums (each program adds up its rows; `reduce_grad` sums the few partial
+    rows), instead of a [R, N] float32 buffer summed afterwards; otherwise `grad_buffer`'s."""
+    if not wanted:
+        return None
+    if row_invariant(t, lay):
+        alloc = torch.zeros if lay.empty else torch.empty  # no rows: no program runs, the sum is zero
+        return alloc((lay.programs, lay.N), dtype=torch.float32, device=t.device)
+    return grad_buffer(t, lay.shape, wanted)
+
+
 def reduce_grad(buf: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor | None:
-    """Sum a gradient buffer over the dims where `t` was broadcast, back to `t`'s shape and dtype."""
+    """Sum a gradient buffer ([R, N], or [programs, N] partial sums) over the dims where `t` was broadcast,
+    back to `t`'s shape and dtype."""
     if buf is None:
         return None
+    if buf.dim() < t.dim():  # partial sums [programs, N] of a `t` of shape [1, .., 1, N]
+        buf = buf.reshape((1,) * (t.dim() - buf.dim()) + tuple(buf.shape))
     if buf.shape != t.shape:
         buf = buf.sum_to_size(t.shape)
     return buf.to(t.dtype)
@@ -133,3 +193,150 @@ def check_output_shape(region: str, output: str, want: tuple[int, ...], *tensors
             f"region {region}: output {output} would have shape {list(got)} in PyTorch but the region "
             f"computes {list(want)}; use the PyTorch path"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch with a tuned tile
+
+
+def launch_rows(kernel, lay: RowLayout, *args, partial: bool = False, **constexprs) -> None:
+    """Launch a row kernel over `lay` with the tile (BLOCK_M, num_warps) tuned for it.
+
+    The grid is one program per block of BLOCK_M rows, or `lay.programs` programs for a backward that keeps
+    partial sums (`partial`). The tile comes from `tuned_tile`: measured once per kernel, row width, dtypes
+    and row-count bucket on CUDA, else the fixed rule of `row_layout`."""
+    block_m, num_warps = tuned_tile(kernel, lay, args, partial, constexprs)
+    grid = lay.partial_grid if partial else ((lay.R + block_m - 1) // block_m,)
+    kernel[grid](*args, **constexprs, BLOCK_M=block_m, BLOCK_N=lay.BLOCK_N, num_warps=num_warps)
+
+
+def tile_candidates(lay: RowLayout) -> list[tuple[int, int]]:
+    """(BLOCK_M, num_warps) pairs to try: tiles of 1K to 8K elements with the rule's warps, and the rule's
+    tile with half and twice its warps. Four to six distinct pairs; each is one Triton compile."""
+    out = [(lay.BLOCK_M, lay.num_warps)]
+    for budget in (1024, 2048, 4096, 8192):
+        block_m = max(1, min(budget // lay.BLOCK_N, 64, _next_pow2(lay.R)))
+        out.append((block_m, min(32, max(4, block_m * lay.BLOCK_N // 512))))
+    out += [(lay.BLOCK_M, max(1, lay.num_warps // 2)), (lay.BLOCK_M, min(32, lay.num_warps * 2))]
+    return list(dict.fromkeys(out))
+
+
+_TILES: dict[str, tuple[int, int]] = {}  # tuning key -> (BLOCK_M, num_warps)
+_KERNEL_IDS: dict = {}
+_DISK_LOADED = False
+
+
+def autotune_mode() -> str:
+    """DSLC_AUTOTUNE: `auto` (default: measure on CUDA), `on` (also on the CPU, under the Triton
+    interpreter: for tests) or `off` (the fixed rule everywhere)."""
+    mode = os.environ.get("DSLC_AUTOTUNE", "auto").lower()
+    return {"1": "on", "0": "off", "true": "on", "false": "off"}.get(mode, mode)
+
+
+def tuned_tile(kernel, lay: RowLayout, args: tuple, partial: bool, constexprs: dict) -> tuple[int, int]:
+    """The tile for this launch: cached, or measured now (when tuning is on and this is no graph capture or
+    compile trace), or the fixed rule."""
+    key = _tile_key(kernel, lay, args, constexprs)
+    if key in _TILES:
+        return _TILES[key]
+    if not _DISK_LOADED:
+        _load_disk_cache()
+        if key in _TILES:
+            return _TILES[key]
+    mode = autotune_mode()
+    if mode == "off" or (mode == "auto" and lay.device.type != "cuda") or not _may_measure(lay):
+        return lay.BLOCK_M, lay.num_warps
+    timings = {}
+    for block_m, num_warps in tile_candidates(lay):
+        grid = lay.partial_grid if partial else ((lay.R + block_m - 1) // block_m,)
+
+        def run(grid=grid, block_m=block_m, num_warps=num_warps):
+            kernel[grid](*args, **constexprs, BLOCK_M=block_m, BLOCK_N=lay.BLOCK_N, num_warps=num_warps)
+
+        timings[block_m, num_warps] = _time(run, lay.device)
+    best = min(timings, key=timings.get)
+    _TILES[key] = best
+    _save_disk_cache()
+    return best
+
+
+def _may_measure(lay: RowLayout) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return not (lay.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _time(run, device: torch.device) -> float:
+    """Seconds per launch: on CUDA the mean of 10 launches between events after a warm-up (which compiles);
+    on the CPU one interpreted launch after the warm-up."""
+    run()
+    if device.type != "cuda":
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    for _ in range(10):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 10e3
+
+
+def _tile_key(kernel, lay: RowLayout, args: tuple, constexprs: dict) -> str:
+    """Kernel (name and source hash), row width, row-count bucket, argument dtypes and the constexpr flags."""
+    ident = _KERNEL_IDS.get(kernel)
+    if ident is None:
+        fn = getattr(kernel, "fn", kernel)
+        digest = hashlib.sha1(inspect.getsource(fn).encode()).hexdigest()[:12]
+        ident = _KERNEL_IDS[kernel] = f"{fn.__name__}-{digest}"
+    dtypes = ",".join(str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor))
+    flags = ",".join(f"{k}={int(v)}" for k, v in sorted(constexprs.items()))
+    rows = min(_next_pow2(lay.R), 1 << 16)
+    return f"{ident}|N={lay.N}|R<={rows}|{dtypes}|{flags}|{_device_name(lay.device)}"
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _disk_cache_path() -> Path | None:
+    """DSLC_AUTOTUNE_CACHE (empty: none); default ~/.cache/dslc/autotune-<triton version>.json."""
+    path = os.environ.get("DSLC_AUTOTUNE_CACHE")
+    if path == "":
+        return None
+    if path:
+        return Path(path)
+    import triton
+
+    return Path.home() / ".cache" / "dslc" / f"autotune-triton-{triton.__version__}.json"
+
+
+def _load_disk_cache() -> None:
+    global _DISK_LOADED
+    _DISK_LOADED = True
+    path = _disk_cache_path()
+    if path is None or not path.is_file():
+        return
+    try:
+        entries = json.loads(path.read_text())
+        for key, (block_m, num_warps) in entries.items():
+            if isinstance(block_m, int) and isinstance(num_warps, int) and block_m >= 1 and 1 <= num_warps <= 32:
+                _TILES.setdefault(key, (block_m, num_warps))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        warnings.warn(f"dslc: ignoring the autotune cache {path}: {e}; delete it to start afresh", stacklevel=2)
+
+
+def _save_disk_cache() -> None:
+    path = _disk_cache_path()
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".autotune-")
+        with os.fdopen(fd, "w") as f:
+            json.dump({k: list(v) for k, v in sorted(_TILES.items())}, f, indent=0)
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"dslc: could not write the autotune cache {path}: {e}", stacklevel=2)
