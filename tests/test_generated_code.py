@@ -72,7 +72,7 @@ def test_shape_comments_name_config_fields(built, spec):
 
 @pytest.mark.parametrize("spec", ["qwen2", "gemma_like"])
 def test_identical_regions_share_one_kernel(built, spec):
-    """q and k get the same rotary region: one kernel, called twice."""
+    """q and k get the same rotary region: one kernel, both calls grouped into one launch."""
     kernels = (built[spec] / "kernels.py").read_text()
     torch_fns = re.findall(r"^def (\w+)_torch\(", kernels, re.M)
     bodies = {}
@@ -82,7 +82,8 @@ def test_identical_regions_share_one_kernel(built, spec):
         bodies.setdefault(tuple(ops), []).append(name)
     assert all(len(v) == 1 for v in bodies.values()), bodies
     modeling = (built[spec] / "modeling.py").read_text()
-    assert modeling.count("kernels.attention_apply_rope(") == 2
+    assert modeling.count("kernels.attention_apply_rope_x2(") == 1
+    assert "kernels.attention_apply_rope(" not in modeling
 
 
 @pytest.mark.parametrize("spec", [s.stem for s in SPECS])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from dslc.api import check_file
+from dslc.ir import nodes as N
 from dslc.passes.pipeline import optimize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,3 +58,36 @@ def test_residual_add_moves_into_the_norm(spec, norm, users):
 def test_every_spec_optimizes_with_verified_ir():
     for spec in ("qwen2.model", "llama.model", "gpt2.model", "bert.model"):
         assert _regions(spec), spec
+
+
+def test_rope_of_q_and_k_is_one_grouped_region_op():
+    """The region-group pass: q's and k's rotary calls become one `region` op with group = 2, at q's place."""
+    program = optimize(check_file(ROOT / "models" / "qwen2.model").program, verify=True).program
+    body = program.module("Attention").forward.body
+    ropes = [op for op in body if getattr(op, "op", "") == "region" and "rope" in op.target]
+    assert len(ropes) == 1 and N.group_size(ropes[0]) == 2
+    assert len(ropes[0].args) == 6 and len(ropes[0].results) == 2
+
+
+def test_a_region_call_reading_the_other_is_not_grouped():
+    from dslc.passes.grouping import group_regions
+
+    program = optimize(check_file(ROOT / "models" / "qwen2.model").program).program
+    region = next(r for r in program.regions if "rope" in r.name)
+    span = program.module("Attention").forward.body[0].span
+
+    def call(args, result):
+        return N.Op("region", tuple(N.Ref("value", a) for a in args), (), (result,), ("",), region.name, span)
+
+    first = call(["cos", "q", "sin"], "q2")
+    chained = call(["cos", "q2", "sin"], "q3")  # reads the first call's result: must stay a second launch
+    other = call(["cos", "k", "sin"], "k2")
+    module = program.module("Attention")
+    body = (first, chained, other)
+    program = replace(
+        program,
+        modules=tuple(replace(m, forward=replace(m.forward, body=body)) if m is module else m for m in program.modules),
+    )
+    grouped = group_regions(program).module("Attention").forward.body
+    assert [N.group_size(op) for op in grouped] == [2, 1]
+    assert grouped[0].results == ("q2", "k2") and grouped[1].results == ("q3",)

@@ -31,6 +31,7 @@ from dslc.codegen.triton_region import (  # noqa: E402
     render_region_triton,
 )
 from dslc.ir.regions import REGION_OPS, RegionInput, RegionOp, RowRegion  # noqa: E402
+from dslc.passes.grouping import groupable  # noqa: E402
 from dslc.resources import templates_dir  # noqa: E402
 
 F = torch.nn.functional
@@ -229,7 +230,9 @@ def K(tmp_path_factory):
     (pkg / "__init__.py").write_text("")
     shutil.copy(templates_dir() / "package" / "kernels_runtime.py", pkg / "kernels_runtime.py")
     regions = list(REGIONS.values())
-    text = render_kernels_module(regions) + "\n\n" + "\n\n".join(render_region_torch_backward(r) for r in regions)
+    grouped = frozenset(r.name for r in regions if groupable(r))  # these also get the two-call `_x2` launch
+    text = render_kernels_module(regions, grouped=grouped)
+    text += "\n\n" + "\n\n".join(render_region_torch_backward(r) for r in regions)
     (pkg / "kernels.py").write_text(text)
     sys.path.insert(0, str(root))
     try:
@@ -668,3 +671,62 @@ def test_a_corrupt_tile_cache_is_ignored_with_a_warning(K, tuning, tmp_path):
         y = K.rmsnorm_triton(x, w, 1e-6)
     torch.testing.assert_close(y, K.rmsnorm_torch(x, w, 1e-6))
     assert len(json.loads((tmp_path / "tiles.json").read_text())) == 1  # rewritten with the new measurement
+
+
+# ---- grouped launches ------------------------------------------------------------------------------------------
+
+
+def _count_launches(K, monkeypatch):
+    rt = sys.modules[K.__name__.rsplit(".", 1)[0] + ".kernels_runtime"]
+    launches = []
+    for name in ("launch_rows", "launch_pair"):
+        real = getattr(K, name)
+
+        def spy(kernel, *args, _real=real, **kw):
+            launches.append(getattr(kernel, "fn", kernel).__name__)
+            return _real(kernel, *args, **kw)
+
+        monkeypatch.setattr(K, name, spy)
+    return launches, rt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_of_q_and_k_in_one_launch(K, monkeypatch, dtype):
+    """Two problems of different head counts (q: 6 heads, k: 2) share one grid, forward and backward;
+    each matches its own single call, cos/sin gradients summed over both."""
+    launches, _ = _count_launches(K, monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 6, 9, 32, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(2, 2, 9, 32, generator=g).to(dtype).requires_grad_()
+    ang = torch.rand(2, 1, 9, 16, generator=g) * 6
+    cos = torch.cat((ang, ang), -1).cos().to(dtype).requires_grad_()
+    sin = torch.cat((ang, ang), -1).sin().to(dtype)
+    qo, ko = K.rope_x2_triton(q, cos, sin, k, cos, sin)
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    got = torch.autograd.grad((qo, ko), (q, k, cos), (gq, gk))
+    assert launches == ["rope_fwd_kernel_x2", "rope_bwd_kernel_x2"]
+    rq, rk = K.rope_torch(q, cos, sin), K.rope_torch(k, cos, sin)
+    want = torch.autograd.grad((rq, rk), (q, k, cos), (gq, gk))
+    for a, b, what in zip((qo, ko, *got), (rq, rk, *want), ("q", "k", "dq", "dk", "dcos")):
+        close(a, b, dtype, what)
+
+
+def test_grouped_calls_with_unequal_rows_launch_twice(K, monkeypatch):
+    launches, _ = _count_launches(K, monkeypatch)
+    a, b = torch.randn(5, 16), torch.randn(3, 24)
+    ya, yb = K.swiglu_x2_triton(a, a, b, b)
+    torch.testing.assert_close(ya, K.swiglu_torch(a, a))
+    torch.testing.assert_close(yb, K.swiglu_torch(b, b))
+    assert launches == ["swiglu_fwd_kernel", "swiglu_fwd_kernel"]
+
+
+def test_grouped_launch_with_an_empty_problem(K):
+    a, b = torch.randn(0, 16), torch.randn(7, 16)
+    ya, yb = K.swiglu_x2_triton(a, a, b, b)
+    assert ya.shape == (0, 16)
+    torch.testing.assert_close(yb, K.swiglu_torch(b, b))
+
+
+def test_norms_with_weight_gradients_are_not_grouped():
+    """Their backward keeps per-program partial sums for one problem."""
+    assert not groupable(REGIONS["rmsnorm"]) and groupable(REGIONS["rope"]) and groupable(REGIONS["softmax"])

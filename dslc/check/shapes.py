@@ -420,8 +420,11 @@ class Checker:
         return out
 
     def _region_types(self, st: N.Op, args: list) -> list:
-        """Type a fused region by running its ops through the primitive rules."""
+        """Type a fused region by running its ops through the primitive rules (each call of a grouped op)."""
         region = next(r for r in self.p.regions if r.name == st.target)
+        n = len(region.inputs)
+        if len(args) > n:  # `group = 2`: the first call's inputs, then the second's
+            return [t for k in range(0, len(args), n) for t in self._region_types(st, args[k : k + n])]
         env = {i.name: a for i, a in zip(region.inputs, args)}
         for op in region.ops:
             vals = [env[a] if isinstance(a, str) else a for a in op.args]

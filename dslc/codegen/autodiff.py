@@ -175,11 +175,13 @@ RUNTIME_NAMES = (
     "check_output_shape",
     "grad_buffer",
     "grad_or_zeros",
+    "launch_pair",
     "launch_rows",
     "partial_grad_buffer",
     "reduce_grad",
     "row_invariant",
     "row_layout",
+    "row_width",
     "strides4",
     "sum_to_shape",
 )

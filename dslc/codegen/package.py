@@ -322,20 +322,25 @@ class PackageRenderer:
             f"tp_plan = {dict(self.p.train.parallel)!r}",
         ]
 
-    def region_view(self, r) -> dict:
-        from dslc.codegen.triton_region import render_region_torch, render_region_triton
+    def region_view(self, r, grouped: bool) -> dict:
+        from dslc.codegen.triton_region import pair_params, render_region_torch, render_region_triton
 
         args = ", ".join(i.name for i in r.inputs)
         first = next(i.name for i in r.inputs if i.kind == "tensor" and not i.optional)
+        pair = pair_params(r)
         return {
             "name": r.name,
             "args": args,
+            "grouped": grouped,
+            "args_a": ", ".join(pair[: len(r.inputs)]),
+            "args_b": ", ".join(pair[len(r.inputs) :]),
+            "outputs": len(r.outputs),
             "first_tensor": first,
             "optional": [i.name for i in r.inputs if i.optional],
             "source": r.source,
             "summary": " -> ".join(o.op for o in r.ops),
             "torch_source": render_region_torch(r).strip(),
-            "triton_source": render_region_triton(r).strip(),
+            "triton_source": render_region_triton(r, grouped).strip(),
         }
 
     def _const(self, e: N.E):
@@ -470,7 +475,15 @@ class PackageRenderer:
             "config_class": self.config_class,
             "version": metadata["dslc_version"],
         }
-        regions = [self.region_view(r) for r in self.p.regions]
+        grouped = {
+            op.target
+            for m in self.p.modules
+            for g in (m.forward, m.residual)
+            if g is not None
+            for op in N.iter_ops(g.body)
+            if op.op == "region" and N.group_size(op) > 1
+        }
+        regions = [self.region_view(r, r.name in grouped) for r in self.p.regions]
         files = {
             "__init__.py": env.get_template("__init__.py.j2").render(**common, modules=modules),
             "kernels.py": env.get_template("kernels.py.j2").render(**common, regions=regions),

@@ -276,7 +276,8 @@ class BodyRenderer:
             parts = ", ".join(f"self.{c.value}" for c in kw["parts"].items)
             return f"fused_linear({self.operand(a[0])}, self.{op.target}, {parts})", ATOM
         if name == "region":
-            return f"kernels.{op.target}({', '.join(self.operand(x) for x in a)})", ATOM
+            suffix = f"_x{N.group_size(op)}" if N.group_size(op) > 1 else ""
+            return f"kernels.{op.target}{suffix}({', '.join(self.operand(x) for x in a)})", ATOM
         if name == "select":
             return f"{self.operand(a[0], ATOM)}.select({self.operand(a[1])}, {self.operand(a[2])})", ATOM
         if name in ("unsqueeze", "squeeze"):

@@ -19,6 +19,8 @@ The compiler must not import torch or triton: this module only builds text.
 
 from __future__ import annotations
 
+import re
+
 from dslc.codegen.autodiff import (
     CONST,
     FULL,
@@ -294,7 +296,7 @@ def _kernel_doc(region: RowRegion, what: str) -> str:
     return f"    {_doc(region, what)}"
 
 
-def _render_fwd_kernel(info: RegionInfo, k: _KernelNames) -> str:
+def _render_fwd_kernel(info: RegionInfo, k: _KernelNames, grouped: bool = False) -> str:
     region = info.region
     d = TritonDialect(info, k.loads())
     stmts = forward_program(info, d)
@@ -305,9 +307,9 @@ def _render_fwd_kernel(info: RegionInfo, k: _KernelNames) -> str:
         shape = "[R, N]" if info.kind(o) == FULL else "[R, 1]"
         args.append(f"{p},  # output {o}: {shape} contiguous, {dt}")
     args += _DIM_ARGS + _BLOCK_ARGS
-    lines = ["@triton.jit", f"def {region.name}_fwd_kernel("] + [f"    {a}" for a in args] + ["):"]
-    lines.append(_kernel_doc(region, "Triton forward, BLOCK_M rows per program, fp32 compute"))
-    lines += _prologue(info, backward=False)
+    what = "Triton forward, BLOCK_M rows per program, fp32 compute"
+    block = "block" if grouped else "tl.program_id(0)"
+    lines = _prologue(info, backward=False, block=block)
     lines += _loads(info, k, live)
     lines += [_line("    ", s, TL_SHAPE) for s in stmts]
     for o, p in zip(region.outputs, k.out_ptr):
@@ -316,10 +318,13 @@ def _render_fwd_kernel(info: RegionInfo, k: _KernelNames) -> str:
             lines.append(f"    tl.store({p} + rows * N + cols, {v}.to({p}.dtype.element_ty), mask=mask)")
         else:
             lines.append(f"    tl.store({p} + rows, {v}.to({p}.dtype.element_ty), mask=row_mask)")
-    return "\n".join(lines) + "\n"
+    if grouped:
+        return _grouped_kernels(region, "fwd", args, lines, what)
+    head = ["@triton.jit", f"def {region.name}_fwd_kernel("] + [f"    {a}" for a in args] + ["):"]
+    return "\n".join(head + [_kernel_doc(region, what)] + lines) + "\n"
 
 
-def _render_bwd_kernel(info: RegionInfo, k: _KernelNames) -> str:
+def _render_bwd_kernel(info: RegionInfo, k: _KernelNames, grouped: bool = False) -> str:
     region = info.region
     d = TritonDialect(info, k.loads())
     gexprs = {str(i): name(g, info.kind(o)) for i, (o, g) in enumerate(zip(region.outputs, k.gout))}
@@ -348,7 +353,10 @@ def _render_bwd_kernel(info: RegionInfo, k: _KernelNames) -> str:
     args += _BLOCK_ARGS
     lines = ["@triton.jit", f"def {region.name}_bwd_kernel("] + [f"    {a}" for a in args] + ["):"]
     if not k.invariant:
-        lines.append(_kernel_doc(region, "Triton backward derived by reverse mode; recomputes the forward"))
+        what = "Triton backward derived by reverse mode; recomputes the forward"
+        if grouped:
+            return _grouped_kernels(region, "bwd", args, _bwd_body(info, k, bw, live, "block"), what)
+        lines.append(_kernel_doc(region, what))
         body = _bwd_body(info, k, bw, live, "tl.program_id(0)")
         return "\n".join(lines + body) + "\n"
     lines.append(
@@ -370,6 +378,48 @@ def _render_bwd_kernel(info: RegionInfo, k: _KernelNames) -> str:
         lines.append(f"    if {k.store_flag[x]} and {k.reduce_flag[x]}:")
         lines.append(f"        tl.store({k.gin_ptr[x]} + pid * N + partial_cols, {k.acc[x]}, mask=partial_cols < N)")
     return "\n".join(lines) + "\n"
+
+
+def _arg_name(entry: str) -> str:
+    return entry.split(",")[0].split(":")[0].strip()
+
+
+_SHARED_ARGS = ("N", "BLOCK_M", "BLOCK_N")  # the same for both problems of a grouped launch
+
+
+def _grouped_kernels(region: RowRegion, phase: str, args: list[str], body: list[str], what: str) -> str:
+    """For a region whose calls launch in pairs: the body as `<name>_<phase>_rows` (a @triton.jit function
+    of the row block), `<name>_<phase>_kernel` (one problem: block = program id) and
+    `<name>_<phase>_kernel_x2` (two problems in one grid, split at BLOCKS_A)."""
+    names = [_arg_name(a) for a in args]
+    flags = [n for n, a in zip(names, args) if ": tl.constexpr" in a and n not in _SHARED_ARGS]
+    own = [n for n in names if n not in _SHARED_ARGS and n not in flags]  # pointers, strides, R, D1, D2
+    rows_fn = f"{region.name}_{phase}_rows"
+    at = names.index("BLOCK_M")
+    rows_args = args[:at] + ["block,  # the block of BLOCK_M rows to compute"] + args[at:]
+    rows_names = names[:at] + ["block"] + names[at:]
+    out = ["@triton.jit", f"def {rows_fn}("] + [f"    {a}" for a in rows_args] + ["):"]
+    out.append(_kernel_doc(region, f"{what}; the rows of one block"))
+    out += body
+    out += ["", "", "@triton.jit", f"def {region.name}_{phase}_kernel("] + [f"    {a}" for a in args] + ["):"]
+    out.append(_kernel_doc(region, f"{what}; program i computes row block i"))
+    out.append(f"    {rows_fn}({', '.join('tl.program_id(0)' if n == 'block' else n for n in rows_names)})")
+
+    def call(suffix: str, block: str) -> str:
+        picked = [block if n == "block" else (n if n in _SHARED_ARGS else f"{n}_{suffix}") for n in rows_names]
+        return f"{rows_fn}({', '.join(picked)})"
+
+    x2 = [f"{n}_a,  # first problem: {n}" for n in own] + [f"{n}_b,  # second problem: {n}" for n in own]
+    x2 += ["N,  # row length (the same for both)", "BLOCKS_A,  # row blocks of the first problem"]
+    x2 += [f"{f}_{s}: tl.constexpr," for s in ("a", "b") for f in flags] + _BLOCK_ARGS
+    out += ["", "", "@triton.jit", f"def {region.name}_{phase}_kernel_x2("] + [f"    {a}" for a in x2] + ["):"]
+    out.append(_kernel_doc(region, f"{what}; two problems in one grid: programs below BLOCKS_A take the first"))
+    out.append("    pid = tl.program_id(0)")
+    out.append("    if pid < BLOCKS_A:")
+    out.append(f"        {call('a', 'pid')}")
+    out.append("    else:")
+    out.append(f"        {call('b', 'pid - BLOCKS_A')}")
+    return "\n".join(out) + "\n"
 
 
 def _bwd_body(info: RegionInfo, k: _KernelNames, bw, live: set[str], block: str) -> list[str]:
@@ -432,25 +482,29 @@ def _out_dtype_texts(info: RegionInfo) -> list[str]:
     return out
 
 
-def _checks(info: RegionInfo) -> list[str]:
+def _checks(info: RegionInfo, lay: str = "lay", sfx: str = "") -> list[str]:
     """Launcher checks for per-row tensor inputs ([..., 1]) the row kernel cannot follow (rare; emitted only
-    where a value varies along the row through a strict subset of the tensor inputs)."""
+    where a value varies along the row through a strict subset of the tensor inputs). `lay` names the layout
+    and `sfx` ends the input names (a grouped launch's `_a` / `_b`)."""
     region = info.region
     all_t = set(info.tensor_inputs)
+
+    def names(xs) -> str:
+        return ", ".join(f"{x}{sfx}" for x in sorted(xs))
+
     lines = []
     for op in region.ops:
         if op.op == "sum" and not isinstance(op.args[0], (int, float)):
             lanes = info.values[op.args[0]].lanes
             if lanes and lanes != all_t:
-                ts = ", ".join(sorted(lanes))
-                lines.append(f'check_lanes("{region.name}", "sum({op.args[0]})", lay.N, {ts})')
+                lines.append(f'check_lanes("{region.name}", "sum({op.args[0]})", {lay}.N, {names(lanes)})')
     for o in region.outputs:
         v = info.values[o]
         if v.kind == FULL and v.lanes != all_t:
-            lines.append(f'check_lanes("{region.name}", "output {o}", lay.N, {", ".join(sorted(v.lanes))})')
+            lines.append(f'check_lanes("{region.name}", "output {o}", {lay}.N, {names(v.lanes)})')
         if v.deps != all_t:
-            shape = "lay.shape" if v.kind == FULL else "lay.row_shape"
-            lines.append(f'check_output_shape("{region.name}", "{o}", {shape}, {", ".join(sorted(v.deps))})')
+            shape = f"{lay}.shape" if v.kind == FULL else f"{lay}.row_shape"
+            lines.append(f'check_output_shape("{region.name}", "{o}", {shape}, {names(v.deps)})')
     return lines
 
 
@@ -542,6 +596,113 @@ def _render_function(info: RegionInfo, k: _KernelNames) -> str:
     return "\n".join(L) + "\n"
 
 
+def pair_params(region: RowRegion) -> list[str]:
+    """The parameters of a grouped call `<name>_x2`: the first call's inputs (`_a`), then the second's (`_b`)."""
+    return [f"{n}_a" for n in _params(region)] + [f"{n}_b" for n in _params(region)]
+
+
+def _render_pair_function(info: RegionInfo, k: _KernelNames) -> str:
+    """`<Name>PairFunction`: two calls of the region, one launch forward and one backward."""
+    region = info.region
+    even = ", even=True" if info.rotated_inputs() else ""
+    tensors = info.tensor_inputs
+    outs = k.out_local
+    position = {inp.name: i for i, inp in enumerate(region.inputs)}
+    L = [f"class {class_name(region).removesuffix('Function')}PairFunction(torch.autograd.Function):"]
+    L.append(f"    {_doc(region, 'two calls in one launch (forward and backward); saves only the inputs')}")
+    L += ["", "    @staticmethod", f"    def forward(ctx, {', '.join(pair_params(region))}):"]
+    for x in "ab":
+        ts = ", ".join(f"{t}_{x}" for t in tensors)
+        L.append(f'        lay_{x} = row_layout("{region.name}", {ts}{even})')
+    for x in "ab":
+        L += [f"        {c}" for c in _checks(info, f"lay_{x}", f"_{x}")]
+    for x in "ab":
+        for o, v, dt in zip(region.outputs, outs, _out_dtype_texts(info)):
+            shape = f"lay_{x}.shape" if info.kind(o) == FULL else f"lay_{x}.row_shape"
+            dt = re.sub(r"\b(\w+)\.dtype\b", rf"\1_{x}.dtype", dt)  # x.dtype -> x_a.dtype
+            L.append(f"        {v}_{x} = torch.empty({shape}, dtype={dt}, device=lay_{x}.device)  # output {o}")
+    L.append("        if not (lay_a.empty and lay_b.empty):")
+    L.append("            launch_pair(")
+    L.append(f"                {region.name}_fwd_kernel_x2, lay_a, lay_b,")
+    for x in "ab":
+        args = [f"{t}_{x}, *strides4({t}_{x}, lay_{x}.shape)" for t in tensors]
+        args += [f"float({sc}_{x})" for sc in info.scalar_inputs] + [f"{v}_{x}" for v in outs]
+        args += [f"lay_{x}.R", f"lay_{x}.D1", f"lay_{x}.D2"]
+        L.append(f"                ({', '.join(args)}),")
+    L.append("            )")
+    L.append(f"        ctx.save_for_backward({', '.join(f'{t}_{x}' for x in 'ab' for t in tensors)})")
+    L.append(f"        ctx.scalars = {_tuple([f'{sc}_{x}' for x in 'ab' for sc in info.scalar_inputs])}")
+    L.append("        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None")
+    L.append(f"        return {', '.join(f'{v}_{x}' for x in 'ab' for v in outs)}")
+    gouts = [f"{g}_{x}" for x in "ab" for g in k.gout]
+    L += ["", "    @staticmethod", f"    def backward(ctx, {', '.join(gouts)}):"]
+    L.append(f"        {_unpack([f'{t}_{x}' for x in 'ab' for t in tensors])} = ctx.saved_tensors")
+    if info.scalar_inputs:
+        L.append(f"        {_unpack([f'{sc}_{x}' for x in 'ab' for sc in info.scalar_inputs])} = ctx.scalars")
+    n_in = len(region.inputs)
+    if not info.grad_inputs:
+        L.append(f"        return {', '.join('None' for _ in range(2 * n_in))}")
+        return "\n".join(L) + "\n"
+    for x in "ab":
+        ts = ", ".join(f"{t}_{x}" for t in tensors)
+        L.append(f'        lay_{x} = row_layout("{region.name}", {ts}{even})')
+    for x, offset in (("a", 0), ("b", n_in)):
+        for o, g in zip(region.outputs, k.gout):
+            shape = f"lay_{x}.shape" if info.kind(o) == FULL else f"lay_{x}.row_shape"
+            L.append(f"        {g}_{x} = grad_or_zeros({g}_{x}, {shape}, {tensors[0]}_{x})")
+        for t in info.grad_inputs:
+            wanted = f"ctx.needs_input_grad[{position[t] + offset}]"
+            L.append(f"        {k.gin_buf[t]}_{x} = grad_buffer({t}_{x}, lay_{x}.shape, {wanted})")
+    L.append("        if not (lay_a.empty and lay_b.empty):")
+    L.append("            launch_pair(")
+    L.append(f"                {region.name}_bwd_kernel_x2, lay_a, lay_b,")
+    for x in "ab":
+        args = [f"{t}_{x}, *strides4({t}_{x}, lay_{x}.shape)" for t in tensors]
+        args += [f"float({sc}_{x})" for sc in info.scalar_inputs]
+        for o, g in zip(region.outputs, k.gout):
+            shape = f"lay_{x}.shape" if info.kind(o) == FULL else f"lay_{x}.row_shape"
+            args.append(f"{g}_{x}, *strides4({g}_{x}, {shape})")
+        for t in info.grad_inputs:
+            b = f"{k.gin_buf[t]}_{x}"
+            args.append(f"{tensors[0]}_{x} if {b} is None else {b}")
+        args += [f"lay_{x}.R", f"lay_{x}.D1", f"lay_{x}.D2"]
+        L.append(f"                ({', '.join(args)}),")
+    for x in "ab":
+        for t in info.grad_inputs:
+            L.append(f"                {k.store_flag[t]}_{x}={k.gin_buf[t]}_{x} is not None,")
+    L.append("            )")
+    rets = [
+        f"reduce_grad({k.gin_buf[i.name]}_{x}, {i.name}_{x})" if i.name in k.gin_buf else "None"
+        for x in "ab"
+        for i in region.inputs
+    ]
+    L.append(f"        return {', '.join(rets)}")
+    return "\n".join(L) + "\n"
+
+
+def _render_pair_launcher(info: RegionInfo) -> str:
+    region = info.region
+    params = pair_params(region)
+    a = ", ".join(params[: len(params) // 2])
+    b = ", ".join(params[len(params) // 2 :])
+    ta = ", ".join(f"{t}_a" for t in info.tensor_inputs)
+    tb = ", ".join(f"{t}_b" for t in info.tensor_inputs)
+    one = len(region.outputs) == 1
+    split = (
+        f"{region.name}_triton({a}), {region.name}_triton({b})"
+        if one
+        else (f"(*{region.name}_triton({a}), *{region.name}_triton({b}))")
+    )
+    cls = class_name(region).removesuffix("Function") + "PairFunction"
+    return (
+        f"def {region.name}_x2_triton({', '.join(params)}):\n"
+        f"    {_doc(region, 'two calls, one launch when their rows are equally long')}\n"
+        f"    if row_width({ta}) != row_width({tb}):\n"
+        f"        return {split}\n"
+        f"    return {cls}.apply({', '.join(params)})\n"
+    )
+
+
 def _render_launcher(info: RegionInfo) -> str:
     region = info.region
     params = ", ".join(_params(region))
@@ -552,16 +713,20 @@ def _render_launcher(info: RegionInfo) -> str:
     )
 
 
-def render_region_triton(region: RowRegion) -> str:
-    """Triton forward and backward kernels, the autograd.Function and `<name>_triton(<inputs>)`."""
+def render_region_triton(region: RowRegion, grouped: bool = False) -> str:
+    """Triton forward and backward kernels, the autograd.Function and `<name>_triton(<inputs>)`; for a
+    `grouped` region (its calls launch in pairs) also the `_x2` kernels, `<Name>PairFunction` and
+    `<name>_x2_triton(<inputs>_a, <inputs>_b)`."""
     info = analyze(region)
     k = _KernelNames(info)
     parts = [
-        _render_fwd_kernel(info, k),
-        _render_bwd_kernel(info, k),
+        _render_fwd_kernel(info, k, grouped),
+        _render_bwd_kernel(info, k, grouped),
         _render_function(info, k),
         _render_launcher(info),
     ]
+    if grouped:
+        parts += [_render_pair_function(info, k), _render_pair_launcher(info)]
     return "\n\n".join(parts)
 
 
@@ -569,7 +734,11 @@ def render_region_triton(region: RowRegion) -> str:
 # A whole kernels.py
 
 
-def render_kernels_module(regions: list[RowRegion], runtime_import: str = "from .kernels_runtime import") -> str:
+def render_kernels_module(
+    regions: list[RowRegion],
+    runtime_import: str = "from .kernels_runtime import",
+    grouped: frozenset[str] = frozenset(),
+) -> str:
     """`kernels.py` for the generated package: per region the PyTorch function, the Triton kernels (only when
     triton imports) and `<name>(<inputs>)` choosing Triton for CUDA tensors and PyTorch elsewhere."""
     head = [
@@ -592,7 +761,7 @@ def render_kernels_module(regions: list[RowRegion], runtime_import: str = "from 
         body.append(render_region_torch(r))
     body.append("if triton is not None:\n")
     for r in regions:
-        text = render_region_triton(r)
+        text = render_region_triton(r, r.name in grouped)
         body.append("\n".join(("    " + ln) if ln.strip() else "" for ln in text.splitlines()) + "\n")
     for r in regions:
         params = ", ".join(_params(r))

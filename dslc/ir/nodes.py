@@ -104,6 +104,15 @@ class Op:
     span: Span
 
 
+REGION_GROUP = "group"  # kwarg of a `region` op that makes several calls in one launch (passes/grouping.py)
+
+
+def group_size(op: Op) -> int:
+    """How many calls of its region a `region` op makes: 1, or its `group` kwarg."""
+    value = dict(op.kwargs).get(REGION_GROUP)
+    return int(value.value) if isinstance(value, Const) else 1
+
+
 @dataclass(frozen=True)
 class Loop:
     """`for var in submodule: body` over a `repeat` stack; `carried` pairs (outer value, body value)

@@ -480,11 +480,16 @@ class _Graph:
             if region is None:
                 self.err(f"call of unknown region `{op.target}`", op.span)
             else:
-                if len(op.args) != len(region.inputs):
-                    self.err(f"region `{op.target}` takes {len(region.inputs)} input(s), got {len(op.args)}", op.span)
-                if len(op.results) != len(region.outputs):
+                calls = N.group_size(op)
+                each = f" per call ({calls} calls)" if calls > 1 else ""
+                if len(op.args) != calls * len(region.inputs):
                     self.err(
-                        f"region `{op.target}` gives {len(region.outputs)} output(s), the op names {len(op.results)}",
+                        f"region `{op.target}` takes {len(region.inputs)} input(s){each}, got {len(op.args)}", op.span
+                    )
+                if len(op.results) != calls * len(region.outputs):
+                    self.err(
+                        f"region `{op.target}` gives {len(region.outputs)} output(s){each}, the op names "
+                        f"{len(op.results)}",
                         op.span,
                     )
         elif op.op == "fused_linear":

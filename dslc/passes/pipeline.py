@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from dslc.ir import nodes as N
 from dslc.passes.cleanup import copy_propagate, cse, dce
+from dslc.passes.grouping import group_regions
 from dslc.passes.horizontal import fuse_projections
 from dslc.passes.inline import inline_fusable
 from dslc.passes.residual import fuse_residual_norms
@@ -30,6 +31,7 @@ PIPELINE = [
     ),  # `norm(a + b)` -> `norm(a, residual = b)`: the add runs in the norm (needs types)
     ("row-fusion", fuse_rows),  # elementwise chains and last-dim reductions -> RowRegions (needs types)
     ("dce-after-fusion", dce),
+    ("region-group", group_regions),  # two independent calls of one region (rope of q and k) -> one launch
 ]
 
 

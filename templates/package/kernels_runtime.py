@@ -115,6 +115,12 @@ def _max_programs(device: torch.device) -> int:
     return _PROGRAMS[index]
 
 
+def row_width(*tensors: torch.Tensor) -> int:
+    """N, the last dim of the tensors' broadcast shape."""
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    return shape[-1] if shape else 1
+
+
 def strides4(t: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
     """The strides (in elements) of `t` broadcast to `shape`, padded on the left to 4 (0 where broadcast)."""
     st = t.expand(shape).stride()
@@ -205,9 +211,32 @@ def launch_rows(kernel, lay: RowLayout, *args, partial: bool = False, **constexp
     The grid is one program per block of BLOCK_M rows, or `lay.programs` programs for a backward that keeps
     partial sums (`partial`). The tile comes from `tuned_tile`: measured once per kernel, row width, dtypes
     and row-count bucket on CUDA, else the fixed rule of `row_layout`."""
-    block_m, num_warps = tuned_tile(kernel, lay, args, partial, constexprs)
-    grid = lay.partial_grid if partial else ((lay.R + block_m - 1) // block_m,)
-    kernel[grid](*args, **constexprs, BLOCK_M=block_m, BLOCK_N=lay.BLOCK_N, num_warps=num_warps)
+
+    def launch(block_m: int, num_warps: int) -> None:
+        grid = lay.partial_grid if partial else (_cdiv(lay.R, block_m),)
+        kernel[grid](*args, **constexprs, BLOCK_M=block_m, BLOCK_N=lay.BLOCK_N, num_warps=num_warps)
+
+    launch(*tuned_tile(kernel, lay, args, constexprs, launch))
+
+
+def launch_pair(kernel, lay_a: RowLayout, lay_b: RowLayout, args_a: tuple, args_b: tuple, **constexprs) -> None:
+    """Launch a grouped kernel (`<region>_x2`) over two problems of one region with the same row width:
+    programs below the first problem's block count take its rows, the others the second's. The tile is
+    tuned on the larger problem's layout."""
+    lay = lay_a if lay_a.R >= lay_b.R else lay_b
+
+    def launch(block_m: int, num_warps: int) -> None:
+        blocks_a = _cdiv(lay_a.R, block_m)
+        grid = (blocks_a + _cdiv(lay_b.R, block_m),)
+        kernel[grid](
+            *args_a, *args_b, lay.N, blocks_a, **constexprs, BLOCK_M=block_m, BLOCK_N=lay.BLOCK_N, num_warps=num_warps
+        )
+
+    launch(*tuned_tile(kernel, lay, args_a + args_b, constexprs, launch))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
 
 
 def tile_candidates(lay: RowLayout) -> list[tuple[int, int]]:
@@ -233,9 +262,9 @@ def autotune_mode() -> str:
     return {"1": "on", "0": "off", "true": "on", "false": "off"}.get(mode, mode)
 
 
-def tuned_tile(kernel, lay: RowLayout, args: tuple, partial: bool, constexprs: dict) -> tuple[int, int]:
-    """The tile for this launch: cached, or measured now (when tuning is on and this is no graph capture or
-    compile trace), or the fixed rule."""
+def tuned_tile(kernel, lay: RowLayout, args: tuple, constexprs: dict, launch) -> tuple[int, int]:
+    """The tile for this launch: cached, or measured now by calling `launch(BLOCK_M, num_warps)` with each
+    candidate (when tuning is on and this is no graph capture or compile trace), or the fixed rule."""
     key = _tile_key(kernel, lay, args, constexprs)
     if key in _TILES:
         return _TILES[key]
@@ -246,14 +275,7 @@ def tuned_tile(kernel, lay: RowLayout, args: tuple, partial: bool, constexprs: d
     mode = autotune_mode()
     if mode == "off" or (mode == "auto" and lay.device.type != "cuda") or not _may_measure(lay):
         return lay.BLOCK_M, lay.num_warps
-    timings = {}
-    for block_m, num_warps in tile_candidates(lay):
-        grid = lay.partial_grid if partial else ((lay.R + block_m - 1) // block_m,)
-
-        def run(grid=grid, block_m=block_m, num_warps=num_warps):
-            kernel[grid](*args, **constexprs, BLOCK_M=block_m, BLOCK_N=lay.BLOCK_N, num_warps=num_warps)
-
-        timings[block_m, num_warps] = _time(run, lay.device)
+    timings = {tile: _time(lambda tile=tile: launch(*tile), lay.device) for tile in tile_candidates(lay)}
     best = min(timings, key=timings.get)
     _TILES[key] = best
     _save_disk_cache()
