@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Decode speed: the dslc-generated Qwen2 package's `generate` against Hugging Face's, same weights.
 
-    python3 bench/decode.py [--json out.json] [--device cpu|cuda] [--repeats N] [--new N] [--prompt N]
+    python3 bench/decode.py [--json out.json] [--device cpu|cuda] [--repeats N] [--new N] [--prompt N] [--tiny]
 
 One random Qwen2 checkpoint written by HF `save_pretrained`, loaded by both. On CUDA: the Qwen2-0.5B
 shape (24 layers, hidden 896, vocab 151936, tied), bfloat16, prompt 128, 128 new tokens. On the CPU a
 reduced config (4 layers, hidden 512, vocab 32000), float32, prompt 32, 24 new tokens, so it runs in
-well under two minutes. Greedy decoding at batch 1 and 8 (no EOS, so every call decodes all tokens):
+well under two minutes; --tiny: a toy config (2 layers, hidden 64, vocab 256), prompt 8, 4 new tokens, for a
+seconds-long check of the script (bench/gpu.sh --dry-run). Greedy decoding at batch 1 and 8 (no EOS, so every call decodes all tokens):
 
 * dslc-eager: `generate(cuda_graph=False)`: static KV cache, one Python decode step per token;
 * dslc-graph (CUDA): `generate()`: the decode step (argmax included) replayed from a CUDA graph;
@@ -50,6 +51,14 @@ CONFIGS = {
         num_attention_heads=14,
         num_key_value_heads=2,
     ),
+    "tiny": dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
     "cpu": dict(
         vocab_size=32000,
         hidden_size=512,
@@ -70,6 +79,7 @@ COMMON = dict(
 DEFAULTS = {
     "cuda": dict(dtype="bfloat16", prompt=128, new=128, repeats=5),
     "cpu": dict(dtype="float32", prompt=32, new=24, repeats=3),
+    "tiny": dict(prompt=8, new=4, repeats=1),
 }
 ROPE_THETA = 1_000_000.0
 
@@ -78,7 +88,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def hf_config(device: str):
+def hf_config(config: str):
     import transformers as tf
 
     rope = (
@@ -86,15 +96,15 @@ def hf_config(device: str):
         if int(tf.__version__.split(".")[0]) >= 5
         else {"rope_theta": ROPE_THETA}
     )
-    return tf.Qwen2Config(**CONFIGS[device], **COMMON, **rope)
+    return tf.Qwen2Config(**CONFIGS[config], **COMMON, **rope)
 
 
-def make_checkpoint(folder: Path, device: str, seed: int) -> None:
+def make_checkpoint(folder: Path, config: str, seed: int) -> None:
     import torch
     import transformers as tf
 
     with common.hf_no_init():
-        model = tf.Qwen2ForCausalLM(hf_config(device))
+        model = tf.Qwen2ForCausalLM(hf_config(config))
     model.tie_weights()
     model = model.to(torch.float32).eval()
     common.randomize_(model, seed)
@@ -150,6 +160,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: usable cores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="a toy config, prompt 8, 4 new tokens: a quick check")
+    p.add_argument("--no-compile", action="store_true", help="leave out hf-static-compile (CUDA)")
     args = p.parse_args(argv)
 
     started = time.perf_counter()
@@ -159,7 +171,8 @@ def main(argv=None) -> int:
     from dslc.build import build
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    d = DEFAULTS[device]
+    config = "tiny" if args.tiny else device
+    d = {**DEFAULTS[device], **(DEFAULTS["tiny"] if args.tiny else {})}
     dtype_name = args.dtype or d["dtype"]
     dtype = getattr(torch, dtype_name)
     prompt, new, repeats = args.prompt or d["prompt"], args.new or d["new"], args.repeats or d["repeats"]
@@ -173,7 +186,7 @@ def main(argv=None) -> int:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "machine": common.machine_info(),
         "device": device,
-        "model": {**CONFIGS[device], **COMMON, "rope_theta": ROPE_THETA, "dtype": dtype_name},
+        "model": {**CONFIGS[config], **COMMON, "rope_theta": ROPE_THETA, "dtype": dtype_name},
         "prompt": prompt,
         "new_tokens": new,
         "repeats": repeats,
@@ -194,7 +207,7 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(pkg_dir))
         generated = __import__(NAME)
         t0 = time.perf_counter()
-        make_checkpoint(folder, device, args.seed)
+        make_checkpoint(folder, config, args.seed)
         log(f"random checkpoint written ({time.perf_counter() - t0:.1f} s)")
         ours = generated.Qwen2ForCausalLM.from_pretrained(folder, dtype=dtype, device=device)
         hf = tf.Qwen2ForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa").to(device).eval()
@@ -210,6 +223,11 @@ def main(argv=None) -> int:
         }
         if device == "cuda":
             impls["dslc-graph"] = lambda ids, n: ours.generate(ids, max_new_tokens=n, cuda_graph=True)
+        else:
+            results["skipped"] = {"dslc-graph": "CUDA only", "hf-static-compile": "CUDA only"}
+        if device == "cuda" and args.no_compile:
+            results["skipped"] = {"hf-static-compile": "--no-compile"}
+        elif device == "cuda":
             compile_config = tf.CompileConfig(fullgraph=True, mode="reduce-overhead")
             impls["hf-static-compile"] = lambda ids, n: hf.generate(
                 ids,
@@ -223,7 +241,7 @@ def main(argv=None) -> int:
         for batch in args.batches:
             ids = torch.randint(
                 3,
-                CONFIGS[device]["vocab_size"],
+                CONFIGS[config]["vocab_size"],
                 (batch, prompt),
                 generator=torch.Generator().manual_seed(args.seed + batch),
             ).to(device)

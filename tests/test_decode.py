@@ -23,7 +23,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "dectest_qwen2"
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 # ---- fixtures ------------------------------------------------------------------------------------------------
@@ -326,7 +325,7 @@ def _assert_near_greedy(hf, seq, mask, prompt, tol):
         assert bool((gap <= tol).all()), f"position {t}: our token is {gap.max():.4f} below HF's argmax logit"
 
 
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_graph_greedy_equals_eager_and_hf(pkg, cg, qwen2_dir, hf_cuda, dtype, batch):
@@ -360,7 +359,7 @@ def test_graph_greedy_equals_eager_and_hf(pkg, cg, qwen2_dir, hf_cuda, dtype, ba
     cg.release(model)
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_graph_replays_once_per_token_and_is_reused(pkg, cg, qwen2_dir):
     model = _cuda_model(pkg, qwen2_dir, "bf16")
     ids, mask = _left_padded(4, 10, seed=3, device="cuda")
@@ -378,7 +377,7 @@ def test_graph_replays_once_per_token_and_is_reused(pkg, cg, qwen2_dir):
     assert cg.decoder_of(model) is None
 
 
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("kw", [dict(temperature=1.3), dict(top_k=10, top_p=0.9)], ids=["temperature", "top_k_p"])
 def test_graph_sampling_equals_eager_sampling(pkg, cg, qwen2_dir, kw):
     model = _cuda_model(pkg, qwen2_dir, "fp32")
@@ -398,7 +397,7 @@ def test_graph_sampling_equals_eager_sampling(pkg, cg, qwen2_dir, kw):
     cg.release(model)
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_failed_capture_warns_and_decodes_eagerly(pkg, cg, qwen2_dir, monkeypatch):
     model = _cuda_model(pkg, qwen2_dir, "fp32")
     ids, mask = _left_padded(2, 8, seed=8, device="cuda")
@@ -417,7 +416,7 @@ def test_failed_capture_warns_and_decodes_eagerly(pkg, cg, qwen2_dir, monkeypatc
     assert cg.decoder_of(model) is None, "a failed capture is not kept"
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_graph_decoder_by_hand_counts_replays(pkg, cg, qwen2_dir):
     model = _cuda_model(pkg, qwen2_dir, "bf16")
     ids, mask = _left_padded(4, 7, seed=2, device="cuda")
