@@ -70,14 +70,17 @@ def default_chunk(tokens: int, vocab: int, hidden_size: int, dtype: torch.dtype)
     Time: per chunk the three GEMMs (logits, grad hidden, grad weight) cost 6*C*V*H flops and the float32
     grad-weight accumulation moves 12*V*H bytes whatever C (bf16 partial written, read back, float32 read and
     written), so with F flop/s and B byte/s the accumulation is 2*F / (C*B) of the GEMM time, independent of
-    V and H: about 400 / C on an H200 (~1e15 bf16 flop/s, 4.8e12 byte/s). Beside it the chunk's element-wise
-    row pass (~44 bytes per logit) makes the accumulation ~224 / C of the chunk's time at H = 896, so chunks
-    of a few thousand tokens keep it near 10% while hundreds of tokens (the former rule: ~220 at V = 151936)
-    make it the largest cost. `hidden_size` does not change the rule beyond this (kept for callers that size
-    chunks by it).
+    V and H: about 400 / C on an H200 (~1e15 bf16 flop/s, 4.8e12 byte/s). Beside the GEMMs the chunk's
+    element-wise row pass moves ~42 bytes per logit in bf16 (GEMM output 2, fp32 copy 2 + 4, max 4, exp
+    8 + 8, sum 4, scaled bf16 gradient 4 + 2, read by the two GEMMs 2 + 2), so the accumulation is ~160 / C
+    of the chunk's time at H = 896: 8% at 2048 tokens, while hundreds of tokens (the former rule: ~220 at
+    V = 151936, 37 chunks at 8192 tokens) made it a cost as large as the GEMMs. `hidden_size` does not
+    change the rule beyond this (kept for callers that size chunks by it).
 
     Qwen2-0.5B (N = 8192, V = 151936, H = 896, bf16): the budget is 1.87 GB (0.75 * 2 * N * V), 7.47 GB of
     buffers in all, 4 chunks of 2048 tokens: 1.87 GB of [C, V] buffers per chunk, against HF's >= 12.4 GB.
+    Estimated on an H200: GEMMs 6.7 Tflop (~7 ms), row passes ~52 GB (~11 ms), accumulation 4 x 1.63 GB
+    (~1.4 ms; the former 37 chunks: ~13 ms, besides its ~33 ms float32 grad-weight GEMM).
     """
     del hidden_size  # see above: the trade-off between memory and accumulation traffic does not involve it
     if tokens <= 0:
