@@ -6,6 +6,8 @@ divided by that count, as transformers' `fixed_cross_entropy` does.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -45,65 +47,145 @@ def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, num
     return _cross_entropy(logits.float(), labels.reshape(-1).to(logits.device), num_items_in_batch)
 
 
-class FusedLinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `hidden @ weight.T + bias` against `labels`, chunk by chunk of tokens.
+MIN_CHUNK_BYTES = 256 << 20  # below this the [C, V] buffers are small next to the rest of a step: one chunk
+MAX_CHUNK_BYTES = 2 << 30  # above this more tokens per chunk no longer pay (accumulation traffic under ~10%)
 
-    The [tokens, vocab] logits never exist at once: each chunk's logits are turned into its loss
-    and, right away, into its gradients for hidden, weight and bias (softmax - one_hot), which
-    backward only scales. Peak extra memory is one chunk of logits plus the gradient buffers.
+
+def chunk_buffer_bytes(vocab: int, dtype: torch.dtype) -> int:
+    """Bytes per token of the [C, V] buffers one chunk holds at once (see FusedLinearCrossEntropy.forward):
+    the float32 logits (4) and, for a narrower dtype, the logits or gradient in that dtype (2 for bf16)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return vocab * (4 + (size if size < 4 else 0))
+
+
+def default_chunk(tokens: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk of the fused loss for `tokens` x `hidden_size` hidden states, a `vocab`-row head in `dtype`.
+
+    Memory: the chunk's [C, V] buffers (`chunk_buffer_bytes`: 6 bytes per logit in bf16, 4 in float32) get a
+    budget of 3/4 of the [N, V] logits in `dtype` that HF eager materializes as its first step (it then holds
+    an fp32 copy and the fp32 and bf16 gradients too: >= 10 bytes per logit in bf16), clamped to
+    [MIN_CHUNK_BYTES, MAX_CHUNK_BYTES]; the chunks are the fewest that fit it, of equal size (one token
+    per chunk at least, even where a token's buffers alone exceed the budget).
+
+    Time: per chunk the three GEMMs (logits, grad hidden, grad weight) cost 6*C*V*H flops and the float32
+    grad-weight accumulation moves 12*V*H bytes whatever C (bf16 partial written, read back, float32 read and
+    written), so with F flop/s and B byte/s the accumulation is 2*F / (C*B) of the GEMM time, independent of
+    V and H: about 400 / C on an H200 (~1e15 bf16 flop/s, 4.8e12 byte/s). Beside the GEMMs the chunk's
+    element-wise row pass moves ~42 bytes per logit in bf16 (GEMM output 2, fp32 copy 2 + 4, max 4, exp
+    8 + 8, sum 4, scaled bf16 gradient 4 + 2, read by the two GEMMs 2 + 2), so the accumulation is ~160 / C
+    of the chunk's time at H = 896: 8% at 2048 tokens, while hundreds of tokens (the former rule: ~220 at
+    V = 151936, 37 chunks at 8192 tokens) made it a cost as large as the GEMMs. `hidden_size` does not
+    change the rule beyond this (kept for callers that size chunks by it).
+
+    Qwen2-0.5B (N = 8192, V = 151936, H = 896, bf16): the budget is 1.87 GB (0.75 * 2 * N * V), 7.47 GB of
+    buffers in all, 4 chunks of 2048 tokens: 1.87 GB of [C, V] buffers per chunk, against HF's >= 12.4 GB.
+    Estimated on an H200: GEMMs 6.7 Tflop (~7 ms), row passes ~52 GB (~11 ms), accumulation 4 x 1.63 GB
+    (~1.4 ms; the former 37 chunks: ~13 ms, besides its ~33 ms float32 grad-weight GEMM).
+    """
+    del hidden_size  # see above: the trade-off between memory and accumulation traffic does not involve it
+    if tokens <= 0:
+        return 1
+    size = torch.empty((), dtype=dtype).element_size()
+    per_token = chunk_buffer_bytes(vocab, dtype)
+    budget = min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, 3 * tokens * vocab * size // 4))
+    most = max(1, budget // per_token)  # tokens that fit the budget (integers: exact at the 3/4 boundary)
+    chunks = -(-tokens // most)  # the fewest chunks of at most `most` tokens...
+    return -(-tokens // chunks)  # ...of equal size (the last one up to `chunks - 1` tokens shorter)
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of `hidden @ weight.T + bias` against `labels`, chunk by chunk of tokens.
+
+    The [tokens, vocab] logits never exist at once: each chunk's logits are turned, in place, into its loss
+    and right away into its gradients for hidden, weight and bias (softmax - one_hot), which backward only
+    scales by grad_loss / total (the mean's divisor, or `num_items_in_batch`).
+
+    The three GEMMs take the input dtype (bf16 in training) and accumulate in float32 inside the GEMM, as HF's
+    F.linear and its backward do; the loss and softmax are computed on float32 logits, as HF upcasts them.
+    The weight gradient is one bf16 GEMM per chunk, [V, C] @ [C, H] -> [V, H] in bf16, added into a float32
+    [V, H] accumulator: per chunk 2*V*H flops * C for the GEMM against 12*V*H bytes for the accumulation
+    (2 written by the GEMM, 2 + 4 read, 4 written); `default_chunk` sizes chunks so that is ~10% of the chunk.
+    Accumulating into the bf16 weight dtype instead (Liger's addmm_) would move 4*V*H bytes but round the
+    running sum to bf16 once per chunk; the float32 accumulator rounds each chunk's partial once, like HF's
+    single GEMM over all tokens. float32 inputs run float32 GEMMs (addmm_ into the float32 accumulator): exact
+    as the unfused loss. Peak extra memory: one chunk's [C, V] buffers (`chunk_buffer_bytes`) plus the
+    gradients (float32 [V, H] and the bf16 partial for a bf16 weight).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk: int, num_items_in_batch=None):
         # hidden: [N, H]; weight: [V, H]; bias: [V] or None; labels: [N] with IGNORE_INDEX skipped
         n = hidden.shape[0]
+        dtype = weight.dtype  # the GEMMs' operand dtype
         valid = labels != IGNORE_INDEX
         total = valid.sum()  # the mean's divisor, unless HF Trainer gives the count over the whole batch
         if num_items_in_batch is not None:
             total = torch.as_tensor(num_items_in_batch, device=hidden.device)
         need_h, need_w = hidden.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
         grad_hidden = torch.empty_like(hidden) if need_h else None
-        grad_weight = None  # float32 [V, H], accumulated in place: no vocab-sized temporary per chunk
-        grad_bias = (
-            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
-        )
+        grad_weight = None  # float32 [V, H], accumulated in place
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        b = bias.to(dtype) if bias is not None else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk):
-            h = hidden[start : start + chunk]  # [C, H]
-            y = labels[start : start + chunk]  # [C]
-            logits = (h @ weight.T).float()  # [C, V], the only vocab-sized buffer
-            if bias is not None:
-                logits += bias.float()
-            keep = (y != IGNORE_INDEX).float()  # [C]
-            target = y.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)  # [C]
-            loss += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * keep).sum()
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: [C, V]
-            grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1.0
-            grad *= (keep / total)[:, None]
+            h = hidden[start : start + chunk].to(dtype)  # [C, H]
+            keep = valid[start : start + chunk]  # [C]
+            target = labels[start : start + chunk].clamp(min=0)[:, None]  # [C, 1]
+            # [C, V] buffers alive at once, in bf16: `logits` (bf16) and `z` (fp32) until `del logits`, then
+            # `z` and `grad` (bf16): 6 bytes per logit. In float32 `z` is `logits` and `grad` is `z`: 4 bytes.
+            logits = h @ weight.T if b is None else torch.addmm(b, h, weight.T)  # [C, V] in dtype
+            z = logits.float()  # [C, V] float32 (the same tensor for float32 inputs)
+            del logits
+            z_target = z.gather(1, target).squeeze(1)  # [C]
+            top = z.amax(dim=1, keepdim=True)  # [C, 1]
+            z.sub_(top).exp_()  # in place: exp(logits - max)
+            norm = z.sum(dim=1, keepdim=True)  # [C, 1]
+            lse = (top + norm.log()).squeeze(1)  # [C]
+            zero = torch.zeros((), device=z.device)
+            loss += torch.where(keep, lse - z_target, zero).sum()
+            if not (need_h or need_w or need_b):
+                del z  # before the next chunk's buffers
+                continue
+            # softmax, 0 on ignored rows: in place in float32, else written once into the bf16 gradient
+            scale = torch.where(keep[:, None], norm.reciprocal(), zero)  # [C, 1]
+            grad = z.mul_(scale) if z.dtype == dtype else torch.mul(z, scale, out=torch.empty_like(z, dtype=dtype))
+            del z
+            # - one_hot, from the float32 log-probability: p - 1 = expm1(log p), exact even for p near 1
+            at_target = torch.where(keep, torch.expm1(z_target - lse), zero)  # [C]
+            grad.scatter_(1, target, at_target[:, None].to(dtype))
             if need_h:
-                grad_hidden[start : start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[start : start + chunk] = grad @ weight  # [C, H], cast to hidden's dtype
             if need_w:
                 if grad_weight is None:
-                    grad_weight = grad.T @ h.float()
+                    grad_weight = (grad.T @ h).float()  # [V, H]
+                elif dtype == torch.float32:
+                    grad_weight.addmm_(grad.T, h)
                 else:
-                    grad_weight.addmm_(grad.T, h.float())
-            if grad_bias is not None:
-                grad_bias += grad.sum(dim=0)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.has = (need_h, need_w, bias is not None)
-        ctx.weight_dtype = weight.dtype
+                    grad_weight += grad.T @ h  # a bf16 [V, H] partial into the float32 sum
+            if need_b:
+                grad_bias += grad.sum(dim=0, dtype=torch.float32)
+            del grad  # freed before the next chunk allocates its logits: one chunk's buffers at a time
+        ctx.save_for_backward(total, grad_hidden, grad_weight, grad_bias)
+        ctx.has = (need_h, need_w, need_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.used = False
         return loss / total
 
     @staticmethod
     def backward(ctx, grad_loss):
         # the gradients were computed in forward; scale them in place (so backward runs once per forward)
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        need_h, need_w, has_bias = ctx.has
+        if ctx.used:
+            raise RuntimeError("the fused linear cross-entropy computes its gradients once: backward ran twice")
+        ctx.used = True
+        total, grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.has
+        # no kept token: every gradient is 0 (HF's too), and stays 0 rather than 0 * inf
+        scale = torch.where(total > 0, grad_loss.float() / total, torch.zeros((), device=grad_loss.device))
         return (
-            grad_hidden.mul_(grad_loss) if need_h else None,
-            grad_weight.mul_(grad_loss).to(ctx.weight_dtype) if need_w else None,
-            grad_bias.mul_(grad_loss) if has_bias else None,
+            grad_hidden.mul_(scale.to(grad_hidden.dtype)) if need_h else None,
+            grad_weight.mul_(scale).to(ctx.dtypes[0]) if need_w else None,
+            grad_bias.mul_(scale).to(ctx.dtypes[1]) if need_b else None,
             None,
             None,
             None,
@@ -118,10 +200,60 @@ def fused_causal_lm_loss(
     chunk: int | None = None,
     num_items_in_batch=None,
 ) -> torch.Tensor:
-    """`causal_lm_loss(hidden @ weight.T + bias, labels)` without materializing the logits."""
+    """`causal_lm_loss(hidden @ weight.T + bias, labels)` without materializing the logits.
+
+    `chunk`: tokens per chunk; None picks `default_chunk(tokens, vocab, hidden_size, dtype)`."""
     # hidden: [B, T, H]; labels: [B, T]
     labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1).to(hidden.device)  # [B*T]
     flat = hidden.reshape(-1, hidden.shape[-1])  # [B*T, H]
-    if chunk is None:  # about 128 MiB of float32 logits per chunk: few, large matmuls
-        chunk = max(8, min(flat.shape[0], (1 << 25) // weight.shape[0]))
+    if chunk is None:
+        chunk = default_chunk(flat.shape[0], weight.shape[0], weight.shape[1], weight.dtype)
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk}: the fused loss needs at least one token per chunk")
     return FusedLinearCrossEntropy.apply(flat, weight, bias, labels, chunk, num_items_in_batch)
+
+
+def benchmark_fused_loss(
+    tokens: int = 8192,
+    hidden_size: int = 896,
+    vocab: int = 151936,
+    dtype: torch.dtype = torch.bfloat16,
+    device=None,
+    chunk: int | None = None,
+    repeats: int = 5,
+    unfused: bool = True,
+) -> dict:
+    """Time forward + backward of the fused loss (and of `causal_lm_loss` on materialized logits, as HF eager)
+    at one shape; defaults are Qwen2-0.5B's head at 8192 tokens. Returns milliseconds (best of `repeats`
+    after one warm-up), the chunk used, and on CUDA the peak memory each allocated beyond its inputs."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(1, tokens, hidden_size, generator=g).to(device, dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=g) * 0.02).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (1, tokens), generator=g).to(device)
+    used = chunk or default_chunk(tokens, vocab, hidden_size, dtype)
+    runs = {"fused": lambda: fused_causal_lm_loss(hidden, weight, None, labels, chunk=used)}
+    if unfused:
+        runs["unfused"] = lambda: causal_lm_loss(hidden @ weight.T, labels)
+    result = {"tokens": tokens, "hidden_size": hidden_size, "vocab": vocab, "dtype": str(dtype), "chunk": used}
+    for name, run in runs.items():
+        best, peak, loss = float("inf"), None, None
+        for i in range(repeats + 1):
+            hidden.grad = weight.grad = None
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            start = time.perf_counter()
+            loss = run()
+            loss.backward()
+            if cuda:
+                torch.cuda.synchronize(device)
+                peak = torch.cuda.max_memory_allocated(device) - base
+            if i:  # the first run warms up (allocator, kernels)
+                best = min(best, time.perf_counter() - start)
+        result[f"{name}_ms"] = best * 1e3
+        result[f"{name}_peak_bytes"] = peak
+        result[f"{name}_loss"] = loss.item()
+    return result
