@@ -126,7 +126,9 @@ def md_kernels(k: dict) -> list[str]:
     for c in k.get("cases", []):
         dslc = c["impls"].get("dslc")
         best_other = [
-            r["ms"] for name, r in c["impls"].items() if name != "dslc" and r and "error" not in r and "ms" in r
+            r["ms"]
+            for name, r in c["impls"].items()
+            if not name.startswith("dslc") and r and "error" not in r and "ms" in r
         ]
         speed = common.fmt_ratio(min(best_other) / dslc["ms"]) if dslc and "error" not in dslc and best_other else "-"
         rows.append(

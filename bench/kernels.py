@@ -12,7 +12,8 @@ Regions: rms_norm, rms_norm_residual (residual add + norm), attention_apply_rope
 it) and gated_mlp_pointwise (SwiGLU), at rows x hidden = 2048 x 4096 and 8192 x 4096 in bf16 (rope: q and k
 of [B, 16, T, 128] each, the same element count), forward and forward+backward. Implementations:
 
-* dslc: the generated Triton kernels;
+* dslc: the generated Triton kernels (rope: q and k in one grouped launch, `attention_apply_rope_x2`);
+* dslc (2 launches): rope only, q and k as two launches, to show what the grouping saves;
 * torch: the region's PyTorch rendering, eager (what the package runs off CUDA);
 * torch.compile: the same function under torch.compile (inductor);
 * liger: LigerRMSNorm, LigerFusedAddRMSNorm, liger_rotary_pos_emb, LigerSiLUMulFunction (when importable).
@@ -155,7 +156,11 @@ def make_cases(K, KT, shape, device, dtype, liger):
     cos, sin = ang.cos().to(device), ang.sin().to(device)
     q, k = rn(B, heads, T, HEAD_DIM), rn(B, heads, T, HEAD_DIM)
     impls = {
-        "dslc": lambda c, q, k, s: (KT.attention_apply_rope_triton(c, q, s), KT.attention_apply_rope_triton(c, k, s)),
+        "dslc": lambda c, q, k, s: KT.attention_apply_rope_x2_triton(c, q, s, c, k, s),  # one launch, as the model
+        "dslc (2 launches)": lambda c, q, k, s: (
+            KT.attention_apply_rope_triton(c, q, s),
+            KT.attention_apply_rope_triton(c, k, s),
+        ),
         "torch": lambda c, q, k, s: (K.attention_apply_rope_torch(c, q, s), K.attention_apply_rope_torch(c, k, s)),
     }
     if liger is not None:

@@ -172,7 +172,14 @@ def test_kernels_come_from_region_op_lists(pkg, report):
         for n in tree.body
         if isinstance(n, ast.FunctionDef) and any(ast.unparse(d).startswith("triton.jit") for d in n.decorator_list)
     ]
+    # regions whose calls the region-group pass paired (`<name>_x2` in kernels.py) also get the body as a
+    # `_rows` function and a two-problem `_kernel_x2`
+    grouped = {name for name in regions if f"def {name}_x2(" in (folder / "kernels.py").read_text()}
+    assert grouped, "q and k rope should launch together"
     expected = {f"{name}_{kind}_kernel" for name in regions for kind in ("fwd", "bwd")}
+    expected |= {
+        f"{name}_{kind}_{what}" for name in grouped for kind in ("fwd", "bwd") for what in ("rows", "kernel_x2")
+    }
     names = [n.name for n in jitted]
     assert sorted(names) == sorted(expected), "one forward and one backward kernel per region, nothing else"
 
@@ -180,7 +187,9 @@ def test_kernels_come_from_region_op_lists(pkg, report):
     camel = {"".join(p.capitalize() for p in name.split("_")): name for name in regions}
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            base = re.sub(r"(_fwd_kernel|_bwd_kernel|_triton|Function)$", "", node.name)
+            base = re.sub(
+                r"(_(fwd|bwd)_(kernel|kernel_x2|rows)|_x2_triton|_triton|PairFunction|Function)$", "", node.name
+            )
             assert base in regions or base in camel, f"{node.name} is not named after a fused region"
     # region names come from the spec's modules and values, so the only layer words are the spec's own
     modules = {
@@ -201,7 +210,7 @@ def test_kernels_come_from_region_op_lists(pkg, report):
     # each forward kernel computes its region's ops, in order (the generator comments each line with its op)
     by_name = {n.name: n for n in jitted}
     for name, region in regions.items():
-        body = ast.get_source_segment(source, by_name[f"{name}_fwd_kernel"])
+        body = ast.get_source_segment(source, by_name[f"{name}_fwd_{'rows' if name in grouped else 'kernel'}"])
         pos = 0
         for op in region.ops:
             m = re.search(rf"# \[.*?\] {op.op}\(", body[pos:])
