@@ -150,3 +150,17 @@ def test_kv_cache_decoding_matches_full_attention(attn, impl, window, softcap):
             q[:, :, sl], k[:, :, sl], v[:, :, sl], ctx, cache, causal=True, window=window, softcap=softcap
         )
         torch.testing.assert_close(got[real[:, :, sl]], full[:, :, sl][real[:, :, sl]])
+
+
+def test_compiled_flex_serves_every_softcap(attn, monkeypatch):
+    """torch.compile(flex_attention), as CUDA runs it, here on the CPU backend (one compile, a few
+    seconds): two sites with different caps share the compiled kernel (the cap is a tensor input; as a
+    Python float the second cap made it recompile with a symbolic float that failed to lower)."""
+    compiled = torch.compile(attn.flex_attention)
+    monkeypatch.setattr(attn, "_flex_fn", lambda device: compiled)
+    q, k, v = _qkv((4, 2), t=16, d=16, seed=5)
+    key_mask = _key_mask(2, 16, True)
+    ctx = attn.AttentionContext(key_mask, torch.arange(16), impl="flex")
+    for softcap in (5.0, 2.0):
+        got = attn.attention(q, k, v, ctx, None, causal=True, window=6, softcap=softcap)
+        torch.testing.assert_close(got, reference(q, k, v, key_mask, True, 6, softcap), rtol=1e-5, atol=1e-5)

@@ -228,9 +228,12 @@ def _flex(q, k, v, ctx: AttentionContext, causal, window, softcap, scale) -> tor
     block_mask = ctx.block_mask(k.shape[2], causal, window, q.device)
     score_mod = None
     if softcap is not None:
+        # a tensor, not a Python float: the compiled kernel then takes it as an input, so sites with
+        # other caps reuse it (a float would be specialized, then turned into a symbolic one that fails to lower)
+        cap = torch.full((), softcap, dtype=torch.float32, device=q.device)
 
         def score_mod(score, b, h, q_idx, kv_idx):  # score: q . k * scale
-            return softcap * torch.tanh(score / softcap)
+            return cap * torch.tanh(score / cap)
 
     run = _flex_fn(q.device)
     return run(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
