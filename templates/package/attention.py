@@ -10,14 +10,14 @@ variable, `auto` when unset):
 
 * `auto`: plain causal / padding attention (no window, no softcap) runs SDPA, which has fused kernels
   for it. Soft-capped logits (Gemma 2) or a sliding window run FlexAttention on CUDA, compiled
-  (`torch.compile(flex_attention)`, once per process): the softcap is a `score_mod`, causality, the
-  window and key padding are a `mask_mod` turned into a block mask, which also skips the key blocks
-  outside the window (a dense boolean mask for SDPA would still visit them). Elsewhere (CPU, and on
-  CUDA for single-token decode steps, which the CUDA-graph decoder captures and where one query row
-  has nothing to skip, or a head grouping that is not a power of two) soft-capped logits take the
-  eager path and a window takes SDPA with a boolean mask.
-* `flex`: every call runs FlexAttention: compiled on CUDA, eager (unfused, for testing) on other
-  devices. torch 2.13 refuses FlexAttention backward on CPU.
+  (`torch.compile(flex_attention)`, once per process): the softcap is a `score_mod`; causality, the
+  window and key padding are a `mask_mod` turned into a block mask, which skips the key blocks
+  outside the window (a dense boolean mask for SDPA would still visit them). Not on CUDA, or for a
+  single-token decode step (which the CUDA-graph decoder captures; its dense mask is one row per
+  sequence, [B, 1, 1, S]), or when the query heads per key/value head are not a power of two (FlexAttention's
+  short-query kernel needs one): soft-capped logits take the eager path, a window SDPA with a boolean mask.
+* `flex`: every call runs FlexAttention: compiled on CUDA, eager (unfused, slower than `eager`: for
+  testing) on other devices, where torch 2.13 refuses its backward.
 * `sdpa`: never FlexAttention: SDPA (with a boolean mask where needed), the eager path for softcaps.
 * `eager`: every call computes softmax(q k^T) v explicitly, the reference.
 
