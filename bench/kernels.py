@@ -34,6 +34,7 @@ the first shape of rms_norm only, Liger only where CUDA is present), timed by a 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -371,6 +372,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     # a fresh Triton cache: the first call of each region times the JIT compile of this build
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="dslc-kernels-triton-cache-")
+    # and a fresh tile cache: the warm-up includes the tile tuning (kernels_runtime.tuned_tile) of this build
+    tiles = Path(tempfile.mkdtemp(prefix="dslc-kernels-tiles-")) / "tiles.json"
+    os.environ["DSLC_AUTOTUNE_CACHE"] = str(tiles)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
@@ -432,6 +436,8 @@ def main(argv=None) -> int:
         except Exception as e:
             warm[case.region] = {"error": err(e)}
     result["jit_warmup"] = warm
+    # the tuned tiles (kernel|row width|rows|dtypes|flags|device -> [BLOCK_M, num_warps]); none off CUDA
+    result["tuned_tiles"] = json.loads(tiles.read_text()) if tiles.exists() else {}
     log("JIT warm-up: " + ", ".join(f"{k} {v.get('fwd_s', 0) + v.get('bwd_s', 0):.2f}s" for k, v in warm.items()))
 
     result["cases"] = []

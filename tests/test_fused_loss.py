@@ -239,3 +239,74 @@ def test_fused_loss_peak_memory_is_a_fraction_of_unfused(losses):
     assert abs(fused["loss"] - plain["loss"]) < 1e-3
     assert plain["peak_extra_kib"] > logits_kib  # the unfused loss does hold the logits
     assert fused["peak_extra_kib"] < plain["peak_extra_kib"] / 4
+
+
+# ---- the Triton row pass (losses_triton.py), under TRITON_INTERPRET=1 on the CPU ---------------------------------
+
+
+@pytest.fixture
+def triton_backend(losses):
+    """The package's Triton path forced on (the fused loss then runs losses_triton's row kernel)."""
+    pytest.importorskip("triton")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton row kernel runs on the CPU only under TRITON_INTERPRET=1 (scripts/test.sh sets it)")
+    kernels = importlib.import_module("qwen2_loss.kernels")
+    kernels.set_backend("triton")
+    yield losses[0]
+    kernels.set_backend("auto")
+
+
+@pytest.mark.parametrize("block", [None, 512])  # the whole row in one step; six steps of 512 columns
+def test_triton_row_pass_matches_cross_entropy(triton_backend, block):
+    rows_mod = importlib.import_module("qwen2_loss.losses_triton")
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(9, 3001, generator=g) * 4
+    target = torch.randint(0, 3001, (9,), generator=g)
+    keep = torch.ones(9, dtype=torch.bool)
+    keep[[2, 7]] = False
+    x = logits.clone().requires_grad_()
+    want_loss = torch.nn.functional.cross_entropy(x, target, reduction="none")
+    (want_grad,) = torch.autograd.grad(want_loss.sum(), x)
+    buf = logits.clone()
+    got = rows_mod.cross_entropy_rows(buf, target, keep, write_grad=True, block=block)
+    torch.testing.assert_close(got, torch.where(keep, want_loss, 0.0))
+    torch.testing.assert_close(buf, want_grad * keep[:, None], rtol=1e-5, atol=1e-6)
+    untouched = logits.clone()
+    rows_mod.cross_entropy_rows(untouched, target, keep, write_grad=False, block=block)
+    assert torch.equal(untouched, logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_loss_on_the_triton_path_matches_the_torch_path(losses, triton_backend, dtype, bias):
+    mod = triton_backend
+    kernels = importlib.import_module("qwen2_loss.kernels")
+    hidden, weight, b, labels = _problem(bias=bias, dtype=dtype)
+    got = mod.fused_causal_lm_loss(hidden, weight, b, labels, chunk=7)
+    got_grads = torch.autograd.grad(got, _params(hidden, weight, b))
+    kernels.set_backend("torch")
+    want = mod.fused_causal_lm_loss(hidden, weight, b, labels, chunk=7)
+    want_grads = torch.autograd.grad(want, _params(hidden, weight, b))
+    kernels.set_backend("triton")
+    tol = {} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    for a, e in zip(got_grads, want_grads):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a, e, **tol)
+
+
+def test_fused_loss_on_the_triton_path_all_ignored_and_no_grad(triton_backend):
+    mod = triton_backend
+    hidden, weight, _, labels = _problem()
+    labels[:] = -100
+    loss = mod.fused_causal_lm_loss(hidden, weight, None, labels, chunk=5)
+    assert torch.isnan(loss)  # as HF's mean over no token
+    gh, gw = torch.autograd.grad(loss, (hidden, weight))
+    assert not gh.any() and not gw.any()
+    with torch.no_grad():
+        hidden2, weight2, _, labels2 = _problem()
+        torch.testing.assert_close(
+            mod.fused_causal_lm_loss(hidden2, weight2, None, labels2), _unfused(mod, hidden2, weight2, None, labels2)
+        )

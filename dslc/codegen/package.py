@@ -23,6 +23,7 @@ STATIC_FILES = (
     "generation.py",
     "kernels_runtime.py",
     "losses.py",
+    "losses_triton.py",
     "model_base.py",
     "outputs.py",
 )

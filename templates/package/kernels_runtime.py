@@ -240,13 +240,16 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def tile_candidates(lay: RowLayout) -> list[tuple[int, int]]:
-    """(BLOCK_M, num_warps) pairs to try: tiles of 1K to 8K elements with the rule's warps, and the rule's
-    tile with half and twice its warps. Four to six distinct pairs; each is one Triton compile."""
-    out = [(lay.BLOCK_M, lay.num_warps)]
-    for budget in (1024, 2048, 4096, 8192):
-        block_m = max(1, min(budget // lay.BLOCK_N, 64, _next_pow2(lay.R)))
-        out.append((block_m, min(32, max(4, block_m * lay.BLOCK_N // 512))))
-    out += [(lay.BLOCK_M, max(1, lay.num_warps // 2)), (lay.BLOCK_M, min(32, lay.num_warps * 2))]
+    """(BLOCK_M, num_warps) pairs to try, at most four (each is one Triton compile, once per kernel and key
+    thanks to the caches): the rule's tile with its warps, half and twice as many, and a 4x taller tile."""
+    taller = max(1, min(4 * lay.BLOCK_M * lay.BLOCK_N, 8192) // lay.BLOCK_N)
+    taller = min(taller, 64, _next_pow2(lay.R))
+    out = [
+        (lay.BLOCK_M, lay.num_warps),
+        (lay.BLOCK_M, max(2, lay.num_warps // 2)),
+        (lay.BLOCK_M, min(32, lay.num_warps * 2)),
+        (taller, min(32, max(4, taller * lay.BLOCK_N // 512))),
+    ]
     return list(dict.fromkeys(out))
 
 

@@ -11,6 +11,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .kernels import use_triton
+
 IGNORE_INDEX = -100
 
 
@@ -93,6 +95,24 @@ def default_chunk(tokens: int, vocab: int, hidden_size: int, dtype: torch.dtype)
     return -(-tokens // chunks)  # ...of equal size (the last one up to `chunks - 1` tokens shorter)
 
 
+def _chunk_grads(grad, h, weight, need_w: bool, grad_hidden, grad_weight, grad_bias, start: int):
+    """Add one chunk's gradients (`grad`: [C, V] softmax - one_hot in the GEMM dtype) into the buffers that
+    exist (None: not wanted; `grad_weight` is created at the first chunk): hidden [C, H] rows, the float32
+    [V, H] weight sum, the float32 [V] bias sum. Returns (grad_hidden, grad_weight)."""
+    if grad_hidden is not None:
+        grad_hidden[start : start + grad.shape[0]] = grad @ weight  # [C, H], cast to hidden's dtype
+    if need_w:
+        if grad_weight is None:
+            grad_weight = (grad.T @ h).float()  # [V, H]
+        elif grad.dtype == torch.float32:
+            grad_weight.addmm_(grad.T, h)
+        else:
+            grad_weight += grad.T @ h  # a bf16 [V, H] partial into the float32 sum
+    if grad_bias is not None:
+        grad_bias += grad.sum(dim=0, dtype=torch.float32)
+    return grad_hidden, grad_weight
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of `hidden @ weight.T + bias` against `labels`, chunk by chunk of tokens.
 
@@ -135,6 +155,19 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             # [C, V] buffers alive at once, in bf16: `logits` (bf16) and `z` (fp32) until `del logits`, then
             # `z` and `grad` (bf16): 6 bytes per logit. In float32 `z` is `logits` and `grad` is `z`: 4 bytes.
             logits = h @ weight.T if b is None else torch.addmm(b, h, weight.T)  # [C, V] in dtype
+            want_grad = need_h or need_w or need_b
+            if use_triton(logits):  # one kernel: loss per row, gradient in place (no float32 copy)
+                from .losses_triton import cross_entropy_rows
+
+                loss += cross_entropy_rows(logits, target.squeeze(1), keep, want_grad).sum()
+                grad = logits if want_grad else None
+                del logits
+                if grad is not None:
+                    grad_hidden, grad_weight = _chunk_grads(
+                        grad, h, weight, need_w, grad_hidden, grad_weight, grad_bias, start
+                    )
+                del grad
+                continue
             z = logits.float()  # [C, V] float32 (the same tensor for float32 inputs)
             del logits
             z_target = z.gather(1, target).squeeze(1)  # [C]
@@ -154,17 +187,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             # - one_hot, from the float32 log-probability: p - 1 = expm1(log p), exact even for p near 1
             at_target = torch.where(keep, torch.expm1(z_target - lse), zero)  # [C]
             grad.scatter_(1, target, at_target[:, None].to(dtype))
-            if need_h:
-                grad_hidden[start : start + chunk] = grad @ weight  # [C, H], cast to hidden's dtype
-            if need_w:
-                if grad_weight is None:
-                    grad_weight = (grad.T @ h).float()  # [V, H]
-                elif dtype == torch.float32:
-                    grad_weight.addmm_(grad.T, h)
-                else:
-                    grad_weight += grad.T @ h  # a bf16 [V, H] partial into the float32 sum
-            if need_b:
-                grad_bias += grad.sum(dim=0, dtype=torch.float32)
+            grad_hidden, grad_weight = _chunk_grads(grad, h, weight, need_w, grad_hidden, grad_weight, grad_bias, start)
             del grad  # freed before the next chunk allocates its logits: one chunk's buffers at a time
         ctx.save_for_backward(total, grad_hidden, grad_weight, grad_bias)
         ctx.has = (need_h, need_w, need_b)
