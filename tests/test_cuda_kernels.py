@@ -170,3 +170,58 @@ def test_train_step_triton_matches_torch(pkg, dtype):
     for n in exact:
         err, ref_err = _rel(grads[n], exact[n]), _rel(ref_grads[n], exact[n])
         assert err <= 2 * ref_err + 1e-2, f"{n}: bf16 Triton error {err:.3g}, bf16 PyTorch error {ref_err:.3g}"
+
+
+# ---- grouped launch, tuned tiles, the fused loss's row kernel ---------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_rope_pair_in_one_launch_matches_two_calls(pkg, dtype):
+    """q (14 heads) and k (2 heads) through `attention_apply_rope_x2_triton`, as Qwen2's attention calls it."""
+    _, K, KT = pkg
+    g = torch.Generator().manual_seed(2)
+    B, T, D = 2, 300, 64
+    ang = torch.rand(B, 1, T, D // 2, generator=g) * 6.0
+    ang = torch.cat((ang, ang), -1)
+    cos, sin = ang.cos().to(DEVICE), ang.sin().to(DEVICE)
+    q = torch.randn(B, 14, T, D, generator=g).to(dtype).to(DEVICE).requires_grad_()
+    k = torch.randn(B, 2, T, D, generator=g).to(dtype).to(DEVICE).requires_grad_()
+    qo, ko = KT.attention_apply_rope_x2_triton(cos, q, sin, cos, k, sin)
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    got = torch.autograd.grad((qo, ko), (q, k), (gq, gk))
+    rq, rk = K.attention_apply_rope_torch(cos, q, sin), K.attention_apply_rope_torch(cos, k, sin)
+    want = torch.autograd.grad((rq, rk), (q, k), (gq, gk))
+    for a, b, what in zip((qo, ko, *got), (rq, rk, *want), ("q", "k", "dq", "dk")):
+        assert_close(a, b, dtype, what)
+
+
+def test_tiles_are_tuned_on_cuda_and_cached(pkg, tmp_path, monkeypatch):
+    _, K, KT = pkg
+    rt = importlib.import_module(f"{NAME}.kernels_runtime")
+    monkeypatch.setenv("DSLC_AUTOTUNE", "auto")
+    monkeypatch.setenv("DSLC_AUTOTUNE_CACHE", str(tmp_path / "tiles.json"))
+    monkeypatch.setattr(rt, "_TILES", {})
+    monkeypatch.setattr(rt, "_DISK_LOADED", False)
+    x = torch.randn(4096, 896, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(896, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    y = KT.rms_norm_triton(x, 1e-6, w)
+    y.sum().backward()
+    assert len(rt._TILES) == 2 and (tmp_path / "tiles.json").exists()
+    lay = rt.row_layout("rms_norm", x, w)
+    assert all(tile in rt.tile_candidates(lay) for tile in rt._TILES.values())
+    torch.testing.assert_close(y, K.rms_norm_torch(x, 1e-6, w))
+
+
+def test_fused_loss_row_kernel_at_qwen2_vocabulary(pkg):
+    """The Triton row pass (several 16384-column steps per row) against F.cross_entropy, bf16 logits."""
+    rows = importlib.import_module(f"{NAME}.losses_triton")
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(64, 151936, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    target = torch.randint(0, 151936, (64,), generator=g).to(DEVICE)
+    keep = torch.ones(64, dtype=torch.bool, device=DEVICE)
+    keep[:3] = False
+    x = logits.float().requires_grad_()
+    want = torch.nn.functional.cross_entropy(x, target, reduction="none")
+    (want_grad,) = torch.autograd.grad(want.sum(), x)
+    buf = logits.clone()
+    got = rows.cross_entropy_rows(buf, target, keep, write_grad=True)
+    torch.testing.assert_close(got, torch.where(keep, want, 0.0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(buf.float(), want_grad * keep[:, None], rtol=2e-2, atol=1e-3)
