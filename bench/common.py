@@ -25,6 +25,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Qwen2 shapes shared by the benchmarks (transformers Qwen2Config fields; each script adds its own extras)
+QWEN2_0_5B = dict(
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+)
+QWEN2_TINY = dict(  # --tiny / --dry-run: seconds on the CPU, through the Triton interpreter too
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
 
 # ---- machine -------------------------------------------------------------------------------------
 def cpu_model() -> str:

@@ -43,22 +43,8 @@ import common  # noqa: E402
 SPEC = common.ROOT / "models" / "qwen2.model"
 NAME = "bench_decode_qwen2"
 CONFIGS = {
-    "cuda": dict(
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-    ),
-    "tiny": dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
+    "cuda": common.QWEN2_0_5B,
+    "tiny": common.QWEN2_TINY,
     "cpu": dict(
         vocab_size=32000,
         hidden_size=512,

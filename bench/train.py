@@ -35,27 +35,8 @@ CPU_CONFIG = dict(
     max_position_embeddings=512,
     tie_word_embeddings=True,
 )
-TINY_CONFIG = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=256,
-    max_position_embeddings=128,
-    tie_word_embeddings=True,
-)
-GPU_CONFIG = dict(
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    vocab_size=151936,
-    max_position_embeddings=32768,
-    tie_word_embeddings=True,
-    rope_theta=1000000.0,
-)
+TINY_CONFIG = dict(**common.QWEN2_TINY, max_position_embeddings=128, tie_word_embeddings=True)
+GPU_CONFIG = dict(**common.QWEN2_0_5B, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1000000.0)
 
 
 def log(msg: str) -> None:

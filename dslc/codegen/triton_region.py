@@ -611,9 +611,23 @@ def _render_pair_function(info: RegionInfo, k: _KernelNames) -> str:
     L = [f"class {class_name(region).removesuffix('Function')}PairFunction(torch.autograd.Function):"]
     L.append(f"    {_doc(region, 'two calls in one launch (forward and backward); saves only the inputs')}")
     L += ["", "    @staticmethod", f"    def forward(ctx, {', '.join(pair_params(region))}):"]
-    for x in "ab":
-        ts = ", ".join(f"{t}_{x}" for t in tensors)
-        L.append(f'        lay_{x} = row_layout("{region.name}", {ts}{even})')
+    layouts = [
+        f'        lay_{x} = row_layout("{region.name}", {", ".join(f"{t}_{x}" for t in tensors)}{even})' for x in "ab"
+    ]
+
+    def launch(phase: str) -> list[str]:
+        return [
+            "        if not (lay_a.empty and lay_b.empty):",
+            "            launch_pair(",
+            f"                {region.name}_{phase}_kernel_x2, lay_a, lay_b,",
+        ]
+
+    def inputs(x: str) -> list[str]:
+        """Launch arguments of problem `x`'s inputs: tensors with their strides, then the scalars."""
+        args = [f"{t}_{x}, *strides4({t}_{x}, lay_{x}.shape)" for t in tensors]
+        return args + [f"float({sc}_{x})" for sc in info.scalar_inputs]
+
+    L += layouts
     for x in "ab":
         L += [f"        {c}" for c in _checks(info, f"lay_{x}", f"_{x}")]
     for x in "ab":
@@ -621,12 +635,9 @@ def _render_pair_function(info: RegionInfo, k: _KernelNames) -> str:
             shape = f"lay_{x}.shape" if info.kind(o) == FULL else f"lay_{x}.row_shape"
             dt = re.sub(r"\b(\w+)\.dtype\b", rf"\1_{x}.dtype", dt)  # x.dtype -> x_a.dtype
             L.append(f"        {v}_{x} = torch.empty({shape}, dtype={dt}, device=lay_{x}.device)  # output {o}")
-    L.append("        if not (lay_a.empty and lay_b.empty):")
-    L.append("            launch_pair(")
-    L.append(f"                {region.name}_fwd_kernel_x2, lay_a, lay_b,")
+    L += launch("fwd")
     for x in "ab":
-        args = [f"{t}_{x}, *strides4({t}_{x}, lay_{x}.shape)" for t in tensors]
-        args += [f"float({sc}_{x})" for sc in info.scalar_inputs] + [f"{v}_{x}" for v in outs]
+        args = inputs(x) + [f"{v}_{x}" for v in outs]
         args += [f"lay_{x}.R", f"lay_{x}.D1", f"lay_{x}.D2"]
         L.append(f"                ({', '.join(args)}),")
     L.append("            )")
@@ -643,9 +654,7 @@ def _render_pair_function(info: RegionInfo, k: _KernelNames) -> str:
     if not info.grad_inputs:
         L.append(f"        return {', '.join('None' for _ in range(2 * n_in))}")
         return "\n".join(L) + "\n"
-    for x in "ab":
-        ts = ", ".join(f"{t}_{x}" for t in tensors)
-        L.append(f'        lay_{x} = row_layout("{region.name}", {ts}{even})')
+    L += layouts
     for x, offset in (("a", 0), ("b", n_in)):
         for o, g in zip(region.outputs, k.gout):
             shape = f"lay_{x}.shape" if info.kind(o) == FULL else f"lay_{x}.row_shape"
@@ -653,12 +662,9 @@ def _render_pair_function(info: RegionInfo, k: _KernelNames) -> str:
         for t in info.grad_inputs:
             wanted = f"ctx.needs_input_grad[{position[t] + offset}]"
             L.append(f"        {k.gin_buf[t]}_{x} = grad_buffer({t}_{x}, lay_{x}.shape, {wanted})")
-    L.append("        if not (lay_a.empty and lay_b.empty):")
-    L.append("            launch_pair(")
-    L.append(f"                {region.name}_bwd_kernel_x2, lay_a, lay_b,")
+    L += launch("bwd")
     for x in "ab":
-        args = [f"{t}_{x}, *strides4({t}_{x}, lay_{x}.shape)" for t in tensors]
-        args += [f"float({sc}_{x})" for sc in info.scalar_inputs]
+        args = inputs(x)
         for o, g in zip(region.outputs, k.gout):
             shape = f"lay_{x}.shape" if info.kind(o) == FULL else f"lay_{x}.row_shape"
             args.append(f"{g}_{x}, *strides4({g}_{x}, {shape})")
