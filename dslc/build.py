@@ -44,8 +44,13 @@ def package_name(spec: Path, name: str | None) -> str:
     return pkg
 
 
-def render(spec: Path, arch: str | None, overrides: dict[str, str], name: str | None):
+TARGETS = ("standalone", "hf")  # imports only torch + safetensors / on transformers' base classes
+
+
+def render(spec: Path, arch: str | None, overrides: dict[str, str], name: str | None, target: str = "standalone"):
     """Check the spec and render every file of its package: (package name, {file: text}, checked)."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown build target {target!r}: use one of {', '.join(TARGETS)}")
     from dslc.api import check_file
     from dslc.codegen.package import PackageRenderer
     from dslc.codegen.style import format_python
@@ -63,8 +68,9 @@ def render(spec: Path, arch: str | None, overrides: dict[str, str], name: str | 
         "overrides": dict(sorted(overrides.items())),
         "model": checked.program.model,
         "parameters": checked.program.param_count,
+        "target": target,
     }
-    files = format_python(PackageRenderer(checked, spec.name, pkg, optimized).render(text, metadata))
+    files = format_python(PackageRenderer(checked, spec.name, pkg, optimized).render(text, metadata, target))
     checked.optimized = optimized
     return pkg, files, checked
 
@@ -82,9 +88,11 @@ def build(
     arch: str | None = None,
     overrides: dict[str, str] | None = None,
     name: str | None = None,
+    target: str = "standalone",
 ) -> Path:
-    """Build `spec` into `out/<name>/` and return that path (raises DslcError on a bad spec)."""
-    pkg, files, _ = render(Path(spec), arch, overrides or {}, name)
+    """Build `spec` into `out/<name>/` and return that path (raises DslcError on a bad spec). `target`:
+    "standalone" (imports torch and safetensors only) or "hf" (on transformers' PreTrainedModel)."""
+    pkg, files, _ = render(Path(spec), arch, overrides or {}, name, target)
     return write_atomically(Path(out), pkg, files)
 
 
@@ -100,7 +108,9 @@ def build_command(args) -> int:
     start = time.perf_counter()
     spec = Path(args.file)
     try:
-        pkg, files, checked = render(spec, args.arch, _overrides(args.set, args.file), args.name)
+        pkg, files, checked = render(
+            spec, args.arch, _overrides(args.set, args.file), args.name, getattr(args, "target", "standalone")
+        )
     except DslcError as e:
         _report(e.diagnostics, False)
         console.print(f"[red]build failed[/red]: {escape(str(spec))}; the previous package, if any, is untouched")

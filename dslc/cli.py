@@ -147,9 +147,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--graph", metavar="OUT", help="write the IR graph as .dot or .svg")
     p.set_defaults(run=_show)
 
-    p = sub.add_parser("build", help="generate a standalone Python package")
+    p = sub.add_parser("build", help="generate a Python package (standalone, or on transformers with --target hf)")
     _add_spec_args(p)
     p.add_argument("-o", "--out", default="build", help="output folder (the package goes in OUT/<name>)")
+    p.add_argument(
+        "--target",
+        choices=("standalone", "hf"),
+        default="standalone",
+        help="standalone: imports torch and safetensors only; hf: transformers' PreTrainedModel, GenerationMixin "
+        "and caches, registered with the Auto classes",
+    )
     p.add_argument("--name", help="package name (default: the spec's file stem)")
     p.add_argument("--report", action="store_true", help="print the fusion report")
     p.set_defaults(run=_build)

@@ -453,7 +453,7 @@ class PackageRenderer:
         return imports
 
     # ---- files ---------------------------------------------------------------------------------------
-    def render(self, spec_text: str, metadata: dict) -> dict[str, str]:
+    def render(self, spec_text: str, metadata: dict, target: str = "standalone") -> dict[str, str]:
         import jinja2
 
         env = jinja2.Environment(
@@ -475,6 +475,7 @@ class PackageRenderer:
             "model": model.name,
             "config_class": self.config_class,
             "version": metadata["dslc_version"],
+            "task": next(m.task for m in self.p.modules if m.name == self.p.model) or "base",
         }
         grouped = {
             op.target
@@ -486,7 +487,7 @@ class PackageRenderer:
         }
         regions = [self.region_view(r, r.name in grouped) for r in self.p.regions]
         files = {
-            "__init__.py": env.get_template("__init__.py.j2").render(**common, modules=modules),
+            "__init__.py": env.get_template("__init__.py.j2").render(**common, modules=modules, target="standalone"),
             "kernels.py": env.get_template("kernels.py.j2").render(**common, regions=regions),
             "kernels_triton.py": env.get_template("kernels_triton.py.j2").render(
                 **common,
@@ -500,11 +501,31 @@ class PackageRenderer:
         }
         for name in STATIC_FILES:
             files[name] = (templates_dir() / "package" / name).read_text()
+        if target == "hf":
+            files = self.hf_layer(env, common, files)
         files[spec_copy_name(self.spec_name, files)] = spec_text
         import json
 
         metadata = {**metadata, "files": sorted([*files, "build.json"])}  # what a rebuild may replace
         files["build.json"] = json.dumps(metadata, indent=2, sort_keys=True) + "\n"
+        return files
+
+    def hf_layer(self, env, common: dict, files: dict[str, str]) -> dict[str, str]:
+        """`--target hf`: the same modeling and kernel files on transformers' base classes. The standalone
+        base and config move to model_core.py and config_spec.py; model_base.py and config.py become the
+        transformers layer (templates/package/hf/) that modeling.py imports unchanged."""
+        spec_type = self.config_values.get("model_type")
+        spec_type = spec_type if isinstance(spec_type, str) and spec_type else self.package
+        files = dict(files)
+        files["model_core.py"] = files.pop("model_base.py")
+        files["config_spec.py"] = files.pop("config.py")
+        files["model_base.py"] = (templates_dir() / "package" / "hf" / "model_base.py").read_text()
+        files["config.py"] = env.get_template("hf/config.py.j2").render(
+            **common, hf_model_type=f"dslc_{self.package}", spec_model_type=spec_type
+        )
+        files["__init__.py"] = env.get_template("__init__.py.j2").render(
+            **common, modules=[self.module_view(m) for m in self.p.modules], target="hf"
+        )
         return files
 
 

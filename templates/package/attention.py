@@ -107,6 +107,15 @@ class AttentionContext:
             self._masks[key] = build()
         return self._masks[key]
 
+    def keys(self, num_keys: int) -> torch.Tensor:
+        """The padding mask over `num_keys` key slots, [B, S]: cut to them, or, when a static cache has more
+        slots than the mask has positions (transformers' StaticCache), extended with True (the slots past
+        the tokens so far hold no key yet, and the causal mask keeps them out)."""
+        mask = self.key_mask[:, :num_keys]
+        if mask.shape[1] < num_keys:
+            mask = F.pad(mask, (0, num_keys - mask.shape[1]), value=True)
+        return mask
+
     def mask(self, num_keys: int, causal: bool, window: int | None, device) -> torch.Tensor | None:
         """Boolean [B or 1, 1, T, S] mask of allowed (query, key) pairs, or None when all are allowed."""
         return self._memo("bool", num_keys, causal, window, lambda: self._bool_mask(num_keys, causal, window, device))
@@ -121,7 +130,7 @@ class AttentionContext:
                 allowed = allowed & (k_pos > q_pos - window)
             allowed = allowed[None, None]  # [1, 1, T, S]
         if self.key_mask is not None:
-            pad = self.key_mask[:, None, None, :num_keys]  # [B, 1, 1, S]
+            pad = self.keys(num_keys)[:, None, None, :]  # [B, 1, 1, S]
             allowed = pad if allowed is None else allowed & pad
         if allowed is not None:
             # a query with no visible key attends to every key instead of producing NaN
@@ -134,7 +143,7 @@ class AttentionContext:
 
     def _block_mask(self, num_keys: int, causal: bool, window: int | None, device) -> BlockMask:
         pos = self.cache_position  # [T]
-        pad = self.key_mask[:, :num_keys] if self.key_mask is not None else None  # [B, S]
+        pad = self.keys(num_keys) if self.key_mask is not None else None  # [B, S]
         blind = self._no_visible_key(num_keys, causal, window)  # [B or 1, T]
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -153,7 +162,7 @@ class AttentionContext:
         """[B or 1, T] bool: the queries that see no key (every key masked), by counting real keys in range."""
         pos = self.cache_position  # [T]
         if self.key_mask is not None:
-            real = self.key_mask[:, :num_keys]  # [B, S]
+            real = self.keys(num_keys)  # [B, S]
         else:
             real = torch.ones(1, num_keys, dtype=torch.bool, device=pos.device)  # [1, S]
         seen = F.pad(real.long().cumsum(-1), (1, 0))  # [B, S + 1]: real keys before each index

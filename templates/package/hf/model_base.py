@@ -1,0 +1,183 @@
+"""The model base of a `dslc build --target hf` package: the generated modules on transformers' own classes.
+
+`PreTrainedModel` here is the standalone base (`model_core.py`: loading with the spec's layout rules,
+saving, weight tying, the HF-style forward) mixed into transformers' `PreTrainedModel` and
+`GenerationMixin`, so `generate` is transformers' whole API (beam search, repetition penalty, stopping
+criteria, streamers, `generation_config`), driving the model through transformers' cache classes: each
+attention site reads and writes the `Cache` it is given (`CacheSlot`), layer by layer.
+The modeling code (modeling.py, kernels) is the same text in both targets; only this base layer, the
+config base (config.py) and the package's `register()` differ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import GenerationMixin
+from transformers import PreTrainedModel as HFPreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from . import model_core
+from .attention import AttentionContext
+from .model_core import LOSSES, checkpoint_call, fused_linear, keep_positions
+
+# keywords transformers' Auto classes and pipelines pass that this loader does not use (a local folder; the
+# attention implementation is the spec's)
+HUB_KWARGS = frozenset(
+    """trust_remote_code cache_dir force_download local_files_only token revision subfolder use_safetensors
+    low_cpu_mem_usage _from_auto _from_pipeline code_revision proxies resume_download _commit_hash
+    attn_implementation adapter_kwargs _adapter_model_path""".split()
+)
+# transformers 5 names the output's cache field `cache`, earlier releases `past_key_values`
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+__all__ = ["PreTrainedModel", "CacheSlot", "checkpoint_call", "fused_linear"]
+
+
+class CacheSlot:
+    """One attention site's view of a transformers `Cache`: what `attention()` calls as `kv_cache.update`."""
+
+    def __init__(self, cache: Cache, layer_idx: int):
+        self.cache = cache
+        self.layer_idx = layer_idx
+
+    def update(self, cache_position: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # k, v: [B, H_kv, T, D] -> every cached key and value of this layer, [B, H_kv, S, D]
+        return self.cache.update(k, v, self.layer_idx)
+
+
+class PreTrainedModel(model_core.PreTrainedModel, HFPreTrainedModel, GenerationMixin):
+    """A generated model as a transformers `PreTrainedModel` with `GenerationMixin`."""
+
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+
+    def __init__(self, config):
+        HFPreTrainedModel.__init__(self, config)  # transformers' bookkeeping (generation_config, attn implementation)
+        self.gradient_checkpointing = False
+
+    generate = GenerationMixin.generate  # transformers' generate, not the standalone one
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return cls.task == "causal_lm"
+
+    @property
+    def loss_type(self) -> str | None:
+        return model_core.LOSS_TYPES.get(self.task)
+
+    @loss_type.setter
+    def loss_type(self, value) -> None:
+        """transformers' __init__ assigns it from the class name; the spec's task decides here."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *model_args,
+        config=None,
+        dtype=None,
+        torch_dtype=None,
+        device_map=None,
+        **kwargs,
+    ):
+        """Load a local checkpoint folder, as transformers' Auto classes and pipelines call it: the spec's
+        loader (model_core: layout rules, size checks before allocating) with transformers' keywords.
+        `dtype` / `torch_dtype` ("auto": config.json's), `device_map` (a device; "auto": the first CUDA
+        device, else CPU). Hub downloads are not made: give a folder."""
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: not a local folder; this package loads checkpoint folders "
+                "(download one with huggingface_hub.snapshot_download first)"
+            )
+        if model_args:
+            raise TypeError(f"{cls.__name__}.from_pretrained takes no extra positional arguments")
+        if kwargs.get("adapter_kwargs") or kwargs.get("_adapter_model_path"):
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained does not load PEFT adapters: load the model, then "
+                "peft.PeftModel.from_pretrained(model, adapter_folder)"
+            )
+        unknown = sorted(k for k, v in kwargs.items() if k not in HUB_KWARGS and v is not None)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pretrained() got unexpected keyword arguments: {', '.join(unknown)}")
+        dtype = dtype if dtype is not None else torch_dtype
+        if dtype == "auto":
+            dtype = getattr(cls.config_class.from_pretrained(folder), "dtype", None)
+        if device_map == "auto":
+            device_map = "cuda:0" if torch.cuda.is_available() else "cpu"
+        if isinstance(device_map, dict):
+            raise ValueError("device_map as a dict (sharding over devices) is not supported: give one device")
+        return super().from_pretrained(folder, dtype=dtype, device=device_map)
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """transformers builds 4D masks for compilable (static) caches; the attention sites build their own
+        from the 2D padding mask and the cache positions."""
+        return attention_mask
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        """transformers' forward: without a cache (and use_cache not True) the standalone forward
+        (model_core.py); with one (`cache`, or `past_key_values` in older transformers) the new positions
+        run against it, and the output carries it back, as transformers' causal LMs do."""
+        cache = cache if cache is not None else past_key_values
+        if cache is None and not use_cache:
+            return model_core.PreTrainedModel.forward(
+                self,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                labels=labels,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+        if self.task != "causal_lm" or self.loss_head is None:
+            raise ValueError(
+                f"{type(self).__name__} (task `{self.task}`) has no KV cache: call it with use_cache=False"
+            )
+        if inputs_embeds is not None:
+            raise ValueError(f"{type(self).__name__}: inputs_embeds with a KV cache is not supported; give input_ids")
+        kwargs.pop("return_dict", None)
+        for name in ("output_attentions", "output_hidden_states"):
+            if kwargs.pop(name, None):
+                raise ValueError(f"{type(self).__name__}: {name}=True is not supported with a KV cache")
+        unknown = sorted(k for k, v in kwargs.items() if v is not None)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword arguments: {', '.join(unknown)}")
+        if cache is None:
+            cache = DynamicCache()
+        batch, length = input_ids.shape  # [B, T] new positions
+        past = cache.get_seq_length()
+        cache_position = torch.arange(past, past + length, device=input_ids.device)  # [T]
+        if position_ids is None:  # as transformers' causal LMs: positions count the cache, not the padding
+            position_ids = cache_position[None, :].expand(batch, length)
+        key_mask = attention_mask.bool() if attention_mask is not None else None  # [B, S]
+        sites = [m for m in self.modules() if hasattr(m, "kv_cache")]
+        for layer_idx, site in enumerate(sites):
+            site.kv_cache = CacheSlot(cache, layer_idx)
+        try:
+            ctx = AttentionContext(key_mask, cache_position, use_cache=True)
+            inputs = dict(input_ids=input_ids, position_ids=position_ids)
+            hidden = self.forward_hidden(*self.graph_args(inputs), ctx)  # [B, T, H]
+            logits = self.get_submodule(self.loss_head[0])(keep_positions(hidden, logits_to_keep))  # [B, N, V]
+        finally:
+            for site in sites:
+                site.kv_cache = None
+        loss = LOSSES[self.task](logits, labels) if labels is not None else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})

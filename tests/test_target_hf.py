@@ -1,0 +1,208 @@
+"""`dslc build --target hf`: the generated modules on transformers' PreTrainedModel, GenerationMixin and caches.
+
+The oracle is transformers' own Qwen2ForCausalLM on the bundled tiny checkpoint (models/tiny-qwen2): HF's
+`generate` (greedy, beam search, repetition penalty, min_new_tokens, stopping criteria, streamers, static
+cache) gives the same tokens on both, `pipeline("text-generation")` the same text, and the Auto classes
+load the package's model once `register()` ran. Both targets render the same modeling and kernel code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from dslc.build import build  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "models" / "tiny-qwen2"
+BASE_LAYER = {"model_base.py", "model_core.py", "config.py", "config_spec.py", "__init__.py", "build.json"}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("targets")
+    paths = {
+        target: build(ROOT / "models" / "qwen2.model", out / target, name=f"qwen2_{target}", target=target)
+        for target in ("standalone", "hf")
+    }
+    import sys
+
+    sys.path.insert(0, str(out / "hf"))
+    try:
+        yield paths, importlib.import_module("qwen2_hf")
+    finally:
+        sys.path.remove(str(out / "hf"))
+
+
+@pytest.fixture(scope="module")
+def pair(built):
+    """(the hf-target model, transformers' model) on the tiny checkpoint, float32, eval mode."""
+    _, pkg = built
+    ours = pkg.Qwen2ForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    ref = transformers.Qwen2ForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
+    return ours, ref
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return transformers.PreTrainedTokenizerFast(tokenizer_file=str(TINY / "tokenizer.json"), eos_token="<|endoftext|>")
+
+
+def _prompts(batch=2, length=7, seed=0):
+    ids = torch.randint(1, 2048, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    return ids, mask
+
+
+def test_both_targets_render_the_same_modeling_and_kernel_code(built):
+    paths, _ = built
+    standalone, hf = paths["standalone"], paths["hf"]
+    names = {p.name for p in standalone.iterdir() if p.is_file()} - BASE_LAYER
+    assert {"modeling.py", "kernels.py", "kernels_triton.py", "attention.py", "losses.py"} <= names
+    for name in sorted(names):
+        a, b = (standalone / name).read_text(), (hf / name).read_text()
+        assert a.replace("qwen2_standalone", "qwen2_hf") == b, f"{name} differs between the targets"
+    # the base layer moved, not rewritten: the standalone base and config are the core of the hf target
+    assert (standalone / "model_base.py").read_text() == (hf / "model_core.py").read_text()
+    assert (standalone / "config.py").read_text() == (hf / "config_spec.py").read_text()
+
+
+def test_the_model_is_a_transformers_model(built, pair):
+    _, pkg = built
+    ours, _ = pair
+    assert isinstance(ours, transformers.PreTrainedModel) and isinstance(ours, transformers.GenerationMixin)
+    assert isinstance(ours.config, transformers.PretrainedConfig)
+    assert ours.config.model_type == "dslc_qwen2_hf" and type(ours).can_generate()  # dslc_ + the package name
+    assert ours.config.head_dim == 32  # config.json's value, checked by the spec's config class
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(max_new_tokens=8),
+        dict(max_new_tokens=8, num_beams=3),
+        dict(max_new_tokens=8, repetition_penalty=1.3),
+        dict(max_new_tokens=8, min_new_tokens=8, num_beams=2, num_return_sequences=2),
+        dict(max_length=12),
+        dict(max_new_tokens=6, cache_implementation="static"),
+    ],
+    ids=["greedy", "beams", "repetition_penalty", "min_new_tokens+num_return_sequences", "max_length", "static"],
+)
+def test_generate_equals_transformers_token_for_token(pair, options):
+    ours, ref = pair
+    ids, mask = _prompts()
+    got = ours.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, **options)
+    want = ref.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, **options)
+    assert torch.equal(got, want), (got, want)
+
+
+def test_stopping_criteria_and_generation_config(pair):
+    ours, ref = pair
+    ids, mask = _prompts(seed=1)
+
+    class StopAfter(transformers.StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 10, dtype=torch.bool)
+
+    config = transformers.GenerationConfig(max_new_tokens=9, do_sample=False, pad_token_id=0, no_repeat_ngram_size=2)
+    kwargs = dict(attention_mask=mask, generation_config=config)
+    got = ours.generate(ids, stopping_criteria=transformers.StoppingCriteriaList([StopAfter()]), **kwargs)
+    want = ref.generate(ids, stopping_criteria=transformers.StoppingCriteriaList([StopAfter()]), **kwargs)
+    assert got.shape[1] == 10 and torch.equal(got, want)
+
+
+def test_text_streamer_prints_what_transformers_prints(pair, tokenizer, capsys):
+    ours, ref = pair
+    ids = torch.tensor([tokenizer("def add(a, b):")["input_ids"]])
+    texts = []
+    for model in (ours, ref):
+        model.generate(ids, max_new_tokens=10, do_sample=False, streamer=transformers.TextStreamer(tokenizer))
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].strip()
+
+
+def test_pipeline_text_generation(pair, tokenizer):
+    ours, ref = pair
+    outs = [
+        transformers.pipeline("text-generation", model=m, tokenizer=tokenizer, device="cpu")(
+            "x = 1\ny =", max_new_tokens=8, do_sample=False
+        )
+        for m in (ours, ref)
+    ]
+    assert outs[0] == outs[1] and outs[0][0]["generated_text"].startswith("x = 1\ny =")
+
+
+def test_incremental_decoding_with_a_cache_equals_the_full_forward(pair):
+    ours, _ = pair
+    ids, mask = _prompts(length=9, seed=2)
+    with torch.no_grad():
+        full = ours(ids, attention_mask=mask).logits
+        first = ours(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+        cache = first.cache if "cache" in first else first.past_key_values
+        rest = ours(ids[:, 6:], attention_mask=mask, cache=cache, use_cache=True).logits
+    stepped = torch.cat([first.logits, rest], 1)
+    real = mask.bool()  # a padding position's logits are arbitrary (it attends to every key, HF's to none)
+    torch.testing.assert_close(stepped[real], full[real], rtol=1e-4, atol=1e-4)
+
+
+def test_logits_loss_and_gradients_equal_transformers(pair):
+    ours, ref = pair
+    ids, mask = _prompts(length=11, seed=3)
+    mask[1] = 1  # no padding: a padding position would predict the first real token from arbitrary logits
+    labels = ids.clone()
+    labels[0, :3] = -100
+    a = ours(ids, attention_mask=mask, labels=labels)
+    b = ref(ids, attention_mask=mask, labels=labels)
+    keep = mask.bool()
+    torch.testing.assert_close(a.logits[keep], b.logits[keep], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-5)
+    ga = torch.autograd.grad(a.loss, [ours.get_parameter("model.layers.0.self_attn.q_proj.weight")])[0]
+    gb = torch.autograd.grad(b.loss, [ref.get_parameter("model.layers.0.self_attn.q_proj.weight")])[0]
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_classes_load_the_package_after_register(built, pair, tmp_path):
+    _, pkg = built
+    ours, _ = pair
+    pkg.register()
+    ours.save_pretrained(tmp_path / "saved")
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "saved")
+    assert type(config) is pkg.Qwen2Config
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    assert type(loaded) is pkg.Qwen2ForCausalLM
+    ids, mask = _prompts()
+    torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits)
+    fresh = transformers.AutoModelForCausalLM.from_config(
+        pkg.Qwen2Config(vocab_size=64, hidden_size=32, num_attention_heads=4, num_hidden_layers=1)
+    )
+    assert type(fresh) is pkg.Qwen2ForCausalLM and fresh.config.head_dim == 8  # derived: hidden_size // heads
+
+
+def test_the_config_keeps_the_spec_checks(built):
+    _, pkg = built
+    with pytest.raises(pkg.ConfigError, match="num_attention_heads"):
+        pkg.Qwen2Config(num_attention_heads=0)
+    with pytest.raises(pkg.ConfigError, match="hidden_size"):
+        pkg.Qwen2Config(hidden_size="wide")
+
+
+def test_peft_lora_causal_lm_trains_and_generates(built):
+    peft = pytest.importorskip("peft")
+    _, pkg = built
+    model = pkg.Qwen2ForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    lora = peft.get_peft_model(
+        model, peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    ids, mask = _prompts(length=8, seed=4)
+    loss = lora(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    trained = [n for n, p in lora.named_parameters() if p.grad is not None]
+    assert trained and all("lora_" in n for n in trained)
+    out = lora.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 12)
