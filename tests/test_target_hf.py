@@ -56,7 +56,7 @@ def tokenizer():
 def _prompts(batch=2, length=7, seed=0):
     ids = torch.randint(1, 2048, (batch, length), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
-    mask[1, :2] = 0  # left padding
+    mask[1:, :2] = 0  # left padding
     return ids, mask
 
 
@@ -206,3 +206,49 @@ def test_peft_lora_causal_lm_trains_and_generates(built):
     assert trained and all("lora_" in n for n in trained)
     out = lora.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 12)
+
+
+REMOTE = """
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):  # dslc and the built package are not importable here
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("dslc", "qwen2_hf"):
+            raise ImportError(f"{name} is blocked in this process")
+sys.meta_path.insert(0, Block())
+import torch, transformers
+folder, ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
+model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+out = model.generate(ids, max_new_tokens=5, do_sample=False, num_beams=2)
+print(json.dumps({"class": type(model).__module__, "tokens": out.tolist(),
+                  "dslc": any(m.split(".")[0] in ("dslc", "qwen2_hf") for m in sys.modules)}))
+"""
+
+
+def test_a_saved_folder_loads_with_trust_remote_code_where_dslc_is_not_installed(pair, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    ours, ref = pair
+    ours.save_pretrained(tmp_path / "remote")
+    config = json.loads((tmp_path / "remote" / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "config.Qwen2Config",
+        "AutoModelForCausalLM": "modeling.Qwen2ForCausalLM",
+    }
+    ids = _prompts(batch=1)[0]
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    run = subprocess.run(
+        [sys.executable, "-c", REMOTE, str(tmp_path / "remote"), json.dumps(ids.tolist())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["class"].startswith("transformers_modules.") and not got["dslc"]
+    want = ref.generate(ids, max_new_tokens=5, do_sample=False, num_beams=2)
+    assert got["tokens"] == want.tolist()

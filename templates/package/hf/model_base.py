@@ -11,6 +11,7 @@ config base (config.py) and the package's `register()` differ.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -21,6 +22,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import model_core
 from .attention import AttentionContext
+
+# kernels.py is imported by modeling.py as a module (`from . import kernels`); naming it here too makes
+# transformers' remote-code loader, which finds a folder's files by their `from .x import` lines, copy it
+from .kernels import set_backend  # noqa: F401
 from .model_core import LOSSES, checkpoint_call, fused_linear, keep_positions
 
 # keywords transformers' Auto classes and pipelines pass that this loader does not use (a local folder; the
@@ -33,7 +38,41 @@ HUB_KWARGS = frozenset(
 # transformers 5 names the output's cache field `cache`, earlier releases `past_key_values`
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-__all__ = ["PreTrainedModel", "CacheSlot", "checkpoint_call", "fused_linear"]
+__all__ = ["PreTrainedModel", "CacheSlot", "checkpoint_call", "fused_linear", "register_auto"]
+
+# the Auto class of each task (AutoConfig besides); `register_auto` and the `auto_map` of saved folders use it
+AUTO_CLASSES = {
+    "causal_lm": "AutoModelForCausalLM",
+    "masked_lm": "AutoModelForMaskedLM",
+    "sequence_classification": "AutoModelForSequenceClassification",
+}
+
+
+def register_auto(config_class, model_class) -> None:
+    """Add the package to transformers' AutoConfig (by its own model_type) and to its task's Auto class."""
+    import transformers
+
+    transformers.AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    auto = AUTO_CLASSES.get(model_class.task)
+    if auto is not None:
+        getattr(transformers, auto).register(config_class, model_class, exist_ok=True)
+
+
+def write_remote_code(folder: Path, config_class, model_class) -> None:
+    """Copy the package's code files into a saved folder and name them in config.json's `auto_map`, so
+    `AutoModelFor...from_pretrained(folder, trust_remote_code=True)` loads it where the package (and dslc)
+    is not installed."""
+    package = Path(__file__).resolve().parent
+    for source in sorted(package.glob("*.py")):
+        if source.name != "__init__.py":
+            (folder / source.name).write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    path = folder / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    auto_map = {"AutoConfig": f"config.{config_class.__name__}"}
+    if model_class.task in AUTO_CLASSES:
+        auto_map[AUTO_CLASSES[model_class.task]] = f"modeling.{model_class.__name__}"
+    config["auto_map"] = auto_map
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 class CacheSlot:
@@ -97,7 +136,8 @@ class PreTrainedModel(model_core.PreTrainedModel, HFPreTrainedModel, GenerationM
             )
         if model_args:
             raise TypeError(f"{cls.__name__}.from_pretrained takes no extra positional arguments")
-        if kwargs.get("adapter_kwargs") or kwargs.get("_adapter_model_path"):
+        adapter = kwargs.get("adapter_kwargs") or {}  # the Auto classes pass hub options in it; a path means an adapter
+        if adapter.get("_adapter_model_path") or kwargs.get("_adapter_model_path"):
             raise ValueError(
                 f"{cls.__name__}.from_pretrained does not load PEFT adapters: load the model, then "
                 "peft.PeftModel.from_pretrained(model, adapter_folder)"
@@ -113,6 +153,12 @@ class PreTrainedModel(model_core.PreTrainedModel, HFPreTrainedModel, GenerationM
         if isinstance(device_map, dict):
             raise ValueError("device_map as a dict (sharding over devices) is not supported: give one device")
         return super().from_pretrained(folder, dtype=dtype, device=device_map)
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """The standalone save (config.json, safetensors as transformers writes them), plus the package's code
+        and config.json's `auto_map`: the folder loads with `trust_remote_code=True` anywhere."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_remote_code(Path(save_directory), type(self.config), type(self))
 
     def create_masks_for_generate(self, attention_mask=None, **kwargs):
         """transformers builds 4D masks for compilable (static) caches; the attention sites build their own
