@@ -299,8 +299,7 @@ def resolve_options(model, input_len: int, generation_config=None, **kwargs) -> 
     ignored = unsupported(stored, "")
     if ignored:  # a checkpoint's generation_config.json (Qwen2-Instruct's repetition_penalty=1.05): not an error
         warnings.warn(
-            f"generate() ignores {', '.join(ignored)} of model.generation_config (not implemented; pass "
-            f"generation_config=... to override, or {HF_TARGET})",
+            f"generate() ignores {', '.join(ignored)} of model.generation_config (not implemented here; {HF_TARGET})",
             stacklevel=3,
         )
     model_config = getattr(model, "config", None)
