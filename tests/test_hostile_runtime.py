@@ -691,8 +691,8 @@ def test_cli_bad_eos_token_id(capsys, build_dir, folder, file, value, words):
 
 @pytest.mark.parametrize(
     "text",
-    ["{ not json", "[]", "null", "[" * 100_000 + "]" * 100_000, '{"eos_token_id": {}}'],
-    ids=["not-json", "list", "null", "deep", "eos-object"],
+    ["{ not json", "[]", "null", "[" * 100_000 + "]" * 100_000, '{"eos_token_id": {}}', '{"top_k": 2.5}'],
+    ids=["not-json", "list", "null", "deep", "eos-object", "top-k"],
 )
 def test_cli_bad_generation_config(capsys, build_dir, folder, text):
     (folder / "generation_config.json").write_text(text)

@@ -603,6 +603,38 @@ def test_hf_trainer_saves_a_tied_model(qwen2, qwen2_tied_dir, tmp_path):
     assert (tmp_path / "saved" / "model.safetensors").is_file()
 
 
+def test_hf_trainer_checkpoints_reload_with_equal_weights(qwen2, qwen2_dir, tmp_path):
+    """Trainer with save_steps writes checkpoint-N folders (for a model that is not a transformers class: the
+    weights alone, through `state_dict()`); `from_pretrained(folder, config=...)` reloads them, strictly."""
+    model = qwen2.Qwen2ForCausalLM.from_pretrained(qwen2_dir)
+    seen = {}
+
+    from transformers import TrainerCallback
+
+    class Snapshot(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            seen[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    trainer = _trainer(model, tmp_path, max_steps=2, save_strategy="steps", save_steps=1, learning_rate=1e-2)
+    trainer.add_callback(Snapshot())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer.train()
+    assert sorted(seen) == [1, 2]
+    for step, weights in seen.items():
+        folder = tmp_path / f"checkpoint-{step}"
+        assert (folder / "model.safetensors").is_file()
+        back = qwen2.Qwen2ForCausalLM.from_pretrained(folder, config=model.config)
+        for name, p in back.named_parameters():
+            assert torch.equal(p, weights[name]), f"checkpoint-{step}: {name}"
+        assert qwen2.Qwen2ForCausalLM.from_pretrained(folder, config=qwen2_dir).config == model.config
+    assert not torch.equal(seen[1]["lm_head.weight"], seen[2]["lm_head.weight"])
+    # what Trainer hands a transformers model's save_pretrained: state_dict= and is_main_process=
+    model.save_pretrained(tmp_path / "saved", state_dict=model.state_dict(), is_main_process=True)
+    back = qwen2.Qwen2ForCausalLM.from_pretrained(tmp_path / "saved")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), back.parameters()))
+
+
 def test_hf_trainer_gradient_accumulation_matches_hf(qwen2, qwen2_dir, tmp_path):
     """With gradient accumulation, Trainer hands the model `num_items_in_batch`: one SGD step on our model
     must move the weights exactly as it moves HF's Qwen2 (same data order, same loss normalization)."""

@@ -378,3 +378,74 @@ def write_state(state: dict[str, torch.Tensor], rules: list[dict], tied: dict[st
             if first.match(name):
                 out[name] = _invert(rule["transforms"], state[name])
     return {k: v.detach().contiguous() for k, v in sorted(out.items())}
+
+
+SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+SIZE_UNITS = {
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(size) -> int:
+    """Bytes in `size`: an int, or a string as Hugging Face writes them ("5GB" = 5 * 10^9, "500MB", "2GiB")."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]+)\s*", size) if isinstance(size, str) else None
+    if m is None or m.group(2).upper() not in SIZE_UNITS or float(m.group(1)) <= 0:
+        raise ValueError(
+            f"max_shard_size must be a number of bytes (int > 0) or a size such as '5GB', '500MB', '2GiB', got {size!r}"
+        )
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+
+
+def shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Tensors split into shards of at most `max_bytes` in order, as huggingface_hub's
+    `split_torch_state_dict_into_shards` (a tensor larger than that gets a shard of its own)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def write_shards(folder: Path, tensors: dict[str, torch.Tensor], max_shard_size="50GB") -> list[str]:
+    """Write `model.safetensors`, or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` when the
+    tensors exceed `max_shard_size`, as transformers' save_pretrained; the weight files of an earlier save that
+    this one does not rewrite are removed (a stale `model.safetensors` would win over the new index). Returns
+    the file names written."""
+    from safetensors.torch import save_file
+
+    shards = shard(tensors, parse_size(max_shard_size))
+    names = (
+        [SAFETENSORS]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
+    for name, part in zip(names, shards):
+        save_file({k: v.cpu() for k, v in part.items()}, str(folder / name), metadata={"format": "pt"})
+    written = list(names)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {k: name for name, part in zip(names, shards) for k in part},
+        }
+        (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        written.append(SAFETENSORS_INDEX)
+    for old in folder.iterdir():
+        stale = old.name in (SAFETENSORS, SAFETENSORS_INDEX) or SHARD_NAME.match(old.name)
+        if stale and old.name not in written and (old.is_file() or old.is_symlink()):
+            old.unlink()
+    return written

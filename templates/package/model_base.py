@@ -21,7 +21,8 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from .attention import AttentionContext, KVCache
-from .checkpoint import CheckpointError, CheckpointReader, read_state, write_state
+from .checkpoint import CheckpointError, CheckpointReader, read_state, write_shards, write_state
+from .generation import GenerationConfig
 from .losses import causal_lm_loss, fused_causal_lm_loss, masked_lm_loss, sequence_classification_loss
 from .outputs import output_class
 
@@ -103,10 +104,27 @@ class PreTrainedModel(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
+        # generate()'s defaults: the config's special tokens; from_pretrained reads generation_config.json over it
+        self.generation_config = GenerationConfig.from_model_config(config) if self.can_generate() else None
 
     @property
     def loss_type(self) -> str | None:
         return LOSS_TYPES.get(self.task)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the first parameter (HF's `model.device`); cpu for a model without parameters."""
+        return next((p.device for p in self.parameters()), torch.device("cpu"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the first floating-point parameter (HF's `model.dtype`); float32 when there is none."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """Whether `generate()` applies: causal language models (their forward gives next-token logits)."""
+        return cls.task == "causal_lm"
 
     # ---- weights -------------------------------------------------------------------------------
     def tied_parameters(self) -> dict[str, str]:
@@ -157,10 +175,69 @@ class PreTrainedModel(nn.Module):
         )
 
     def get_input_embeddings(self):
-        for m in self.modules():
-            if isinstance(m, nn.Module) and type(m).__name__ == "Embedding":
-                return m
-        return None
+        found = self._input_embedding_name()
+        return self.get_submodule(found) if found is not None else None
+
+    def _input_embedding_name(self) -> str | None:
+        """The token embedding's module name: the first `Embedding` (GPT-2's `wte` comes before `wpe`)."""
+        return next((n for n, m in self.named_modules() if type(m).__name__ == "Embedding"), None)
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Put `value` where the token embedding is (a tied LM head is tied to it again by `tie_weights()`)."""
+        found = self._input_embedding_name()
+        if found is None:
+            raise ValueError(f"{type(self).__name__} has no token embedding to replace")
+        owner, _, leaf = found.rpartition(".")
+        setattr(self.get_submodule(owner) if owner else self, leaf, value)
+
+    def get_output_embeddings(self):
+        """The LM head (the spec's `loss_head` module), or None for a model without one (BertModel)."""
+        return self.get_submodule(self.loss_head[0]) if self.loss_head is not None else None
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing: bool = True):
+        """Resize the token embedding (and the LM head, tied or not, with its bias) to `new_num_tokens` rows
+        (rounded up to a multiple of `pad_to_multiple_of`), keep the old rows, update config.vocab_size, return
+        the embedding, as HF's. New rows, as HF's default `mean_resizing`: drawn from a normal distribution with
+        the old rows' mean and 1e-9 times their covariance (the mean itself when that is not positive-definite),
+        so the old tokens' logits are unchanged and the new ones' are near the average; a new head bias entry:
+        the old bias mean. `mean_resizing=False`: normal(0, config.initializer_range), zero head bias."""
+        embedding = self.get_input_embeddings()
+        if embedding is None or not isinstance(getattr(embedding, "weight", None), torch.Tensor):
+            raise ValueError(f"{type(self).__name__} has no token embedding to resize")
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return embedding
+        rows = embedding.weight.shape[0] if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None:
+            if (
+                not isinstance(pad_to_multiple_of, int)
+                or isinstance(pad_to_multiple_of, bool)
+                or pad_to_multiple_of < 1
+            ):
+                raise ValueError(f"pad_to_multiple_of must be an int >= 1, got {pad_to_multiple_of!r}")
+            rows = -(-rows // pad_to_multiple_of) * pad_to_multiple_of
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+            raise ValueError(f"new_num_tokens must be an int >= 1, got {new_num_tokens!r}")
+        std = getattr(self.config, "initializer_range", 0.02)
+        tied = self.tied_parameters()
+        head = self.get_output_embeddings()
+        _resize_rows(embedding, "weight", rows, mean_resizing, std)
+        embedding.num_embeddings = rows
+        if embedding.padding_idx is not None and embedding.padding_idx >= rows:
+            embedding.padding_idx = None
+        if head is not None:
+            head_name = self.loss_head[0]
+            if f"{head_name}.weight" not in tied:
+                _resize_rows(head, "weight", rows, mean_resizing, std)
+            if getattr(head, "bias", None) is not None:
+                _resize_rows(head, "bias", rows, mean_resizing, 0.0)
+            if hasattr(head, "out_features"):
+                head.out_features = rows
+        self.config.vocab_size = rows
+        self.tie_weights()
+        from . import cuda_graphs
+
+        cuda_graphs.release(self)  # a kept decode graph holds the old [B, V] buffers
+        return embedding
 
     # ---- horizontal fusion -----------------------------------------------------------------------
     def fuse_projections(self) -> PreTrainedModel:
@@ -217,8 +294,14 @@ class PreTrainedModel(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, folder, dtype=None, device=None, strict: bool = True, fuse_projections: bool = False):
+    def from_pretrained(
+        cls, folder, dtype=None, device=None, strict: bool = True, fuse_projections: bool = False, config=None
+    ):
         """Load a Hugging Face folder (config.json + safetensors) as it is.
+
+        `config`: a config object (or another folder's path) instead of the folder's config.json, for a folder
+        of weights alone (what HF Trainer writes for a model that is not a transformers class). A
+        generation_config.json there becomes `model.generation_config` (a malformed one is a ConfigError naming it).
 
         The model is built on the meta device and each checkpoint tensor is assigned in place,
         so the weights are held once. `strict=False` warns about unused checkpoint tensors
@@ -236,9 +319,15 @@ class PreTrainedModel(nn.Module):
             dtype = DTYPES[dtype.removeprefix("torch.")]
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)} (or the torch dtypes)")
-        config = cls.config_class.from_pretrained(folder)
+        if config is None or isinstance(config, (str, Path)):
+            config = cls.config_class.from_pretrained(folder if config is None else config)
+        elif not isinstance(config, cls.config_class):
+            raise ValueError(f"config must be a {cls.config_class.__name__} or a folder, got {type(config).__name__}")
+        generation_config = _generation_config(cls, folder)
         reader = CheckpointReader(folder)
         model = _build_within(cls, config, reader, folder)
+        if generation_config is not None:
+            model.generation_config = generation_config
         tied = model.tied_parameters()
         dtypes = {n: p.dtype for n, p in model.named_parameters(remove_duplicate=False)}
         tensors, problems = read_state(
@@ -282,23 +371,38 @@ class PreTrainedModel(nn.Module):
             model.fuse_projections()
         return model.eval()
 
-    def save_pretrained(self, folder) -> None:
-        """Write config.json and model.safetensors that Hugging Face transformers loads back."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
+    def save_pretrained(
+        self,
+        save_directory,
+        is_main_process: bool = True,
+        state_dict=None,
+        push_to_hub: bool = False,
+        max_shard_size="50GB",
+        safe_serialization: bool = True,
+        **kwargs,
+    ) -> None:
+        """Write config.json, the weights and (for a model that generates) generation_config.json, which Hugging
+        Face transformers loads back. `state_dict`: tensors by parameter name (as `state_dict()` gives them, tied
+        copies absent or present) written instead of the parameters; `max_shard_size` (bytes, "5GB", "500MB"):
+        above it, `model-0000i-of-0000n.safetensors` shards and `model.safetensors.index.json`, as HF's. Only
+        safetensors are written (`safe_serialization=False` is refused); `is_main_process=False` writes nothing
+        (HF Trainer's other ranks). HF's other options are accepted at their no-op values only."""
+        _check_save_options(type(self).__name__, push_to_hub, safe_serialization, kwargs)
+        if not is_main_process:
+            return
+        folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = write_state(
-            dict(self.named_parameters(remove_duplicate=False)), self.layout_rules, self.tied_parameters()
-        )
-        save_file(
-            {k: v.cpu() for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"}
-        )
+        if state_dict is None:
+            state_dict = dict(self.named_parameters(remove_duplicate=False))
+        tensors = write_state(dict(state_dict), self.layout_rules, self.tied_parameters())
+        write_shards(folder, tensors, max_shard_size)
         config = self.config.to_dict()
         config["architectures"] = [type(self).__name__]
         dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
         config["dtype"] = str(dtype).removeprefix("torch.")
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if self.can_generate() and isinstance(self.generation_config, GenerationConfig):
+            self.generation_config.save_pretrained(folder)
 
     # ---- training --------------------------------------------------------------------------------
     def activation_checkpointing_enable(
@@ -514,39 +618,122 @@ class PreTrainedModel(nn.Module):
 
     def generate(
         self,
-        input_ids,
-        max_new_tokens: int = 20,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id=None,
-        attention_mask=None,
-        pad_token_id=None,
-        generator=None,
+        input_ids=None,
+        generation_config=None,
         streamer=None,
+        *,
+        max_new_tokens=None,
+        max_length=None,
+        do_sample=None,
+        temperature=None,
+        top_k=None,
+        top_p=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        attention_mask=None,
+        generator=None,
         cuda_graph=None,
+        **kwargs,
     ):
+        """Greedy or sampled decoding over a static KV cache: [B, T + n] ids. Each setting left None comes from
+        `generation_config` (this package's or transformers'), else `self.generation_config`, else HF's defaults;
+        HF's other options are accepted at their no-op values only (num_beams=1, use_cache=True...). `streamer`:
+        a callable given each step's tokens, or an HF streamer (put/end). See generation.generate."""
         from .generation import generate
 
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)  # HF's name of the first argument
         return generate(
             self,
             input_ids,
+            generation_config=generation_config,
+            streamer=streamer,
+            attention_mask=attention_mask,
+            generator=generator,
+            cuda_graph=cuda_graph,
             max_new_tokens=max_new_tokens,
+            max_length=max_length,
             do_sample=do_sample,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
             eos_token_id=eos_token_id,
-            attention_mask=attention_mask,
             pad_token_id=pad_token_id,
-            generator=generator,
-            streamer=streamer,
-            cuda_graph=cuda_graph,
+            **kwargs,
         )
 
 
 # ---- loading helpers -----------------------------------------------------------------------------------
+
+# save_pretrained keywords of transformers (what Trainer and PEFT pass), accepted at these no-op values
+SAVE_NO_OPS = {
+    "variant": None,
+    "token": None,
+    "save_peft_format": True,
+    "save_original_format": True,
+    "distributed_checkpoint": False,
+    "safe_serialization": True,
+}
+
+
+def _check_save_options(name: str, push_to_hub, safe_serialization, kwargs: dict) -> None:
+    if safe_serialization is not True:
+        raise ValueError(
+            f"{name}.save_pretrained writes safetensors only (safe_serialization={safe_serialization!r}): pickle "
+            "checkpoints are not written, and loading refuses them"
+        )
+    if push_to_hub:
+        raise ValueError(f"{name}.save_pretrained cannot push to the Hub (push_to_hub=True): save, then upload")
+    unknown = sorted(k for k in kwargs if k not in SAVE_NO_OPS)
+    if unknown:
+        raise TypeError(f"{name}.save_pretrained() got unexpected keyword arguments: {', '.join(unknown)}")
+    odd = [f"{k}={v!r}" for k, v in kwargs.items() if v != SAVE_NO_OPS[k]]
+    if odd:
+        raise ValueError(f"{name}.save_pretrained does not implement {', '.join(odd)}")
+
+
+def _generation_config(cls, folder: Path):
+    """The folder's generation_config.json for a model that generates (None when absent), refused naming it."""
+    from .config import ConfigError
+
+    path = folder / "generation_config.json"
+    if not cls.can_generate() or not (path.exists() or path.is_symlink()):
+        return None
+    return GenerationConfig.from_pretrained(folder, error=ConfigError)
+
+
+@torch.no_grad()
+def _resize_rows(module: nn.Module, name: str, rows: int, mean_resizing: bool, std: float) -> None:
+    """Give `module.<name>` (a [V, H] weight or a [V] bias) `rows` rows: the old ones kept, new ones as HF's
+    resize initializes them (see resize_token_embeddings)."""
+    old = getattr(module, name)
+    kept = min(rows, old.shape[0])
+    new = old.new_empty((rows, *old.shape[1:]))
+    new[:kept] = old[:kept]
+    added = rows - old.shape[0]
+    if added > 0:
+        new[kept:] = _added_rows(old, added, mean_resizing, std)
+    setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
+
+
+def _added_rows(old: torch.Tensor, added: int, mean_resizing: bool, std: float) -> torch.Tensor:
+    """`added` new rows for `old` ([V, H] or [V]), as HF's `_init_added_embeddings_weights_with_mean`
+    (a bias: its mean, as HF's 1e-9-std normal around it); without mean resizing normal(0, std) (a bias: 0)."""
+    values = old.detach().float()
+    if not mean_resizing:
+        if values.dim() == 1:
+            return torch.zeros(added, dtype=old.dtype, device=old.device)
+        return torch.randn(added, *old.shape[1:], device=old.device).mul(std).to(old.dtype)
+    mean = values.mean(dim=0)
+    if values.dim() == 1:
+        return mean.expand(added).to(old.dtype)
+    centered = values - mean
+    covariance = 1e-9 * (centered.T @ centered) / values.shape[0]
+    try:
+        sample = torch.distributions.MultivariateNormal(mean, covariance_matrix=covariance).sample((added,))
+    except (ValueError, RuntimeError):  # not positive-definite: the mean, as HF
+        sample = mean.expand(added, -1)
+    return sample.to(old.dtype)
 
 
 class _TooLarge(Exception):
