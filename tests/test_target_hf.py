@@ -252,3 +252,97 @@ def test_a_saved_folder_loads_with_trust_remote_code_where_dslc_is_not_installed
     assert got["class"].startswith("transformers_modules.") and not got["dslc"]
     want = ref.generate(ids, max_new_tokens=5, do_sample=False, num_beams=2)
     assert got["tokens"] == want.tolist()
+
+
+# ---- the tools users train and evaluate with ---------------------------------------------------------------------
+
+
+def test_base_model_returns_the_last_hidden_state(pair):
+    ours, ref = pair
+    ids, mask = _prompts(seed=5)
+    got = ours.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    want = ref.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+    assert ours.get_decoder()(input_ids=ids).last_hidden_state.shape == (2, 7, 128)
+    assert not any(p is q for p in ours.base_model.parameters() for q in [])  # a view: no second parameter path
+    assert len(list(ours.parameters())) == len(set(map(id, ours.parameters())))
+
+
+def _sft_losses(model, tokenizer, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    data = datasets.Dataset.from_dict({"text": [f"def f{i}(x):\n    return x + {i}\n" for i in range(12)]})
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        max_length=64,
+        seed=0,
+        data_seed=0,
+        bf16=False,  # TRL's default autocasts to bf16 where it can: float32 compares the two models exactly
+    )
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_trl_sft_trainer_trains_as_on_the_transformers_model(built, tokenizer, tmp_path):
+    """TRL's SFTTrainer, no patches: 3 steps, each step's loss equal to the same run on transformers' model."""
+    _, pkg = built
+    ours = pkg.Qwen2ForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    ref = transformers.Qwen2ForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    got = _sft_losses(ours, tokenizer, tmp_path / "ours")
+    want = _sft_losses(ref, tokenizer, tmp_path / "ref")
+    assert len(got) == 3
+    assert got == pytest.approx(want, rel=1e-4), (got, want)
+
+
+def test_lm_eval_hflm_scores_as_the_transformers_model(pair, tokenizer):
+    """lm-eval's HFLM on an already-built model: loglikelihood and generate_until requests of a small task."""
+    huggingface = pytest.importorskip("lm_eval.models.huggingface")
+    from lm_eval.api.instance import Instance
+
+    requests = [
+        Instance("loglikelihood", {}, ("def add(a, b):", " return a + b"), 0),
+        Instance("loglikelihood", {}, ("x = 1\n", "y = 2"), 1),
+        Instance("loglikelihood", {}, ("import", " os"), 2),
+    ]
+    until = [Instance("generate_until", {}, ("def add(a, b):", {"until": ["\n\n"], "max_gen_toks": 12}), 0)]
+    results = []
+    for model in pair:
+        lm = huggingface.HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2, device="cpu")
+        results.append((lm.loglikelihood(requests), lm.generate_until(until)))
+    (ll, text), (ref_ll, ref_text) = results
+    assert [b for _, b in ll] == [b for _, b in ref_ll] and text == ref_text and text[0]
+    assert [s for s, _ in ll] == pytest.approx([s for s, _ in ref_ll], rel=1e-5)
+
+
+def test_trainer_bf16_checkpoints_reload_with_from_pretrained(built, tokenizer, tmp_path):
+    """transformers' Trainer saves through the model's save_pretrained: every checkpoint folder has config.json
+    and reloads with from_pretrained (and the Auto class), weights equal."""
+    _, pkg = built
+    model = pkg.Qwen2ForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    ids = torch.randint(1, 2048, (8, 16), generator=torch.Generator().manual_seed(6))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        save_steps=1,
+        report_to=[],
+        use_cpu=True,
+        bf16=True,
+    )
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    for step in (1, 2):
+        folder = tmp_path / f"checkpoint-{step}"
+        assert (folder / "config.json").is_file()
+        loaded = pkg.Qwen2ForCausalLM.from_pretrained(folder)
+        if step == 2:
+            for (name, a), b in zip(model.named_parameters(), loaded.parameters()):
+                torch.testing.assert_close(a.float(), b.float(), msg=name)

@@ -15,10 +15,10 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import GenerationMixin
+from transformers import GenerationConfig, GenerationMixin
 from transformers import PreTrainedModel as HFPreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from . import model_core
 from .attention import AttentionContext
@@ -26,7 +26,7 @@ from .attention import AttentionContext
 # kernels.py is imported by modeling.py as a module (`from . import kernels`); naming it here too makes
 # transformers' remote-code loader, which finds a folder's files by their `from .x import` lines, copy it
 from .kernels import set_backend  # noqa: F401
-from .model_core import LOSSES, checkpoint_call, fused_linear, keep_positions
+from .model_core import LOSSES, EmbeddingSwap, checkpoint_call, fused_linear, keep_positions
 
 # keywords transformers' Auto classes and pipelines pass that this loader does not use (a local folder; the
 # attention implementation is the spec's)
@@ -87,6 +87,63 @@ class CacheSlot:
         return self.cache.update(k, v, self.layer_idx)
 
 
+class Backbone(torch.nn.Module):
+    """`model.base_model` / `model.get_decoder()`: the model up to its last hidden state, called as transformers
+    calls a base model (input_ids or inputs_embeds, attention_mask, position_ids) and returning
+    `BaseModelOutputWithPast(last_hidden_state=...)`, as TRL's fused LM-head loss and PEFT expect. A view of
+    the owning model (not a submodule of it: its parameters are the model's own)."""
+
+    def __init__(self, owner: PreTrainedModel):
+        super().__init__()
+        object.__setattr__(self, "owner", owner)  # not registered: no second path to the same parameters
+
+    def get_input_embeddings(self):
+        return self.owner.get_input_embeddings()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        use_cache=None,
+        cache=None,
+        past_key_values=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        owner = self.owner
+        if use_cache or cache is not None or past_key_values is not None:
+            raise ValueError(f"{type(owner).__name__}.base_model runs without a KV cache (use_cache=False)")
+        for name in ("output_attentions", "output_hidden_states"):
+            if kwargs.pop(name, None):
+                raise ValueError(f"{type(owner).__name__}.base_model: {name}=True is not supported")
+        unknown = sorted(k for k, v in kwargs.items() if v is not None)
+        if unknown:
+            raise TypeError(f"{type(owner).__name__}.base_model got unexpected keyword arguments: {', '.join(unknown)}")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        first = input_ids if input_ids is not None else inputs_embeds
+        batch, length = first.shape[0], first.shape[1]  # [B, T]
+        cache_position = torch.arange(length, device=first.device)
+        if input_ids is None:  # stands in for the token ids: the embedding's output is replaced
+            input_ids = torch.zeros(batch, length, dtype=torch.long, device=first.device)
+        if position_ids is None:
+            position_ids = cache_position[None, :].expand(batch, length)
+        ctx = AttentionContext(attention_mask.bool() if attention_mask is not None else None, cache_position)
+        swap = EmbeddingSwap(owner, input_ids, inputs_embeds) if inputs_embeds is not None else None
+        if swap is not None:
+            swap.start()
+        try:
+            hidden = owner.forward_hidden(*owner.graph_args(dict(input_ids=input_ids, position_ids=position_ids)), ctx)
+        finally:
+            if swap is not None:
+                swap.stop()
+        if swap is not None:
+            swap.check()
+        return BaseModelOutputWithPast(last_hidden_state=hidden)  # [B, T, H]
+
+
 class PreTrainedModel(model_core.PreTrainedModel, HFPreTrainedModel, GenerationMixin):
     """A generated model as a transformers `PreTrainedModel` with `GenerationMixin`."""
 
@@ -100,6 +157,15 @@ class PreTrainedModel(model_core.PreTrainedModel, HFPreTrainedModel, GenerationM
         self.gradient_checkpointing = False
 
     generate = GenerationMixin.generate  # transformers' generate, not the standalone one
+
+    @property
+    def base_model(self) -> Backbone:
+        """The model up to its last hidden state, called as a transformers base model (see `Backbone`); the
+        spec's own backbone module stays `model.model`."""
+        return Backbone(self)
+
+    def get_decoder(self) -> Backbone:
+        return self.base_model
 
     @classmethod
     def can_generate(cls) -> bool:
@@ -152,12 +218,22 @@ class PreTrainedModel(model_core.PreTrainedModel, HFPreTrainedModel, GenerationM
             device_map = "cuda:0" if torch.cuda.is_available() else "cpu"
         if isinstance(device_map, dict):
             raise ValueError("device_map as a dict (sharding over devices) is not supported: give one device")
-        return super().from_pretrained(folder, dtype=dtype, device=device_map)
+        model = super().from_pretrained(folder, dtype=dtype, device=device_map)  # checks generation_config.json
+        if model.can_generate():  # transformers' GenerationConfig, read by transformers' generate
+            has_file = (folder / "generation_config.json").is_file()
+            model.generation_config = (
+                GenerationConfig.from_pretrained(folder)
+                if has_file
+                else GenerationConfig.from_model_config(model.config)
+            )
+        return model
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """The standalone save (config.json, safetensors as transformers writes them), plus the package's code
         and config.json's `auto_map`: the folder loads with `trust_remote_code=True` anywhere."""
         super().save_pretrained(save_directory, *args, **kwargs)
+        if self.can_generate() and self.generation_config is not None:
+            self.generation_config.save_pretrained(save_directory)
         write_remote_code(Path(save_directory), type(self.config), type(self))
 
     def create_masks_for_generate(self, attention_mask=None, **kwargs):
