@@ -42,6 +42,7 @@ __all__ = ["PreTrainedModel", "CacheSlot", "checkpoint_call", "fused_linear", "r
 
 # the Auto class of each task (AutoConfig besides); `register_auto` and the `auto_map` of saved folders use it
 AUTO_CLASSES = {
+    "base": "AutoModel",
     "causal_lm": "AutoModelForCausalLM",
     "masked_lm": "AutoModelForMaskedLM",
     "sequence_classification": "AutoModelForSequenceClassification",
