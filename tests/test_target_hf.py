@@ -80,6 +80,10 @@ def test_the_model_is_a_transformers_model(built, pair):
     assert isinstance(ours.config, transformers.PretrainedConfig)
     assert ours.config.model_type == "dslc_qwen2_hf" and type(ours).can_generate()  # dslc_ + the package name
     assert ours.config.head_dim == 32  # config.json's value, checked by the spec's config class
+    assert ours._no_split_modules == ["DecoderLayer"] and ours.base_model_prefix == "model"
+    assert ours.config.base_model_tp_plan["layers.*.self_attn.q_proj"] == "colwise"
+    assert ours.config.base_model_tp_plan["layers.*.mlp.down_proj"] == "rowwise"
+    assert ours.supports_gradient_checkpointing and ours._supports_sdpa
 
 
 @pytest.mark.parametrize(

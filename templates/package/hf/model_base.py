@@ -59,6 +59,16 @@ def register_auto(config_class, model_class) -> None:
         getattr(transformers, auto).register(config_class, model_class, exist_ok=True)
 
 
+def hf_tp_plan(plan: dict[str, str], prefix: str) -> dict[str, str]:
+    """The spec's `parallel` plan ({"model.layers.{i}.self_attn.q_proj": "colwise"}) in transformers' format:
+    relative to the base model, `*` for the layer index ({"layers.*.self_attn.q_proj": "colwise"})."""
+    out = {}
+    for path, style in plan.items():
+        path = path.replace("{i}", "*")
+        out[path.removeprefix(f"{prefix}.")] = style
+    return out
+
+
 def write_remote_code(folder: Path, config_class, model_class) -> None:
     """Copy the package's code files into a saved folder and name them in config.json's `auto_map`, so
     `AutoModelFor...from_pretrained(folder, trust_remote_code=True)` loads it where the package (and dslc)
@@ -156,6 +166,14 @@ class PreTrainedModel(model_core.PreTrainedModel, HFPreTrainedModel, GenerationM
     def __init__(self, config):
         HFPreTrainedModel.__init__(self, config)  # transformers' bookkeeping (generation_config, attn implementation)
         self.gradient_checkpointing = False
+        if self.tp_plan and getattr(config, "base_model_tp_plan", None) is None:
+            config.base_model_tp_plan = hf_tp_plan(self.tp_plan, self.base_model_prefix)
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """What accelerate's device maps keep on one device: the block of the spec's `repeat` stack."""
+        stack = model_core.repeat_stack(self)
+        return [type(stack[1][0]).__name__] if stack is not None else []
 
     generate = GenerationMixin.generate  # transformers' generate, not the standalone one
 
