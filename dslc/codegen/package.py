@@ -321,6 +321,7 @@ class PackageRenderer:
             f"layout_rules = {rules!r}",
             f"ignored_keys = {list(self.p.checkpoint.ignores)!r}",
             f"tp_plan = {dict(self.p.train.parallel)!r}",
+            *([f"remat_save = {tuple(self.p.train.save)!r}"] if self.p.train.save else []),
         ]
 
     def region_view(self, r, grouped: bool) -> dict:

@@ -1237,7 +1237,7 @@ class Lowering:
                     )
 
     def _lower_train(self, decls: list[A.TrainDecl], modules: list[str]) -> N.TrainDef:
-        ckpt, par = [], []
+        ckpt, par, save = [], [], []
         for d in decls:
             for name, span in d.checkpointing:
                 if name not in modules:
@@ -1257,7 +1257,17 @@ class Lowering:
                         did_you_mean(style, ("colwise", "rowwise")) or "styles: colwise, rowwise",
                     )
                 par.append((pattern, style))
-        return N.TrainDef(tuple(ckpt), tuple(par))
+            for name, span in d.save:
+                if name not in N.SAVE_OPS:
+                    self.rep.error(
+                        "E019",
+                        f"save_activations names unknown op kind `{name}`",
+                        span,
+                        did_you_mean(name, N.SAVE_OPS) or f"op kinds: {', '.join(N.SAVE_OPS)}",
+                    )
+                elif name not in save:
+                    save.append(name)
+        return N.TrainDef(tuple(ckpt), tuple(par), tuple(save))
 
 
 # ---- forward bodies -----------------------------------------------------------------------------

@@ -280,6 +280,10 @@ class CheckpointDef:
 class TrainDef:
     checkpointing: tuple[str, ...]  # module names whose calls recompute activations in backward
     parallel: tuple[tuple[str, str], ...]  # (parameter-path pattern, colwise | rowwise)
+    save: tuple[str, ...] = ()  # op kinds (SAVE_OPS) whose outputs checkpointed blocks keep instead of recomputing
+
+
+SAVE_OPS = ("linear", "attention")  # `save_activations` names: matmuls, attention kernels (model_base.SAVE_OPS)
 
 
 # ---- the whole program -------------------------------------------------------------------

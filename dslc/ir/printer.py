@@ -420,6 +420,8 @@ class _Printer:
             self.emit(1, f"activation_checkpointing {name_text(name)}")
         for pattern, style in t.parallel:
             self.emit(1, f"parallel {quote(pattern)} -> {name_text(style)}")
+        for name in t.save:
+            self.emit(1, f"save_activations {name_text(name)}")
         self.emit(0, "}")
 
     def weights(self, weights: tuple[N.WeightInfo, ...]) -> None:

@@ -328,8 +328,15 @@ class _ToIR(Transformer):
     def parallel(self, pattern, style):
         return ("par", (_str(pattern), style))
 
+    def save_activations(self, name):
+        return ("save", name)
+
     def train(self, *items):
-        return N.TrainDef(tuple(x for k, x in items if k == "ckpt"), tuple(x for k, x in items if k == "par"))
+        return N.TrainDef(
+            tuple(x for k, x in items if k == "ckpt"),
+            tuple(x for k, x in items if k == "par"),
+            tuple(x for k, x in items if k == "save"),
+        )
 
     def weight_info(self, name, *rest):
         *dims, dtype, init, tied_to, span = rest

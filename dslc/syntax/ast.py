@@ -285,6 +285,7 @@ class TrainDecl:
     checkpointing: tuple[tuple[str, Span], ...]
     parallel: tuple[tuple[str, str, Span], ...]  # (pattern, style, span)
     span: Span
+    save: tuple[tuple[str, Span], ...] = ()  # `save_activations linear, attention`: kept, not recomputed
 
 
 @dataclass(frozen=True)

@@ -383,18 +383,24 @@ class _ToAst(Transformer):
         return ("checkpointing", tuple((str(c), self._tspan(c)) for c in children))
 
     @v_args(meta=True)
+    def save_hint(self, meta, children):
+        return ("save", tuple((str(c), self._tspan(c)) for c in children))
+
+    @v_args(meta=True)
     def parallel_hint(self, meta, children):
         return ("parallel", (_decode_string(children[0], self.path), str(children[1]), self._span(meta)))
 
     @v_args(meta=True)
     def train_decl(self, meta, children):
-        ckpt, par = [], []
+        ckpt, par, save = [], [], []
         for kind, value in children:
             if kind == "checkpointing":
                 ckpt.extend(value)
+            elif kind == "save":
+                save.extend(value)
             else:
                 par.append(value)
-        return A.TrainDecl(tuple(ckpt), tuple(par), self._span(meta))
+        return A.TrainDecl(tuple(ckpt), tuple(par), self._span(meta), tuple(save))
 
     @v_args(meta=True)
     def use_decl(self, meta, children):

@@ -100,7 +100,9 @@ class AttentionContext:
     def _memo(self, kind: str, num_keys, causal: bool, window: int | None, build):
         # memoized per plain-int key count only: under torch.export / dynamic-shape tracing num_keys is
         # a SymInt, which cannot key a dict (and need not: the traced graph is built once anyway)
-        if type(num_keys) is not int:
+        # and never while torch.compile traces: a dict written inside an activation-checkpointed block is a side
+        # effect its higher-order op refuses (the compiled graph computes each mask once anyway)
+        if type(num_keys) is not int or torch.compiler.is_compiling():
             return build()
         key = (kind, num_keys, causal, window)
         if key not in self._masks:

@@ -7,6 +7,7 @@ The generated class sets `config_class`, `task`, `graph_inputs`, `layout_rules`,
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -41,13 +42,53 @@ KNOWN_INPUTS = ("input_ids", "position_ids", "token_type_ids")  # what forward()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
-def checkpoint_call(module, enabled: bool, *args):
-    """Call `module(*args)`, recomputing its activations in backward when `enabled`."""
-    if enabled:
-        from torch.utils.checkpoint import checkpoint
+# `save_activations` op kinds -> the aten ops whose outputs a checkpointed block keeps (selective checkpointing)
+SAVE_OPS = {
+    "linear": ("mm", "addmm", "bmm", "baddbmm"),
+    "attention": (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_attention_math",
+        "flex_attention",
+    ),
+}
 
+
+class Remat:
+    """How a stack owner's checkpointed blocks recompute (set by `activation_checkpointing_enable`): blocks
+    marked `_dslc_recompute = False` run normally (every_n_layers), `save` names op kinds (SAVE_OPS) kept
+    rather than recomputed, `offload` moves the saved block inputs to CPU memory."""
+
+    def __init__(self, save: tuple[str, ...] = (), offload: bool = False):
+        self.save = tuple(save)
+        self.offload = offload
+        ops = [getattr(torch.ops.aten, n, None) for kind in self.save for n in SAVE_OPS[kind]]
+        self.kept = [op.default for op in ops if op is not None and hasattr(op, "default")]
+        # torch.utils.checkpoint's selective contexts: the outputs of the kept ops are saved, the rest recomputed
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        self.context_fn = functools.partial(create_selective_checkpoint_contexts, self.kept)
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def checkpoint_call(module, enabled, *args):
+    """Call `module(*args)`, recomputing its activations in backward when `enabled` (True, or a `Remat`) and the
+    module is not one `activation_checkpointing_enable(every_n_layers=...)` left out."""
+    if not enabled or not getattr(module, "_dslc_recompute", True):
+        return module(*args)
+    from torch.utils.checkpoint import checkpoint
+
+    if not isinstance(enabled, Remat) or not (enabled.save or enabled.offload):
         return checkpoint(module, *args, use_reentrant=False)
-    return module(*args)
+    kwargs = {"context_fn": enabled.context_fn} if enabled.save else {}
+    if enabled.offload:
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            return checkpoint(module, *args, use_reentrant=False, **kwargs)
+    return checkpoint(module, *args, use_reentrant=False, **kwargs)
 
 
 class FusedWeights(NamedTuple):
@@ -96,6 +137,7 @@ class PreTrainedModel(nn.Module):
     layout_rules: list[dict] = []
     ignored_keys: list[str] = []
     tp_plan: dict[str, str] = {}
+    remat_save: tuple[str, ...] = ()  # the spec's `save_activations` op kinds (SAVE_OPS)
     loss_head: tuple[str, str, str | None] | None = None  # (submodule, weight, bias) of a Linear-like head
     supports_gradient_checkpointing = True
     main_input_name = "input_ids"
@@ -406,22 +448,37 @@ class PreTrainedModel(nn.Module):
 
     # ---- training --------------------------------------------------------------------------------
     def activation_checkpointing_enable(
-        self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
+        self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False, save=None
     ) -> None:
         """Recompute the spec's checkpointed blocks in backward while training (always non-reentrant, so
-        `activation_checkpointing_kwargs` such as use_reentrant are not needed). HF Trainer calls this."""
-        if every_n_layers != 1 or offload:
-            raise NotImplementedError(
-                f"activation checkpointing of every block only: every_n_layers={every_n_layers}, offload={offload}"
-            )
+        `activation_checkpointing_kwargs` such as use_reentrant are not needed). HF Trainer calls this.
+
+        every_n_layers: recompute every n-th block of each stack (blocks 0, n, 2n, ...; 1: all).
+        save: op kinds whose outputs the recomputed blocks keep (selective checkpointing): "linear" (the
+          matmuls), "attention" (the attention kernel); default the spec's `save_activations` line.
+        offload: keep the tensors saved for backward in CPU memory (torch.autograd.graph.save_on_cpu).
+        All of them compose with torch.compile(fullgraph=True), offload excepted."""
+        if not isinstance(every_n_layers, int) or isinstance(every_n_layers, bool) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be an int >= 1, got {every_n_layers!r}")
+        save = self.remat_save if save is None else tuple([save] if isinstance(save, str) else save)
+        unknown = [s for s in save if s not in SAVE_OPS]
+        if unknown:
+            raise ValueError(f"save: unknown op kind(s) {', '.join(map(repr, unknown))}; use {', '.join(SAVE_OPS)}")
+        policy = Remat(save, bool(offload))
         for m in self.modules():
             if hasattr(m, "gradient_checkpointing"):
-                m.gradient_checkpointing = True
+                m.gradient_checkpointing = policy
+                for stack in m.children():
+                    if isinstance(stack, nn.ModuleList):
+                        for i, block in enumerate(stack):
+                            block._dslc_recompute = i % every_n_layers == 0
 
     def activation_checkpointing_disable(self) -> None:
         for m in self.modules():
             if hasattr(m, "gradient_checkpointing"):
                 m.gradient_checkpointing = False
+            if hasattr(m, "_dslc_recompute"):
+                del m._dslc_recompute
 
     @property
     def is_activation_checkpointing(self) -> bool:
