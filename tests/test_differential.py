@@ -274,7 +274,7 @@ class ProgramBuilder:
     proj (Linear), norm (RMSNorm), sc (a leaf module), a repeat stack `layers` and a fn `gate`, all called
     possibly more than once."""
 
-    UNARY = ["tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "relu", "cos", "sin", "abs"]
+    UNARY = ["tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "relu", "cos", "sin", "abs", "erf"]
 
     def __init__(self, rng: random.Random):
         self.rng = rng

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dslc.check.dims import NONE_TYPE, Dim, Sym, TType, dim_add, dim_div, product
+from dslc.ir import ops
 
 FLOAT_DTYPES = ("float", "f32", "f16", "bf16", "f64")
 
@@ -453,31 +454,14 @@ def _topk(args, kw):
     return [TType(x.dims[:-1] + (k,), x.dtype), TType(x.dims[:-1] + (k,), "i64")]
 
 
-UNARY = (
-    "exp",
-    "log",
-    "sqrt",
-    "rsqrt",
-    "tanh",
-    "sigmoid",
-    "silu",
-    "gelu",
-    "gelu_tanh",
-    "relu",
-    "cos",
-    "sin",
-    "abs",
-    "erf",
-    "neg",
-    "identity",
-)
-BINARY = ("add", "sub", "mul", "div", "pow", "matmul", "maximum", "minimum")
+UNARY = ops.names("unary")  # the elementwise ops by kind, from the one op table (dslc/ir/ops.py)
+BINARY = ops.names("binary")
 
 PRIMITIVES: dict[str, Callable] = {
     **{n: _elementwise(n) for n in UNARY},
     **{n: _binary(n) for n in BINARY},
     "where": _where,
-    **{n: _reduction(n) for n in ("sum", "mean", "amax", "amin")},
+    **{n: _reduction(n) for n in ops.names("row")},
     "softmax": _softmax("softmax"),
     "log_softmax": _softmax("log_softmax"),
     "linear": _linear,

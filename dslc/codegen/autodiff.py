@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from dslc.ir import ops
 from dslc.ir.regions import BINARY_OPS, REGION_OPS, ROW_OPS, UNARY_OPS, RegionInput, RegionOp, RowRegion
 
 # Value kinds, ordered: an op's result has the largest kind among its arguments.
@@ -32,6 +33,7 @@ TL_DTYPES = {"f32": "tl.float32", "bf16": "tl.bfloat16", "f16": "tl.float16"}
 
 SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
 INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+TWO_OVER_SQRT_PI = 1.1283791670955126  # 2 / sqrt(pi): the derivative of erf at 0
 SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2 / pi), gelu_tanh
 GELU_TANH_C = 0.044715
 
@@ -556,21 +558,8 @@ class TorchDialect(Dialect):
     Ops run in their arguments' dtype (plain torch semantics); a cast converts with `.to(...)`.
     """
 
-    TORCH_FN = {
-        "exp": "torch.exp",
-        "log": "torch.log",
-        "sqrt": "torch.sqrt",
-        "rsqrt": "torch.rsqrt",
-        "sigmoid": "torch.sigmoid",
-        "erf": "torch.erf",
-        "cos": "torch.cos",
-        "sin": "torch.sin",
-        "abs": "torch.abs",
-        "tanh": "torch.tanh",
-        "relu": "torch.relu",
-        "silu": "torch.nn.functional.silu",
-        "gelu": "torch.nn.functional.gelu",
-    }
+    # the op table's PyTorch spellings, with torch.nn.functional written out (generated kernels import no F)
+    TORCH_FN = {n: t.replace("F.", "torch.nn.functional.", 1) for n, t in ops.torch_spellings().items()}
 
     def _t(self, a: Expr) -> Expr:
         return call("torch.as_tensor", a) if a.kind == CONST else a
@@ -737,6 +726,8 @@ def _adjoint(info: RegionInfo, op: RegionOp, y: Expr, g: Expr, d: Dialect) -> li
         return [g * (0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * dt)]
     if o == "relu":
         return [d.where(a.gt(0.0), g, 0.0)]
+    if o == "erf":  # 2 / sqrt(pi) e^(-a^2)
+        return [g * TWO_OVER_SQRT_PI * d.fn("exp", -1.0 * a * a)]
     if o == "cos":
         return [-g * d.fn("sin", a)]
     if o == "sin":

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from dslc.codegen.text import where
 from dslc.ir import nodes as N
+from dslc.ir import ops
 from dslc.passes.common import VIEW_OPS
 
 TORCH_DTYPES = {
@@ -52,21 +53,7 @@ _STATIC_BIN = {
     "and": 4,
     "or": 3,
 }
-_TORCH_UNARY = {
-    "exp": "torch.exp",
-    "log": "torch.log",
-    "sqrt": "torch.sqrt",
-    "rsqrt": "torch.rsqrt",
-    "tanh": "torch.tanh",
-    "sigmoid": "torch.sigmoid",
-    "cos": "torch.cos",
-    "sin": "torch.sin",
-    "abs": "torch.abs",
-    "erf": "torch.erf",
-    "silu": "F.silu",
-    "relu": "F.relu",
-    "gelu": "F.gelu",
-}
+_TORCH_UNARY = ops.torch_spellings()  # unary ops spelled as one call (dslc/ir/ops.py)
 
 
 class CodegenError(Exception):

@@ -7,7 +7,7 @@ reduction over the last dimension (mean, sum, amax) is a reduction within the pr
 region can hold a norm with its prologue (residual add) and epilogue (weight, cast).
 
 Ops (`RegionOp.op`), all computed in float32:
-  unary:    neg exp log sqrt rsqrt tanh sigmoid silu gelu gelu_tanh relu cos sin abs identity
+  unary:    neg exp log sqrt rsqrt tanh sigmoid silu gelu gelu_tanh relu cos sin abs erf identity
   binary:   add sub mul div maximum minimum pow (exponent must be a constant)
   cast:     attrs (("dtype", D),) with D "f32" | "bf16" | "f16" or "input:<name>" (that input's dtype):
             the value is rounded to D (compute stays f32)
@@ -20,26 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-UNARY_OPS = (
-    "neg",
-    "exp",
-    "log",
-    "sqrt",
-    "rsqrt",
-    "tanh",
-    "sigmoid",
-    "silu",
-    "gelu",
-    "gelu_tanh",
-    "relu",
-    "cos",
-    "sin",
-    "abs",
-    "identity",
-)
-BINARY_OPS = ("add", "sub", "mul", "div", "maximum", "minimum", "pow")
-ROW_OPS = ("sum", "mean", "amax")
+from dslc.ir import ops
+
+# the fusable ops of the one op table (dslc/ir/ops.py)
+UNARY_OPS = ops.names("unary", fusable=True)
+BINARY_OPS = ops.names("binary", fusable=True)
+ROW_OPS = ops.names("row", fusable=True)
 REGION_OPS = UNARY_OPS + BINARY_OPS + ROW_OPS + ("cast", "rotate_half")
+assert set(REGION_OPS) == ops.FUSABLE, "a fusable op of dslc/ir/ops.py that row regions do not take"
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dslc.ir import nodes as N
+from dslc.ir import ops
 from dslc.passes.common import map_bodies, subst_op, use_counts
 
-PURE_EXCLUDED = {"call", "attention", "dropout", "region"}  # calls may hold state (KV cache, RNG)
+# calls may hold state (KV cache, RNG); the impure primitives come from the op table
+PURE_EXCLUDED = {"call", "region"} | ops.IMPURE
 
 
 def _rename_ref(names: dict[str, str]):

@@ -9,7 +9,7 @@ from dslc.ir import nodes as N
 from dslc.ir.evaluate import free_refs
 from dslc.ir.regions import BINARY_OPS, ROW_OPS, UNARY_OPS
 
-ELEMENTWISE = set(UNARY_OPS) | set(BINARY_OPS) | {"cast", "rotate_half"}
+ELEMENTWISE = set(UNARY_OPS) | set(BINARY_OPS) | {"cast", "rotate_half"}  # the fusable non-reductions
 ROW_REDUCTIONS = set(ROW_OPS)
 VIEW_OPS = ("unsqueeze", "squeeze", "transpose", "reshape", "select")  # a new view of one value, no new numbers
 

@@ -1,0 +1,101 @@
+"""The op vocabulary in one table: each primitive declared once, every stage's list derived from it.
+
+An `OpDef` says what kind of op it is, whether the passes may merge or drop it (`pure`), whether it joins
+fused row regions (`fusable`: it then has a Triton forward and a derivative rule in
+`dslc/codegen/autodiff.py`, which `tests/test_op_registry.py` checks for every fusable op), and how
+PyTorch spells it where that is one call. The checker's type rules (`dslc/check/primitives.py`), the
+region op sets (`dslc/ir/regions.py`), the passes' sets (`dslc/passes/common.py`, `cleanup.py`) and the
+PyTorch spellings of codegen and autodiff all read this table; adding a unary op is one line here plus
+its type rule kind, its Triton spelling and its derivative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("unary", "binary", "row", "shape", "other")
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    kind: str  # one of KINDS: unary / binary elementwise, row (last-dim reduction), shape (views, joins), other
+    doc: str
+    torch: str | None = None  # PyTorch spelling of a unary op in the generated modules (`F.` is torch.nn.functional)
+    fusable: bool = False  # joins fused row regions: a Triton forward and a derivative rule exist
+    pure: bool = True  # no state and no randomness: CSE may merge two calls and DCE drop an unused one
+
+
+OPS: dict[str, OpDef] = {
+    o.name: o
+    for o in (
+        # ---- unary elementwise --------------------------------------------------------------------------
+        OpDef("exp", "unary", "e ** x", "torch.exp", fusable=True),
+        OpDef("log", "unary", "natural log", "torch.log", fusable=True),
+        OpDef("sqrt", "unary", "square root", "torch.sqrt", fusable=True),
+        OpDef("rsqrt", "unary", "1 / sqrt(x)", "torch.rsqrt", fusable=True),
+        OpDef("tanh", "unary", "hyperbolic tangent", "torch.tanh", fusable=True),
+        OpDef("sigmoid", "unary", "1 / (1 + e ** -x)", "torch.sigmoid", fusable=True),
+        OpDef("silu", "unary", "x * sigmoid(x)", "F.silu", fusable=True),
+        OpDef("gelu", "unary", "x * Phi(x), the exact GELU", "F.gelu", fusable=True),
+        OpDef("gelu_tanh", "unary", "the tanh approximation of GELU", fusable=True),
+        OpDef("relu", "unary", "max(x, 0)", "F.relu", fusable=True),
+        OpDef("cos", "unary", "cosine", "torch.cos", fusable=True),
+        OpDef("sin", "unary", "sine", "torch.sin", fusable=True),
+        OpDef("abs", "unary", "|x|", "torch.abs", fusable=True),
+        OpDef("erf", "unary", "the error function", "torch.erf", fusable=True),
+        OpDef("neg", "unary", "-x", fusable=True),
+        OpDef("identity", "unary", "x itself", fusable=True),
+        # ---- binary elementwise (broadcasting) -----------------------------------------------------------
+        OpDef("add", "binary", "a + b", fusable=True),
+        OpDef("sub", "binary", "a - b", fusable=True),
+        OpDef("mul", "binary", "a * b", fusable=True),
+        OpDef("div", "binary", "a / b", fusable=True),
+        OpDef("pow", "binary", "a ** b (b a build-time number inside a fused region)", fusable=True),
+        OpDef("maximum", "binary", "elementwise max", fusable=True),
+        OpDef("minimum", "binary", "elementwise min", fusable=True),
+        OpDef("matmul", "binary", "a @ b"),
+        OpDef("where", "other", "where(cond, a, b)"),
+        # ---- reductions --------------------------------------------------------------------------------
+        OpDef("sum", "row", "sum over a dim", fusable=True),
+        OpDef("mean", "row", "mean over a dim", fusable=True),
+        OpDef("amax", "row", "max over a dim", fusable=True),
+        OpDef("amin", "row", "min over a dim"),
+        OpDef("softmax", "other", "softmax over a dim"),
+        OpDef("log_softmax", "other", "log-softmax over a dim"),
+        # ---- shapes and dtypes -------------------------------------------------------------------------
+        OpDef("cast", "other", "cast(x, dtype): round to a dtype", fusable=True),
+        OpDef("rotate_half", "shape", "(x1, x2) -> (-x2, x1) over the last dim", fusable=True),
+        OpDef("reshape", "shape", "a view with new dims"),
+        OpDef("transpose", "shape", "swap two dims"),
+        OpDef("unsqueeze", "shape", "insert a dim of size 1"),
+        OpDef("squeeze", "shape", "drop a dim of size 1"),
+        OpDef("select", "shape", "index one position of a dim"),
+        OpDef("chunk", "shape", "n equal parts of a dim"),
+        OpDef("split", "shape", "parts of given sizes"),
+        OpDef("concat", "shape", "join along a dim"),
+        OpDef("arange", "other", "0, 1, ... n - 1 (build-time sizes)"),
+        # ---- layers ------------------------------------------------------------------------------------
+        OpDef("linear", "other", "x @ weight.T (+ bias)"),
+        OpDef("gather", "other", "embedding lookup: rows of a table by index"),
+        OpDef("attention", "other", "scaled dot-product attention (KV cache, masks)", pure=False),
+        OpDef("dropout", "other", "random zeroing in training", pure=False),
+        OpDef("topk", "other", "the k largest values and their indices"),
+    )
+}
+
+
+def names(kind: str, fusable: bool | None = None) -> tuple[str, ...]:
+    """The ops of `kind` (optionally only the fusable or the non-fusable ones), in table order."""
+    if kind not in KINDS:
+        raise KeyError(kind)
+    return tuple(n for n, o in OPS.items() if o.kind == kind and (fusable is None or o.fusable == fusable))
+
+
+def torch_spellings() -> dict[str, str]:
+    """Unary ops spelled as one PyTorch call in the generated modules."""
+    return {n: o.torch for n, o in OPS.items() if o.torch is not None}
+
+
+IMPURE = frozenset(n for n, o in OPS.items() if not o.pure)
+FUSABLE = frozenset(n for n, o in OPS.items() if o.fusable)
