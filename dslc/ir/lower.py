@@ -1142,6 +1142,13 @@ class Lowering:
                 self._check_layer_index(r)
                 rules.append(N.LayoutRuleDef(r.sources, tuple(transforms), r.targets, r.span))
             for i in d.ignores:
+                other = _other_placeholder(i.pattern)
+                if other is not None:
+                    self.rep.error(
+                        "E050",
+                        f"`{other}` in `{i.pattern}`: the only placeholder a pattern takes is `{{i}}`, the layer index",
+                        i.span,
+                    )
                 if i.pattern.count("{i}") > 1:
                     self.rep.error(
                         "E050",
@@ -1156,6 +1163,15 @@ class Lowering:
         """`{i}` stands for one layer index, read from the rule's first source key and written into the other
         names: at most one per pattern, and in the first source whenever another name has it."""
         for pattern in r.sources + r.targets:
+            other = _other_placeholder(pattern)
+            if other is not None:
+                self.rep.error(
+                    "E050",
+                    f"`{other}` in `{pattern}`: the only placeholder a checkpoint pattern takes is `{{i}}`, the layer index",
+                    r.span,
+                    "name each tensor of a nested index (`experts.0`, `experts.1`, ...) in its own rule",
+                )
+                return
             if pattern.count("{i}") > 1:
                 self.rep.error(
                     "E050",
@@ -1574,7 +1590,6 @@ class _Scope:
             p = self.fresh(v)
             params.append(p)
             self.env[v] = p
-            self.read.add(p)
         self.loop_vars[st.var] = sub.name
         for s in st.body:
             try:
@@ -1589,10 +1604,12 @@ class _Scope:
         body, self.body = tuple(self.body), outer_body
         self.env = outer_env
         results = []
-        for v in carried:
+        for v, p in zip(carried, params):
             r = self.fresh(v)
             results.append(r)
             self.bind(v, r, st.span)
+            if p in self.read:  # used inside the loop: its value after the loop need not be read too
+                self.read.add(r)
         self.body.append(
             N.Loop(st.var, sub.name, body, inputs, tuple(params), yields, tuple(results), tuple(carried), st.span)
         )
@@ -1698,6 +1715,14 @@ class _Scope:
                     "E041", "`attention` keeps a KV cache, so it must be called in a module's forward", e.span
                 )
                 raise _Abort
+            if f == "cast" and len(args) == 2 and args[1] == N.Ref("dtype", "float"):
+                self.rep.error(
+                    "E032",
+                    "`cast(x, float)`: `float` is the model's float dtype, which is a tensor's, not a fixed one",
+                    e.args[1].span,
+                    "cast to a tensor's dtype (`cast(h, x.dtype)`, `cast(h, weight.dtype)`) or a fixed one (f32, bf16, f16)",
+                )
+                raise _Abort
             self.emit(f, args, kwargs, e.span, n=n)
         elif f in self.low.decls.modules:
             self.rep.error(
@@ -1707,6 +1732,14 @@ class _Scope:
         else:
             self.low._unknown(e.func, [c for c in self.candidates() if c not in self.env], "function")
         return self.body[-1].results
+
+
+def _other_placeholder(pattern: str) -> str | None:
+    """A `{...}` in a checkpoint pattern other than the layer index `{i}`, or None."""
+    import re
+
+    found = next((m.group(0) for m in re.finditer(r"\{[^{}]*\}", pattern) if m.group(0) != "{i}"), None)
+    return found
 
 
 def _assigned_vars(body) -> list[str]:
