@@ -456,3 +456,37 @@ train:
     assert p.train.checkpointing == ("Layer",) and p.checkpoint.ignores == ("rotary.*",)
     d = one_error(text.replace("split(dim = 0) -> ", ""))
     assert d.code == "E050" and d.message == "several parameters need `split(dim = N)`"
+
+
+def test_a_loop_carried_variable_read_inside_the_loop_is_not_unused():
+    """W001 stays quiet for `local`: carried through the loop and read there, its value after the loop is unused."""
+    from dslc.api import check_source
+
+    text = """use std
+
+config C:
+    dim: int = 64
+    vocab: int = 100
+
+module Block:
+    w: [dim] = ones
+
+    forward(x: [B, T, dim]) -> [B, T, dim]:
+        return x * w
+
+model M(C): causal_lm
+    embed = Embedding(vocab, dim)
+    layers = repeat(2, Block())
+    head = Linear(dim, vocab)
+
+    forward(ids: [B, T] i64) -> [B, T, vocab]:
+        x = embed(ids)
+        local = x
+        for layer in layers:
+            local = layer(local)
+            x = x + local
+        return head(x)
+"""
+    assert [w.code for w in check_source(text, "carried.model").warnings] == []
+    unused = text.replace("            local = layer(local)\n            x = x + local\n", "            x = layer(x)\n")
+    assert [w.code for w in check_source(unused, "unused.model").warnings] == ["W001"]  # `local` never read
