@@ -110,6 +110,14 @@ def _show(args) -> int:
     except DslcError as e:
         _report(e.diagnostics, False)
         return 1
+    if args.archs:
+        from dslc.show import show_archs
+
+        try:
+            return show_archs(args.file, checked)
+        except DslcError as e:
+            _report(e.diagnostics, False)
+            return 1
     return show_program(checked, ir=args.ir, graph=args.graph, fusion=args.fusion)
 
 
@@ -144,6 +152,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_spec_args(p)
     p.add_argument("--ir", action="store_true", help="print the full IR")
     p.add_argument("--fusion", action="store_true", help="print the fusion report")
+    p.add_argument("--archs", action="store_true", help="list the named archs, what each sets, their parameter counts")
     p.add_argument("--graph", metavar="OUT", help="write the IR graph as .dot or .svg")
     p.set_defaults(run=_show)
 

@@ -59,6 +59,44 @@ def show_program(checked, ir: bool = False, graph: str | None = None, fusion: bo
     return status
 
 
+# ---- archs (a registry of the spec's named presets) --------------------------------------------------
+
+
+def arch_rows(spec: str | Path, checked) -> list[tuple[str, str, str, int]]:
+    """(arch, extends, the fields it sets, parameter count) for the spec's default and each named arch; each
+    arch's count comes from checking the spec with it (a failing arch raises DslcError naming it)."""
+    from dslc.api import check_file
+
+    ev = checked.config_eval
+    bases = {a.name: a.base for a in _arch_decls(checked)}
+    rows = [("(default)", "", "", check_file(spec).program.param_count)]
+    for name, values in ev.arch_values.items():
+        sets = ", ".join(f"{k} = {const_text(v)}" for k, v in values.items())
+        rows.append((name, bases.get(name) or "", sets, check_file(spec, name).program.param_count))
+    return rows
+
+
+def _arch_decls(checked) -> tuple[N.ArchDef, ...]:
+    return checked.program.config.archs
+
+
+def show_archs(spec: str | Path, checked) -> int:
+    """`dslc show SPEC --archs`: the named archs, what each sets and its parameter count."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(markup=False, highlight=False, soft_wrap=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 160
+    table = Table(title=f"archs of {checked.program.model} ({Path(spec).name})")
+    for col in ("arch", "extends", "sets", "parameters"):
+        table.add_column(col, overflow="fold", justify="right" if col == "parameters" else "left")
+    for name, base, sets, count in arch_rows(spec, checked):
+        table.add_row(name, base, sets, f"{count:,}")
+    console.print(table)
+    return 0
+
+
 # ---- config ----------------------------------------------------------------------------------------
 
 

@@ -166,3 +166,20 @@ def test_every_model_checks_clean():
     for spec in sorted((ROOT / "models").glob("*.model")):
         rc, out, err = run_main("check", str(spec.relative_to(ROOT)), "--json")
         assert rc == 0 and json.loads(out) == [], (spec.name, out)
+
+
+def test_show_archs_lists_each_arch_what_it_sets_and_its_parameter_count():
+    """`dslc show SPEC --archs`: fairseq2-style registry of the named presets (counts as HF reports them)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "dslc", "show", str(ROOT / "models" / "gpt2.model"), "--archs"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert run.returncode == 0, run.stderr
+    rows = {line.split("│")[1].strip(): line for line in run.stdout.splitlines() if line.startswith("│")}
+    assert set(rows) >= {"(default)", "124m", "355m", "774m", "1558m"}
+    assert "124,439,808" in rows["124m"] and "354,823,168" in rows["355m"]  # GPT-2 and GPT-2 medium
+    assert "n_embd = 1024" in rows["355m"] and "n_layer = 24" in rows["355m"]
+    assert "import torch" not in run.stderr
