@@ -487,19 +487,45 @@ class Checker:
         for inp, param in zip(st.inputs, st.params):
             ctx.types[param] = ctx.types[inp]
         ctx.loop_vars[st.var] = st.over
-        self._run(st.body, ctx)
-        for y, r, v in zip(st.yields, st.results, st.vars):
-            if ctx.types.get(y) != ctx.types.get(self._find_param(st, v)):
-                self.rep.error(
-                    "E030",
-                    f"`{v}` changes type across a loop pass: {ctx.types.get(self._find_param(st, v))}"
-                    f" -> {ctx.types.get(y)}",
-                    st.span,
-                    "each layer of a stack must keep its carried shape",
-                )
-                raise _Stop
+        for layer in self._layer_instances(ctx, st.over) or [None]:  # a stack whose layers differ: each kind
+            if layer is not None:
+                ctx.sub_cache[st.over] = layer
+            self._run(st.body, ctx)
+            for y, v in zip(st.yields, st.vars):
+                if ctx.types.get(y) != ctx.types.get(self._find_param(st, v)):
+                    self.rep.error(
+                        "E030",
+                        f"`{v}` changes type across a loop pass: {ctx.types.get(self._find_param(st, v))}"
+                        f" -> {ctx.types.get(y)}",
+                        st.span,
+                        "each layer of a stack must keep its carried shape",
+                    )
+                    raise _Stop
+        for y, r in zip(st.yields, st.results):
             ctx.types[r] = ctx.types[y]
         del ctx.loop_vars[st.var]
+
+    def _layer_instances(self, ctx: _Ctx, stack: str) -> list | None:
+        """For a `repeat` whose layer arguments read the layer index `i`: (module, params) of each distinct
+        layer, in layer order; None for a stack of identical layers."""
+        sdef = next((s for s in ctx.mdef.submodules if s.name == stack), None) if ctx.mdef else None
+        if sdef is None or sdef.repeat is None or not N.uses_layer_index([*sdef.args, *(v for _, v in sdef.kwargs)]):
+            return None
+        lookup = self._lookup(ctx.params)
+        child = self.p.module(sdef.module)
+        try:
+            n = evaluate(sdef.repeat, lookup)
+            layers = [
+                self.bind_params(child, sdef.args, sdef.kwargs, N.with_layer_index(lookup, i), sdef.span)
+                for i in range(n)
+            ]
+        except EvalError as e:
+            self.rep.error("E021", str(e), sdef.span)
+            raise _Stop from None
+        except Exception:
+            raise _Stop from None
+        distinct = {tuple(sorted(p.items(), key=lambda kv: kv[0])): p for p in layers}
+        return [(child, p) for p in distinct.values()]
 
     @staticmethod
     def _find_param(st: N.Loop, var: str) -> str:

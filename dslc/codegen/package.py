@@ -202,7 +202,9 @@ class PackageRenderer:
                 args.insert(0, "config")
             make = f"{s.module}({', '.join(args)})"
             if s.repeat is not None:
-                make = f"nn.ModuleList({s.module}({', '.join(args)}) for _ in range({static_text(s.repeat, ctx, {}, 0, init=True)}))"
+                index = "i" if N.uses_layer_index([*s.args, *(v for _, v in s.kwargs)]) else "_"
+                count = static_text(s.repeat, ctx, {}, 0, init=True)
+                make = f"nn.ModuleList({s.module}({', '.join(args)}) for {index} in range({count}))"
             if s.condition is not None:
                 make += f" if {static_text(s.condition, ctx, {}, 2, init=True)} else None"
             init += commented(f"self.{s.name} = {make}", f"  # {self.where(s.span)}")

@@ -102,6 +102,8 @@ def _static(e: N.E, ctx: BodyContext, names: dict[str, str], init: bool) -> tupl
             return (f"config.{e.name}" if init else f"{ctx.config_prefix}.{e.name}"), ATOM
         if e.kind == "sym":
             return e.name, ATOM
+        if e.kind == "layer":  # the layer index of a repeat's constructor arguments (`for i in range(n)`)
+            return e.name, ATOM
         if e.kind == "dtype":
             if e.name not in TORCH_DTYPES:
                 raise CodegenError(f"dtype `{e.name}` has no fixed torch dtype here")

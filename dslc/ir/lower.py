@@ -711,6 +711,11 @@ class Lowering:
             if not isinstance(ctor.func, A.Name):
                 self.rep.error("E041", "expected a module name", ctor.span)
                 raise _Abort
+            outer = resolve
+
+            def resolve(n: A.Name, outer=outer) -> N.E:  # in the layer's arguments `i` is its index, 0 .. n - 1
+                return N.LAYER_INDEX if n.id == "i" else outer(n)
+
         name = ctor.func.id
         if name not in self.decls_modules():
             self._unknown(ctor.func, [n for n, m in self.decls_modules().items() if not m.is_model], "module")
@@ -953,7 +958,8 @@ class Lowering:
                 if s.condition is not None and not evaluate(s.condition, lookup):
                     continue
                 child = self.module_defs[s.module]
-                child_params = self.bind_params(child, s.args, s.kwargs, lookup, s.span)
+                per_layer = s.repeat is not None and N.uses_layer_index([*s.args, *(v for _, v in s.kwargs)])
+                child_params = None if per_layer else self.bind_params(child, s.args, s.kwargs, lookup, s.span)
                 if s.repeat is None:
                     out += self._instantiate(s.module, child_params, f"{prefix}{s.name}.", ties, s.span)
                     continue
@@ -968,6 +974,19 @@ class Lowering:
                         s.span,
                         self._values_help(s.repeat, lookup),
                     )
+                    continue
+                if per_layer:  # each layer's arguments read its index: each layer is its own instance
+                    for i in range(n):
+                        params_i = self.bind_params(child, s.args, s.kwargs, N.with_layer_index(lookup, i), s.span)
+                        out += self._instantiate(s.module, params_i, f"{prefix}{s.name}.{i}.", ties, s.span)
+                        if self._n_weights > MAX_WEIGHT_TENSORS:
+                            self.rep.error(
+                                "E021",
+                                f"`{s.name}` would hold more than {MAX_WEIGHT_TENSORS:,} weight tensors",
+                                s.span,
+                                self._values_help(s.repeat, lookup),
+                            )
+                            break
                     continue
                 p0 = f"{prefix}{s.name}.0."
                 mark = len(self._pending_ties)

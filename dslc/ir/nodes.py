@@ -104,6 +104,25 @@ class Op:
     span: Span
 
 
+LAYER_INDEX = Ref("layer", "i")  # `i` in `repeat(n, Block(i % 2 == 0))`: the layer's index, 0 .. n - 1
+
+
+def with_layer_index(lookup, i: int):
+    """`lookup` (Ref -> value) with the layer index bound to `i`."""
+
+    def bound(r: Ref):
+        return i if r == LAYER_INDEX else lookup(r)
+
+    return bound
+
+
+def uses_layer_index(exprs) -> bool:
+    """Whether any of `exprs` (a repeat's constructor arguments) reads the layer index."""
+    from dslc.ir.evaluate import free_refs
+
+    return any(r == LAYER_INDEX for e in exprs for r in free_refs(e))
+
+
 REGION_GROUP = "group"  # kwarg of a `region` op that makes several calls in one launch (passes/grouping.py)
 
 

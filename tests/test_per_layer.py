@@ -1,0 +1,94 @@
+"""Per-layer variation: `repeat(n, Block(i % 2 == 0))` gives each layer its own arguments through the layer
+index `i` (tests/specs/alternating.model: even layers attend in a sliding window, odd ones globally).
+
+The generated stack is `nn.ModuleList(Block(config, i % 2 == 0) for i in range(config.n))`; the model's logits
+equal an independent PyTorch evaluation of the same weights with the window applied to even layers only, and
+the checker types each distinct layer (a layer kind that breaks the carried shape is E030)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from dslc.api import check_source  # noqa: E402
+from dslc.build import build  # noqa: E402
+from dslc.diagnostics import DslcError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ROOT / "tests" / "specs" / "alternating.model"
+
+
+@pytest.fixture(scope="module")
+def pkg(tmp_path_factory):
+    import sys
+
+    out = tmp_path_factory.mktemp("perlayer")
+    build(SPEC, out, name="alternating_pkg")
+    sys.path.insert(0, str(out))
+    try:
+        yield importlib.import_module("alternating_pkg")
+    finally:
+        sys.path.remove(str(out))
+
+
+def _reference(model, ids, window: int):
+    """The spec's math written out: layer i attends causally, within `window` positions when i is even."""
+    cfg = model.config
+    x = model.embed.weight[ids]
+    T = ids.shape[1]
+    q_pos, k_pos = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    for i, layer in enumerate(model.layers):
+        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = layer.norm.weight * h.to(x.dtype)
+        q, k, v = F.linear(h, layer.qkv.weight, layer.qkv.bias).chunk(3, dim=-1)
+        q, k, v = (t.reshape(*t.shape[:2], cfg.heads, -1).transpose(1, 2) for t in (q, k, v))
+        allowed = k_pos <= q_pos
+        if i % 2 == 0:
+            allowed = allowed & (k_pos > q_pos - window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        x = x + F.linear(y.transpose(1, 2).reshape(*x.shape), layer.out.weight, layer.out.bias)
+    return F.linear(x, model.head.weight, model.head.bias)
+
+
+def test_the_stack_passes_each_layer_its_index(pkg):
+    model = pkg.M(pkg.C())
+    assert [layer.sliding for layer in model.layers] == [True, False, True, False]
+    modeling = (Path(pkg.__file__).parent / "modeling.py").read_text()
+    assert "nn.ModuleList(Block(config, i % 2 == 0) for i in range(config.n))" in modeling
+
+
+def test_alternating_layers_compute_what_the_spec_says(pkg):
+    torch.manual_seed(0)
+    model = pkg.M(pkg.C()).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        got = model(ids).logits
+        want = _reference(model, ids, model.config.window)
+        flat = _reference(model, ids, window=10**6)  # no window anywhere: must differ (the window matters)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, flat, atol=1e-3)
+
+
+def test_each_layer_kind_is_checked():
+    """The odd layers (sliding = false) get a wider output: the checker types that layer kind too and refuses it,
+    though layer 0 alone would pass."""
+    bad = SPEC.read_text().replace("        return x + out(merge_heads(y))", "        return out(merge_heads(y))")
+    bad = bad.replace("    out = Linear(dim, dim)", "    out = Linear(dim, dim if sliding else 2 * dim)")
+    with pytest.raises(DslcError) as info:
+        check_source(bad, "bad.model")
+    messages = [d.message for d in info.value.diagnostics]
+    assert any("[B, T, 64]" in m for m in messages), messages
+
+
+def test_the_layer_index_exists_only_in_a_repeat():
+    bad = SPEC.read_text().replace("    head = Linear(dim, vocab_size)", "    head = Linear(dim + i, vocab_size)")
+    with pytest.raises(DslcError) as info:
+        check_source(bad, "bad.model")
+    assert any(d.code == "E010" and "`i`" in d.message for d in info.value.diagnostics)
