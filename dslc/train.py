@@ -170,7 +170,11 @@ class Run:
         from dslc.generate import cached_build
 
         start = time.perf_counter()
+        if self.dist is not None and not self.main:
+            self.dist.barrier()  # rank 0 builds (or finds) the package first; the others import it
         pkg, reused = cached_build(self.spec, self.args.build_dir)
+        if self.dist is not None and self.main:
+            self.dist.barrier()
         self.pkg = pkg
         self.log(f"[dim]{'reused' if reused else 'built'} {pkg.__name__} in {time.perf_counter() - start:.2f} s[/dim]")
         models = [
@@ -635,12 +639,13 @@ class Run:
                 if evaluate and self.eval_set["input_ids"].shape[0]:
                     record = self._evaluate()
                     self._metric(record)
-                    progress.console.print(
-                        f"step {self.step}: eval loss {record['eval_loss']:.4f}"
-                        + (f", perplexity {record['eval_ppl']:.2f}" if "eval_ppl" in record else "")
-                        + (f", accuracy {record['eval_accuracy']:.3f}" if "eval_accuracy" in record else ""),
-                        highlight=False,
-                    )
+                    if self.main:
+                        progress.console.print(
+                            f"step {self.step}: eval loss {record['eval_loss']:.4f}"
+                            + (f", perplexity {record['eval_ppl']:.2f}" if "eval_ppl" in record else "")
+                            + (f", accuracy {record['eval_accuracy']:.3f}" if "eval_accuracy" in record else ""),
+                            highlight=False,
+                        )
                 if (s["train.save_every"] and self.step % s["train.save_every"] == 0) or self.step == stop:
                     self._save_checkpoint()
         elapsed = time.perf_counter() - started

@@ -243,6 +243,26 @@ def test_bad_inputs_are_one_line_errors(capsys, build_dir, text_file, tmp_path, 
     assert "Traceback" not in err and len(errors) == 1 and err.strip().endswith(errors[0]), err
 
 
+def test_torchrun_data_parallel(build_dir, text_file, tmp_path):
+    """Two processes under torchrun (gloo on CPU, DistributedDataParallel): each takes half of every global batch."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dslc"]
+    cmd += ["train", SPEC, "--weights", str(WEIGHTS), "--data", str(text_file), "--build-dir", str(build_dir)]
+    cmd += [*FAST, "--set", "train.batch_size=2", "--set", "train.steps=3", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    records = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["tokens"] == 2 * 2 * 32 for r in records)  # world 2 x batch 2 x seq_len 32
+    assert (out / "model" / "model.safetensors").is_file()
+    assert done.stderr.count("eval loss") == 1  # rank 0 alone reports
+
+
 def test_train_does_not_load_torch_for_check():
     import subprocess
     import sys
