@@ -16,6 +16,7 @@ from dslc.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = str(ROOT / "models" / "qwen2.model")
 CLASSIFIER = str(ROOT / "tests" / "specs" / "qwen2_classifier.model")
+MASKED = str(ROOT / "tests" / "specs" / "qwen2_mlm.model")
 WEIGHTS = ROOT / "models" / "tiny-qwen2"
 FAST = ["--set", "data.seq_len=32", "--set", "train.batch_size=4", "--set", "train.progress=false"]
 
@@ -168,6 +169,22 @@ def test_classifier_from_causal_lm_reports_new_head(capsys, build_dir, tmp_path)
     ids = torch.randint(1, 2048, (1, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_lm(capsys, build_dir, tmp_path):
+    data = tmp_path / "code.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": f"def add_{i}(a, b):\n    return a + b + {i}\n"}) + "\n" for i in range(40))
+    )
+    out = tmp_path / "run"
+    args = [*FAST, "--set", "data.seq_len=24", "--set", "train.steps=8", "--set", "train.eval_every=4"]
+    args += ["--set", "optim.lr=2e-3", "--out", str(out)]
+    rc, log = train(capsys, build_dir, *args, spec=MASKED, data=data)
+    assert rc == 2 and "no [MASK] or <mask> token: set data.mask_token" in log, log
+    rc, log = train(capsys, build_dir, *args, "--set", "data.mask_token=<|endoftext|>", spec=MASKED, data=data)
+    assert rc == 0, log
+    evals = [r for r in metrics(out) if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1]["eval_loss"] < evals[0]["eval_loss"] and "eval_ppl" in evals[1]
 
 
 def test_lora_trains_only_lora_and_exports_merged_and_adapter(capsys, build_dir, text_file, tmp_path):
