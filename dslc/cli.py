@@ -1,6 +1,6 @@
-"""`dslc` command line: check, show, build, generate.
+"""`dslc` command line: check, show, build, generate, train.
 
-The compiler commands never import torch, so they start fast; `generate` imports the built package.
+The compiler commands never import torch, so they start fast; `generate` and `train` import the built package.
 """
 
 from __future__ import annotations
@@ -133,6 +133,12 @@ def _generate(args) -> int:
     return generate_command(args)
 
 
+def _train(args) -> int:
+    from dslc.train import train_command
+
+    return train_command(args)
+
+
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="the .model spec")
     p.add_argument("--arch", help="a named arch declared in the spec")
@@ -184,6 +190,33 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--build-dir", default=None, help="where to cache the build (default: ~/.cache/dslc)")
     p.set_defaults(run=_generate)
+
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a checkpoint folder with the package built from the spec (causal LM, classification, "
+        "masked LM); torchrun-aware",
+        description="Settings: defaults < --config FILE (TOML) < the flags below < --set section.key=value "
+        "(README, Training: every key).",
+    )
+    p.add_argument("file", help="the .model spec")
+    p.add_argument("--weights", required=True, help="Hugging Face checkpoint folder (config.json, tokenizer.json)")
+    p.add_argument("--data", required=True, help=".jsonl (a text field; text + label to classify) or .txt")
+    p.add_argument("--config", help="a TOML file of settings ([data], [train], [optim], [lora], [parallel], [model])")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    p.add_argument("--out", help="= train.output: metrics, checkpoints and the exported model")
+    p.add_argument("--bf16", action="store_true", help="= train.bf16=true: bfloat16 autocast")
+    p.add_argument("--lora", metavar="r=8,alpha=16,targets=q_proj,v_proj", help="LoRA through PEFT (lora.*)")
+    p.add_argument("--tp", type=int, help="= parallel.tp: tensor-parallel degree (model.parallelize)")
+    p.add_argument("--fsdp", action="store_true", help="= parallel.fsdp=true: shard over the ranks (model.parallelize)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="CHECKPOINT",
+        help="continue from a checkpoint folder (default: the latest in train.output/checkpoints)",
+    )
+    p.add_argument("--build-dir", default=None, help="where to cache the build (default: ~/.cache/dslc)")
+    p.set_defaults(run=_train)
     return parser
 
 

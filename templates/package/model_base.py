@@ -337,7 +337,14 @@ class PreTrainedModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, folder, dtype=None, device=None, strict: bool = True, fuse_projections: bool = False, config=None
+        cls,
+        folder,
+        dtype=None,
+        device=None,
+        strict: bool = True,
+        fuse_projections: bool = False,
+        config=None,
+        init_missing: bool = False,
     ):
         """Load a Hugging Face folder (config.json + safetensors) as it is.
 
@@ -351,6 +358,10 @@ class PreTrainedModel(nn.Module):
         allocated, config.json's sizes are compared with the checkpoint's (a config.json with 10^9 layers for
         a 4-layer checkpoint is refused at once); tensors of a dtype the parameter cannot take (int16, bool,
         complex, float8 for a float weight) are refused by name; NaN or infinite weights are warned about.
+
+        `init_missing=True`: parameters the checkpoint lacks are not refused but initialized by their module's
+        `reset_parameters()` (the spec's init), as a new head on a pretrained trunk (a classifier from a causal
+        LM); their names are in `model.newly_initialized` (empty otherwise). Shape mismatches are still refused.
         """
         folder = Path(folder)
         if not folder.is_dir():
@@ -375,6 +386,11 @@ class PreTrainedModel(nn.Module):
         tensors, problems = read_state(
             reader, model.parameter_shapes(), cls.layout_rules, cls.ignored_keys, tied, dtypes
         )
+        missing = []
+        if init_missing:
+            missing = [n for n in model.parameter_shapes() if n not in tensors and n not in tied]
+            absent = tuple(f"parameter `{n}` " for n in missing)
+            problems = [p for p in problems if not p.startswith(absent)]
         if not strict:
             extra = [p for p in problems if p.startswith("unexpected")]
             for p in extra:
@@ -408,6 +424,8 @@ class PreTrainedModel(nn.Module):
                 + ": the outputs will be NaN or infinite where they are used",
                 stacklevel=2,
             )
+        _init_missing(model, missing, dtype, device)
+        model.newly_initialized = missing
         model.tie_weights()
         if fuse_projections:
             model.fuse_projections()
@@ -747,6 +765,30 @@ def _check_save_options(name: str, push_to_hub, safe_serialization, kwargs: dict
     odd = [f"{k}={v!r}" for k, v in kwargs.items() if v != SAVE_NO_OPS[k]]
     if odd:
         raise ValueError(f"{name}.save_pretrained does not implement {', '.join(odd)}")
+
+
+@torch.no_grad()
+def _init_missing(model: nn.Module, names: list[str], dtype, device) -> None:
+    """Give the parameters `names` (still on the meta device) storage and their module's initial values
+    (`reset_parameters()`, the spec's init); the module's loaded parameters keep the checkpoint's values."""
+    owners: dict[str, list[str]] = {}
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        owners.setdefault(owner, []).append(leaf)
+    for owner, leaves in owners.items():
+        module = model.get_submodule(owner) if owner else model
+        for leaf in leaves:
+            meta = module._parameters[leaf]
+            tensor = torch.empty(meta.shape, dtype=dtype or meta.dtype, device=device)
+            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+        loaded = {n: p.detach().clone() for n, p in module.named_parameters(recurse=False) if n not in leaves}
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        else:
+            for leaf in leaves:
+                nn.init.normal_(module._parameters[leaf], std=getattr(model.config, "initializer_range", 0.02))
+        for n, value in loaded.items():
+            module._parameters[n].copy_(value)
 
 
 def _generation_config(cls, folder: Path):
