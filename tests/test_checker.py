@@ -490,3 +490,42 @@ model M(C): causal_lm
     assert [w.code for w in check_source(text, "carried.model").warnings] == []
     unused = text.replace("            local = layer(local)\n            x = x + local\n", "            x = layer(x)\n")
     assert [w.code for w in check_source(unused, "unused.model").warnings] == ["W001"]  # `local` never read
+
+
+STATIC_CALLS_SPEC = """use std
+
+config C:
+    vocab_size: int = 64
+    hidden_size: int = 48
+    heads: int = 4
+    head_dim: int = hidden_size // heads
+    partial_rotary_factor: float = 0.5
+    rotary_dim: int = int(head_dim * partial_rotary_factor)
+    inner: int = max(2 * hidden_size, 64)
+    narrow: int = min(hidden_size, 32)
+
+model M(C): causal_lm
+    embed = Embedding(vocab_size, hidden_size)
+    up = Linear(hidden_size, inner)
+    down = Linear(inner, narrow)
+    head = Linear(narrow, vocab_size)
+
+    forward(ids: [B, T] i64) -> [B, T, vocab_size]:
+        return head(down(up(embed(ids))))
+"""
+
+
+def test_static_expressions_call_int_float_min_max():
+    """Phi-3's `int(head_dim * partial_rotary_factor)`, and min/max, in config defaults (they follow --set)."""
+    from dslc.api import check_source
+
+    values = check_source(STATIC_CALLS_SPEC, "calls.model").config_eval.values
+    assert (values["rotary_dim"], values["inner"], values["narrow"]) == (6, 96, 32)
+    values = check_source(STATIC_CALLS_SPEC, "calls.model", overrides={"hidden_size": "16"}).config_eval.values
+    assert (values["rotary_dim"], values["inner"], values["narrow"]) == (2, 64, 16)
+    with pytest.raises(DslcError) as info:
+        check_source(STATIC_CALLS_SPEC.replace("min(hidden_size, 32)", "min(hidden_size)"), "bad.model")
+    assert any("`min` takes 2 argument(s)" in d.message for d in info.value.diagnostics)
+    with pytest.raises(DslcError) as info:
+        check_source(STATIC_CALLS_SPEC.replace("max(2 * hidden_size, 64)", "round(hidden_size)"), "bad.model")
+    assert any(d.code == "E016" and "int()" in d.help[0] for d in info.value.diagnostics)

@@ -122,6 +122,8 @@ def _static(e: N.E, ctx: BodyContext, names: dict[str, str], init: bool) -> tupl
         right = static_text(e.right, ctx, names, p if e.op == "**" else p + 1, init)
         return f"{left} {e.op} {right}", p
     if isinstance(e, N.UnE):
+        if e.op in ("int", "float"):
+            return f"{e.op}({static_text(e.operand, ctx, names, 0, init)})", ATOM
         if e.op == "not":
             return f"not {static_text(e.operand, ctx, names, 5, init)}", 5
         return f"-{static_text(e.operand, ctx, names, UNARY, init)}", UNARY

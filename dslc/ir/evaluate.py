@@ -96,6 +96,11 @@ def evaluate(e: E, lookup: Callable[[Ref], Scalar]):
         v = evaluate(e.operand, lookup)
         if e.op == "not":
             return not v
+        if e.op in ("int", "float"):
+            v = _num(v, e.op)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise EvalError(f"`{e.op}()` of a value that is not finite")
+            return int(v) if e.op == "int" else float(v)
         return -_num(v, "-")
     if isinstance(e, CondE):
         return evaluate(e.then, lookup) if evaluate(e.test, lookup) else evaluate(e.orelse, lookup)

@@ -20,6 +20,7 @@ TASKS = ("causal_lm", "masked_lm", "sequence_classification", "embedding", "base
 INITS = ("normal", "zeros", "ones")
 TRANSFORMS = ("transpose", "split", "concat")
 MAX_REPEAT = 100_000  # layers in one `repeat` stack
+STATIC_CALLS = ("int", "float", "min", "max")  # the functions a build-time expression may call
 MAX_WEIGHT_TENSORS = 1_000_000  # weight tensors in one model: the compiler lists each (checkpoint names, ties)
 MAX_NESTING = 32  # submodules inside submodules, fns calling fns: deeper is refused (E005), never a RecursionError
 
@@ -237,10 +238,28 @@ class Lowering:
             )
         if isinstance(expr, A.ListLit):
             return N.ListE(tuple(self._static(i, resolve) for i in expr.items))
+        if isinstance(expr, A.Call) and isinstance(expr.func, A.Name) and expr.func.id in STATIC_CALLS:
+            return self._static_call(expr, resolve)
         self.rep.error(
-            "E016", "expected a value known at build time", expr.span, "calls and attributes are not allowed here"
+            "E016",
+            "expected a value known at build time",
+            expr.span,
+            f"calls other than {', '.join(f'{c}()' for c in STATIC_CALLS)} and attributes are not allowed here",
         )
         raise _Abort
+
+    def _static_call(self, expr: A.Call, resolve) -> N.E:
+        """`int(x)`, `float(x)` (truncating, as Python), `min(a, b)`, `max(a, b)` over build-time values."""
+        name = expr.func.id
+        want = 1 if name in ("int", "float") else 2
+        if len(expr.args) != want or expr.kwargs:
+            self.rep.error("E040", f"`{name}` takes {want} argument(s) here", expr.span)
+            raise _Abort
+        args = [self._static(a, resolve) for a in expr.args]
+        if want == 1:
+            return N.UnE(name, args[0])
+        a, b = args
+        return N.CondE(a, N.BinE("<=" if name == "min" else ">=", a, b), b)
 
     def _unknown(self, name: A.Name, candidates, what: str = "name") -> None:
         self.rep.error("E010", f"unknown {what} `{name.id}`", name.span, did_you_mean(name.id, candidates))

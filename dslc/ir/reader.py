@@ -127,6 +127,11 @@ class _ToIR(Transformer):
     def neg(self, _minus, operand):
         return N.UnE("-", operand)
 
+    def static_call(self, fn, operand):
+        if str(fn) not in ("int", "float"):
+            raise IRSyntaxError(f"unknown function `{fn}` in an IR expression (int and float are known)")
+        return N.UnE(str(fn), operand)
+
     def cond(self, then, test, orelse):
         return N.CondE(then, test, orelse)
 
