@@ -31,6 +31,7 @@ def probe(vocab: int) -> torch.Tensor:
 
 def main() -> None:
     args = json.loads(sys.argv[1])
+    torch.set_num_threads(1)
     result = train(args)
     if result is not None:
         torch.save(result, args["out"])
@@ -39,10 +40,10 @@ def main() -> None:
 def train(args: dict) -> dict | None:
     """Load, parallelize, take the probe's logits, train to `steps` (resuming / checkpointing as asked);
     rank 0's results: {"logits" (before training), "trained" (after), "losses": {step: loss}}."""
-    torch.set_num_threads(1)
     if args["packages"] not in sys.path:
         sys.path.insert(0, args["packages"])
     package = importlib.import_module(args["package"])
+    importlib.import_module(f"{args['package']}.parallel")  # package.parallel: the DCP helpers
     distributed = "RANK" in os.environ
     if distributed:
         import torch.distributed as dist

@@ -148,7 +148,9 @@ def _tensor_parallel(model: nn.Module, mesh) -> None:
     for key, style in plan.items():
         module = model.get_submodule(key)
         if not isinstance(module, nn.Linear):
-            raise ValueError(f"{name}.parallelize: `{key}` ({type(module).__name__}) is not a Linear; {style} needs one")
+            raise ValueError(
+                f"{name}.parallelize: `{key}` ({type(module).__name__}) is not a Linear; {style} needs one"
+            )
         width, what = (
             (module.out_features, "out_features") if style == "colwise" else (module.in_features, "in_features")
         )
@@ -206,7 +208,7 @@ def save_checkpoint(folder, model: nn.Module, optimizer=None, extra: dict | None
     state = {"model": model_state}
     if optimizer is not None:
         state["optimizer"] = optim_state
-    dcp.save(state, checkpoint_id=str(folder))
+    dcp.save(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save(dict(extra or {}), folder / EXTRA)
     if dist.is_initialized():
@@ -217,6 +219,7 @@ def load_checkpoint(folder, model: nn.Module, optimizer=None) -> dict:
     """Load a `save_checkpoint` folder into `model` and `optimizer` (built and parallelized as the run wants: the
     world size and mesh may differ from the saving run's; DCP reshards) and return its `extra` dict. Every rank
     calls it. `extra.pt` is read with `weights_only=True` (no unpickling of code)."""
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -227,7 +230,7 @@ def load_checkpoint(folder, model: nn.Module, optimizer=None) -> dict:
     state = {"model": model_state}
     if optimizer is not None:
         state["optimizer"] = optim_state
-    dcp.load(state, checkpoint_id=str(folder))
+    dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
     set_state_dict(
         model,
         [optimizer] if optimizer is not None else [],
