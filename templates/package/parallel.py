@@ -11,6 +11,7 @@ sharded model, and distributed checkpoints (DCP) of model + optimizer that resum
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -208,7 +209,9 @@ def save_checkpoint(folder, model: nn.Module, optimizer=None, extra: dict | None
     state = {"model": model_state}
     if optimizer is not None:
         state["optimizer"] = optim_state
-    dcp.save(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():  # one process without a process group is what no_dist says
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save(dict(extra or {}), folder / EXTRA)
     if dist.is_initialized():
@@ -230,7 +233,9 @@ def load_checkpoint(folder, model: nn.Module, optimizer=None) -> dict:
     state = {"model": model_state}
     if optimizer is not None:
         state["optimizer"] = optim_state
-    dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
     set_state_dict(
         model,
         [optimizer] if optimizer is not None else [],
