@@ -25,6 +25,7 @@ STATIC_FILES = (
     "losses.py",
     "losses_triton.py",
     "model_base.py",
+    "parallel.py",
     "outputs.py",
 )
 TASK_OUTPUTS = {

@@ -447,22 +447,50 @@ class PreTrainedModel(nn.Module):
         above it, `model-0000i-of-0000n.safetensors` shards and `model.safetensors.index.json`, as HF's. Only
         safetensors are written (`safe_serialization=False` is refused); `is_main_process=False` writes nothing
         (HF Trainer's other ranks). HF's other options are accepted at their no-op values only."""
+        self._save_pretrained(
+            save_directory, is_main_process, state_dict, push_to_hub, max_shard_size, safe_serialization, **kwargs
+        )
+
+    def _save_pretrained(
+        self,
+        save_directory,
+        is_main_process: bool = True,
+        state_dict=None,
+        push_to_hub: bool = False,
+        max_shard_size="50GB",
+        safe_serialization: bool = True,
+        **kwargs,
+    ) -> bool:
+        """save_pretrained's work; whether this process wrote the folder. A sharded model (DTensor parameters:
+        `parallelize`, TP or FSDP2) is gathered into full tensors first, on every rank (each must call it,
+        whatever its is_main_process), and rank 0 alone writes."""
         _check_save_options(type(self).__name__, push_to_hub, safe_serialization, kwargs)
-        if not is_main_process:
-            return
+        from .parallel import full_state, model_class
+
+        state_dict, writes = full_state(self, state_dict)
+        if not is_main_process or not writes:
+            return False
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        if state_dict is None:
-            state_dict = dict(self.named_parameters(remove_duplicate=False))
-        tensors = write_state(dict(state_dict), self.layout_rules, self.tied_parameters())
+        tensors = write_state(state_dict, self.layout_rules, self.tied_parameters())
         write_shards(folder, tensors, max_shard_size)
         config = self.config.to_dict()
-        config["architectures"] = [type(self).__name__]
+        config["architectures"] = [model_class(self).__name__]
         dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
         config["dtype"] = str(dtype).removeprefix("torch.")
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if self.can_generate() and isinstance(self.generation_config, GenerationConfig):
             self.generation_config.save_pretrained(folder)
+        return True
+
+    # ---- scale out -------------------------------------------------------------------------------
+    def parallelize(self, mesh, tp: str | None = None, dp_shard: str | None = None) -> PreTrainedModel:
+        """Shard the model in place over a DeviceMesh: the spec's `parallel` plan (tensor parallelism) on the `tp`
+        dimension, FSDP2 per block of the repeat stack then the whole model on `dp_shard`, or both (2-D).
+        Dimension names default to "tp" and "dp_shard". See parallel.parallelize; returns the model."""
+        from .parallel import parallelize
+
+        return parallelize(self, mesh, tp=tp, dp_shard=dp_shard)
 
     # ---- training --------------------------------------------------------------------------------
     def activation_checkpointing_enable(

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel as HFPreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from . import model_core
+from . import model_core, parallel
 from .attention import AttentionContext
 
 # kernels.py is imported by modeling.py as a module (`from . import kernels`); naming it here too makes
@@ -250,10 +250,11 @@ class PreTrainedModel(model_core.PreTrainedModel, HFPreTrainedModel, GenerationM
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """The standalone save (config.json, safetensors as transformers writes them), plus the package's code
         and config.json's `auto_map`: the folder loads with `trust_remote_code=True` anywhere."""
-        super().save_pretrained(save_directory, *args, **kwargs)
+        if not self._save_pretrained(save_directory, *args, **kwargs):
+            return  # not the main process (or not rank 0 of a sharded model)
         if self.can_generate() and self.generation_config is not None:
             self.generation_config.save_pretrained(save_directory)
-        write_remote_code(Path(save_directory), type(self.config), type(self))
+        write_remote_code(Path(save_directory), type(self.config), parallel.model_class(self))
 
     def create_masks_for_generate(self, attention_mask=None, **kwargs):
         """transformers builds 4D masks for compilable (static) caches; the attention sites build their own
