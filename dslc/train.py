@@ -210,9 +210,9 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.step = 0
         self.cursor = 0  # examples of the shuffled train split consumed so far (all ranks)
-        torch.manual_seed(s["train.seed"] + self.rank)
-        random.seed(s["train.seed"] + self.rank)
-        self.mask_gen = torch.Generator().manual_seed(s["train.seed"] * 7919 + self.rank + 1)
+        torch.manual_seed(s["train.seed"] + self.data_rank)  # a tensor-parallel group draws alike
+        random.seed(s["train.seed"] + self.data_rank)
+        self.mask_gen = torch.Generator().manual_seed(s["train.seed"] * 7919 + self.data_rank + 1)
         if resume is not None:
             self._load_checkpoint(resume)
         else:
@@ -264,6 +264,7 @@ class Run:
     def _init_distributed(self) -> None:
         torch = self.torch
         tp, fsdp = self.s["parallel.tp"], self.s["parallel.fsdp"]
+        self.data_rank, self.data_world = 0, 1
         if self.world == 1:
             if tp > 1:
                 raise TrainError(f"--tp {tp} needs {tp} processes: run under torchrun --nproc-per-node {tp}")
@@ -271,6 +272,12 @@ class Run:
             return
         if self.world % tp:
             raise TrainError(f"--tp {tp} does not divide the {self.world} processes (WORLD_SIZE)")
+        if tp > 1 and self.world > tp and not fsdp:
+            raise TrainError(
+                f"--tp {tp} on {self.world} processes: the other dimension shards with FSDP2, give --fsdp too"
+            )
+        # the ranks of one tensor-parallel group read the same batches: data is split over rank // tp
+        self.data_rank, self.data_world = self.rank // tp, self.world // tp
         import torch.distributed as dist
 
         if self.device.type == "cuda":
@@ -447,13 +454,13 @@ class Run:
         """This rank's share of the next global micro-batch of the shuffled train split (epochs wrap)."""
         b, n = self.s["train.batch_size"], self.train_set["input_ids"].shape[0]
         picks = []
-        for c in range(self.cursor, self.cursor + b * self.world):
+        for c in range(self.cursor, self.cursor + b * self.data_world):
             epoch, i = divmod(c, n)
             if getattr(self, "_epoch", None) != epoch:
                 self._epoch, self._perm = epoch, self._order(epoch)
             picks.append(int(self._perm[i]))
-        self.cursor += b * self.world
-        mine = self.torch.tensor(picks[self.rank * b : (self.rank + 1) * b])
+        self.cursor += b * self.data_world
+        mine = self.torch.tensor(picks[self.data_rank * b : (self.data_rank + 1) * b])
         batch = {k: v[mine] for k, v in self.train_set.items()}
         return self._prepare(batch, self.mask_gen)
 
@@ -555,8 +562,14 @@ class Run:
             from torch.distributed.device_mesh import init_device_mesh
 
             dp = self.world // tp
-            mesh = init_device_mesh(self.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
-            target.parallelize(mesh, tp=tp, dp_shard=dp if fsdp else 1)
+            if tp > 1 and fsdp:  # 2-D: FSDP2 over dp_shard, tensor parallel over tp
+                mesh = init_device_mesh(self.device.type, (dp, tp), mesh_dim_names=("dp_shard", "tp"))
+                target.parallelize(mesh, tp="tp", dp_shard="dp_shard")
+            elif tp > 1:
+                target.parallelize(init_device_mesh(self.device.type, (tp,), mesh_dim_names=("tp",)), tp="tp")
+            else:
+                mesh = init_device_mesh(self.device.type, (dp,), mesh_dim_names=("dp_shard",))
+                target.parallelize(mesh, dp_shard="dp_shard")
             self.sharded = True
             return
         if self.world > 1:
@@ -564,6 +577,30 @@ class Run:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+
+    def _clip_grad_norm(self, max_norm: float):
+        """The global gradient norm, gradients scaled down to `max_norm`. Sharded (DTensor) gradients next to plain
+        ones (tensor parallelism leaves norms replicated), or on two meshes (FSDP x TP), cannot go through one
+        foreach kernel: each gradient's norm is taken on its own, full over its mesh."""
+        torch = self.torch
+        if not self.sharded:
+            return torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        squares = []
+        for g in grads:
+            n = torch.linalg.vector_norm(g)
+            squares.append((n.full_tensor() if isinstance(n, DTensor) else n).float().pow(2))
+        total = torch.stack(squares).sum().sqrt()
+        if math.isfinite(max_norm):
+            scale = min(1.0, max_norm / (float(total) + 1e-6))
+            if scale < 1.0:
+                for g in grads:
+                    g.mul_(scale)
+        return total
 
     def _lr_lambda(self, step: int) -> float:
         warmup, total = self.s["optim.warmup_steps"], self.s["train.steps"]
@@ -587,7 +624,6 @@ class Run:
         return (t / self.world).tolist()
 
     def _loop(self) -> int:
-        torch = self.torch
         s = self.s
         steps, accum = s["train.steps"], s["train.grad_accum"]
         stop = s["train.stop_at"] or steps
@@ -611,13 +647,13 @@ class Run:
                         (loss / accum).backward()
                     losses.append(float(loss.detach()))
                 clip = s["optim.grad_clip"]
-                norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip if clip > 0 else float("inf"))
+                norm = self._clip_grad_norm(clip if clip > 0 else float("inf"))
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                loss_value, tokens_all = self._reduce([sum(losses) / len(losses), tokens * self.world])
+                loss_value, tokens_all = self._reduce([sum(losses) / len(losses), tokens * self.data_world])
                 last_loss = loss_value
                 tokens_run += tokens_all
                 elapsed = time.perf_counter() - started
@@ -687,7 +723,7 @@ class Run:
         limit = self.s["train.eval_batches"]
         gen = torch.Generator().manual_seed(self.s["train.seed"] + 424242)  # the same masks at every eval
         total, weight, correct, count = 0.0, 0, 0, 0
-        starts = list(range(self.rank * b, n, b * self.world))
+        starts = list(range(self.data_rank * b, n, b * self.data_world))
         if limit:
             starts = starts[:limit]
         with torch.no_grad():

@@ -238,7 +238,7 @@ def test_lora_trains_only_lora_and_exports_merged_and_adapter(capsys, build_dir,
         (["--config", "BAD_TOML"], "not valid TOML"),
         (["--config", "BAD_KEY_TOML"], "unknown key data.seq_length (did you mean `seq_len`?)"),
         (["--tp", "2"], "--tp 2 needs 2 processes"),
-        (["--fsdp"], "has no model.parallelize"),
+        (["--fsdp"], "--fsdp needs several processes"),
         (["--set", "data.seq_len=4096"], "past the model's context"),
         (["--set", "train.stop_at=9", "--set", "train.steps=3"], "train.stop_at = 9 is past train.steps = 3"),
         (["--resume"], "--resume: no checkpoint in"),
@@ -286,3 +286,41 @@ def test_train_does_not_load_torch_for_check():
 
     code = "import sys, dslc.cli, dslc.train, dslc.train_config; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+
+
+@pytest.mark.parametrize(
+    "flags,per_rank,single",
+    [(["--fsdp"], 2, 4), (["--tp", "2"], 2, 2)],
+    ids=["fsdp2 over 2 processes", "tensor parallel over 2 processes"],
+)
+def test_torchrun_sharded_training_equals_one_process(build_dir, text_file, tmp_path, flags, per_rank, single):
+    """`--fsdp` (FSDP2: each process half of a global batch of 4) and `--tp 2` (both processes the same batch
+    of 2, the weights split): every step's loss equals one process on the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    base = ["train", SPEC, "--weights", str(WEIGHTS), "--data", str(text_file), "--build-dir", str(build_dir)]
+    base += [*FAST, "--set", "train.steps=3", "--set", "train.eval_every=0", "--set", "optim.grad_clip=0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dslc"]
+    sharded = subprocess.run(
+        [*run, *base, *flags, "--set", f"train.batch_size={per_rank}", "--out", str(tmp_path / "sharded")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert sharded.returncode == 0, sharded.stderr[-4000:]
+    one = subprocess.run(
+        [sys.executable, "-m", "dslc", *base, "--set", f"train.batch_size={single}", "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-4000:]
+    got = [r["loss"] for r in metrics(tmp_path / "sharded") if "loss" in r]
+    want = [r["loss"] for r in metrics(tmp_path / "one") if "loss" in r]
+    assert len(got) == 3 and got == pytest.approx(want, rel=1e-4, abs=1e-5), (got, want)
+    assert (tmp_path / "sharded" / "model" / "model.safetensors").is_file()
