@@ -58,19 +58,34 @@ def train(args: dict) -> dict | None:
 
 def _train(package, args: dict, distributed: bool) -> dict | None:
     cls = getattr(package, args["cls"])
-    model = cls.from_pretrained(args["folder"])
-    vocab = model.config.vocab_size
+    model = None if args.get("sharded_load") else cls.from_pretrained(args["folder"])
     rank, dp, dp_rank = 0, 1, 0
     if args.get("mesh"):
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", tuple(args["mesh"]), mesh_dim_names=tuple(args["names"]))
-        model.parallelize(mesh)
+        if model is None:  # straight into the shards; only rank 0 may open the folder
+            reader = importlib.import_module(f"{args['package']}.checkpoint").CheckpointReader
+            opened = []
+            original = reader.__init__
+
+            def counting(self, *a, **kw):
+                opened.append(1)
+                original(self, *a, **kw)
+
+            reader.__init__ = counting
+            model = cls.from_pretrained_sharded(args["folder"], mesh)
+            reader.__init__ = original
+            if dist.get_rank() != 0 and opened:
+                raise AssertionError(f"rank {dist.get_rank()} opened the checkpoint")
+        else:
+            model.parallelize(mesh)
         rank = dist.get_rank()
         if "dp_shard" in args["names"]:
             dp_mesh = mesh["dp_shard"] if mesh.ndim == 2 else mesh
             dp, dp_rank = dp_mesh.size(), dp_mesh.get_local_rank()
+    vocab = model.config.vocab_size
     with torch.no_grad():
         logits = model(input_ids=probe(vocab)).logits
     model.train()

@@ -217,3 +217,14 @@ def test_parallelize_refuses_bad_input(setup, tmp_path):
         torch.testing.assert_close(_hf_logits(tmp_path / "one"), plain(input_ids=probe).logits.detach())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["fsdp2x_tp2", "tp2"])
+def test_a_folder_loads_straight_into_the_shards(setup, name, tmp_path):
+    """`from_pretrained_sharded`: built on meta, sharded there, filled from rank 0's reading (the other ranks never
+    open the folder): logits and training equal the one-process model's."""
+    n, sizes, names, folder = MESHES[name]
+    ref = _reference(setup, folder)
+    got = launch(n, _args(setup, folder, mesh=sizes, names=names, steps=3, sharded_load=True), tmp_path)
+    torch.testing.assert_close(got["logits"], ref["logits"], rtol=0, atol=1e-5)
+    _same_losses(got["losses"], ref["losses"], range(1, 4))

@@ -484,6 +484,14 @@ class PreTrainedModel(nn.Module):
         return True
 
     # ---- scale out -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained_sharded(cls, folder, mesh, tp: str | None = None, dp_shard: str | None = None, dtype=None):
+        """`from_pretrained` then `parallelize`, without the whole model on any rank: built on the meta device,
+        sharded there, filled from rank 0's reading of the folder shard by shard (parallel.load_sharded)."""
+        from .parallel import load_sharded
+
+        return load_sharded(cls, folder, mesh, tp=tp, dp_shard=dp_shard, dtype=dtype)
+
     def parallelize(self, mesh, tp: str | None = None, dp_shard: str | None = None) -> PreTrainedModel:
         """Shard the model in place over a DeviceMesh: the spec's `parallel` plan (tensor parallelism) on the `tp`
         dimension, FSDP2 per block of the repeat stack then the whole model on `dp_shard`, or both (2-D).

@@ -167,6 +167,43 @@ def _tensor_parallel(model: nn.Module, mesh) -> None:
 
 
 # ---- saving -----------------------------------------------------------------------------------------------
+def load_sharded(cls, folder, mesh, tp: str | None = None, dp_shard: str | None = None, dtype=None, device=None):
+    """A Hugging Face folder straight into a sharded model, without the whole model on any rank.
+
+    The model is built on the meta device (no memory), cast to `dtype`, sharded there (`parallelize`), then
+    given empty storage for its shards only. Rank 0 reads the checkpoint (memory-mapped safetensors, the spec's
+    layout rules and size checks, as `from_pretrained`) and torch.distributed.checkpoint's
+    `set_model_state_dict(..., broadcast_from_rank0=True)` sends it tensor by tensor: each rank keeps its
+    shard. Every rank calls this; the other ranks never open the folder."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from .checkpoint import CheckpointError, CheckpointReader, read_state
+
+    folder = Path(folder)
+    config = cls.config_class.from_pretrained(folder)
+    with torch.device("meta"):
+        model = cls(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    shapes, tied = model.parameter_shapes(), model.tied_parameters()
+    dtypes = {n: p.dtype for n, p in model.named_parameters(remove_duplicate=False)}
+    parallelize(model, mesh, tp=tp, dp_shard=dp_shard)
+    device = torch.device(device) if device is not None else mesh.device_type
+    model.to_empty(device=device)
+    state: dict = {}
+    if dist.get_rank() == 0:
+        tensors, problems = read_state(
+            CheckpointReader(folder), shapes, cls.layout_rules, cls.ignored_keys, tied, dtypes
+        )
+        if problems:
+            raise CheckpointError(f"{folder} does not fit {cls.__name__}:\n  - " + "\n  - ".join(problems))
+        state = {n: t for n, t in tensors.items() if n not in tied}  # a tied weight is its source's parameter
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, state, options=options)
+    return model.eval()
+
+
 def is_distributed(tensors) -> bool:
     from torch.distributed.tensor import DTensor
 
