@@ -86,6 +86,16 @@ def write_remote_code(folder: Path, config_class, model_class) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _refuse_extras(kwargs: dict, who: str) -> None:
+    """transformers' output flags this path cannot honour, and unknown keywords, refused by name."""
+    for name in ("output_attentions", "output_hidden_states"):
+        if kwargs.pop(name, None):
+            raise ValueError(f"{who}: {name}=True is not supported")
+    unknown = sorted(k for k, v in kwargs.items() if v is not None)
+    if unknown:
+        raise TypeError(f"{who} got unexpected keyword arguments: {', '.join(unknown)}")
+
+
 class CacheSlot:
     """One attention site's view of a transformers `Cache`: what `attention()` calls as `kv_cache.update`."""
 
@@ -126,12 +136,7 @@ class Backbone(torch.nn.Module):
         owner = self.owner
         if use_cache or cache is not None or past_key_values is not None:
             raise ValueError(f"{type(owner).__name__}.base_model runs without a KV cache (use_cache=False)")
-        for name in ("output_attentions", "output_hidden_states"):
-            if kwargs.pop(name, None):
-                raise ValueError(f"{type(owner).__name__}.base_model: {name}=True is not supported")
-        unknown = sorted(k for k, v in kwargs.items() if v is not None)
-        if unknown:
-            raise TypeError(f"{type(owner).__name__}.base_model got unexpected keyword arguments: {', '.join(unknown)}")
+        _refuse_extras(kwargs, f"{type(owner).__name__}.base_model")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         first = input_ids if input_ids is not None else inputs_embeds
@@ -296,12 +301,7 @@ class PreTrainedModel(model_core.PreTrainedModel, HFPreTrainedModel, GenerationM
         if inputs_embeds is not None:
             raise ValueError(f"{type(self).__name__}: inputs_embeds with a KV cache is not supported; give input_ids")
         kwargs.pop("return_dict", None)
-        for name in ("output_attentions", "output_hidden_states"):
-            if kwargs.pop(name, None):
-                raise ValueError(f"{type(self).__name__}: {name}=True is not supported with a KV cache")
-        unknown = sorted(k for k, v in kwargs.items() if v is not None)
-        if unknown:
-            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword arguments: {', '.join(unknown)}")
+        _refuse_extras(kwargs, f"{type(self).__name__}.forward() with a KV cache")
         if cache is None:
             cache = DynamicCache()
         batch, length = input_ids.shape  # [B, T] new positions
