@@ -164,3 +164,40 @@ def test_compiled_flex_serves_every_softcap(attn, monkeypatch):
     for softcap in (5.0, 2.0):
         got = attn.attention(q, k, v, ctx, None, causal=True, window=6, softcap=softcap)
         torch.testing.assert_close(got, reference(q, k, v, key_mask, True, 6, softcap), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_dropout_acts_in_training_only(tmp_path):
+    """GPT-2's `attention(..., dropout = attn_pdrop)`: in eval the output is deterministic and equals p = 0;
+    in training two calls differ (the probabilities are dropped), and the gradients still flow."""
+    import importlib
+    import json
+    import sys
+
+    from hf_oracle import make_hf_model
+
+    from dslc.build import build
+
+    folder = make_hf_model("gpt2", tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    config["attn_pdrop"] = 0.5
+    (folder / "config.json").write_text(json.dumps(config))
+    build(ROOT / "models" / "gpt2.model", tmp_path / "pkg", name="gpt2_dropout")
+    sys.path.insert(0, str(tmp_path / "pkg"))
+    try:
+        model = importlib.import_module("gpt2_dropout").GPT2LMHeadModel.from_pretrained(folder)
+    finally:
+        sys.path.remove(str(tmp_path / "pkg"))
+    ids = torch.randint(0, 90, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
+        model.config.attn_pdrop = 0.0
+        c = model(input_ids=ids).logits
+        model.config.attn_pdrop = 0.5
+    assert torch.equal(a, b) and torch.equal(a, c)
+    model.train()
+    torch.manual_seed(1)
+    x = model(input_ids=ids).logits
+    y = model(input_ids=ids).logits
+    assert not torch.allclose(x, y)
+    x.sum().backward()
+    assert model.get_input_embeddings().weight.grad is not None

@@ -419,10 +419,13 @@ def _attention(args, kw):
         v_ = kw.get(key)
         if v_ is not None and (isinstance(v_, bool) or not isinstance(v_, (int, float)) or not v_ > 0):
             raise OpTypeError("E041", f"`attention`'s {key} must be a positive number or none, got {_desc(v_)}")
+    p = kw.get("dropout")
+    if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1):
+        raise OpTypeError("E041", f"`attention`'s dropout must be a probability from 0 to below 1, got {_desc(p)}")
     return [TType((q.dims[0], hq, q.dims[2], v.dims[3]), q.dtype)]
 
 
-ATTENTION_OPTIONS = ("causal", "window", "softcap", "scale")
+ATTENTION_OPTIONS = ("causal", "window", "softcap", "scale", "dropout")
 
 
 def _rotate_half(args, kw):

@@ -291,7 +291,10 @@ class BodyRenderer:
         if name == "topk":
             return f"torch.topk({self.operand(a[0])}, {self.operand(a[1])}, dim=-1)", ATOM
         if name == "attention":
-            opts = [f"{k}={self.operand(v)}" for k, v in op.kwargs]
+            opts = [
+                f"dropout={self.operand(v)} if self.training else 0.0" if k == "dropout" else f"{k}={self.operand(v)}"
+                for k, v in op.kwargs
+            ]
             qkv = ", ".join(self.operand(x) for x in a)
             return f"attention({qkv}, ctx, self.kv_cache, {', '.join(opts)})", ATOM
         if name == "call":

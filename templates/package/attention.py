@@ -185,15 +185,20 @@ def attention(
     window: int | None = None,
     softcap: float | None = None,
     scale: float | None = None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:  # [B, H_q, T, D_v]
+    """`dropout`: on the attention probabilities (the generated module passes it only while training); the
+    SDPA and eager paths apply it, FlexAttention has none, so a call with dropout takes the dense path."""
     if cache is not None and ctx.use_cache:
         k, v = cache.update(ctx.cache_position, k, v)  # [B, H_kv, S_max, D]
     path = _path(ctx.impl, q, k, window, softcap)
+    if path == "flex" and dropout:
+        path = "eager" if softcap is not None else "sdpa"
     if path == "flex":
         return _flex(q, k, v, ctx, causal, window, softcap, scale)
     if path == "eager":
-        return _eager(q, k, v, ctx, causal, window, softcap, scale)
-    return _sdpa(q, k, v, ctx, causal, window, scale)
+        return _eager(q, k, v, ctx, causal, window, softcap, scale, dropout)
+    return _sdpa(q, k, v, ctx, causal, window, scale, dropout)
 
 
 def _path(impl: str, q: torch.Tensor, k: torch.Tensor, window: int | None, softcap: float | None) -> str:
@@ -210,16 +215,16 @@ def _path(impl: str, q: torch.Tensor, k: torch.Tensor, window: int | None, softc
     return "flex" if flex_fits else dense
 
 
-def _sdpa(q, k, v, ctx: AttentionContext, causal: bool, window: int | None, scale: float | None) -> torch.Tensor:
+def _sdpa(q, k, v, ctx: AttentionContext, causal: bool, window: int | None, scale: float | None, dropout=0.0):
     gqa = k.shape[1] != q.shape[1]
     num_keys = k.shape[2]
     if ctx.key_mask is None and window is None and num_keys == q.shape[2] and not ctx.use_cache:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa, dropout_p=dropout)
     mask = ctx.mask(num_keys, causal, window, q.device)  # [B or 1, 1, T, S]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa, dropout_p=dropout)
 
 
-def _eager(q, k, v, ctx: AttentionContext, causal, window, softcap, scale) -> torch.Tensor:
+def _eager(q, k, v, ctx: AttentionContext, causal, window, softcap, scale, dropout=0.0) -> torch.Tensor:
     """softmax(q k^T * scale) v with the [B, H_q, T, S] scores materialized (soft-capped when asked)."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # [B, H_q, S, D]
@@ -231,6 +236,8 @@ def _eager(q, k, v, ctx: AttentionContext, causal, window, softcap, scale) -> to
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if dropout:
+        probs = F.dropout(probs, p=dropout)
     return probs @ v
 
 
