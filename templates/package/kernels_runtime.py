@@ -311,11 +311,11 @@ def _time(run, device: torch.device) -> float:
 
 def _tile_key(kernel, lay: RowLayout, args: tuple, constexprs: dict) -> str:
     """Kernel (name and source hash), row width, row-count bucket, argument dtypes and the constexpr flags."""
-    ident = _KERNEL_IDS.get(kernel)
+    ident = _KERNEL_IDS.get(id(kernel))  # by id: a kernel object lives as long as its module, and need not hash
     if ident is None:
         fn = getattr(kernel, "fn", kernel)
         digest = hashlib.sha1(inspect.getsource(fn).encode()).hexdigest()[:12]
-        ident = _KERNEL_IDS[kernel] = f"{fn.__name__}-{digest}"
+        ident = _KERNEL_IDS[id(kernel)] = f"{fn.__name__}-{digest}"
     dtypes = ",".join(str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor))
     flags = ",".join(f"{k}={int(v)}" for k, v in sorted(constexprs.items()))
     rows = min(_next_pow2(lay.R), 1 << 16)
