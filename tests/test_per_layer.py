@@ -92,3 +92,55 @@ def test_the_layer_index_exists_only_in_a_repeat():
     with pytest.raises(DslcError) as info:
         check_source(bad, "bad.model")
     assert any(d.code == "E010" and "`i`" in d.message for d in info.value.diagnostics)
+
+
+# ---- a list-typed config field picks each layer's kind (HF's layer_types) ----------------------------------------
+LISTS = ROOT / "tests" / "specs" / "layer_types.model"
+
+
+@pytest.fixture(scope="module")
+def lists_pkg(tmp_path_factory):
+    import sys
+
+    out = tmp_path_factory.mktemp("layer_types")
+    build(LISTS, out, name="layer_types_pkg")
+    sys.path.insert(0, str(out))
+    try:
+        yield importlib.import_module("layer_types_pkg")
+    finally:
+        sys.path.remove(str(out))
+
+
+def test_layer_types_from_the_spec_and_from_config_json(lists_pkg, tmp_path):
+    import json
+
+    model = lists_pkg.M(lists_pkg.C())
+    assert [layer.sliding for layer in model.layers] == [True, False, True, False]
+    config = lists_pkg.C(layer_types=["full_attention"] * 4)
+    assert [layer.sliding for layer in lists_pkg.M(config).layers] == [False] * 4
+    (tmp_path / "config.json").write_text(json.dumps({"layer_types": ["sliding_attention", 3]}))
+    with pytest.raises(lists_pkg.ConfigError, match="layer_types"):
+        lists_pkg.C.from_pretrained(tmp_path)
+    modeling = (Path(lists_pkg.__file__).parent / "modeling.py").read_text()
+    assert 'Block(config, config.layer_types[i] == "sliding_attention") for i in range(config.n)' in modeling
+
+
+def test_layer_types_are_checked_for_every_layer():
+    """Five layers but four layer types: the index past the list is found by check, naming the field."""
+    with pytest.raises(DslcError) as info:
+        check_source(LISTS.read_text(), "lists.model", overrides={"n": "5"})
+    assert any("out of range" in d.message for d in info.value.diagnostics), [d.message for d in info.value.diagnostics]
+    checked = check_source(
+        LISTS.read_text(), "lists.model", overrides={"layer_types": '["full_attention", "x", "y", "z"]'}
+    )
+    assert checked.config_eval.values["layer_types"][0] == "full_attention"
+    with pytest.raises(DslcError):
+        check_source(LISTS.read_text(), "lists.model", overrides={"layer_types": "[1, 2]"})  # not a list[str]
+
+
+def test_index_and_list_types_read_back_from_the_ir_text():
+    from dslc.ir.printer import print_program
+    from dslc.ir.reader import read_program
+
+    program = check_source(LISTS.read_text(), "lists.model").program
+    assert read_program(print_program(program)) == program

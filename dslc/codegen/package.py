@@ -36,6 +36,7 @@ TASK_OUTPUTS = {
     "base": ("last_hidden_state", "pooler_output"),
 }
 PY_TYPES = {"int": "int", "float": "float", "bool": "bool", "str": "str"}
+PY_TYPES.update({f"list[{t}]": f"list[{t}]" for t in list(PY_TYPES)})  # list-typed config fields
 # Standard-library modules rendered as subclasses of torch's own layers, so PEFT, torch's tensor-parallel
 # styles and quantizers (which test `isinstance(m, nn.Linear)`) take them: std module -> (base class, the
 # base's constructor arguments from the module's params). The base creates the weights; the forward is the
@@ -394,6 +395,9 @@ class PackageRenderer:
                 fields.append((f.name, ann, "None" if f.optional else None, f.doc))
             else:
                 fields.append((f.name, ann, static_text(f.default, ctx, {}, 0), f.doc))
+            name, a, default, doc = fields[-1]
+            if f.type.startswith("list[") and default not in (None, "None"):  # a dataclass list default
+                fields[-1] = (name, a, f"field(default_factory=lambda: {default})", doc)
         requires = [
             (
                 static_text(r.test, ctx, {}, 0),

@@ -113,6 +113,8 @@ def _static(e: N.E, ctx: BodyContext, names: dict[str, str], init: bool) -> tupl
                 return f"self.{e.name[len('weight:') :]}.dtype", ATOM
             return f"{names[e.name]}.dtype", ATOM
         raise CodegenError(f"unknown reference kind {e.kind}")
+    if isinstance(e, N.BinE) and e.op == "[]":
+        return f"{static_text(e.left, ctx, names, ATOM, init)}[{static_text(e.right, ctx, names, 0, init)}]", ATOM
     if isinstance(e, N.BinE):
         p = _STATIC_BIN[e.op]
         if e.op in ("==", "!=") and N.Const(None) in (e.left, e.right):  # comparisons with None use `is`

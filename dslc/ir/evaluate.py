@@ -86,6 +86,15 @@ def evaluate(e: E, lookup: Callable[[Ref], Scalar]):
             return bool(evaluate(e.left, lookup)) and bool(evaluate(e.right, lookup))
         if e.op == "or":
             return bool(evaluate(e.left, lookup)) or bool(evaluate(e.right, lookup))
+        if e.op == "[]":
+            seq, i = evaluate(e.left, lookup), evaluate(e.right, lookup)
+            if not isinstance(seq, list):
+                raise EvalError(f"`[]` needs a list, got {_describe(seq)}")
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise EvalError(f"a list index must be an int, got {_describe(i)}")
+            if not -len(seq) <= i < len(seq):
+                raise EvalError(f"index {i} is out of range for a list of {len(seq)}")
+            return seq[i]
         result = _binary(e.op, evaluate(e.left, lookup), evaluate(e.right, lookup))
         if isinstance(result, float) and not math.isfinite(result):
             raise EvalError("result is not finite")

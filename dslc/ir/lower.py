@@ -16,6 +16,7 @@ from dslc.ir.names import config_flags, identifier_problem
 from dslc.syntax import ast as A
 
 SCALAR_TYPES = ("int", "float", "bool", "str")
+LIST_TYPES = tuple(f"list[{t}]" for t in SCALAR_TYPES)  # config fields only (HF's layer_types)
 TASKS = ("causal_lm", "masked_lm", "sequence_classification", "embedding", "base")
 INITS = ("normal", "zeros", "ones")
 TRANSFORMS = ("transpose", "split", "concat")
@@ -44,10 +45,14 @@ def _check_type(value, type_: str, optional: bool) -> bool:
         return isinstance(value, bool)
     if type_ == "str":
         return isinstance(value, str)
+    if type_ in LIST_TYPES:
+        return isinstance(value, list) and all(_check_type(v, type_[5:-1], False) for v in value)
     return True  # an unknown type name: already reported as such
 
 
 def _coerce(value, type_: str):
+    if type_ == "list[float]" and isinstance(value, list):
+        return [float(v) for v in value]
     return float(value) if type_ == "float" and isinstance(value, int) else value
 
 
@@ -60,8 +65,16 @@ def _show(v) -> str:
 
 
 def parse_override_value(text: str):
-    """`--set key=value` values: true/false/none, ints, floats, else a string."""
+    """`--set key=value` values: true/false/none, ints, floats, a JSON list (`[1, 2]`, `["a", "b"]`), else a string."""
     t = text.strip()
+    if t.startswith("[") and t.endswith("]"):
+        import json
+
+        try:
+            value = json.loads(t)
+        except ValueError:
+            return t
+        return value if isinstance(value, list) else t
     if t in ("true", "false"):
         return t == "true"
     if t == "none":
@@ -240,6 +253,8 @@ class Lowering:
             return N.ListE(tuple(self._static(i, resolve) for i in expr.items))
         if isinstance(expr, A.Call) and isinstance(expr.func, A.Name) and expr.func.id in STATIC_CALLS:
             return self._static_call(expr, resolve)
+        if isinstance(expr, A.Index):
+            return N.BinE("[]", self._static(expr.obj, resolve), self._static(expr.index, resolve))
         self.rep.error(
             "E016",
             "expected a value known at build time",
@@ -296,12 +311,13 @@ class Lowering:
             if f.name in seen:
                 self.rep.error("E011", f"config field `{f.name}` is defined twice", f.span)
             seen.add(f.name)
-            if f.type.name not in SCALAR_TYPES:
+            if f.type.name not in SCALAR_TYPES + LIST_TYPES:
                 self.rep.error(
                     "E021",
                     f"unknown type `{f.type.name}`",
                     f.type.span,
-                    did_you_mean(f.type.name, SCALAR_TYPES) or f"types: {', '.join(SCALAR_TYPES)}",
+                    did_you_mean(f.type.name, SCALAR_TYPES + LIST_TYPES)
+                    or f"types: {', '.join(SCALAR_TYPES + LIST_TYPES)}",
                 )
             try:
                 default = self._static(f.default, resolve) if f.default is not None else None

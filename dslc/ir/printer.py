@@ -38,6 +38,8 @@ def expr_text(e: N.E, prec: int = 0) -> str:
         return {"value": "%", "param": "$", "weight": "&"}.get(e.kind, "") + (
             f"dtype(%{e.name})" if e.kind == "dtype_of" else e.name
         )
+    if isinstance(e, N.BinE) and e.op == "[]":
+        return f"{expr_text(e.left, 9)}[{expr_text(e.right)}]"
     if isinstance(e, N.BinE):
         p = _PREC[e.op]
         right_p = p if e.op == "**" else p + 1
@@ -152,6 +154,8 @@ def ir_expr(e: N.E, prec: int = 0) -> str:
                 return f"dtype({sigil_text('&', e.name[len('weight:') :])})"
             return f"dtype({sigil_text('%', e.name)})"
         return f"ref({quote(e.kind)}, {quote(e.name)})"
+    if isinstance(e, N.BinE) and e.op == "[]":
+        return f"{ir_expr(e.left, 9)}[{ir_expr(e.right)}]"
     if isinstance(e, N.BinE):
         if e.op not in _PREC:
             raise ValueError(f"unknown operator {e.op!r} in an IR expression")
@@ -268,7 +272,9 @@ class _Printer:
             if f.default is not None:
                 text += f" = {ir_expr(f.default)}"
             if f.name in values:
-                text += f" => {const_text(values[f.name])}"
+                value = values[f.name]
+                shown = "[" + ", ".join(map(const_text, value)) + "]" if isinstance(value, list) else const_text(value)
+                text += f" => {shown}"
             if f.doc:
                 text += f" doc {quote(f.doc)}"
             self.emit(1, text, f.span)

@@ -127,6 +127,9 @@ class _ToIR(Transformer):
     def neg(self, _minus, operand):
         return N.UnE("-", operand)
 
+    def index_op(self, seq, index):
+        return N.BinE("[]", seq, index)
+
     def static_call(self, fn, operand):
         if str(fn) not in ("int", "float"):
             raise IRSyntaxError(f"unknown function `{fn}` in an IR expression (int and float are known)")
@@ -156,6 +159,9 @@ class _ToIR(Transformer):
 
     def doc(self, tok):
         return ("doc", _str(tok))
+
+    def const_list(self, *items):
+        return N.Const([i.value for i in items if i is not None])  # a list-typed field's value
 
     def field(self, name, type_, optional, default, value, doc, span):
         f = N.FieldDef(name, type_, optional is not None, default, doc[1] if doc else "", _span(span))

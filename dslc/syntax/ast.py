@@ -30,6 +30,15 @@ class Attr:
 
 
 @dataclass(frozen=True)
+class Index:
+    """`seq[i]`: an item of a build-time list (a list-typed config field)."""
+
+    obj: Expr
+    index: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
 class Kwarg:
     name: str
     value: Expr

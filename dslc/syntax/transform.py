@@ -136,6 +136,11 @@ class _ToAst(Transformer):
         return A.Ellipsis_(self._span(meta))
 
     @v_args(meta=True)
+    def index(self, meta, children):
+        obj, index = children
+        return A.Index(obj, index, self._span(meta))
+
+    @v_args(meta=True)
     def attr(self, meta, children):
         obj, name = children
         return A.Attr(obj, str(name), self._span(meta))
@@ -197,8 +202,9 @@ class _ToAst(Transformer):
     # ---- types ----------------------------------------------------------------
     @v_args(meta=True)
     def type_ref(self, meta, children):
-        name, opt = children
-        return A.TypeRef(str(name), opt is not None, self._span(meta))
+        name, item, opt = children
+        name = f"{name}[{item}]" if item is not None else str(name)  # list[int]: a list-typed config field
+        return A.TypeRef(name, opt is not None, self._span(meta))
 
     def shape(self, children):
         return [c for c in children if c is not None]
