@@ -509,7 +509,7 @@ class Checker:
         """For a `repeat` whose layer arguments read the layer index `i`: (module, params) of each distinct
         layer, in layer order; None for a stack of identical layers."""
         sdef = next((s for s in ctx.mdef.submodules if s.name == stack), None) if ctx.mdef else None
-        if sdef is None or sdef.repeat is None or not N.uses_layer_index([*sdef.args, *(v for _, v in sdef.kwargs)]):
+        if sdef is None or not N.per_layer(sdef):
             return None
         lookup = self._lookup(ctx.params)
         child = self.p.module(sdef.module)

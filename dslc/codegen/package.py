@@ -204,7 +204,7 @@ class PackageRenderer:
                 args.insert(0, "config")
             make = f"{s.module}({', '.join(args)})"
             if s.repeat is not None:
-                index = "i" if N.uses_layer_index([*s.args, *(v for _, v in s.kwargs)]) else "_"
+                index = "i" if N.per_layer(s) else "_"
                 count = static_text(s.repeat, ctx, {}, 0, init=True)
                 make = f"nn.ModuleList({s.module}({', '.join(args)}) for {index} in range({count}))"
             if s.condition is not None:

@@ -993,7 +993,7 @@ class Lowering:
                 if s.condition is not None and not evaluate(s.condition, lookup):
                     continue
                 child = self.module_defs[s.module]
-                per_layer = s.repeat is not None and N.uses_layer_index([*s.args, *(v for _, v in s.kwargs)])
+                per_layer = N.per_layer(s)
                 child_params = None if per_layer else self.bind_params(child, s.args, s.kwargs, lookup, s.span)
                 if s.repeat is None:
                     out += self._instantiate(s.module, child_params, f"{prefix}{s.name}.", ties, s.span)

@@ -116,11 +116,12 @@ def with_layer_index(lookup, i: int):
     return bound
 
 
-def uses_layer_index(exprs) -> bool:
-    """Whether any of `exprs` (a repeat's constructor arguments) reads the layer index."""
+def per_layer(sub) -> bool:
+    """Whether a submodule is a `repeat` whose constructor arguments read the layer index (its layers differ)."""
     from dslc.ir.evaluate import free_refs
 
-    return any(r == LAYER_INDEX for e in exprs for r in free_refs(e))
+    exprs = [*sub.args, *(v for _, v in sub.kwargs)]
+    return sub.repeat is not None and any(r == LAYER_INDEX for e in exprs for r in free_refs(e))
 
 
 REGION_GROUP = "group"  # kwarg of a `region` op that makes several calls in one launch (passes/grouping.py)

@@ -38,7 +38,7 @@ def group_regions(program: N.Program) -> N.Program:
 
 def _pair(body, eligible: set[str]) -> list:
     body = list(body)
-    defined_at = {r: i for i, st in enumerate(body) for r in _results(st)}
+    defined_at = {r: i for i, st in enumerate(body) for r in st.results}
     taken: set[int] = set()
     out = []
     for i, st in enumerate(body):
@@ -74,7 +74,3 @@ def _partner(first: N.Op, other, at: int, defined_at: dict[str, int]) -> bool:
         and not other.kwargs
         and all(defined_at.get(v, -1) < at for v in value_refs(other))
     )
-
-
-def _results(st) -> list[str]:
-    return list(st.results)

@@ -51,6 +51,11 @@ def default_impl() -> str:
     return impl
 
 
+def cache_sites(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention sites of `model` (the modules with a `kv_cache` slot), in module order: layer i's is the i-th."""
+    return [m for m in model.modules() if hasattr(m, "kv_cache")]
+
+
 class KVCache:
     """A preallocated (static-shape) key/value cache for one attention site: [B, H_kv, S_max, D].
 

@@ -28,12 +28,10 @@ import weakref
 
 import torch
 
+from .attention import cache_sites
+
 # model -> its last decoder, with the key it was made for; a weak key, so a collected model frees it
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _cache_sites(model) -> list:
-    return [m for m in model.modules() if hasattr(m, "kv_cache")]
 
 
 def _pick_tokens(logits: torch.Tensor, noise: torch.Tensor | None, temperature: float, top_k, top_p) -> torch.Tensor:
@@ -71,7 +69,7 @@ class CUDAGraphDecoder:
         warmup: int = 2,
     ):
         batch, max_len = key_mask.shape  # [B, S_max]
-        sites = _cache_sites(model)
+        sites = cache_sites(model)
         caches = [m.kv_cache for m in sites]
         if any(c is None or c.k is None or c.batch != batch or c.max_len != max_len for c in caches):
             raise ValueError(

@@ -254,7 +254,7 @@ def tile_candidates(lay: RowLayout) -> list[tuple[int, int]]:
 
 
 _TILES: dict[str, tuple[int, int]] = {}  # tuning key -> (BLOCK_M, num_warps)
-_KERNEL_IDS: dict = {}
+_KEYS: dict[tuple, str] = {}  # a launch's facts -> its tuning key (`_tile_key`)
 _DISK_LOADED = False
 
 
@@ -310,16 +310,21 @@ def _time(run, device: torch.device) -> float:
 
 
 def _tile_key(kernel, lay: RowLayout, args: tuple, constexprs: dict) -> str:
-    """Kernel (name and source hash), row width, row-count bucket, argument dtypes and the constexpr flags."""
-    ident = _KERNEL_IDS.get(id(kernel))  # by id: a kernel object lives as long as its module, and need not hash
-    if ident is None:
+    """Kernel (name and source hash), row width, row-count bucket, argument dtypes and the constexpr flags, as
+    the disk cache's string. Every launch asks for it: a tuple of the same facts keys a memo of the strings,
+    so the source hash, the formatting and the device name are worked out once per distinct launch."""
+    dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+    rows = min(_next_pow2(lay.R), 1 << 16)
+    fast = (id(kernel), lay.N, rows, dtypes, tuple(sorted(constexprs.items())), lay.device)
+    key = _KEYS.get(fast)
+    if key is None:
         fn = getattr(kernel, "fn", kernel)
         digest = hashlib.sha1(inspect.getsource(fn).encode()).hexdigest()[:12]
-        ident = _KERNEL_IDS[id(kernel)] = f"{fn.__name__}-{digest}"
-    dtypes = ",".join(str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor))
-    flags = ",".join(f"{k}={int(v)}" for k, v in sorted(constexprs.items()))
-    rows = min(_next_pow2(lay.R), 1 << 16)
-    return f"{ident}|N={lay.N}|R<={rows}|{dtypes}|{flags}|{_device_name(lay.device)}"
+        names = ",".join(str(d).removeprefix("torch.") for d in dtypes)
+        flags = ",".join(f"{k}={int(v)}" for k, v in fast[4])
+        key = f"{fn.__name__}-{digest}|N={lay.N}|R<={rows}|{names}|{flags}|{_device_name(lay.device)}"
+        _KEYS[fast] = key  # by the kernel's id: a kernel object lives as long as its module, and need not hash
+    return key
 
 
 def _device_name(device: torch.device) -> str:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from .attention import AttentionContext, KVCache
+from .attention import AttentionContext, KVCache, cache_sites
 from .checkpoint import CheckpointError, CheckpointReader, read_state, write_shards, write_state
 from .generation import GenerationConfig
 from .losses import causal_lm_loss, fused_causal_lm_loss, masked_lm_loss, sequence_classification_loss
@@ -552,14 +552,12 @@ class PreTrainedModel(nn.Module):
     # ---- KV caches -------------------------------------------------------------------------------
     def setup_cache(self, batch: int, max_len: int) -> None:
         """Give every attention site a static [batch, kv_heads, max_len, head_dim] cache."""
-        for m in self.modules():
-            if hasattr(m, "kv_cache"):
-                m.kv_cache = KVCache(batch, max_len)
+        for m in cache_sites(self):
+            m.kv_cache = KVCache(batch, max_len)
 
     def clear_cache(self) -> None:
-        for m in self.modules():
-            if hasattr(m, "kv_cache"):
-                m.kv_cache = None
+        for m in cache_sites(self):
+            m.kv_cache = None
 
     # ---- forward -----------------------------------------------------------------------------------
     def forward(

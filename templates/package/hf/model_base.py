@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from . import model_core, parallel
-from .attention import AttentionContext
+from .attention import AttentionContext, cache_sites
 
 # kernels.py is imported by modeling.py as a module (`from . import kernels`); naming it here too makes
 # transformers' remote-code loader, which finds a folder's files by their `from .x import` lines, copy it
@@ -310,7 +310,7 @@ class PreTrainedModel(model_core.PreTrainedModel, HFPreTrainedModel, GenerationM
         if position_ids is None:  # as transformers' causal LMs: positions count the cache, not the padding
             position_ids = cache_position[None, :].expand(batch, length)
         key_mask = attention_mask.bool() if attention_mask is not None else None  # [B, S]
-        sites = [m for m in self.modules() if hasattr(m, "kv_cache")]
+        sites = cache_sites(self)
         for layer_idx, site in enumerate(sites):
             site.kv_cache = CacheSlot(cache, layer_idx)
         try:
