@@ -14,10 +14,11 @@ MODELS = ROOT / "models"
 
 
 @contextmanager
-def built_packages(out: Path, *specs: tuple[Path, str | None]) -> Iterator[Path]:
-    """Build each (spec, package name or None for the spec's stem) into `out`; `out` is on sys.path inside."""
+def built_packages(out: Path, *specs: tuple[Path, str | None], target: str = "standalone") -> Iterator[Path]:
+    """Build each (spec, package name or None for the spec's stem) into `out` for `target`; `out` is on sys.path
+    inside."""
     for spec, name in specs:
-        build(spec, out, name=name)
+        build(spec, out, name=name, target=target)
     sys.path.insert(0, str(out))
     try:
         yield out

@@ -171,22 +171,16 @@ def test_attention_dropout_acts_in_training_only(tmp_path):
     in training two calls differ (the probabilities are dropped), and the gradients still flow."""
     import importlib
     import json
-    import sys
 
     from hf_oracle import make_hf_model
-
-    from dslc.build import build
+    from packages import built_packages
 
     folder = make_hf_model("gpt2", tmp_path / "hf")
     config = json.loads((folder / "config.json").read_text())
     config["attn_pdrop"] = 0.5
     (folder / "config.json").write_text(json.dumps(config))
-    build(ROOT / "models" / "gpt2.model", tmp_path / "pkg", name="gpt2_dropout")
-    sys.path.insert(0, str(tmp_path / "pkg"))
-    try:
+    with built_packages(tmp_path / "pkg", (ROOT / "models" / "gpt2.model", "gpt2_dropout")):
         model = importlib.import_module("gpt2_dropout").GPT2LMHeadModel.from_pretrained(folder)
-    finally:
-        sys.path.remove(str(tmp_path / "pkg"))
     ids = torch.randint(0, 90, (2, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = model(input_ids=ids).logits, model(input_ids=ids).logits

@@ -15,8 +15,9 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
+from packages import built_packages  # noqa: E402
+
 from dslc.api import check_source  # noqa: E402
-from dslc.build import build  # noqa: E402
 from dslc.diagnostics import DslcError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,15 +26,8 @@ SPEC = ROOT / "tests" / "specs" / "alternating.model"
 
 @pytest.fixture(scope="module")
 def pkg(tmp_path_factory):
-    import sys
-
-    out = tmp_path_factory.mktemp("perlayer")
-    build(SPEC, out, name="alternating_pkg")
-    sys.path.insert(0, str(out))
-    try:
+    with built_packages(tmp_path_factory.mktemp("perlayer"), (SPEC, "alternating_pkg")):
         yield importlib.import_module("alternating_pkg")
-    finally:
-        sys.path.remove(str(out))
 
 
 def _reference(model, ids, window: int):
@@ -100,15 +94,8 @@ LISTS = ROOT / "tests" / "specs" / "layer_types.model"
 
 @pytest.fixture(scope="module")
 def lists_pkg(tmp_path_factory):
-    import sys
-
-    out = tmp_path_factory.mktemp("layer_types")
-    build(LISTS, out, name="layer_types_pkg")
-    sys.path.insert(0, str(out))
-    try:
+    with built_packages(tmp_path_factory.mktemp("layer_types"), (LISTS, "layer_types_pkg")):
         yield importlib.import_module("layer_types_pkg")
-    finally:
-        sys.path.remove(str(out))
 
 
 def test_layer_types_from_the_spec_and_from_config_json(lists_pkg, tmp_path):

@@ -11,16 +11,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from packages import built_packages  # noqa: E402
+
 from dslc.api import check_source  # noqa: E402
-from dslc.build import build  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def model_class(tmp_path_factory):
-    import sys
-
     out = tmp_path_factory.mktemp("remat")
     spec = (ROOT / "models" / "qwen2.model").read_text()
     assert "    activation_checkpointing DecoderLayer\n" in spec
@@ -29,12 +28,8 @@ def model_class(tmp_path_factory):
         "    activation_checkpointing DecoderLayer\n    save_activations attention\n",
     )
     (out / "qwen2_remat.model").write_text(spec)
-    build(out / "qwen2_remat.model", out / "pkg")
-    sys.path.insert(0, str(out / "pkg"))
-    try:
+    with built_packages(out / "pkg", (out / "qwen2_remat.model", None)):
         yield importlib.import_module("qwen2_remat").Qwen2ForCausalLM
-    finally:
-        sys.path.remove(str(out / "pkg"))
 
 
 @pytest.fixture(scope="module")

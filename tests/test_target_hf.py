@@ -16,6 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from packages import built_packages  # noqa: E402
+
 from dslc.build import build  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,17 +28,9 @@ BASE_LAYER = {"model_base.py", "model_core.py", "config.py", "config_spec.py", "
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("targets")
-    paths = {
-        target: build(ROOT / "models" / "qwen2.model", out / target, name=f"qwen2_{target}", target=target)
-        for target in ("standalone", "hf")
-    }
-    import sys
-
-    sys.path.insert(0, str(out / "hf"))
-    try:
-        yield paths, importlib.import_module("qwen2_hf")
-    finally:
-        sys.path.remove(str(out / "hf"))
+    standalone = build(ROOT / "models" / "qwen2.model", out / "standalone", name="qwen2_standalone")
+    with built_packages(out / "hf", (ROOT / "models" / "qwen2.model", "qwen2_hf"), target="hf"):
+        yield {"standalone": standalone, "hf": out / "hf" / "qwen2_hf"}, importlib.import_module("qwen2_hf")
 
 
 @pytest.fixture(scope="module")
@@ -358,16 +352,9 @@ SPECS = {"qwen2": "qwen2", "llama": "llama", "gpt2": "gpt2", "bert": "bert"}  # 
 
 @pytest.fixture(scope="module")
 def hf_packages(tmp_path_factory):
-    import sys
-
-    out = tmp_path_factory.mktemp("hf_specs")
-    for spec in SPECS:
-        build(ROOT / "models" / f"{spec}.model", out, name=f"{spec}_hft", target="hf")
-    sys.path.insert(0, str(out))
-    try:
+    specs = [(ROOT / "models" / f"{spec}.model", f"{spec}_hft") for spec in SPECS]
+    with built_packages(tmp_path_factory.mktemp("hf_specs"), *specs, target="hf"):
         yield {spec: importlib.import_module(f"{spec}_hft") for spec in SPECS}
-    finally:
-        sys.path.remove(str(out))
 
 
 @pytest.mark.parametrize("spec", list(SPECS))
