@@ -33,12 +33,8 @@ import common  # noqa: E402
 
 SPEC = common.ROOT / "models" / "qwen2.model"
 CONFIG = dict(
-    vocab_size=151936,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=4,
-    num_attention_heads=14,
-    num_key_value_heads=2,
+    common.QWEN2_0_5B,
+    num_hidden_layers=4,  # Qwen2-0.5B's widths, 4 of its 24 layers
     max_position_embeddings=32768,
     rms_norm_eps=1e-6,
     tie_word_embeddings=True,
