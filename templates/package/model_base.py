@@ -631,18 +631,8 @@ class PreTrainedModel(nn.Module):
             if labels is not None:
                 raise ValueError("logits_to_keep and labels together: the loss needs the logits of every position")
 
-        first = next(t for t in (input_ids, inputs_embeds, *extra.values()) if t is not None)
-        batch, length = first.shape[0], first.shape[1]  # [B, T]
-        device = first.device
-        cache_position = torch.arange(length, device=device)
-        if input_ids is None and inputs_embeds is not None:
-            # stands in for the token ids: only the shapes are read, the embedding output is replaced
-            input_ids = torch.zeros(batch, length, dtype=torch.long, device=device)
-        if position_ids is None:
-            position_ids = cache_position[None, :].expand(batch, length)  # HF: positions ignore padding here
-        key_mask = attention_mask.bool() if attention_mask is not None else None
-        ctx = AttentionContext(key_mask, cache_position)
-        inputs = dict(input_ids=input_ids, position_ids=position_ids, token_type_ids=token_type_ids, **extra)
+        ctx, inputs = self.call_inputs(input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, extra)
+        input_ids = inputs["input_ids"]
 
         recorder = HiddenStateRecorder(self) if output_hidden_states else None
         swap = EmbeddingSwap(self, input_ids, inputs_embeds) if inputs_embeds is not None else None
@@ -663,6 +653,23 @@ class PreTrainedModel(nn.Module):
             fields["hidden_states"] = recorder.hidden_states(fields.get("last_hidden_state"))
         out = output_class(self.task, self.output_names)(**fields)
         return out if return_dict else out.to_tuple()
+
+    def call_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids=None, extra=None):
+        """(AttentionContext, the graph's inputs by name) of a whole-sequence call, as HF's forward: positions
+        0 .. T - 1 whatever the padding; for inputs_embeds, zero ids stand in for the token ids (only their
+        shape is read: `EmbeddingSwap` replaces the embedding's output)."""
+        extra = extra or {}
+        first = next(t for t in (input_ids, inputs_embeds, *extra.values()) if t is not None)
+        batch, length = first.shape[0], first.shape[1]  # [B, T]
+        device = first.device
+        cache_position = torch.arange(length, device=device)
+        if input_ids is None and inputs_embeds is not None:
+            input_ids = torch.zeros(batch, length, dtype=torch.long, device=device)
+        if position_ids is None:
+            position_ids = cache_position[None, :].expand(batch, length)
+        key_mask = attention_mask.bool() if attention_mask is not None else None
+        inputs = dict(input_ids=input_ids, position_ids=position_ids, token_type_ids=token_type_ids, **extra)
+        return AttentionContext(key_mask, cache_position), inputs
 
     def _flag(self, name: str, value, default=False):
         """A forward flag: the argument when given, else the config's value (as HF), else `default`."""

@@ -139,19 +139,12 @@ class Backbone(torch.nn.Module):
         _refuse_extras(kwargs, f"{type(owner).__name__}.base_model")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
-        first = input_ids if input_ids is not None else inputs_embeds
-        batch, length = first.shape[0], first.shape[1]  # [B, T]
-        cache_position = torch.arange(length, device=first.device)
-        if input_ids is None:  # stands in for the token ids: the embedding's output is replaced
-            input_ids = torch.zeros(batch, length, dtype=torch.long, device=first.device)
-        if position_ids is None:
-            position_ids = cache_position[None, :].expand(batch, length)
-        ctx = AttentionContext(attention_mask.bool() if attention_mask is not None else None, cache_position)
-        swap = EmbeddingSwap(owner, input_ids, inputs_embeds) if inputs_embeds is not None else None
+        ctx, inputs = owner.call_inputs(input_ids, inputs_embeds, attention_mask, position_ids)
+        swap = EmbeddingSwap(owner, inputs["input_ids"], inputs_embeds) if inputs_embeds is not None else None
         if swap is not None:
             swap.start()
         try:
-            hidden = owner.forward_hidden(*owner.graph_args(dict(input_ids=input_ids, position_ids=position_ids)), ctx)
+            hidden = owner.forward_hidden(*owner.graph_args(inputs), ctx)
         finally:
             if swap is not None:
                 swap.stop()
