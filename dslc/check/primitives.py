@@ -457,6 +457,88 @@ def _topk(args, kw):
     return [TType(x.dims[:-1] + (k,), x.dtype), TType(x.dims[:-1] + (k,), "i64")]
 
 
+def _index_tensor(x, what: str) -> TType:
+    t = _t(x, what)
+    if t.dtype not in ("i64", "i32"):
+        raise OpTypeError("E032", f"{what} must be integer indices, got {t.dtype}", "pass the indices `topk` returns")
+    return t
+
+
+def _same(a: Dim, b: Dim) -> bool:
+    """Equal, or not both known numbers (symbolic sizes are held against each other where they meet)."""
+    return a == b or not (isinstance(a, int) and isinstance(b, int))
+
+
+def _moe_dispatch(args, kw):
+    """(x [N, H], experts [N, K] i64, num_experts) -> rows [N * K, H] grouped by expert, their slots [N * K] i64
+    (slot n * K + k: token n's k-th choice), tokens per expert [num_experts] i64."""
+    if len(args) != 3 or kw:
+        raise OpTypeError("E040", "`moe_dispatch` takes (x, experts, num_experts)")
+    x = _t(args[0], "`moe_dispatch`'s tokens")
+    idx = _index_tensor(args[1], "`moe_dispatch`'s experts")
+    e = args[2]
+    if isinstance(e, bool) or not isinstance(e, (int, Sym)) or (isinstance(e, int) and e < 1):
+        raise OpTypeError("E041", f"`moe_dispatch`'s num_experts must be a positive int, got {_desc(e)}")
+    if x.rank != 2 or idx.rank != 2:
+        raise OpTypeError(
+            "E031",
+            f"`moe_dispatch` takes tokens [N, hidden] and experts [N, k], got {x} and {idx}",
+            "flatten the batch first: `reshape(x, [-1, hidden_size])`",
+        )
+    if not _same(x.dims[0], idx.dims[0]):
+        raise OpTypeError("E030", f"`moe_dispatch`: {x.dims[0]} tokens but experts for {idx.dims[0]}")
+    slots = product(idx.dims)
+    return [TType((slots, x.dims[1]), x.dtype), TType((slots,), "i64"), TType((e,), "i64")]
+
+
+def _grouped_linear(args, kw):
+    """(x [M, in], weight [E, out, in], counts [E] i64) -> [M, out]: rows counts[0] first times weight[0], ..."""
+    if len(args) != 3 or kw:
+        raise OpTypeError("E040", "`grouped_linear` takes (x, weight, counts)")
+    x = _t(args[0], "`grouped_linear`'s input")
+    w = _t(args[1], "`grouped_linear`'s weight")
+    counts = _index_tensor(args[2], "`grouped_linear`'s counts")
+    if x.rank != 2 or w.rank != 3 or counts.rank != 1:
+        raise OpTypeError(
+            "E033",
+            f"`grouped_linear` takes rows [M, in], a stacked weight [E, out, in] and counts [E], got {x}, {w} and "
+            f"{counts}",
+        )
+    if x.dims[1] != w.dims[2]:
+        raise OpTypeError(
+            "E033",
+            f"`grouped_linear` of rows {x} with weight {w}: row width {x.dims[1]} does not match in_features "
+            f"{w.dims[2]}",
+        )
+    if not _same(w.dims[0], counts.dims[0]):
+        raise OpTypeError(
+            "E033", f"`grouped_linear`: weight {w} has {w.dims[0]} experts, counts {counts} has {counts.dims[0]}"
+        )
+    return [TType((x.dims[0], w.dims[1]), join_dtype(x.dtype, w.dtype, "grouped_linear"))]
+
+
+def _moe_combine(args, kw):
+    """(rows [N * K, H], slots [N * K] i64, weights [N, K]) -> [N, H], in the rows' dtype."""
+    if len(args) != 3 or kw:
+        raise OpTypeError("E040", "`moe_combine` takes (rows, slots, weights)")
+    ys = _t(args[0], "`moe_combine`'s rows")
+    slots = _index_tensor(args[1], "`moe_combine`'s slots")
+    w = _t(args[2], "`moe_combine`'s weights")
+    if ys.rank != 2 or slots.rank != 1 or w.rank != 2:
+        raise OpTypeError(
+            "E031",
+            f"`moe_combine` takes rows [N * k, hidden], slots [N * k] and weights [N, k], got {ys}, {slots}, {w}",
+        )
+    if w.dtype not in FLOAT_DTYPES:
+        raise OpTypeError("E032", f"`moe_combine`'s weights must be floating point, got {w.dtype}")
+    n = product(w.dims)
+    if not (_same(ys.dims[0], n) and _same(slots.dims[0], n)):
+        raise OpTypeError(
+            "E030", f"`moe_combine`: {ys.dims[0]} rows and {slots.dims[0]} slots for weights {w} ({n} slots)"
+        )
+    return [TType((w.dims[0], ys.dims[1]), ys.dtype)]
+
+
 UNARY = ops.names("unary")  # the elementwise ops by kind, from the one op table (dslc/ir/ops.py)
 BINARY = ops.names("binary")
 
@@ -483,7 +565,10 @@ PRIMITIVES: dict[str, Callable] = {
     "dropout": _dropout,
     "rotate_half": _rotate_half,
     "topk": _topk,
+    "moe_dispatch": _moe_dispatch,
+    "grouped_linear": _grouped_linear,
+    "moe_combine": _moe_combine,
 }
 
 # how many results an op gives (default 1); chunk/split give as many as asked
-MULTI_RESULT = {"chunk", "split", "topk"}
+MULTI_RESULT = {"chunk", "split", "topk", "moe_dispatch"}

@@ -25,6 +25,7 @@ STATIC_FILES = (
     "losses.py",
     "losses_triton.py",
     "model_base.py",
+    "moe.py",
     "parallel.py",
     "outputs.py",
 )
@@ -316,7 +317,14 @@ class PackageRenderer:
         rules = []
         for r in self.p.checkpoint.rules:
             transforms = [(name, {k: self._const(v) for k, v in kw}) for name, kw in r.transforms]
-            rules.append({"sources": list(r.sources), "transforms": transforms, "targets": list(r.targets)})
+            rules.append(
+                {
+                    "sources": list(r.sources),
+                    "transforms": transforms,
+                    "targets": list(r.targets),
+                    "save": r.layout is None,  # HF's own format: written back through the rule
+                }
+            )
         return [
             f"config_class = {self.config_class}",
             f"task = {m.task!r}",
@@ -455,6 +463,8 @@ class PackageRenderer:
             imports.append("from . import kernels")
         if "attention(" in text:
             imports.append("from .attention import attention")
+        if re.search(r"(?<![\w.])moe\.", text):
+            imports.append("from . import moe")
         imports.append(f"from .config import {self.config_class}")
         base = ["PreTrainedModel"] + [n for n in ("checkpoint_call", "fused_linear") if f"{n}(" in text]
         imports.append(f"from .model_base import {', '.join(base)}")

@@ -54,6 +54,7 @@ _STATIC_BIN = {
     "or": 3,
 }
 _TORCH_UNARY = ops.torch_spellings()  # unary ops spelled as one call (dslc/ir/ops.py)
+_MOE = {"moe_dispatch": "dispatch", "grouped_linear": "grouped_linear", "moe_combine": "combine"}  # moe.py
 
 
 class CodegenError(Exception):
@@ -292,6 +293,8 @@ class BodyRenderer:
             return f"F.dropout({self.operand(a[0])}, p={p}, training=self.training)", ATOM
         if name == "topk":
             return f"torch.topk({self.operand(a[0])}, {self.operand(a[1])}, dim=-1)", ATOM
+        if name in _MOE:
+            return f"moe.{_MOE[name]}({', '.join(self.operand(x) for x in a)})", ATOM
         if name == "attention":
             opts = [
                 f"dropout={self.operand(v)} if self.training else 0.0" if k == "dropout" else f"{k}={self.operand(v)}"
@@ -447,7 +450,7 @@ class BodyRenderer:
 
 
 # module-level names a forward body calls (imports of the generated modeling.py and the names it always uses)
-_GLOBALS = ("self", "ctx", "torch", "F", "nn", "kernels", "attention", "checkpoint_call", "fused_linear")
+_GLOBALS = ("self", "ctx", "torch", "F", "nn", "kernels", "attention", "moe", "checkpoint_call", "fused_linear")
 
 
 def _walk(body):

@@ -19,7 +19,7 @@ SCALAR_TYPES = ("int", "float", "bool", "str")
 LIST_TYPES = tuple(f"list[{t}]" for t in SCALAR_TYPES)  # config fields only (HF's layer_types)
 TASKS = ("causal_lm", "masked_lm", "sequence_classification", "embedding", "base")
 INITS = ("normal", "zeros", "ones")
-TRANSFORMS = ("transpose", "split", "concat")
+TRANSFORMS = ("transpose", "split", "concat", "stack")
 MAX_REPEAT = 100_000  # layers in one `repeat` stack
 STATIC_CALLS = ("int", "float", "min", "max")  # the functions a build-time expression may call
 MAX_WEIGHT_TENSORS = 1_000_000  # weight tensors in one model: the compiler lists each (checkpoint names, ties)
@@ -1194,46 +1194,42 @@ class Lowering:
                         'split it on the way: `"ab" -> split(dim = 0) -> "a", "b"`',
                     )
                 self._check_layer_index(r)
-                rules.append(N.LayoutRuleDef(r.sources, tuple(transforms), r.targets, r.span))
+                rules.append(N.LayoutRuleDef(r.sources, tuple(transforms), r.targets, r.span, d.layout))
             for i in d.ignores:
                 other = _other_placeholder(i.pattern)
                 if other is not None:
-                    self.rep.error(
-                        "E050",
-                        f"`{other}` in `{i.pattern}`: the only placeholder a pattern takes is `{{i}}`, the layer index",
-                        i.span,
-                    )
-                if i.pattern.count("{i}") > 1:
-                    self.rep.error(
-                        "E050",
-                        f"`{{i}}` appears {i.pattern.count('{i}')} times in `{i.pattern}`",
-                        i.span,
-                        "a pattern holds one layer index, `{i}`",
-                    )
+                    self.rep.error("E050", f"`{other}` in `{i.pattern}`: {PLACEHOLDERS}", i.span)
+                for ph in ("{i}", "{j}"):
+                    if i.pattern.count(ph) > 1:
+                        self.rep.error(
+                            "E050",
+                            f"`{ph}` appears {i.pattern.count(ph)} times in `{i.pattern}`",
+                            i.span,
+                            f"a pattern holds `{ph}` at most once",
+                        )
             ignores += [i.pattern for i in d.ignores]
         return N.CheckpointDef(tuple(rules), tuple(ignores))
 
     def _check_layer_index(self, r: A.LayoutRule) -> None:
         """`{i}` stands for one layer index, read from the rule's first source key and written into the other
-        names: at most one per pattern, and in the first source whenever another name has it."""
+        names: at most one per pattern, and in the first source whenever another name has it. `{j}` (an expert
+        index) is in every source or none, never in a target, and needs `stack` first to gather it."""
         for pattern in r.sources + r.targets:
             other = _other_placeholder(pattern)
             if other is not None:
-                self.rep.error(
-                    "E050",
-                    f"`{other}` in `{pattern}`: the only placeholder a checkpoint pattern takes is `{{i}}`, the layer index",
-                    r.span,
-                    "name each tensor of a nested index (`experts.0`, `experts.1`, ...) in its own rule",
-                )
+                self.rep.error("E050", f"`{other}` in `{pattern}`: {PLACEHOLDERS}", r.span)
                 return
-            if pattern.count("{i}") > 1:
-                self.rep.error(
-                    "E050",
-                    f"`{{i}}` appears {pattern.count('{i}')} times in `{pattern}`",
-                    r.span,
-                    "a pattern holds one layer index, `{i}`",
-                )
-                return
+            for ph, what in (("{i}", "one layer index, `{i}`"), ("{j}", "one expert index, `{j}`")):
+                if pattern.count(ph) > 1:
+                    self.rep.error(
+                        "E050",
+                        f"`{ph}` appears {pattern.count(ph)} times in `{pattern}`",
+                        r.span,
+                        f"a pattern holds {what}",
+                    )
+                    return
+        if not self._check_expert_index(r):
+            return
         first_has = "{i}" in r.sources[0]
         others = [p for p in r.sources[1:] + r.targets if "{i}" in p]
         if others and not first_has:
@@ -1250,6 +1246,39 @@ class Lowering:
                 r.span,
                 "every layer would load into the same parameter: put `{i}` in the parameter name too",
             )
+
+    def _check_expert_index(self, r: A.LayoutRule) -> bool:
+        """The `{j}` rules of `_check_layer_index`; False when one is broken (the `{i}` checks are skipped)."""
+        names = [t.func.id if isinstance(t.func, A.Name) else "" for t in r.transforms]
+        with_j = [s for s in r.sources if "{j}" in s]
+        target = next((t for t in r.targets if "{j}" in t), None)
+        problem = None
+        if target is not None:
+            problem = (
+                f"parameter `{target}` has an expert index `{{j}}`, but a parameter holds all experts stacked",
+                'stack the checkpoint\'s experts into one parameter: `"e.{j}.w" -> stack(dim = 0) -> "experts.w"`',
+            )
+        elif with_j and len(with_j) != len(r.sources):
+            missing = next(s for s in r.sources if "{j}" not in s)
+            problem = (
+                f"checkpoint key `{missing}` has no expert index `{{j}}`, but `{with_j[0]}` does",
+                "every source of a `stack` rule names one tensor per expert: put `{j}` in each",
+            )
+        elif with_j and (not names or names[0] != "stack"):
+            problem = (
+                f"checkpoint key `{with_j[0]}` has an expert index `{{j}}`, which needs `stack` as the first transform",
+                'gather the experts into one tensor first: `"e.{j}.w" -> stack(dim = 0) -> "experts.w"`',
+            )
+        elif "stack" in names and not with_j:
+            problem = (
+                "`stack` gathers the tensors of every expert index `{j}`, but no checkpoint key of the rule has one",
+                'name the expert in the checkpoint keys: `"experts.{j}.w" -> stack(dim = 0) -> "experts.w"`',
+            )
+        elif names.count("stack") > 1 or ("stack" in names and names.index("stack") != 0):
+            problem = ("`stack` must come once, first: it gathers each source's experts before anything else", "")
+        if problem is not None:
+            self.rep.error("E050", problem[0], r.span, problem[1])
+        return problem is None
 
     def _check_layout(self, checkpoint: N.CheckpointDef, weights: list[N.WeightInfo]) -> None:
         """Each rule's targets must be weights of the model, and its transforms must fit their shapes."""
@@ -1299,6 +1328,22 @@ class Lowering:
                                 f"{[list(s) for s in target_shapes]}: they differ outside dim {dim}",
                                 rule.span,
                             )
+                elif name == "stack":
+                    rank = len(target_shapes[0])
+                    if not (isinstance(dim, int) and not isinstance(dim, bool) and -rank <= dim < rank):
+                        self.rep.error(
+                            "E050",
+                            f"`stack(dim = {dim})` is out of range for a weight of shape {list(target_shapes[0])}",
+                            rule.span,
+                            f"the stacked experts' dim is one of the parameter's {rank} dims: 0 to {rank - 1}",
+                        )
+                    elif rank < 2:
+                        self.rep.error(
+                            "E050",
+                            f"`stack` into `{rule.targets[0]}` of shape {list(target_shapes[0])}: a stacked parameter "
+                            "has a dim for the experts and at least one for each expert's tensor",
+                            rule.span,
+                        )
                 elif name == "transpose" and any(len(s) > 2 for s in target_shapes):
                     self.rep.error(
                         "E050",
@@ -1788,11 +1833,14 @@ class _Scope:
         return self.body[-1].results
 
 
+PLACEHOLDERS = "the placeholders a checkpoint pattern takes are `{i}`, the layer index, and `{j}`, an expert index"
+
+
 def _other_placeholder(pattern: str) -> str | None:
-    """A `{...}` in a checkpoint pattern other than the layer index `{i}`, or None."""
+    """A `{...}` in a checkpoint pattern other than the layer index `{i}` and the expert index `{j}`, or None."""
     import re
 
-    found = next((m.group(0) for m in re.finditer(r"\{[^{}]*\}", pattern) if m.group(0) != "{i}"), None)
+    found = next((m.group(0) for m in re.finditer(r"\{[^{}]*\}", pattern) if m.group(0) not in ("{i}", "{j}")), None)
     return found
 
 

@@ -288,6 +288,7 @@ class LayoutRuleDef:
     transforms: tuple[tuple[str, tuple[tuple[str, E], ...]], ...]  # (transpose | split | concat, kwargs)
     targets: tuple[str, ...]  # parameter name patterns
     span: Span
+    layout: str | None = None  # a foreign layout's name (`checkpoint "meta":`); None: HF's format, saved back
 
 
 @dataclass(frozen=True)

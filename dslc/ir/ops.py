@@ -24,6 +24,13 @@ class OpDef:
     torch: str | None = None  # PyTorch spelling of a unary op in the generated modules (`F.` is torch.nn.functional)
     fusable: bool = False  # joins fused row regions: a Triton forward and a derivative rule exist
     pure: bool = True  # no state and no randomness: CSE may merge two calls and DCE drop an unused one
+    # how gradients flow: "rule" (fusable: a derivative rule in autodiff.py), "autograd" (PyTorch's autograd through
+    # the generated torch code), or "indices N, ..." naming results that are integer indices and carry no gradient
+    grad: str = "autograd"
+
+    def __post_init__(self):
+        if self.fusable:
+            object.__setattr__(self, "grad", "rule")
 
 
 OPS: dict[str, OpDef] = {
@@ -80,7 +87,16 @@ OPS: dict[str, OpDef] = {
         OpDef("gather", "other", "embedding lookup: rows of a table by index"),
         OpDef("attention", "other", "scaled dot-product attention (KV cache, masks)", pure=False),
         OpDef("dropout", "other", "random zeroing in training", pure=False),
-        OpDef("topk", "other", "the k largest values and their indices"),
+        # ---- mixture of experts: routing, token dispatch, grouped matmul ----------------------------------
+        OpDef("topk", "other", "the k largest values over the last dim and their indices", grad="indices 1"),
+        OpDef(
+            "moe_dispatch",
+            "other",
+            "tokens grouped by the expert each top-k slot routes them to: (rows, slot order, tokens per expert)",
+            grad="indices 1, 2",
+        ),
+        OpDef("grouped_linear", "other", "each group of rows times its expert's weight of a stacked [E, out, in]"),
+        OpDef("moe_combine", "other", "expert rows weighted by their routing weight and summed back per token"),
     )
 }
 
@@ -95,6 +111,12 @@ def names(kind: str, fusable: bool | None = None) -> tuple[str, ...]:
 def torch_spellings() -> dict[str, str]:
     """Unary ops spelled as one PyTorch call in the generated modules."""
     return {n: o.torch for n, o in OPS.items() if o.torch is not None}
+
+
+def index_results(name: str) -> tuple[int, ...]:
+    """The results of op `name` that are integer indices (no gradient flows through them)."""
+    grad = OPS[name].grad
+    return tuple(int(i) for i in grad.removeprefix("indices ").split(",")) if grad.startswith("indices ") else ()
 
 
 IMPURE = frozenset(n for n, o in OPS.items() if not o.pure)

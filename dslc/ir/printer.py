@@ -419,7 +419,8 @@ class _Printer:
             for name, kwargs in r.transforms:
                 parts.append(name_text(name) + (f"({_kwargs_text(kwargs)})" if kwargs else ""))
             parts.append("[" + ", ".join(quote(t) for t in r.targets) + "]")
-            self.emit(1, "rule " + " -> ".join(parts), r.span)
+            named = f"layout {quote(r.layout)} " if r.layout is not None else ""
+            self.emit(1, "rule " + named + " -> ".join(parts), r.span)
         for pattern in c.ignores:
             self.emit(1, f"ignore {quote(pattern)}")
         self.emit(0, "}")

@@ -321,9 +321,12 @@ class _ToIR(Transformer):
     def ckpt_transform(self, name, *kwargs):
         return (name, _opt(kwargs))
 
-    def layout_rule(self, sources, *rest):
+    def layout_name(self, tok):
+        return ("layout", _str(tok))
+
+    def layout_rule(self, layout, sources, *rest):
         *transforms, targets, span = rest
-        return N.LayoutRuleDef(sources, tuple(transforms), targets, _span(span))
+        return N.LayoutRuleDef(sources, tuple(transforms), targets, _span(span), layout[1] if layout else None)
 
     def ignore(self, tok):
         return _str(tok)

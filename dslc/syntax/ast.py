@@ -287,6 +287,7 @@ class CheckpointDecl:
     rules: tuple[LayoutRule, ...]
     ignores: tuple[IgnoreRule, ...]
     span: Span
+    layout: str | None = None  # `checkpoint "name":` a foreign layout; None: Hugging Face's own format
 
 
 @dataclass(frozen=True)

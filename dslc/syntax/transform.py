@@ -378,10 +378,12 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def checkpoint_decl(self, meta, children):
+        name = children[0] if children and isinstance(children[0], Token) and children[0].type == "STRING" else None
         return A.CheckpointDecl(
             tuple(c for c in children if isinstance(c, A.LayoutRule)),
             tuple(c for c in children if isinstance(c, A.IgnoreRule)),
             self._span(meta),
+            _decode_string(name, self.path) if name is not None else None,
         )
 
     @v_args(meta=True)

@@ -49,11 +49,13 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def _pattern(p: str) -> re.Pattern:
-    return re.compile("^" + re.escape(p).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+    """`{i}` (a layer index) and `{j}` (an expert index) match digits."""
+    return re.compile("^" + re.escape(p).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)") + "$")
 
 
-def _fill(p: str, i: str | None) -> str:
-    return p.replace("{i}", i) if i is not None else p
+def _fill(p: str, i: str | None, j: int | None = None) -> str:
+    p = p.replace("{i}", i) if i is not None else p
+    return p.replace("{j}", str(j)) if j is not None else p
 
 
 def _shape(t) -> str:
@@ -219,9 +221,15 @@ class CheckpointReader:
             raise CheckpointError(f"{self.folder / self.location[key]}: tensor `{key}` cannot be read ({e})") from None
 
 
-def _apply(transforms, tensors: list[torch.Tensor], target_shapes: list[tuple]) -> list[torch.Tensor]:
+def _apply(transforms, tensors: list, target_shapes: list[tuple]) -> list[torch.Tensor]:
+    """The rule's transforms over its source tensors (for a `stack` rule, each source a list over experts)."""
     for name, kw in transforms:
-        if name == "transpose":
+        if name == "stack":
+            shapes = {tuple(t.shape) for experts in tensors for t in experts}
+            if len(shapes) > 1:
+                raise CheckpointError(f"cannot stack experts of different shapes {sorted(map(list, shapes))}")
+            tensors = [torch.stack(experts, dim=kw.get("dim", 0)) for experts in tensors]
+        elif name == "transpose":
             tensors = [t.transpose(0, 1) if t.dim() == 2 else t for t in tensors]
         elif name == "concat":
             tensors = [torch.cat(tensors, dim=kw.get("dim", 0))]
@@ -235,12 +243,23 @@ def _apply(transforms, tensors: list[torch.Tensor], target_shapes: list[tuple]) 
     return [t.contiguous() for t in tensors]
 
 
-def _invert(transforms, tensor: torch.Tensor) -> torch.Tensor:
-    """Undo a one-to-one rule's transforms (only `transpose` keeps one tensor one tensor)."""
-    for name, _ in reversed(transforms):
-        if name == "transpose" and tensor.dim() == 2:
-            tensor = tensor.transpose(0, 1)
-    return tensor
+def _invert(transforms, tensors: list[torch.Tensor], n_sources: int) -> list:
+    """Undo a rule's transforms: parameter tensors -> its source tensors (for a `stack` rule, each source a list
+    over experts). A `concat` is undone into equal parts."""
+    for name, kw in reversed(transforms):
+        dim = kw.get("dim", 0)
+        if name == "transpose":
+            tensors = [t.transpose(0, 1) if t.dim() == 2 else t for t in tensors]
+        elif name == "concat":
+            (t,) = tensors
+            if t.shape[dim] % n_sources:
+                raise CheckpointError(f"cannot write {_shape(t)} back as {n_sources} equal parts along dim {dim}")
+            tensors = list(t.chunk(n_sources, dim=dim))
+        elif name == "split":
+            tensors = [torch.cat(tensors, dim=dim)]
+        elif name == "stack":
+            tensors = [list(t.unbind(dim)) for t in tensors]
+    return tensors
 
 
 def _dtype_problem(reader: CheckpointReader, key: str, param: str, want: torch.dtype | None) -> str | None:
@@ -292,12 +311,26 @@ def read_state(
     refused: set[str] = set()  # parameters whose tensor has the wrong dtype (reported once, not as missing)
     for rule in rules:
         first = _pattern(rule["sources"][0])
+        matches: dict[str | None, list[int]] = {}  # layer index -> the expert indices found (one entry without {j})
         for key in sorted(keys):
             m = first.match(key)
-            if not m:
+            if m:
+                found = m.groupdict()
+                matches.setdefault(found.get("i"), []).append(int(found["j"]) if "j" in found else -1)
+        for i, experts in sorted(matches.items(), key=lambda kv: (kv[0] is None, int(kv[0] or 0))):
+            stacked = "{j}" in rule["sources"][0]
+            experts = sorted(experts) if stacked else [None]
+            key = _fill(rule["sources"][0], i, experts[0])
+            if stacked and experts != list(range(len(experts))):
+                gaps = sorted(set(range(max(experts) + 1)) - set(experts))
+                problems.append(
+                    f"`{_fill(rule['sources'][0], i)}`: the experts must be numbered 0 to {max(experts)}, "
+                    f"but {', '.join(map(str, gaps))} {'is' if len(gaps) == 1 else 'are'} missing"
+                )
+                consumed.update(_fill(rule["sources"][0], i, j) for j in experts)
                 continue
-            i = m.groupdict().get("i")
-            sources = [_fill(s, i) for s in rule["sources"]]
+            per_source = [[_fill(s, i, j) for j in experts] for s in rule["sources"]]
+            sources = [k for ks in per_source for k in ks]
             targets = [_fill(t, i) for t in rule["targets"]]
             missing = [s for s in sources if s not in keys]
             if missing:
@@ -316,7 +349,10 @@ def read_state(
                 problems.extend(bad)
                 continue
             try:
-                tensors = _apply(rule["transforms"], [reader.get(s) for s in sources], [params[t] for t in targets])
+                read = [[reader.get(k) for k in ks] for ks in per_source]
+                tensors = _apply(
+                    rule["transforms"], read if stacked else [r[0] for r in read], [params[t] for t in targets]
+                )
             except CheckpointError as e:
                 problems.append(f"`{key}`: {e}")
                 continue
@@ -365,18 +401,32 @@ def write_state(state: dict[str, torch.Tensor], rules: list[dict], tied: dict[st
     """Parameter tensors -> checkpoint tensors, under the model's own parameter names (which are Hugging
     Face's); tied copies left out, as HF does.
 
-    A rule that keeps a tensor's name (GPT-2's Conv1D `transpose`) is the checkpoint format of that tensor and
-    is applied in reverse. A rule that renames (split, concat, another key layout) describes a foreign
-    checkpoint that loading translates from; saving writes the model's names, which is what HF loads."""
+    The rules of the spec's `checkpoint:` section are Hugging Face's own format (GPT-2's Conv1D `transpose`,
+    Mixtral's per-expert tensors `stack`ed into one parameter) and are applied in reverse, so the files hold
+    what transformers saves. A named section (`checkpoint "meta":`) describes a foreign layout that loading
+    translates from; saving writes the model's names for it, which is what HF loads."""
     state = {k: v for k, v in state.items() if k not in tied}
     out = dict(state)
+    written: dict[str, torch.Tensor] = {}
     for rule in rules:
-        if rule["sources"] != rule["targets"]:
+        if not rule.get("save", rule["sources"] == rule["targets"]):
             continue
         first = _pattern(rule["targets"][0])
         for name in sorted(state):
-            if first.match(name):
-                out[name] = _invert(rule["transforms"], state[name])
+            m = first.match(name)
+            targets = [_fill(t, m.groupdict().get("i")) for t in rule["targets"]] if m else []
+            if not m or not all(t in state for t in targets):
+                continue
+            i = m.groupdict().get("i")
+            tensors = _invert(rule["transforms"], [state[t].detach() for t in targets], len(rule["sources"]))
+            for t in targets:
+                out.pop(t, None)
+            for source, value in zip(rule["sources"], tensors):
+                if isinstance(value, list):  # one tensor per expert: their own storage (safetensors refuses views)
+                    written.update((_fill(source, i, j), v.clone()) for j, v in enumerate(value))
+                else:
+                    written[_fill(source, i)] = value.clone()
+    out.update(written)
     return {k: v.detach().contiguous() for k, v in sorted(out.items())}
 
 

@@ -1,0 +1,41 @@
+"""Mixture-of-experts routing in plain PyTorch: each expert runs only on the tokens routed to it.
+
+`dispatch` groups the top-k (token, expert) slots by expert, `grouped_linear` multiplies each group of rows by
+its expert's slice of a stacked weight `[E, out, in]` (the layout transformers keeps in memory), `combine`
+weights the expert rows by their routing weight and sums them back per token. Every step is differentiable by
+autograd except the integer slot order and counts; gradients equal transformers' per-expert loop's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def dispatch(x: torch.Tensor, experts: torch.Tensor, num_experts: int):
+    """x [N, H], experts [N, K] -> (rows [N * K, H] grouped by expert, slots [N * K], counts [num_experts]).
+
+    Slot `n * K + k` is token n's k-th choice; within an expert the slots keep their order (a stable sort), so
+    each token's expert rows are summed in expert order, as transformers' loop over experts does."""
+    flat = experts.reshape(-1)
+    slots = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return x[slots // experts.shape[-1]], slots, counts
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [M, in] whose first counts[0] rows go to expert 0, the next counts[1] to expert 1, ...; weight [E, out,
+    in] -> [M, out]. An expert that got no rows is not called."""
+    sizes = counts.tolist()
+    parts = x.split(sizes)
+    out = [F.linear(part, weight[e]) for e, part in enumerate(parts) if sizes[e]]
+    return torch.cat(out) if out else x.new_zeros(0, weight.shape[1])
+
+
+def combine(rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """rows [N * K, H] in slot order `slots`, weights [N, K] -> [N, H]: sum over k of weight * row, each product
+    taken in the wider dtype and rounded to the rows' (transformers' order)."""
+    k = weights.shape[-1]
+    scaled = (rows * weights.reshape(-1)[slots, None]).to(rows.dtype)
+    out = rows.new_zeros(weights.shape[0], rows.shape[-1])
+    return out.index_add(0, slots // k, scaled)
