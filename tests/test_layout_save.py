@@ -14,10 +14,10 @@ import torch
 from packages import MODELS, built_packages
 from safetensors.torch import load_file, save_file
 
-NATIVE_RULE = (
-    "checkpoint:\n"
+NATIVE_RULE = (  # a named section: a foreign layout that loading translates from, not written back on save
+    'checkpoint "native":\n'
     '    "transformer.h.{i}.attn.wq", "transformer.h.{i}.attn.wk", "transformer.h.{i}.attn.wv" -> concat(dim = 0) -> '
-    '"transformer.h.{i}.attn.c_attn.weight"\n'
+    '"transformer.h.{i}.attn.c_attn.weight"\n\ncheckpoint:\n'
 )
 
 
