@@ -264,6 +264,11 @@ class PackageRenderer:
             if head:
                 hidden_graph = head[1]
                 extra.append(("forward_hidden", ", ".join(["self"] + args), BodyRenderer(hidden_graph, ctx).render()))
+            if self.p.router is not None:
+                attrs.append(f"router_pattern = {self.p.router.pattern!r}")
+                options = ", ".join(f"{k}={static_text(v, ctx, {}, 0)}" for k, v in self.p.router.options)
+                doc = '"""The load-balancing loss\'s options, from the config (the spec\'s `router` line)."""'
+                extra.append(("router_options", "self", [doc, f"return dict({options})"]))
         return ModuleView(
             name=m.name,
             doc=m.doc or f"The `{m.name}` module.",

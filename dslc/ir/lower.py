@@ -20,6 +20,7 @@ LIST_TYPES = tuple(f"list[{t}]" for t in SCALAR_TYPES)  # config fields only (HF
 TASKS = ("causal_lm", "masked_lm", "sequence_classification", "embedding", "base")
 INITS = ("normal", "zeros", "ones")
 TRANSFORMS = ("transpose", "split", "concat", "stack")
+ROUTER_OPTIONS = ("num_experts", "top_k", "coef")  # the load-balancing loss's (transformers' Mixtral / Qwen2-MoE)
 MAX_REPEAT = 100_000  # layers in one `repeat` stack
 STATIC_CALLS = ("int", "float", "min", "max")  # the functions a build-time expression may call
 MAX_WEIGHT_TENSORS = 1_000_000  # weight tensors in one model: the compiler lists each (checkpoint names, ties)
@@ -183,6 +184,7 @@ class Lowering:
         checkpoint = self._lower_checkpoint(decls.checkpoints)
         self._check_layout(checkpoint, weights)
         train = self._lower_train(decls.trains, order)
+        router = self._lower_router(decls.modules, model, weights)
         self.rep.raise_if_errors()
         return N.Program(
             source=self.spec.path,
@@ -195,6 +197,7 @@ class Lowering:
             checkpoint=checkpoint,
             train=train,
             weights=tuple(weights),
+            router=router,
         )
 
     # ---- declarations ---------------------------------------------------------------------
@@ -1350,6 +1353,78 @@ class Lowering:
                         f"`transpose` swaps the two dims of a matrix; this weight has {len(target_shapes[0])}",
                         rule.span,
                     )
+
+    def _lower_router(self, modules: dict, model: A.ModuleDecl, weights: list[N.WeightInfo]) -> N.RouterDef | None:
+        """The model's `router` line: a pattern naming submodules of the model (`{i}` a layer index) and the
+        load-balancing options, each a build-time expression over the config, held against this config."""
+        import re
+
+        for m in modules.values():
+            if m.routers and not m.is_model:
+                self.rep.error(
+                    "E041",
+                    f"`router` in module `{m.name}`: the router logits are an output of the model",
+                    m.routers[0].span,
+                    f'declare it in the `model` with the path from there: `router "...{m.name}...": ...`',
+                )
+        if not model.routers:
+            return None
+        r = model.routers[0]
+        for extra in model.routers[1:]:
+            self.rep.error(
+                "E011", "the model has more than one `router` line", extra.span, notes=(f"first at {r.span}",)
+            )
+        paths = {n.rsplit(".", k)[0] for w in weights for n in [w.name] for k in range(1, n.count(".") + 1)}
+        generic = sorted({re.sub(r"\.\d+(?=\.|$)", ".{i}", p) for p in paths})
+        wanted = re.compile("^" + re.escape(r.pattern).replace(r"\{i\}", r"\d+") + "$")
+        if other := next((x for x in re.findall(r"\{[^{}]*\}", r.pattern) if x != "{i}"), None):
+            self.rep.error(
+                "E050", f"`{other}` in router pattern `{r.pattern}`: the only placeholder is `{{i}}`", r.span
+            )
+        elif not any(wanted.match(p) for p in paths):
+            self.rep.error(
+                "E010",
+                f"router `{r.pattern}` is not a submodule of the model",
+                r.span,
+                did_you_mean(r.pattern, generic) or "name the router's Linear from the model, `{i}` for a layer index",
+            )
+        options, resolve = [], self._config_resolver()
+        for o in r.options:
+            if o.name not in ROUTER_OPTIONS:
+                self.rep.error(
+                    "E040",
+                    f"`router` has no option `{o.name}`",
+                    o.span,
+                    did_you_mean(o.name, ROUTER_OPTIONS) or f"options: {', '.join(ROUTER_OPTIONS)}",
+                )
+                continue
+            try:
+                options.append((o.name, self._static(o.value, resolve)))
+            except _Abort:
+                continue
+        given = {n for n, _ in options} | {o.name for o in r.options}
+        missing = [n for n in ROUTER_OPTIONS if n not in given]
+        if missing:
+            self.rep.error(
+                "E040",
+                f"`router` needs {', '.join(f'`{n}`' for n in missing)}",
+                r.span,
+                "e.g. `num_experts = num_local_experts, top_k = num_experts_per_tok, coef = router_aux_loss_coef`",
+            )
+        values = {}
+        for name, e in options:
+            try:
+                values[name] = evaluate(e, lambda ref: self.values[ref.name])
+            except EvalError as err:
+                self.rep.error("E041", f"router `{name}`: {err}", r.span)
+        n, k, c = (values.get(x) for x in ROUTER_OPTIONS)
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            self.rep.error("E041", f"router `num_experts` must be a positive int, got {n!r}", r.span)
+        elif k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= (n or k)):
+            self.rep.error("E041", f"router `top_k` must be an int from 1 to num_experts ({n}), got {k!r}", r.span)
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0):
+            self.rep.error("E041", f"router `coef` must be a number >= 0, got {c!r}", r.span)
+        return N.RouterDef(r.pattern, tuple(options), r.span)
 
     def _lower_train(self, decls: list[A.TrainDecl], modules: list[str]) -> N.TrainDef:
         ckpt, par, save = [], [], []

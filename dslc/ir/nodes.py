@@ -292,6 +292,16 @@ class LayoutRuleDef:
 
 
 @dataclass(frozen=True)
+class RouterDef:
+    """The model's router logits: the outputs of the submodules `pattern` names (`{i}` a layer index), with the
+    load-balancing loss's options (`num_experts`, `top_k`, `coef`) as expressions over the config."""
+
+    pattern: str
+    options: tuple[tuple[str, E], ...]
+    span: Span
+
+
+@dataclass(frozen=True)
 class CheckpointDef:
     rules: tuple[LayoutRuleDef, ...]
     ignores: tuple[str, ...]
@@ -335,6 +345,7 @@ class Program:
     train: TrainDef
     weights: tuple[WeightInfo, ...]
     regions: tuple = ()  # RowRegion (dslc/ir/regions.py) made by the fusion passes; `region` ops call them
+    router: RouterDef | None = None  # a mixture of experts' router logits and load-balancing loss
 
     def module(self, name: str) -> ModuleDef:
         for m in self.modules:

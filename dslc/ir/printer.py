@@ -258,6 +258,10 @@ class _Printer:
         self.out.append("")
         self.train(p.train)
         self.out.append("")
+        router = getattr(p, "router", None)
+        if router is not None:
+            self.emit(0, f"router {quote(router.pattern)} {{{_kwargs_text(router.options)}}}", router.span)
+            self.out.append("")
         self.weights(p.weights)
         regions = getattr(p, "regions", ())
         if regions:

@@ -345,6 +345,10 @@ class _ToIR(Transformer):
     def save_activations(self, name):
         return ("save", name)
 
+    def router(self, pattern, *rest):
+        *options, span = rest
+        return N.RouterDef(_str(pattern), _opt(options), _span(span))
+
     def train(self, *items):
         return N.TrainDef(
             tuple(x for k, x in items if k == "ckpt"),
@@ -419,8 +423,10 @@ class _ToIR(Transformer):
         config_def, field_values = config
         modules = tuple(x for x in rest if isinstance(x, N.ModuleDef))
         fns = tuple(x for x in rest if isinstance(x, N.FnDef))
-        checkpoint, train, weights, regions = rest[-4:]
+        checkpoint, train, router, weights, regions = rest[-5:]
         extra = {"regions": regions} if regions else {}  # absent: the Program's default
+        if router is not None:
+            extra["router"] = router
         return N.Program(
             source=source,
             model=model,

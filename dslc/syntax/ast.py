@@ -195,6 +195,15 @@ class TieDecl:
 
 
 @dataclass(frozen=True)
+class RouterDecl:
+    """`router "model.layers.{i}.mlp.gate": num_experts = E, top_k = K, coef = c` in a model."""
+
+    pattern: str
+    options: tuple  # Override(name, value)
+    span: Span
+
+
+@dataclass(frozen=True)
 class Arg:
     name: str
     type: TensorType | TypeRef
@@ -260,6 +269,7 @@ class ModuleDecl:
     task: str | None  # causal_lm, masked_lm, sequence_classification, embedding, base
     doc: str
     span: Span
+    routers: tuple[RouterDecl, ...] = ()
 
     @property
     def is_model(self) -> bool:

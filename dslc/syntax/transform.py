@@ -286,6 +286,11 @@ class _ToAst(Transformer):
         return A.TieDecl(target, source, cond, self._span(meta))
 
     @v_args(meta=True)
+    def router_decl(self, meta, children):
+        pattern, *options = children
+        return A.RouterDecl(_decode_string(pattern, self.path), tuple(options), self._span(meta))
+
+    @v_args(meta=True)
     def arg(self, meta, children):
         return A.Arg(str(children[0]), children[1], self._span(meta))
 
@@ -344,6 +349,7 @@ class _ToAst(Transformer):
             task=task,
             doc=self._doc(meta.line),
             span=self._span(meta),
+            routers=tuple(m for m in members if isinstance(m, A.RouterDecl)),
         )
 
     @v_args(meta=True)

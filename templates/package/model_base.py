@@ -25,6 +25,7 @@ from .attention import AttentionContext, KVCache, cache_sites
 from .checkpoint import CheckpointError, CheckpointReader, read_state, write_shards, write_state
 from .generation import GenerationConfig
 from .losses import causal_lm_loss, fused_causal_lm_loss, masked_lm_loss, sequence_classification_loss
+from .moe import RouterRecorder, load_balancing_loss
 from .outputs import output_class
 
 LOSSES = {
@@ -139,6 +140,7 @@ class PreTrainedModel(nn.Module):
     tp_plan: dict[str, str] = {}
     remat_save: tuple[str, ...] = ()  # the spec's `save_activations` op kinds (SAVE_OPS)
     loss_head: tuple[str, str, str | None] | None = None  # (submodule, weight, bias) of a Linear-like head
+    router_pattern: str | None = None  # the spec's `router` line: the submodules whose outputs are router logits
     supports_gradient_checkpointing = True
     main_input_name = "input_ids"
 
@@ -571,6 +573,7 @@ class PreTrainedModel(nn.Module):
         logits_to_keep=0,
         output_hidden_states=None,
         output_attentions=None,
+        output_router_logits=None,
         return_dict=None,
         use_cache=None,
         past_key_values=None,
@@ -592,6 +595,9 @@ class PreTrainedModel(nn.Module):
           past_key_values, whatever use_cache says); cached decoding is `generate()`.
         past_key_values / cache: refused; use `generate()`, whose static KV cache lives in the model.
         output_attentions=True: refused (the attention probabilities are never materialized).
+        output_router_logits: (a spec with a `router` line; default: the config's) `router_logits`, each layer's
+          router output as [tokens, num_experts], and `aux_loss`, their load-balancing loss, which is added to
+          the loss times the router's `coef` when labels are given, as transformers' MoE models do.
         num_items_in_batch: what HF Trainer passes to normalize the loss over gradient accumulation.
         Other inputs of the spec's forward (a float `x`, say) are given by their names: `model(x=...)`.
         Unknown keyword arguments are refused (TypeError) unless their value is None.
@@ -612,6 +618,13 @@ class PreTrainedModel(nn.Module):
                 "fused and never materializes the attention probabilities"
             )
         output_hidden_states = self._flag("output_hidden_states", output_hidden_states)
+        if self.router_pattern is None and output_router_logits:
+            raise ValueError(
+                f"{type(self).__name__} has no router (its spec has no `router` line), so it has no router logits"
+            )
+        routers = None
+        if self.router_pattern is not None and self._flag("output_router_logits", output_router_logits):
+            routers = RouterRecorder(self, self.router_pattern, self.router_options()["num_experts"])
         return_dict = self._flag("return_dict", return_dict, default=True)
         if "input_ids" in self.graph_inputs and (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
@@ -641,8 +654,12 @@ class PreTrainedModel(nn.Module):
                 recorder.start()
             if swap is not None:
                 swap.start()
+            if routers is not None:
+                routers.__enter__()
             fields = self._forward_fields(ctx, inputs, labels, num_items_in_batch, logits_to_keep, keep_all)
         finally:
+            if routers is not None:
+                routers.__exit__()
             if swap is not None:
                 swap.stop()
             if recorder is not None:
@@ -651,7 +668,15 @@ class PreTrainedModel(nn.Module):
             swap.check()
         if recorder is not None:
             fields["hidden_states"] = recorder.hidden_states(fields.get("last_hidden_state"))
-        out = output_class(self.task, self.output_names)(**fields)
+        if routers is not None:
+            options = self.router_options()
+            fields["router_logits"] = tuple(routers.logits)
+            fields["aux_loss"] = load_balancing_loss(
+                routers.logits, options["num_experts"], options["top_k"], attention_mask
+            )
+            if fields.get("loss") is not None:
+                fields["loss"] = fields["loss"] + options["coef"] * fields["aux_loss"].to(fields["loss"].device)
+        out = output_class(self.task, self.output_names, moe=self.router_pattern is not None)(**fields)
         return out if return_dict else out.to_tuple()
 
     def call_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids=None, extra=None):

@@ -8,6 +8,8 @@ autograd except the integer slot order and counts; gradients equal transformers'
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 
@@ -39,3 +41,48 @@ def combine(rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> t
     scaled = (rows * weights.reshape(-1)[slots, None]).to(rows.dtype)
     out = rows.new_zeros(weights.shape[0], rows.shape[-1])
     return out.index_add(0, slots // k, scaled)
+
+
+def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask=None) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss over every layer's router logits [N, E] (as transformers' Mixtral and
+    Qwen2-MoE): num_experts * sum over experts of (share of the top-k slots it got) * (its mean routing
+    probability), both over every layer's tokens, padding (attention_mask 0) left out."""
+    device = router_logits[0].device
+    mask = attention_mask.reshape(-1, 1).to(device=device, dtype=torch.float32) if attention_mask is not None else None
+    slots = probs = rows = 0.0
+    for logits in router_logits:
+        p = torch.softmax(logits.to(device), dim=-1)  # [N, E]
+        chosen = torch.topk(p, top_k, dim=-1).indices  # [N, k]
+        hits = F.one_hot(chosen, num_experts).sum(dim=1).to(torch.float32)  # [N, E]: slots each expert got
+        if mask is not None:
+            hits, p, n = hits * mask, p.float() * mask, mask.sum()
+        else:
+            n = p.shape[0]
+        slots = slots + hits.sum(dim=0)
+        probs = probs + p.float().sum(dim=0)
+        rows = rows + n
+    return torch.sum((slots / rows) * (probs / rows)) * num_experts
+
+
+class RouterRecorder:
+    """The router logits of one forward, read with forward hooks on the modules `pattern` names (`{i}` any
+    layer index), in module order, each as [tokens, num_experts]."""
+
+    def __init__(self, model: torch.nn.Module, pattern: str, num_experts: int):
+        wanted = re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"\d+") + "$")
+        self.modules = [m for name, m in model.named_modules() if wanted.match(name)]
+        self.num_experts = num_experts
+        self.logits: list[torch.Tensor] = []
+        self.handles = []
+
+    def __enter__(self) -> RouterRecorder:
+        def record(module, args, output):
+            self.logits.append(output.reshape(-1, self.num_experts))
+
+        self.handles = [m.register_forward_hook(record) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []

@@ -156,6 +156,12 @@ class SequenceClassifierOutput(ModelOutput):
     fields = ("loss", "logits", "hidden_states", "attentions")
 
 
+class MoeCausalLMOutput(ModelOutput):
+    """A mixture-of-experts causal LM's (Hugging Face's MoeCausalLMOutputWithPast, without the cache)."""
+
+    fields = ("loss", "aux_loss", "logits", "hidden_states", "attentions", "router_logits")
+
+
 class EmbeddingOutput(ModelOutput):
     fields = ("embeddings", "hidden_states")
 
@@ -169,8 +175,11 @@ TASK_OUTPUTS = {
 }
 
 
-def output_class(task: str, names: tuple[str, ...]) -> type[ModelOutput]:
-    """The output class of a task whose model returns `names` (the plain ModelOutput when they do not fit)."""
+def output_class(task: str, names: tuple[str, ...], moe: bool = False) -> type[ModelOutput]:
+    """The output class of a task whose model returns `names` (the plain ModelOutput when they do not fit);
+    `moe`: a model with router logits (a causal LM's is MoeCausalLMOutput)."""
+    if moe:
+        return MoeCausalLMOutput if task == "causal_lm" else ModelOutput
     cls = TASK_OUTPUTS.get(task)
     if cls is not None and all(n in cls.fields for n in names):
         return cls
