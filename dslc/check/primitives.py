@@ -465,8 +465,8 @@ def _index_tensor(x, what: str) -> TType:
 
 
 def _same(a: Dim, b: Dim) -> bool:
-    """Equal, or not both known numbers (symbolic sizes are held against each other where they meet)."""
-    return a == b or not (isinstance(a, int) and isinstance(b, int))
+    """Equal sizes, or sizes the checker cannot compare (as `reshape` holds element counts against each other)."""
+    return a == b or not _comparable(a, b)
 
 
 def _moe_dispatch(args, kw):
