@@ -54,6 +54,17 @@ TINY = {  # spec -> config values that make its model small enough to run here
         num_local_experts=4,
         max_position_embeddings=64,
     ),
+    "qwen3_moe": dict(
+        vocab_size=64,
+        hidden_size=32,
+        moe_intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    ),
     "qwen2_moe": dict(
         vocab_size=64,
         hidden_size=32,

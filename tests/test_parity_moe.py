@@ -1,4 +1,4 @@
-"""Mixture-of-experts specs (models/mixtral.model, models/qwen2_moe.model) against Hugging Face transformers,
+"""Mixture-of-experts specs (models/mixtral.model, qwen2_moe.model, qwen3_moe.model) against Hugging Face transformers,
 float32 on CPU: logits, loss with the router's load-balancing loss, every gradient by HF's parameter name,
 left-padded masks, greedy generation, the save -> HF load round trip in HF's per-expert file layout, and
 that each expert runs only on the tokens routed to it."""
@@ -38,9 +38,22 @@ CASES = {
             rms_norm_eps=1e-6,
         ),
     ),
+    "qwen3_moe": (
+        "qwen3_moe.model",
+        "Qwen3MoeForCausalLM",
+        "Qwen3MoeConfig",
+        dict(
+            intermediate_size=96, moe_intermediate_size=20, num_experts=EXPERTS, num_experts_per_tok=TOP_K, head_dim=24
+        ),
+    ),
 }
 # (family, config overrides): Qwen2-MoE both with and without renormalized top-k weights
-PARAMS = [("mixtral", {}), ("qwen2_moe", {}), ("qwen2_moe", {"norm_topk_prob": True})]
+PARAMS = [
+    ("mixtral", {}),
+    ("qwen2_moe", {}),
+    ("qwen2_moe", {"norm_topk_prob": True}),
+    ("qwen3_moe", {"norm_topk_prob": True}),
+]
 
 
 def make_hf_model(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
@@ -232,7 +245,7 @@ def test_each_expert_runs_only_on_its_tokens(pair):
     layer, the row counts are the router's top-k counts per expert, N * k rows in all instead of N * E."""
     family, _, _, ours = pair
     kw = _inputs()
-    width = 2 * (48 if family == "mixtral" else 24)
+    width = 2 * CASES[family][3].get("moe_intermediate_size", CASES[family][3]["intermediate_size"])
     with torch.no_grad():
         routed = ours(**kw, output_router_logits=True).router_logits
         counter = _ExpertRows(width)
