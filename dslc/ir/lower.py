@@ -1321,6 +1321,16 @@ class Lowering:
                             rule.span,
                         )
                         continue
+                    size = target_shapes[0][dim]
+                    if name == "concat" and rule.layout is None and size % len(rule.sources):
+                        self.rep.error(
+                            "E050",
+                            f"`concat(dim = {dim})` of {len(rule.sources)} tensors into `{rule.targets[0]}` "
+                            f"(dim {dim} of size {size}): save_pretrained writes a `checkpoint:` rule back as equal "
+                            f"parts, and {size} does not split into {len(rule.sources)}",
+                            rule.span,
+                            'a layout saving does not write back goes in a named section: `checkpoint "native":`',
+                        )
                     if name == "split":
                         d = dim % len(target_shapes[0])
                         rest = {tuple(x for i, x in enumerate(s) if i != d) for s in target_shapes}
