@@ -47,9 +47,10 @@ CASES = {
         ),
     ),
 }
-# (family, config overrides): Qwen2-MoE both with and without renormalized top-k weights
+# (family, config overrides): Mixtral with a sliding window too, Qwen2-MoE with and without renormalized top-k weights
 PARAMS = [
     ("mixtral", {}),
+    ("mixtral", {"sliding_window": 4}),  # each query sees itself and the 3 keys before it
     ("qwen2_moe", {}),
     ("qwen2_moe", {"norm_topk_prob": True}),
     ("qwen3_moe", {"norm_topk_prob": True}),
@@ -295,3 +296,13 @@ def test_triton_path_matches_hf(packages, tmp_path):
     torch.testing.assert_close(b.logits, a.logits)
     torch.testing.assert_close(b.loss, a.loss)
     _compare_grads(hf, ours)
+
+
+def test_cuda_graph_decoding_is_refused_with_the_reason(pair):
+    """Each expert's token count is read on the host, which a CUDA graph cannot capture: generate() never picks
+    the CUDA-graph decoder for an MoE model and says why when asked for it."""
+    _, _, _, ours = pair
+    assert type(ours).graph_capturable is False
+    kw = _inputs()
+    with pytest.raises(ValueError, match="cuda_graph=True: .* reads sizes on the host"):
+        ours.generate(kw["input_ids"], max_new_tokens=2, cuda_graph=True)

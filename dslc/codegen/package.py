@@ -89,13 +89,20 @@ def _closure(modules: tuple[N.ModuleDef, ...], direct) -> dict[str, bool]:
 
 
 def _uses_attention(body) -> bool:
+    return _uses(body, ("attention",))
+
+
+def _uses(body, names: tuple[str, ...]) -> bool:
     for st in body:
         if isinstance(st, N.Loop):
-            if _uses_attention(st.body):
+            if _uses(st.body, names):
                 return True
-        elif st.op == "attention":
+        elif st.op in names:
             return True
     return False
+
+
+HOST_SYNC_OPS = ("moe_dispatch", "grouped_linear")  # read sizes on the host (tokens per expert): no CUDA graph
 
 
 def _dim_names(params: dict, config_values: dict) -> dict[int, str]:
@@ -338,6 +345,11 @@ class PackageRenderer:
             f"layout_rules = {rules!r}",
             f"ignored_keys = {list(self.p.checkpoint.ignores)!r}",
             f"tp_plan = {dict(self.p.train.parallel)!r}",
+            *(
+                ["graph_capturable = False  # its experts' row counts are read on the host"]
+                if any(_uses(mod.forward.body, HOST_SYNC_OPS) for mod in self.p.modules if mod.forward)
+                else []
+            ),
             *([f"remat_save = {tuple(self.p.train.save)!r}"] if self.p.train.save else []),
         ]
 

@@ -541,8 +541,13 @@ def generate(
 
     was_training = model.training
     model.eval()
+    if cuda_graph and not model.graph_capturable:
+        raise ValueError(
+            f"cuda_graph=True: {type(model).__name__}'s forward reads sizes on the host (each expert's token count), "
+            "which a CUDA graph cannot capture; generate with cuda_graph=False"
+        )
     if cuda_graph is None:
-        cuda_graph = input_ids.is_cuda and not torch.cuda.is_current_stream_capturing()
+        cuda_graph = input_ids.is_cuda and not torch.cuda.is_current_stream_capturing() and model.graph_capturable
     cuda_graph = cuda_graph and max_new_tokens > 1
     sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     decoder = None

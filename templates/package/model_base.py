@@ -141,6 +141,7 @@ class PreTrainedModel(nn.Module):
     remat_save: tuple[str, ...] = ()  # the spec's `save_activations` op kinds (SAVE_OPS)
     loss_head: tuple[str, str, str | None] | None = None  # (submodule, weight, bias) of a Linear-like head
     router_pattern: str | None = None  # the spec's `router` line: the submodules whose outputs are router logits
+    graph_capturable: bool = True  # False: a forward reads sizes on the host (MoE), so no CUDA-graph decoding
     supports_gradient_checkpointing = True
     main_input_name = "input_ids"
 
