@@ -82,11 +82,14 @@ def make_hf_model(family: str, folder: Path, seed: int = 0, **overrides) -> Path
     return folder
 
 
-def load_hf(folder: Path):
+def load_hf(folder: Path, experts: str | None = None):
+    """The HF model, float32; `experts`: transformers' experts implementation (default: its own default, the
+    `grouped_mm` kernel; "eager": the reference loop over experts)."""
     import transformers as tf
 
+    extra = {"experts_implementation": experts} if experts else {}
     model = tf.AutoModelForCausalLM.from_pretrained(
-        str(folder), dtype=torch.float32, attn_implementation=hf_oracle.ATTN_IMPL
+        str(folder), dtype=torch.float32, attn_implementation=hf_oracle.ATTN_IMPL, **extra
     )
     return model.eval()
 
@@ -160,6 +163,21 @@ def test_loss_and_gradients_match(pair):
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train-fused-loss"])
+def test_loss_and_gradients_match_the_eager_experts_loop(pair):
+    """The same against transformers' reference implementation of the experts (a loop over the experts hit)."""
+    _, folder, _, ours = pair
+    hf = load_hf(folder, experts="eager")
+    assert hf.config._experts_implementation == "eager"
+    kw = _inputs()
+    ours.zero_grad()
+    a, b = hf(**kw, labels=_labels(kw)), ours(**kw, labels=_labels(kw))
+    torch.testing.assert_close(b.logits, a.logits)
+    torch.testing.assert_close(b.loss, a.loss)
+    a.loss.backward()
+    b.loss.backward()
+    _compare_grads(hf, ours)
+
+
 def test_router_logits_aux_loss_and_gradients_match(pair, training):
     """output_router_logits=True on a left-padded batch: each layer's router logits, the load-balancing loss over
     the real tokens, the loss with router_aux_loss_coef * aux_loss added, and every gradient through it."""
