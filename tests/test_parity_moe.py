@@ -162,7 +162,6 @@ def test_loss_and_gradients_match(pair):
     _compare_grads(hf, ours)
 
 
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train-fused-loss"])
 def test_loss_and_gradients_match_the_eager_experts_loop(pair):
     """The same against transformers' reference implementation of the experts (a loop over the experts hit)."""
     _, folder, _, ours = pair
@@ -178,6 +177,7 @@ def test_loss_and_gradients_match_the_eager_experts_loop(pair):
     _compare_grads(hf, ours)
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train-fused-loss"])
 def test_router_logits_aux_loss_and_gradients_match(pair, training):
     """output_router_logits=True on a left-padded batch: each layer's router logits, the load-balancing loss over
     the real tokens, the loss with router_aux_loss_coef * aux_loss added, and every gradient through it."""
