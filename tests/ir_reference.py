@@ -236,7 +236,40 @@ class Reference:
             return args[0]  # the tests run in eval mode
         if name == "topk":
             return tuple(torch.topk(args[0], args[1], dim=-1))
+        if name == "moe_dispatch":
+            return _moe_dispatch(*args)
+        if name == "grouped_linear":
+            return _grouped_linear(*args)
+        if name == "moe_combine":
+            return _moe_combine(*args)
         raise ReferenceError(f"no reference for op `{name}`")
+
+
+# mixture of experts, written as the definitions read (one row at a time), not as the package computes them
+def _moe_dispatch(x, experts, num_experts: int):
+    k = experts.shape[-1]
+    flat = experts.reshape(-1).tolist()
+    slots = sorted(range(len(flat)), key=lambda s: (flat[s], s))  # by expert, then slot
+    counts = [flat.count(e) for e in range(num_experts)]
+    rows = torch.stack([x[s // k] for s in slots]) if slots else x[:0]
+    return rows, torch.tensor(slots, dtype=torch.int64), torch.tensor(counts, dtype=torch.int64)
+
+
+def _grouped_linear(rows, weight, counts):
+    owner = [e for e, c in enumerate(counts.tolist()) for _ in range(c)]  # the expert of each row
+    return torch.stack([weight[e] @ rows[r] for r, e in enumerate(owner)])
+
+
+def _moe_combine(rows, slots, weights):
+    n, k = weights.shape
+    position = {s: r for r, s in enumerate(slots.tolist())}
+    out = []
+    for t in range(n):
+        total = torch.zeros(rows.shape[-1], dtype=rows.dtype)
+        for j in range(k):
+            total = total + (rows[position[t * k + j]] * weights[t, j]).to(rows.dtype)
+        out.append(total)
+    return torch.stack(out)
 
 
 def _pow(a, b):
