@@ -1319,12 +1319,12 @@ class Lowering:
                     )
                 ckpt.append(name)
             for pattern, style, span in d.parallel:
-                if style not in ("colwise", "rowwise"):
+                if style not in N.PARALLEL_STYLES:
                     self.rep.error(
                         "E019",
                         f"unknown parallel style `{style}`",
                         span,
-                        did_you_mean(style, ("colwise", "rowwise")) or "styles: colwise, rowwise",
+                        did_you_mean(style, N.PARALLEL_STYLES) or f"styles: {', '.join(N.PARALLEL_STYLES)}",
                     )
                 par.append((pattern, style))
             for name, span in d.save:

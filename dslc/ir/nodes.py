@@ -299,10 +299,15 @@ class CheckpointDef:
 @dataclass(frozen=True)
 class TrainDef:
     checkpointing: tuple[str, ...]  # module names whose calls recompute activations in backward
-    parallel: tuple[tuple[str, str], ...]  # (parameter-path pattern, colwise | rowwise)
+    parallel: tuple[tuple[str, str], ...]  # (module-path pattern, a PARALLEL_STYLES style)
     save: tuple[str, ...] = ()  # op kinds (SAVE_OPS) whose outputs checkpointed blocks keep instead of recomputing
 
 
+PARALLEL_STYLES = (
+    "colwise",
+    "rowwise",
+    "sequence",
+)  # a `parallel` line's styles; the package's parallel.py applies them
 SAVE_OPS = ("linear", "attention")  # `save_activations` names: matmuls, attention kernels (model_base.SAVE_OPS)
 
 

@@ -35,7 +35,6 @@ INITS = ("normal", "zeros", "ones")
 TASKS = ("causal_lm", "masked_lm", "sequence_classification", "embedding", "base")
 SCALAR_TYPES = ("int", "float", "bool", "str")
 TRANSFORMS = ("transpose", "split", "concat")
-PARALLEL_STYLES = ("colwise", "rowwise")
 
 
 def _at(span: Span) -> str:
@@ -279,7 +278,7 @@ class _Verifier:
             if name not in self.modules:
                 self.err(f"train: activation checkpointing names unknown module `{name}`")
         for pattern, style in self.p.train.parallel:
-            if style not in PARALLEL_STYLES:
+            if style not in N.PARALLEL_STYLES:
                 self.err(f"train: parallel `{pattern}` has unknown style `{style}`")
 
     def fused_regions(self) -> None:
