@@ -303,6 +303,16 @@ class TrainDef:
     save: tuple[str, ...] = ()  # op kinds (SAVE_OPS) whose outputs checkpointed blocks keep instead of recomputing
 
 
+# a model's task -> the names of its forward's outputs (HF's output fields); the package's model_base.py and
+# outputs.py hold the loss and the ModelOutput class of each
+TASKS: dict[str, tuple[str, ...]] = {
+    "causal_lm": ("logits",),
+    "masked_lm": ("logits",),
+    "sequence_classification": ("logits",),
+    "image_classification": ("logits",),
+    "embedding": ("embeddings",),
+    "base": ("last_hidden_state", "pooler_output"),
+}
 PARALLEL_STYLES = (
     "colwise",
     "rowwise",

@@ -32,7 +32,6 @@ from dslc.ir import nodes as N
 from dslc.ir.evaluate import free_refs
 
 INITS = ("normal", "zeros", "ones")
-TASKS = ("causal_lm", "masked_lm", "sequence_classification", "embedding", "base")
 SCALAR_TYPES = ("int", "float", "bool", "str")
 TRANSFORMS = ("transpose", "split", "concat")
 
@@ -136,7 +135,7 @@ class _Verifier:
                         s.span,
                     )
             if m.name == self.p.model:
-                if m.task not in TASKS:
+                if m.task not in N.TASKS:
                     self.err(f"model `{m.name}`: unknown task `{m.task}`", m.span)
             elif m.task is not None:
                 self.err(f"module `{m.name}` has a task but is not the model", m.span)

@@ -31,12 +31,14 @@ LOSSES = {
     "causal_lm": causal_lm_loss,
     "masked_lm": masked_lm_loss,
     "sequence_classification": sequence_classification_loss,
+    "image_classification": sequence_classification_loss,  # HF's ForImageClassification loss is the same
 }
 # the `loss_type` HF Trainer reads to count `num_items_in_batch` (over labels[..., 1:] for a causal LM)
 LOSS_TYPES = {
     "causal_lm": "ForCausalLM",
     "masked_lm": "ForMaskedLM",
     "sequence_classification": "ForSequenceClassification",
+    "image_classification": "ForImageClassification",
 }
 KNOWN_INPUTS = ("input_ids", "position_ids", "token_type_ids")  # what forward() makes or takes by these names
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}

@@ -156,6 +156,10 @@ class SequenceClassifierOutput(ModelOutput):
     fields = ("loss", "logits", "hidden_states", "attentions")
 
 
+class ImageClassifierOutput(ModelOutput):
+    fields = ("loss", "logits", "hidden_states", "attentions")
+
+
 class EmbeddingOutput(ModelOutput):
     fields = ("embeddings", "hidden_states")
 
@@ -165,6 +169,7 @@ TASK_OUTPUTS = {
     "causal_lm": CausalLMOutput,
     "masked_lm": MaskedLMOutput,
     "sequence_classification": SequenceClassifierOutput,
+    "image_classification": ImageClassifierOutput,
     "embedding": EmbeddingOutput,
 }
 
