@@ -27,6 +27,7 @@ STATIC_FILES = (
     "model_base.py",
     "parallel.py",
     "outputs.py",
+    "serving.py",
 )
 TASK_OUTPUTS = {
     "causal_lm": ("logits",),
