@@ -81,6 +81,8 @@ class Scheduler:
         self.cond = threading.Condition()
         self.stopping = False
         self.steps = 0  # decode steps run (each over every busy slot at once)
+        self.peak = 0  # the most sequences one decode step ran
+        self.cancelled = 0  # requests stopped because their client went away (or a stop string matched)
         self.thread = threading.Thread(target=self._loop, name="dslc-scheduler", daemon=True)
         self.thread.start()
 
@@ -103,7 +105,15 @@ class Scheduler:
 
     def stats(self) -> dict:
         with self.cond:
-            return {"busy_slots": sum(r is not None for r in self.busy), "queued": len(self.queue), "slots": self.slots}
+            busy = sum(r is not None for r in self.busy)
+            return {
+                "slots": self.slots,
+                "busy_slots": busy,
+                "queued": len(self.queue),
+                "steps": self.steps,
+                "peak_batch": self.peak,
+                "cancelled": self.cancelled,
+            }
 
     def stop(self, timeout: float = 30.0) -> None:
         """Refuse new requests, fail the queued ones, let the running ones finish (up to `timeout` s)."""
@@ -162,6 +172,7 @@ class Scheduler:
         for slot, request in enumerate(self.busy):
             if request is not None and request.cancelled:
                 self.busy[slot] = None
+                self.cancelled += 1
                 request.emit("done", "cancelled")
 
     def _prefill(self, request: Request) -> None:
@@ -181,6 +192,7 @@ class Scheduler:
         device = self.model.device
         logits = self.decoder.step(tokens.to(device), positions.to(device))  # [n, V]
         self.steps += 1
+        self.peak = max(self.peak, len(running))
         greedy = [r for r in running if r.sampling.temperature == 0]
         if greedy:
             rows = torch.tensor([r.slot for r in greedy], device=device)
