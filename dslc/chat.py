@@ -124,8 +124,9 @@ def chat_command(args) -> int:
         sys.stdout.flush()
 
     while True:
+        write(">>> ")  # on stdout (input()'s own prompt goes to stderr on a terminal)
         try:
-            line = input(">>> ")
+            line = input()
         except EOFError:
             write("\n")
             return 0
