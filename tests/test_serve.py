@@ -70,8 +70,18 @@ def test_greedy_completion_equals_dslc_generate(served, capsys):
     assert out == prompt + got.choices[0].text + "\n"
     assert got.usage.prompt_tokens == len(served.runtime.encode(prompt))
     assert got.choices[0].finish_reason in ("length", "stop")
-    chunks = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True)
-    assert "".join(c.choices[0].text for c in chunks) == got.choices[0].text
+    chunks = list(
+        served.client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == got.choices[0].text
+    assert chunks[-1].usage.completion_tokens == got.usage.completion_tokens
 
 
 def test_chat_completion_renders_the_template_as_transformers(served):

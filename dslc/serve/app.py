@@ -219,6 +219,11 @@ def create_app(runtime, scheduler: Scheduler, limits: Limits | None = None, temp
         base = {"id": rid, "created": created, "model": runtime.name}
         counts = {"tokens": 0}
         events = run(request, ids, sampling, stops, counts)
+
+        def usage() -> dict:
+            n = counts["tokens"]
+            return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+
         if body.stream:
             try:
                 first = await anext(events)  # errors before the first token (429, 503) are still a status code
@@ -248,6 +253,8 @@ def create_app(runtime, scheduler: Scheduler, limits: Limits | None = None, temp
                     yield _sse(_error_body(e.status, e.message))
                 finally:
                     await events.aclose()
+                if body.include_usage():
+                    yield _sse({**base, "object": kind, "choices": [], "usage": usage()})
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -258,14 +265,12 @@ def create_app(runtime, scheduler: Scheduler, limits: Limits | None = None, temp
         if reason == "cancelled":
             return JSONResponse({}, status_code=499)
         text = "".join(parts)
-        n = counts["tokens"]
-        usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
         if chat:
             message = {"role": "assistant", "content": text}
             choice = {"index": 0, "message": message, "finish_reason": reason, "logprobs": None}
-            return {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+            return {**base, "object": "chat.completion", "choices": [choice], "usage": usage()}
         choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-        return {**base, "object": "text_completion", "choices": [choice], "usage": usage}
+        return {**base, "object": "text_completion", "choices": [choice], "usage": usage()}
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):

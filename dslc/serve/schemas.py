@@ -21,6 +21,7 @@ class Sampled(BaseModel):
     top_k: int | None = Field(None, ge=0)  # not OpenAI's; vLLM and others take it
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
     stop: str | list[str] | None = None
     n: int = 1
     logprobs: bool | int | None = None
@@ -55,6 +56,9 @@ class Sampled(BaseModel):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes up to 4 non-empty strings")
         return stops
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
 
     def stops(self) -> list[str]:
         return list(self.stop or [])
