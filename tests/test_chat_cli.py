@@ -103,3 +103,23 @@ def test_chat_two_turns_reset_and_system(tmp_path):
     assert again == first
     system = [{"role": "system", "content": "You answer in Python."}]
     assert with_system == alone(system + turn1)
+
+
+def test_chat_enforces_the_context_and_goes_on(tmp_path):
+    from tests.serve_helpers import WEIGHTS
+
+    argv = [sys.executable, "-m", "dslc", "chat", str(SPEC), "--weights", str(WEIGHTS)]
+    argv += ["--build-dir", str(tmp_path / "build"), "--max-new-tokens", "4", "--set", "max_position_embeddings=24"]
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        term = Terminal(argv, stderr)
+        try:
+            term.until(PROMPT)
+            assert term.reply("def f(x):") != ""  # the plain layout: "User: def f(x):\nAssistant:" fits
+            term.reply("now write a much longer function that parses the arguments")
+            term.send("/exit")
+        finally:
+            term.close()
+    err = (tmp_path / "stderr.txt").read_text()
+    assert term.proc.returncode == 0, err
+    assert "the conversation (" in err and "max_position_embeddings=24" in err and "/reset" in err
+    assert "plain `Role: text` layout" in err
