@@ -227,6 +227,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--slots", type=int, default=8, help="sequences decoded together (rows of the KV cache)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before a 429")
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=4096,
+        help="longest sequence per slot, prompt + completion (at most the model's context); the KV cache holds "
+        "slots x max-len positions",
+    )
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (else 413)")
     p.set_defaults(run=_serve)
 

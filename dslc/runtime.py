@@ -5,7 +5,7 @@ the cached build, config.json with `--set` overrides, the tokenizer, EOS ids, th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from dslc.generate import (
@@ -99,12 +99,14 @@ class Runtime:
     bos: list[int]
     context: tuple[str, int] | None
     vocab: int | None
-    extra: dict = field(default_factory=dict)
+    cap: int | None = None  # a server's --max-len, below the model's context
 
     @property
     def max_len(self) -> int:
-        """The longest sequence (prompt + generated) a request may have: the config's context, else 4096."""
-        return self.context[1] if self.context else 4096
+        """The longest sequence (prompt + generated) a request may have: the config's context (else 4096),
+        at most `cap`."""
+        longest = self.context[1] if self.context else 4096
+        return min(longest, self.cap) if self.cap else longest
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of `text`; `special=False` for rendered chat templates (which hold their own, as HF)."""
@@ -118,10 +120,10 @@ class Runtime:
         if prompt + new <= self.max_len:
             return None
         where = f"{self.context[0]}={self.context[1]} in {self.weights / 'config.json'}" if self.context else "4096"
-        return (
-            f"{what} ({prompt} tokens) + {limit} ({new}) = {prompt + new} tokens is past the model's context "
-            f"({where}): shorten the prompt or lower {limit}"
-        )
+        bound = f"the model's context ({where})"
+        if self.max_len < (self.context[1] if self.context else 4096):
+            bound = f"the server's --max-len {self.max_len} (the model's context: {where})"
+        return f"{what} ({prompt} tokens) + {limit} ({new}) = {prompt + new} tokens is past {bound}: shorten the prompt or lower {limit}"
 
 
 def load_runtime(

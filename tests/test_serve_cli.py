@@ -66,3 +66,18 @@ def test_dslc_serve_refuses_bad_arguments(tmp_path, capsys):
     assert rc == 2 and "--slots must be in 1 .. 1024, got 0" in capsys.readouterr().err
     rc = main(["serve", str(SPEC), "--weights", str(tmp_path / "nope"), "--build-dir", str(tmp_path)])
     assert rc == 2 and "weights folder not found" in capsys.readouterr().err
+
+
+def test_max_len_caps_the_slots_below_the_context(tmp_path):
+    from dslc.serve.command import build_server
+    from tests.serve_helpers import running, serve_args
+
+    runtime, app = build_server(serve_args(WEIGHTS, tmp_path / "build", "--max-len", "32", "--slots", "2"))
+    assert runtime.max_len == 32
+    with running(app) as url:
+        body = {"model": "tiny-qwen2", "prompt": "def f(", "max_tokens": 40}
+        response = httpx.post(url + "/v1/completions", json=body, timeout=30)
+        assert response.status_code == 400
+        assert "past the server's --max-len 32 (the model's context: max_position_embeddings=512" in response.text
+        body["max_tokens"] = 20
+        assert httpx.post(url + "/v1/completions", json=body, timeout=30).json()["usage"]["completion_tokens"] <= 20

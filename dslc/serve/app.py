@@ -165,7 +165,14 @@ def create_app(runtime, scheduler: Scheduler, limits: Limits | None = None, temp
         """Submit the job; yield (text, finish_reason or None) as tokens arrive; counts["tokens"]: how many."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(ids, sampling, lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
+
+        def emit(kind: str, value) -> None:  # from the scheduler thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is waiting
+                pass
+
+        job = Job(ids, sampling, emit)
         try:
             scheduler.submit(job)
         except QueueFull as e:

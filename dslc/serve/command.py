@@ -14,6 +14,8 @@ def check_serve_args(args) -> None:
         raise GenerateError(f"--max-queue must be 0 or more, got {args.max_queue}")
     if not 0 <= args.port < 65536:
         raise GenerateError(f"--port must be in 0 .. 65535, got {args.port}")
+    if args.max_len < 2:
+        raise GenerateError(f"--max-len must be at least 2, got {args.max_len}")
     if args.max_body < 1024:
         raise GenerateError(f"--max-body must be at least 1024 bytes, got {args.max_body}")
 
@@ -34,6 +36,7 @@ def build_server(args, log=None):
         overrides=parse_set(args.set),
         log=log,
     )
+    runtime.cap = args.max_len
     scheduler = Scheduler(runtime.model, args.slots, runtime.max_len, runtime.eos, max_queue=args.max_queue)
     return runtime, create_app(runtime, scheduler, Limits(max_body=args.max_body))
 
