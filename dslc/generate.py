@@ -233,12 +233,9 @@ def generate_command(args) -> int:
     import torch
     from tokenizers import Tokenizer
 
-    model_cls = next(
-        getattr(pkg, n)
-        for n in pkg.__all__
-        if hasattr(getattr(pkg, n), "from_pretrained") and hasattr(getattr(pkg, n), "generate")
-    )
-    from dslc.runtime import QUANTIZED, load_config, parse_set, quantize, torch_dtype
+    from dslc.runtime import QUANTIZED, load_config, model_class, parse_set, quantize, torch_dtype
+
+    model_cls = model_class(pkg)
 
     dtype = torch_dtype(args.dtype, device)
     try:  # everything but the weights, before the weights load

@@ -39,6 +39,15 @@ def parse_set(pairs: list[str]) -> dict:
     return out
 
 
+def model_class(pkg):
+    """The package's model class that loads a folder and generates (the spec's `model`)."""
+    return next(
+        getattr(pkg, n)
+        for n in pkg.__all__
+        if hasattr(getattr(pkg, n), "from_pretrained") and hasattr(getattr(pkg, n), "generate")
+    )
+
+
 def load_config(model_cls, pkg, weights: Path, overrides: dict, spec_name: str):
     """config.json with `--set` overrides, as the package's config class; an unknown key names the fields."""
     values = _read_json(weights / "config.json")
@@ -149,11 +158,7 @@ def load_runtime(
         log(f"{'reused' if reused else 'built'} {pkg.__name__} in {time.perf_counter() - start:.2f} s")
     from tokenizers import Tokenizer
 
-    model_cls = next(
-        getattr(pkg, n)
-        for n in pkg.__all__
-        if hasattr(getattr(pkg, n), "from_pretrained") and hasattr(getattr(pkg, n), "generate")
-    )
+    model_cls = model_class(pkg)
     config = load_config(model_cls, pkg, weights, overrides or {}, spec.name)
     tokenizer = _native(lambda: Tokenizer.from_file(str(tok_path)), f"{tok_path} cannot be read as a tokenizer")
     vocab = getattr(config, "vocab_size", None)
