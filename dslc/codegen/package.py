@@ -27,6 +27,7 @@ STATIC_FILES = (
     "model_base.py",
     "parallel.py",
     "outputs.py",
+    "serving.py",
 )
 PY_TYPES = {"int": "int", "float": "float", "bool": "bool", "str": "str"}
 PY_TYPES.update({f"list[{t}]": f"list[{t}]" for t in list(PY_TYPES)})  # list-typed config fields
