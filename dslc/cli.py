@@ -1,6 +1,6 @@
-"""`dslc` command line: check, show, build, generate, train.
+"""`dslc` command line: check, show, build, generate, chat, serve, train.
 
-The compiler commands never import torch, so they start fast; `generate` and `train` import the built package.
+The compiler commands never import torch, so they start fast; `generate`, `chat`, `serve` and `train` import the built package.
 """
 
 from __future__ import annotations
@@ -139,6 +139,39 @@ def _train(args) -> int:
     return train_command(args)
 
 
+def _chat(args) -> int:
+    from dslc.chat import chat_command
+
+    return chat_command(args)
+
+
+def _serve(args) -> int:
+    from dslc.serve.command import serve_command
+
+    return serve_command(args)
+
+
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    """The spec, the checkpoint folder and how to load it: generate, chat and serve."""
+    p.add_argument("file", help="the .model spec")
+    p.add_argument("--weights", required=True, help="Hugging Face checkpoint folder")
+    p.add_argument(
+        "--dtype", default=None, help="float32 | bfloat16 | float16 | int8 | int4 (int8 / int4: torchao weight-only)"
+    )
+    p.add_argument("--device", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config.json field")
+    p.add_argument("--build-dir", default=None, help="where to cache the build (default: ~/.cache/dslc)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="the .model spec")
     p.add_argument("--arch", help="a named arch declared in the spec")
@@ -177,19 +210,32 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_build)
 
     p = sub.add_parser("generate", help="build, load a checkpoint folder and generate text")
-    p.add_argument("file", help="the .model spec")
-    p.add_argument("--weights", required=True, help="Hugging Face checkpoint folder")
+    _add_inference_args(p)
     p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--do-sample", action="store_true")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
-    p.add_argument("--device", default=None)
-    p.add_argument("--build-dir", default=None, help="where to cache the build (default: ~/.cache/dslc)")
+    _add_sampling_args(p, max_new_tokens=64)
     p.set_defaults(run=_generate)
+
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal with the folder's chat template")
+    _add_inference_args(p)
+    p.add_argument("--system", default=None, help="the system message")
+    _add_sampling_args(p, max_new_tokens=256)
+    p.set_defaults(run=_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching) and a chat page")
+    _add_inference_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--slots", type=int, default=8, help="sequences decoded together (rows of the KV cache)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before a 429")
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=4096,
+        help="longest sequence per slot, prompt + completion (at most the model's context); the KV cache holds "
+        "slots x max-len positions",
+    )
+    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (else 413)")
+    p.set_defaults(run=_serve)
 
     p = sub.add_parser(
         "train",

@@ -76,7 +76,7 @@ def _check_folder(weights: Path) -> Path:
     return tok
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")  # int8 / int4: torchao weight-only (dslc/runtime.py)
 
 
 def _check_args(args):
@@ -233,16 +233,15 @@ def generate_command(args) -> int:
     import torch
     from tokenizers import Tokenizer
 
-    model_cls = next(
-        getattr(pkg, n)
-        for n in pkg.__all__
-        if hasattr(getattr(pkg, n), "from_pretrained") and hasattr(getattr(pkg, n), "generate")
-    )
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype or "float32"]
+    from dslc.runtime import QUANTIZED, load_config, model_class, parse_set, quantize, torch_dtype
+
+    model_cls = model_class(pkg)
+
+    dtype = torch_dtype(args.dtype, device)
     try:  # everything but the weights, before the weights load
-        config = model_cls.config_class.from_pretrained(weights)
-    except pkg.ConfigError as e:
-        return error(f"{weights} does not fit {spec.name}: {e}")
+        config = load_config(model_cls, pkg, weights, parse_set(getattr(args, "set", [])), spec.name)
+    except GenerateError as e:
+        return error(str(e))
     try:
         tokenizer = _native(lambda: Tokenizer.from_file(str(tok_path)), f"{tok_path} cannot be read as a tokenizer")
         vocab = getattr(config, "vocab_size", None)
@@ -275,9 +274,13 @@ def generate_command(args) -> int:
         return error(str(e))
     start = time.perf_counter()
     try:
-        model = model_cls.from_pretrained(weights, dtype=dtype, device=device)
+        model = model_cls.from_pretrained(weights, dtype=dtype, device=device, config=config)
+        if args.dtype in QUANTIZED:
+            quantize(model, args.dtype)
     except (pkg.ConfigError, pkg.CheckpointError) as e:
         return error(f"{weights} does not fit {spec.name}: {e}")
+    except GenerateError as e:
+        return error(str(e))
     load_s = time.perf_counter() - start
     input_ids = torch.tensor([ids], device=device)
     generator = torch.Generator(device=input_ids.device).manual_seed(args.seed)

@@ -562,14 +562,20 @@ class Run:
             from torch.distributed.device_mesh import init_device_mesh
 
             dp = self.world // tp
+            options = {"sequence_parallel": self.s["parallel.sequence"]} if tp > 1 else {}
+            if fsdp:
+                options.update(
+                    reshard_after_forward=self.s["parallel.reshard_after_forward"], offload=self.s["parallel.offload"]
+                )
             if tp > 1 and fsdp:  # 2-D: FSDP2 over dp_shard, tensor parallel over tp
                 mesh = init_device_mesh(self.device.type, (dp, tp), mesh_dim_names=("dp_shard", "tp"))
-                target.parallelize(mesh, tp="tp", dp_shard="dp_shard")
+                target.parallelize(mesh, tp="tp", dp_shard="dp_shard", **options)
             elif tp > 1:
-                target.parallelize(init_device_mesh(self.device.type, (tp,), mesh_dim_names=("tp",)), tp="tp")
+                mesh = init_device_mesh(self.device.type, (tp,), mesh_dim_names=("tp",))
+                target.parallelize(mesh, tp="tp", **options)
             else:
                 mesh = init_device_mesh(self.device.type, (dp,), mesh_dim_names=("dp_shard",))
-                target.parallelize(mesh, dp_shard="dp_shard")
+                target.parallelize(mesh, dp_shard="dp_shard", **options)
             self.sharded = True
             return
         if self.world > 1:

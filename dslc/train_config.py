@@ -73,6 +73,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "parallel": {
         "tp": Key("int", 1, "tensor-parallel degree (needs the package's model.parallelize)", 1),
         "fsdp": Key("bool", False, "shard parameters over the data-parallel ranks (model.parallelize)"),
+        "sequence": Key("bool", True, "with tp: the spec's `sequence` norms split the sequence between blocks"),
+        "reshard_after_forward": Key("bool", True, "with fsdp: free each block's gathered weights after its forward"),
+        "offload": Key("bool", False, "with fsdp: keep parameter shards and optimizer state in CPU memory"),
     },
 }
 # [model]: any config field of the spec, over the folder's config.json (num_labels = 3, say): checked by the package

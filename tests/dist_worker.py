@@ -3,7 +3,7 @@ WORLD_SIZE, MASTER_ADDR and MASTER_PORT set as torchrun sets them; or `train(arg
 (no process group: the single-process reference).
 
 ARGS_JSON: packages (folder on sys.path), package, cls, folder (HF checkpoint), mesh ([sizes] or null),
-names (mesh dim names), steps (train up to this step), resume (a DCP folder or null), save_at (step at which
+names (mesh dim names), sequence_parallel (parallelize's, default true), steps (train up to this step), resume (a DCP folder or null), save_at (step at which
 to write a DCP folder, then stop) and checkpoint, save_hf (folder or null), out (rank 0's results, a .pt).
 """
 
@@ -80,14 +80,24 @@ def _train(package, args: dict, distributed: bool) -> dict | None:
             if dist.get_rank() != 0 and opened:
                 raise AssertionError(f"rank {dist.get_rank()} opened the checkpoint")
         else:
-            model.parallelize(mesh)
+            model.parallelize(mesh, sequence_parallel=args.get("sequence_parallel", True))
         rank = dist.get_rank()
         if "dp_shard" in args["names"]:
             dp_mesh = mesh["dp_shard"] if mesh.ndim == 2 else mesh
             dp, dp_rank = dp_mesh.size(), dp_mesh.get_local_rank()
     vocab = model.config.vocab_size
+    seen = {}  # what the first block receives: [B, T] or, under sequence parallelism, this rank's [B, T / tp]
+    block = model.model.layers[0]
+
+    def record(module, args, output) -> None:
+        seen.setdefault("block_input", tuple(args[0].shape))
+
+    hook = block.register_forward_hook(record)
     with torch.no_grad():
         logits = model(input_ids=probe(vocab)).logits
+        greedy = model.generate(probe(vocab)[:, :6], max_new_tokens=4, do_sample=False)
+    hook.remove()
+    norm = type(block.input_layernorm.weight).__name__
     model.train()
     # not the key biases: their gradient is zero in exact arithmetic (a softmax ignores a shift of every score of a
     # query), so AdamW would scale rounding noise, which differs with the sharding, up to steps of size lr
@@ -121,7 +131,8 @@ def _train(package, args: dict, distributed: bool) -> dict | None:
         trained = model(input_ids=probe(vocab)).logits
     if args.get("save_hf"):
         model.save_pretrained(args["save_hf"])
-    return {"logits": logits.detach(), "trained": trained.detach(), "losses": losses} if rank == 0 else None
+    result = {"logits": logits.detach(), "trained": trained.detach(), "losses": losses, "greedy": greedy}
+    return {**result, **seen, "norm_weight": norm} if rank == 0 else None
 
 
 if __name__ == "__main__":

@@ -113,22 +113,31 @@ def _hf_logits(folder: Path) -> torch.Tensor:
         return hf(input_ids=dist_worker.probe(hf_oracle.VOCAB)).logits
 
 
-MESHES = {  # name: (processes, mesh sizes, dim names, checkpoint)
-    "tp2": (2, [2], ["tp"], "untied"),
-    "fsdp2": (2, [2], ["dp_shard"], "tied"),
-    "fsdp2x_tp2": (4, [2, 2], ["dp_shard", "tp"], "untied"),
+MESHES = {  # name: (processes, mesh sizes, dim names, checkpoint, sequence parallelism)
+    "tp2": (2, [2], ["tp"], "untied", True),
+    "tp2_tied_no_sp": (2, [2], ["tp"], "tied", False),
+    "fsdp2": (2, [2], ["dp_shard"], "tied", True),
+    "fsdp2x_tp2": (4, [2, 2], ["dp_shard", "tp"], "untied", True),
 }
 
 
 @pytest.mark.parametrize("name", list(MESHES))
 def test_sharded_logits_training_and_save_equal_one_process(setup, name, tmp_path):
-    n, sizes, names, folder = MESHES[name]
+    n, sizes, names, folder, sequence = MESHES[name]
     ref = _reference(setup, folder)
     saved = tmp_path / "saved"
-    got = launch(n, _args(setup, folder, mesh=sizes, names=names, steps=5, save_hf=str(saved)), tmp_path)
+    args = _args(setup, folder, mesh=sizes, names=names, steps=5, save_hf=str(saved), sequence_parallel=sequence)
+    got = launch(n, args, tmp_path)
     torch.testing.assert_close(got["logits"], ref["logits"], rtol=0, atol=1e-5)
+    assert torch.equal(got["greedy"], ref["greedy"])  # KV-cached decoding, one token at a time (T=1 < tp)
     _same_losses(got["losses"], ref["losses"], range(1, 6))
     assert sorted(got["losses"]) == [1, 2, 3, 4, 5]
+    # the spec's `sequence` lines: between blocks each tp rank holds its half of the 10 probe tokens, and the
+    # norms' weights are replicated DTensors (their gradients summed over the tp ranks)
+    tp = sizes[names.index("tp")] if "tp" in names else 1
+    assert got["block_input"] == (2, 10 // tp if sequence else 10, 64), got["block_input"]
+    if "tp" in names:
+        assert got["norm_weight"] == ("DTensor" if sequence else "Parameter")
     # the sharded model's save is the full model: transformers loads it, with the sharded run's trained logits
     config = json.loads((saved / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"]
@@ -179,6 +188,7 @@ def test_parallelize_refuses_bad_input(setup, tmp_path):
     sys.path.insert(0, setup["packages"])
     try:
         import dist_qwen2 as package
+        import dist_qwen2.parallel  # noqa: F401 (package.parallel, imported by the package only when used)
     finally:
         sys.path.remove(setup["packages"])
     load = lambda: package.Qwen2ForCausalLM.from_pretrained(setup["folders"]["untied"])  # noqa: E731
@@ -187,6 +197,27 @@ def test_parallelize_refuses_bad_input(setup, tmp_path):
         package.parallel._tensor_parallel(model, _Mesh(4))
     with pytest.raises(ValueError, match=r"`model.layers.0.self_attn.q_proj` out_features=64 .* tp mesh of 3"):
         package.parallel._tensor_parallel(model, _Mesh(3))
+    # sequence parallelism needs the whole residual stream in the plan: each gap is named with the line to add
+    plan = dict(model.tp_plan)
+    cases = [
+        (
+            "untied",
+            "model.layers.{i}.post_attention_layernorm",
+            r"`model.layers.0.post_attention_layernorm` has weights but "
+            r'no `parallel` line.*add `parallel "model.layers.\{i\}.post_attention_layernorm" -> sequence`',
+        ),
+        ("untied", "model.embed_tokens", r'add `parallel "model.embed_tokens" -> rowwise`'),
+        (
+            "tied",
+            "lm_head",
+            r"`lm_head.weight` is tied to `model.embed_tokens.weight`.*gives `lm_head` no line and `model.embed_tokens` rowwise",
+        ),
+    ]
+    for folder, dropped, message in cases:
+        sharded = package.Qwen2ForCausalLM.from_pretrained(setup["folders"][folder])
+        sharded.tp_plan = {k: v for k, v in plan.items() if k != dropped}
+        with pytest.raises(ValueError, match=message):
+            package.parallel._tensor_parallel(sharded, _Mesh(2))
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
@@ -223,7 +254,7 @@ def test_parallelize_refuses_bad_input(setup, tmp_path):
 def test_a_folder_loads_straight_into_the_shards(setup, name, tmp_path):
     """`from_pretrained_sharded`: built on meta, sharded there, filled from rank 0's reading (the other ranks never
     open the folder): logits and training equal the one-process model's."""
-    n, sizes, names, folder = MESHES[name]
+    n, sizes, names, folder, _ = MESHES[name]
     ref = _reference(setup, folder)
     got = launch(n, _args(setup, folder, mesh=sizes, names=names, steps=3, sharded_load=True), tmp_path)
     torch.testing.assert_close(got["logits"], ref["logits"], rtol=0, atol=1e-5)

@@ -25,6 +25,9 @@ from dslc.diagnostics import DslcError
 ROOT = Path(__file__).resolve().parents[1]
 SEED, PER_SPEC = 20261201, 12
 TINY = {  # spec -> config values that make its model small enough to run here
+    "vit": dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=8, patch_size=4
+    ),
     "qwen2": dict(
         vocab_size=64,
         hidden_size=32,
@@ -143,6 +146,9 @@ RUN = textwrap.dedent("""
         model = model_cls(model_cls.config_class(**config)).eval()
         ids = torch.randint(0, 64, (2, 5))
         kwargs = {"input_ids": ids}
+        if "pixel_values" in model.graph_inputs:  # an image model (vit): images of the config's size
+            c = model.config
+            kwargs = {"pixel_values": torch.randn(2, c.num_channels, c.image_size, c.image_size)}
         if "token_type_ids" in model.graph_inputs:
             kwargs["token_type_ids"] = torch.zeros_like(ids)
         out = model(**kwargs)

@@ -106,3 +106,38 @@ def test_checkpoint_that_does_not_fit_names_the_tensor(capsys, tmp_path):
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     rc, _, err = run(capsys, "--weights", str(folder), build_dir=tmp_path / "b")
     assert rc == 2 and "model.norm.weight" in err
+
+
+def test_set_overrides_config_json_and_the_context_is_enforced(capsys, tmp_path):
+    rc, out, err = run(
+        capsys,
+        "--weights",
+        str(WEIGHTS),
+        "--prompt",
+        "def f(",
+        "--max-new-tokens",
+        "20",
+        "--set",
+        "max_position_embeddings=16",
+        build_dir=tmp_path,
+    )
+    assert rc == 2
+    assert "past the model's context (max_position_embeddings=16" in err and "lower --max-new-tokens" in err
+    rc, out, err = run(capsys, "--weights", str(WEIGHTS), "--set", "no_such_field=1", build_dir=tmp_path)
+    assert rc == 2 and "--set no_such_field: qwen2.model's config has no field 'no_such_field'" in err
+    rc, out, err = run(capsys, "--weights", str(WEIGHTS), "--set", "num_hidden_layers=true", build_dir=tmp_path)
+    assert rc == 2 and "(with --set overrides) does not fit qwen2.model" in err and "num_hidden_layers" in err
+
+
+def test_int8_weight_only_generates(capsys, tmp_path):
+    pytest.importorskip("torchao")
+    args = ("--weights", str(WEIGHTS), "--prompt", "def parse_args(", "--max-new-tokens", "12")
+    rc, out_int8, err = run(capsys, *args, "--dtype", "int8", build_dir=tmp_path)
+    assert rc == 0, err
+    rc, out_fp32, err = run(capsys, *args, build_dir=tmp_path)
+    assert rc == 0, err
+    assert out_int8.startswith("def parse_args(") and len(out_int8) > len("def parse_args(\n")
+    assert out_int8 == out_fp32  # weight-only int8 keeps this prompt's greedy tokens (bench/serve.py: agreement)
+    rc, out, err = run(capsys, *args, "--dtype", "int4", build_dir=tmp_path)
+    if rc != 0:  # int4 needs torchao's int4 kernels (CUDA, or the mslk package): a clear refusal
+        assert "--dtype int4" in err and "use --dtype int8" in err

@@ -590,7 +590,7 @@ def test_cli_still_generates(capsys, build_dir):
         (["--do-sample", "--top-k", "-3"], ["--top-k"]),
         (["--do-sample", "--top-p", "1.5"], ["--top-p"]),
         (["--do-sample", "--top-p", "0"], ["--top-p"]),
-        (["--dtype", "int8"], ["--dtype"]),
+        (["--dtype", "int3"], ["--dtype", "int8"]),  # the message lists the dtypes, int8 among them
     ],
     ids=lambda v: (
         " ".join(a[:12] for a in v).replace("\n", " ") if isinstance(v, list) and v[0].startswith("--") else ""

@@ -539,6 +539,91 @@ def _moe_combine(args, kw):
     return [TType((w.dims[0], ys.dims[1]), ys.dtype)]
 
 
+def _int_option(kw: dict, key: str, default: int, op: str, low: int) -> int:
+    value = kw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise OpTypeError("E041", f"`{op}`'s {key} must be an int >= {low}, got {_desc(value)}")
+    return value
+
+
+def _window_out(size: Dim, kernel: int, stride: int, padding: int, op: str, x: TType) -> Dim:
+    """Output size of a sliding window over `size`: (size + 2 padding - kernel) // stride + 1."""
+    if isinstance(size, int):
+        out = (size + 2 * padding - kernel) // stride + 1
+        if out < 1:
+            raise OpTypeError("E031", f"`{op}`: a window of {kernel} does not fit in {x} (padding {padding})")
+        return out
+    if kernel == stride and padding == 0:  # patches: exact when the size divides
+        out = dim_div(size, kernel)
+        if out is not None:
+            return out
+    raise OpTypeError(
+        "E041",
+        f"`{op}` over the symbolic size {size} of {x}: its output size is unknown",
+        "declare the image size with config fields ([B, num_channels, image_size, image_size])",
+    )
+
+
+def _conv2d(args, kw):
+    """`conv2d(x, weight, bias, stride = 1, padding = 0)`: [B, C, H, W] * [O, C, kh, kw] -> [B, O, H', W']."""
+    if len(args) not in (2, 3) or set(kw) - {"stride", "padding"}:
+        raise OpTypeError("E040", "`conv2d` takes (x, weight, bias, stride = s, padding = p)")
+    x, w = _t(args[0], "`conv2d`'s input"), _t(args[1], "`conv2d`'s weight")
+    if x.rank != 4:
+        raise OpTypeError("E031", f"`conv2d` needs images as [B, C, H, W], got {x}")
+    if w.rank != 4 or not all(isinstance(d, int) for d in w.dims[2:]):
+        raise OpTypeError("E033", f"`conv2d`'s weight must be [out, in, kh, kw] with known kh, kw, got {w}")
+    if x.dims[1] != w.dims[1]:
+        raise OpTypeError(
+            "E033", f"`conv2d` of {x} with weight {w}: {x.dims[1]} channels, the weight takes {w.dims[1]}"
+        )
+    if len(args) == 3 and args[2] not in (NONE_TYPE, None):
+        b = _t(args[2], "`conv2d`'s bias")
+        if b.dims != (w.dims[0],):
+            raise OpTypeError("E033", f"`conv2d`'s bias must be [{w.dims[0]}], got {b}")
+    stride = _int_option(kw, "stride", 1, "conv2d", 1)
+    padding = _int_option(kw, "padding", 0, "conv2d", 0)
+    h, wd = (_window_out(d, k, stride, padding, "conv2d", x) for d, k in zip(x.dims[2:], w.dims[2:]))
+    return [TType((x.dims[0], w.dims[0], h, wd), join_dtype(x.dtype, w.dtype, "conv2d"))]
+
+
+def _max_pool2d(args, kw):
+    """`max_pool2d(x, kernel, stride = kernel, padding = 0)` over the last two dims of [B, C, H, W]."""
+    if len(args) != 2 or set(kw) - {"stride", "padding"}:
+        raise OpTypeError("E040", "`max_pool2d` takes (x, kernel, stride = s, padding = p)")
+    x = _t(args[0], "`max_pool2d`'s input")
+    if x.rank != 4:
+        raise OpTypeError("E031", f"`max_pool2d` needs [B, C, H, W], got {x}")
+    kernel = _int_option({"kernel": args[1]}, "kernel", 1, "max_pool2d", 1)
+    stride = _int_option(kw, "stride", kernel, "max_pool2d", 1)
+    padding = _int_option(kw, "padding", 0, "max_pool2d", 0)
+    if 2 * padding > kernel:
+        raise OpTypeError("E041", f"`max_pool2d`'s padding {padding} is more than half its kernel {kernel}")
+    h, wd = (_window_out(d, kernel, stride, padding, "max_pool2d", x) for d in x.dims[2:])
+    return [TType(x.dims[:2] + (h, wd), x.dtype)]
+
+
+def _expand(args, kw):
+    """`expand(x, [dims])`: size-1 dims broadcast to the given sizes, -1 keeps a dim (cls tokens to the batch)."""
+    if len(args) != 2 or not isinstance(args[1], list) or kw:
+        raise OpTypeError("E040", "`expand` takes (x, [dims])")
+    x = _t(args[0], "`expand`'s input")
+    target = list(args[1])
+    if len(target) != x.rank:
+        raise OpTypeError("E034", f"`expand` of {x} needs {x.rank} sizes, got {_fmt(target)}")
+    dims = []
+    for have, want in zip(x.dims, target):
+        if isinstance(want, bool) or not isinstance(want, (int, Sym)) or (isinstance(want, int) and want < -1):
+            raise OpTypeError("E034", f"`expand` sizes must be sizes or -1, got {_desc(want)}")
+        if want == -1 or want == have:
+            dims.append(have)
+        elif have == 1:
+            dims.append(want)
+        else:
+            raise OpTypeError("E034", f"`expand` of {x} to {_fmt(target)}: only size-1 dims broadcast")
+    return [TType(tuple(dims), x.dtype)]
+
+
 UNARY = ops.names("unary")  # the elementwise ops by kind, from the one op table (dslc/ir/ops.py)
 BINARY = ops.names("binary")
 
@@ -568,6 +653,9 @@ PRIMITIVES: dict[str, Callable] = {
     "moe_dispatch": _moe_dispatch,
     "grouped_linear": _grouped_linear,
     "moe_combine": _moe_combine,
+    "conv2d": _conv2d,
+    "max_pool2d": _max_pool2d,
+    "expand": _expand,
 }
 
 # how many results an op gives (default 1); chunk/split give as many as asked

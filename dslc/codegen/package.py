@@ -28,14 +28,8 @@ STATIC_FILES = (
     "moe.py",
     "parallel.py",
     "outputs.py",
+    "serving.py",
 )
-TASK_OUTPUTS = {
-    "causal_lm": ("logits",),
-    "masked_lm": ("logits",),
-    "sequence_classification": ("logits",),
-    "embedding": ("embeddings",),
-    "base": ("last_hidden_state", "pooler_output"),
-}
 PY_TYPES = {"int": "int", "float": "float", "bool": "bool", "str": "str"}
 PY_TYPES.update({f"list[{t}]": f"list[{t}]" for t in list(PY_TYPES)})  # list-typed config fields
 # Standard-library modules rendered as subclasses of torch's own layers, so PEFT, torch's tensor-parallel
@@ -46,6 +40,7 @@ TORCH_LAYERS = {
     "Linear": ("nn.Linear", "in_features, out_features, bias=bias"),
     "Embedding": ("nn.Embedding", "num_embeddings, embedding_dim, padding_idx=padding_idx"),
     "LayerNorm": ("nn.LayerNorm", "dim, eps=eps, bias=bias"),
+    "Conv2d": ("nn.Conv2d", "in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias"),
 }
 TORCH_LAYER_RESET = {
     "Embedding": "self._fill_padding_idx_with_zero()  # the pad row starts at zero, as in torch and HF"
@@ -319,7 +314,7 @@ class PackageRenderer:
         return head, N.Graph(g.args, g.body[:-1], (hidden.name,), None, g.span)
 
     def model_class_attrs(self, m: N.ModuleDef) -> list[str]:
-        outputs = TASK_OUTPUTS.get(m.task or "base", ("logits",))
+        outputs = N.TASKS.get(m.task or "base", ("logits",))
         n_out = len(m.forward.outputs)
         outputs = (
             outputs[:n_out]

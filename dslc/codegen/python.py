@@ -295,6 +295,15 @@ class BodyRenderer:
             return f"torch.topk({self.operand(a[0])}, {self.operand(a[1])}, dim=-1)", ATOM
         if name in _MOE:
             return f"moe.{_MOE[name]}({', '.join(self.operand(x) for x in a)})", ATOM
+        if name in ("conv2d", "max_pool2d"):
+            args = ", ".join(self.operand(x) for x in a)
+            opts = "".join(f", {k}={self.operand(v)}" for k, v in op.kwargs)
+            return f"F.{name}({args}{opts})", ATOM
+        if name == "expand":
+            dims = a[1].items if isinstance(a[1], N.ListE) else None
+            if dims is None:
+                raise CodegenError("expand needs a list of dims")
+            return f"{self.operand(a[0], ATOM)}.expand({', '.join(self.operand(d) for d in dims)})", ATOM
         if name == "attention":
             opts = [
                 f"dropout={self.operand(v)} if self.training else 0.0" if k == "dropout" else f"{k}={self.operand(v)}"

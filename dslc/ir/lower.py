@@ -17,7 +17,6 @@ from dslc.syntax import ast as A
 
 SCALAR_TYPES = ("int", "float", "bool", "str")
 LIST_TYPES = tuple(f"list[{t}]" for t in SCALAR_TYPES)  # config fields only (HF's layer_types)
-TASKS = ("causal_lm", "masked_lm", "sequence_classification", "embedding", "base")
 INITS = ("normal", "zeros", "ones")
 TRANSFORMS = ("transpose", "split", "concat", "stack")
 ROUTER_OPTIONS = ("num_experts", "top_k", "coef")  # the load-balancing loss's (transformers' Mixtral / Qwen2-MoE)
@@ -145,12 +144,12 @@ class Lowering:
                 did_you_mean(model.config or "", decls.configs) or "declare it with `config Name:`",
             )
             self.rep.raise_if_errors()
-        if model.task not in TASKS:
+        if model.task not in N.TASKS:
             self.rep.error(
                 "E015",
                 f"unknown task `{model.task}`",
                 model.span,
-                did_you_mean(model.task or "", TASKS) or f"tasks: {', '.join(TASKS)}",
+                did_you_mean(model.task or "", N.TASKS) or f"tasks: {', '.join(N.TASKS)}",
             )
         self.config_fields = {f.name: f for f in config_decl.fields}
         config = self._lower_config(config_decl, decls.archs)
@@ -1449,12 +1448,12 @@ class Lowering:
                     )
                 ckpt.append(name)
             for pattern, style, span in d.parallel:
-                if style not in ("colwise", "rowwise"):
+                if style not in N.PARALLEL_STYLES:
                     self.rep.error(
                         "E019",
                         f"unknown parallel style `{style}`",
                         span,
-                        did_you_mean(style, ("colwise", "rowwise")) or "styles: colwise, rowwise",
+                        did_you_mean(style, N.PARALLEL_STYLES) or f"styles: {', '.join(N.PARALLEL_STYLES)}",
                     )
                 par.append((pattern, style))
             for name, span in d.save:

@@ -73,7 +73,7 @@ PACKAGE_GLOBALS = {
 # the files of a generated package: `from .modeling import X` in __init__.py would replace `package.X`
 PACKAGE_FILES = frozenset(
     """__init__ config modeling attention checkpoint cuda_graphs generation kernels kernels_runtime kernels_triton
-    losses losses_triton model_base model_core config_spec moe outputs parallel""".split()
+    losses losses_triton model_base model_core config_spec moe outputs parallel serving""".split()
 )
 
 # Python builtins: a module-level class or function of that name replaces the builtin for generated code

@@ -310,10 +310,25 @@ class CheckpointDef:
 @dataclass(frozen=True)
 class TrainDef:
     checkpointing: tuple[str, ...]  # module names whose calls recompute activations in backward
-    parallel: tuple[tuple[str, str], ...]  # (parameter-path pattern, colwise | rowwise)
+    parallel: tuple[tuple[str, str], ...]  # (module-path pattern, a PARALLEL_STYLES style)
     save: tuple[str, ...] = ()  # op kinds (SAVE_OPS) whose outputs checkpointed blocks keep instead of recomputing
 
 
+# a model's task -> the names of its forward's outputs (HF's output fields); the package's model_base.py and
+# outputs.py hold the loss and the ModelOutput class of each
+TASKS: dict[str, tuple[str, ...]] = {
+    "causal_lm": ("logits",),
+    "masked_lm": ("logits",),
+    "sequence_classification": ("logits",),
+    "image_classification": ("logits",),
+    "embedding": ("embeddings",),
+    "base": ("last_hidden_state", "pooler_output"),
+}
+PARALLEL_STYLES = (
+    "colwise",
+    "rowwise",
+    "sequence",
+)  # a `parallel` line's styles; the package's parallel.py applies them
 SAVE_OPS = ("linear", "attention")  # `save_activations` names: matmuls, attention kernels (model_base.SAVE_OPS)
 
 

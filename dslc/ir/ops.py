@@ -81,10 +81,13 @@ OPS: dict[str, OpDef] = {
         OpDef("chunk", "shape", "n equal parts of a dim"),
         OpDef("split", "shape", "parts of given sizes"),
         OpDef("concat", "shape", "join along a dim"),
+        OpDef("expand", "shape", "broadcast size-1 dims to given sizes (a view)"),
         OpDef("arange", "other", "0, 1, ... n - 1 (build-time sizes)"),
         # ---- layers ------------------------------------------------------------------------------------
         OpDef("linear", "other", "x @ weight.T (+ bias)"),
         OpDef("gather", "other", "embedding lookup: rows of a table by index"),
+        OpDef("conv2d", "other", "2-D convolution of [B, C, H, W] images (patch embeddings, CNNs)"),
+        OpDef("max_pool2d", "other", "2-D max pooling over [B, C, H, W]"),
         OpDef("attention", "other", "scaled dot-product attention (KV cache, masks)", pure=False),
         OpDef("dropout", "other", "random zeroing in training", pure=False),
         # ---- mixture of experts: routing, token dispatch, grouped matmul ----------------------------------

@@ -32,10 +32,8 @@ from dslc.ir import nodes as N
 from dslc.ir.evaluate import free_refs
 
 INITS = ("normal", "zeros", "ones")
-TASKS = ("causal_lm", "masked_lm", "sequence_classification", "embedding", "base")
 SCALAR_TYPES = ("int", "float", "bool", "str")
 TRANSFORMS = ("transpose", "split", "concat")
-PARALLEL_STYLES = ("colwise", "rowwise")
 
 
 def _at(span: Span) -> str:
@@ -137,7 +135,7 @@ class _Verifier:
                         s.span,
                     )
             if m.name == self.p.model:
-                if m.task not in TASKS:
+                if m.task not in N.TASKS:
                     self.err(f"model `{m.name}`: unknown task `{m.task}`", m.span)
             elif m.task is not None:
                 self.err(f"module `{m.name}` has a task but is not the model", m.span)
@@ -279,7 +277,7 @@ class _Verifier:
             if name not in self.modules:
                 self.err(f"train: activation checkpointing names unknown module `{name}`")
         for pattern, style in self.p.train.parallel:
-            if style not in PARALLEL_STYLES:
+            if style not in N.PARALLEL_STYLES:
                 self.err(f"train: parallel `{pattern}` has unknown style `{style}`")
 
     def fused_regions(self) -> None:

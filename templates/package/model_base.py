@@ -32,12 +32,14 @@ LOSSES = {
     "causal_lm": causal_lm_loss,
     "masked_lm": masked_lm_loss,
     "sequence_classification": sequence_classification_loss,
+    "image_classification": sequence_classification_loss,  # HF's ForImageClassification loss is the same
 }
 # the `loss_type` HF Trainer reads to count `num_items_in_batch` (over labels[..., 1:] for a causal LM)
 LOSS_TYPES = {
     "causal_lm": "ForCausalLM",
     "masked_lm": "ForMaskedLM",
     "sequence_classification": "ForSequenceClassification",
+    "image_classification": "ForImageClassification",
 }
 KNOWN_INPUTS = ("input_ids", "position_ids", "token_type_ids")  # what forward() makes or takes by these names
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -488,20 +490,25 @@ class PreTrainedModel(nn.Module):
 
     # ---- scale out -------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained_sharded(cls, folder, mesh, tp: str | None = None, dp_shard: str | None = None, dtype=None):
-        """`from_pretrained` then `parallelize`, without the whole model on any rank: built on the meta device,
-        sharded there, filled from rank 0's reading of the folder shard by shard (parallel.load_sharded)."""
+    def from_pretrained_sharded(
+        cls, folder, mesh, tp: str | None = None, dp_shard: str | None = None, dtype=None, **options
+    ):
+        """`from_pretrained` then `parallelize` (with its `options`), without the whole model on any rank: built on
+        the meta device, sharded there, filled from rank 0's reading of the folder shard by shard
+        (parallel.load_sharded)."""
         from .parallel import load_sharded
 
-        return load_sharded(cls, folder, mesh, tp=tp, dp_shard=dp_shard, dtype=dtype)
+        return load_sharded(cls, folder, mesh, tp=tp, dp_shard=dp_shard, dtype=dtype, **options)
 
-    def parallelize(self, mesh, tp: str | None = None, dp_shard: str | None = None) -> PreTrainedModel:
-        """Shard the model in place over a DeviceMesh: the spec's `parallel` plan (tensor parallelism) on the `tp`
-        dimension, FSDP2 per block of the repeat stack then the whole model on `dp_shard`, or both (2-D).
-        Dimension names default to "tp" and "dp_shard". See parallel.parallelize; returns the model."""
+    def parallelize(self, mesh, tp: str | None = None, dp_shard: str | None = None, **options) -> PreTrainedModel:
+        """Shard the model in place over a DeviceMesh: the spec's `parallel` plan (tensor parallelism, with sequence
+        parallelism for its `sequence` norms) on the `tp` dimension, FSDP2 per block of the repeat stack then the
+        whole model on `dp_shard`, or both (2-D). Dimension names default to "tp" and "dp_shard". `options`:
+        sequence_parallel, param_dtype, reduce_dtype, reshard_after_forward, offload (parallel.parallelize says
+        what each does); returns the model."""
         from .parallel import parallelize
 
-        return parallelize(self, mesh, tp=tp, dp_shard=dp_shard)
+        return parallelize(self, mesh, tp=tp, dp_shard=dp_shard, **options)
 
     # ---- training --------------------------------------------------------------------------------
     def activation_checkpointing_enable(
@@ -713,8 +720,8 @@ class PreTrainedModel(nn.Module):
             head = self.get_submodule(sub)
             loss = fused_causal_lm_loss(
                 hidden,
-                getattr(head, weight),
-                getattr(head, bias) if bias else None,
+                full_tensor(getattr(head, weight)),
+                full_tensor(getattr(head, bias)) if bias else None,
                 labels,
                 num_items_in_batch=num_items_in_batch,
             )
@@ -782,27 +789,29 @@ class PreTrainedModel(nn.Module):
         HF's other options are accepted at their no-op values only (num_beams=1, use_cache=True...). `streamer`:
         a callable given each step's tokens, or an HF streamer (put/end). See generation.generate."""
         from .generation import generate
+        from .parallel import root_unsharded
 
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)  # HF's name of the first argument
-        return generate(
-            self,
-            input_ids,
-            generation_config=generation_config,
-            streamer=streamer,
-            attention_mask=attention_mask,
-            generator=generator,
-            cuda_graph=cuda_graph,
-            max_new_tokens=max_new_tokens,
-            max_length=max_length,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            **kwargs,
-        )
+        with root_unsharded(self):  # FSDP2: the root's own weights gathered once for the whole run
+            return generate(
+                self,
+                input_ids,
+                generation_config=generation_config,
+                streamer=streamer,
+                attention_mask=attention_mask,
+                generator=generator,
+                cuda_graph=cuda_graph,
+                max_new_tokens=max_new_tokens,
+                max_length=max_length,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                **kwargs,
+            )
 
 
 # ---- loading helpers -----------------------------------------------------------------------------------
@@ -1028,6 +1037,12 @@ def _size_hint(model, reader: CheckpointReader, config, problems: list[str]) -> 
 
 
 # ---- forward helpers -----------------------------------------------------------------------------------
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor-parallel (DTensor) weight gathered whole, differentiably (the fused loss reads the LM head's
+    weight outside its forward); any other tensor as it is."""
+    return tensor.full_tensor() if type(tensor).__name__ == "DTensor" else tensor
 
 
 def keeps_all_positions(logits_to_keep) -> bool:

@@ -162,6 +162,10 @@ class MoeCausalLMOutput(ModelOutput):
     fields = ("loss", "aux_loss", "logits", "hidden_states", "attentions", "router_logits")
 
 
+class ImageClassifierOutput(ModelOutput):
+    fields = ("loss", "logits", "hidden_states", "attentions")
+
+
 class EmbeddingOutput(ModelOutput):
     fields = ("embeddings", "hidden_states")
 
@@ -171,6 +175,7 @@ TASK_OUTPUTS = {
     "causal_lm": CausalLMOutput,
     "masked_lm": MaskedLMOutput,
     "sequence_classification": SequenceClassifierOutput,
+    "image_classification": ImageClassifierOutput,
     "embedding": EmbeddingOutput,
 }
 

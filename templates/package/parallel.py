@@ -10,20 +10,35 @@ sharded model, and distributed checkpoints (DCP) of model + optimizer that resum
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import re
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-STYLES = ("colwise", "rowwise")  # the styles a spec's `parallel` lines take
+STYLES = ("colwise", "rowwise", "sequence")  # the styles a spec's `parallel` lines take
 TP_NAMES = ("tp",)
 DP_SHARD_NAMES = ("dp_shard", "dp", "fsdp")
 HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads", "n_head", "num_heads")
 
 
-def parallelize(model: nn.Module, mesh, tp: str | None = None, dp_shard: str | None = None) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    mesh,
+    tp: str | None = None,
+    dp_shard: str | None = None,
+    *,
+    sequence_parallel: bool = True,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+    reshard_after_forward: bool = True,
+    offload: bool = False,
+) -> nn.Module:
     """Shard `model` in place over `mesh` (a `torch.distributed.device_mesh.DeviceMesh`) and return it.
 
     `tp` / `dp_shard`: names of the mesh dimensions for tensor parallelism and FSDP2. Left None, a mesh
@@ -32,12 +47,17 @@ def parallelize(model: nn.Module, mesh, tp: str | None = None, dp_shard: str | N
 
     Tensor parallelism applies the spec's `parallel` plan (`model.tp_plan`, `{i}` standing for each block of the
     repeat stack) with torch's ColwiseParallel / RowwiseParallel; attention splits the heads
-    it receives (the specs split by head_dim), so each rank runs its local heads. FSDP2 (`fully_shard`) wraps each
-    block of the repeat stack (the spec's activation-checkpointing unit), then the whole model, so tied
-    embeddings stay one parameter. Both together are 2-D (FSDP x TP). Refused with a ValueError naming the key or
-    size: fused projections (`fuse_projections()`; call `unfuse_projections()` first), a plan key that matches no
-    module, an unknown style, a mesh dimension that does not divide a sharded width or a head count, a model
-    already parallelized."""
+    it receives (the specs split by head_dim), so each rank runs its local heads. Norms the plan marks `sequence`
+    run torch's SequenceParallel (see `_sequence_styles`): between blocks each rank then holds its slice of the
+    sequence, and `sequence_parallel=False` turns that off (plain TP; the `sequence` lines are skipped).
+    FSDP2 (`fully_shard`) wraps each block of the repeat stack (the spec's activation-checkpointing unit), then
+    the whole model, so tied embeddings stay one parameter; `param_dtype` / `reduce_dtype` are its
+    MixedPrecisionPolicy (compute in bf16, reduce gradients in fp32), `reshard_after_forward` frees each block's
+    gathered weights after its forward (False: keep them for backward, more memory, fewer all-gathers),
+    `offload` keeps the shards and their optimizer state in CPU memory (CPUOffloadPolicy). Both together are
+    2-D (FSDP x TP). Refused with a ValueError naming the key or size: fused projections (`fuse_projections()`;
+    call `unfuse_projections()` first), a plan key that matches no module, an unknown style, a mesh dimension
+    that does not divide a sharded width or a head count, a model already parallelized."""
     name = type(model).__name__
     if getattr(model, "_parallel_mesh", None) is not None:
         raise ValueError(f"{name} is already parallelized; build or load a fresh model to parallelize it again")
@@ -54,16 +74,20 @@ def parallelize(model: nn.Module, mesh, tp: str | None = None, dp_shard: str | N
         )
     tp_mesh, dp_mesh = _meshes(name, mesh, tp, dp_shard)
     if tp_mesh is not None:
-        _tensor_parallel(model, tp_mesh)
+        _tensor_parallel(model, tp_mesh, sequence_parallel)
     if dp_mesh is not None:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        blocks = _blocks(model)
-        for block in blocks:
-            fully_shard(block, mesh=dp_mesh)
+        options = {
+            "mesh": dp_mesh,
+            "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+            "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy(),
+        }
+        for block in _blocks(model):
+            fully_shard(block, reshard_after_forward=reshard_after_forward, **options)
         # the root reshards after forward too (FSDP2 keeps a root's gathered parameters by default): after a
         # no_grad forward (an eval) they would stay gathered and the next training step would not update them
-        fully_shard(model, mesh=dp_mesh, reshard_after_forward=True)
+        fully_shard(model, reshard_after_forward=True, **options)
     model._parallel_mesh = mesh
     return model
 
@@ -133,12 +157,15 @@ def expand_plan(model: nn.Module) -> dict[str, str]:
     return plan
 
 
-def _tensor_parallel(model: nn.Module, mesh) -> None:
+def _tensor_parallel(model: nn.Module, mesh, sequence_parallel: bool = True) -> None:
+    from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     name = type(model).__name__
     size = mesh.size()
     plan = expand_plan(model)
+    if not sequence_parallel:
+        plan = {key: style for key, style in plan.items() if style != "sequence"}
     config = getattr(model, "config", None)
     heads = {f: getattr(config, f) for f in HEAD_FIELDS if isinstance(getattr(config, f, None), int)}
     head_dim = getattr(config, "head_dim", None)
@@ -148,26 +175,246 @@ def _tensor_parallel(model: nn.Module, mesh) -> None:
         head_dim = width // count if isinstance(width, int) and count else None
     for key, style in plan.items():
         module = model.get_submodule(key)
-        if not isinstance(module, nn.Linear):
-            raise ValueError(
-                f"{name}.parallelize: `{key}` ({type(module).__name__}) is not a Linear; {style} needs one"
+        if style == "sequence":
+            continue  # a norm: checked by _sequence_styles
+        if isinstance(module, nn.Embedding):
+            width, what = (module.num_embeddings, "rows") if style == "rowwise" else (module.embedding_dim, "columns")
+        elif isinstance(module, nn.Linear):
+            width, what = (
+                (module.out_features, "out_features") if style == "colwise" else (module.in_features, "in_features")
             )
-        width, what = (
-            (module.out_features, "out_features") if style == "colwise" else (module.in_features, "in_features")
-        )
+        else:
+            raise ValueError(
+                f"{name}.parallelize: `{key}` ({type(module).__name__}) is not a Linear or an Embedding; "
+                f"{style} needs one"
+            )
         if width % size:
             raise ValueError(f"{name}.parallelize: `{key}` {what}={width} does not split over a tp mesh of {size}")
         for field, count in heads.items():  # a projection of `count` heads: each rank must hold whole heads
-            if head_dim and width == count * head_dim and count % size:
+            if isinstance(module, nn.Linear) and head_dim and width == count * head_dim and count % size:
                 raise ValueError(
                     f"{name}.parallelize: {field}={count} heads do not split over a tp mesh of {size} (`{key}`)"
                 )
-    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-    parallelize_module(model, mesh, {key: styles[style]() for key, style in plan.items()})
+    _check_ties(name, model, plan)
+    blocks = _block_names(model)
+    switch = SequenceSwitch(mesh.size()) if any(style == "sequence" for style in plan.values()) else None
+    sp = _sequence_parallel_styles() if switch is not None else None
+    styles = {}
+    for key, style in plan.items():
+        inside = _owner_block(key, blocks) is not None
+        module = model.get_submodule(key)
+        if style == "colwise":
+            # a projection inside a block leaves its heads local; one outside (the LM head) gathers its output
+            styles[key] = ColwiseParallel() if inside else ColwiseParallel(output_layouts=Replicate())
+        elif style == "rowwise" and isinstance(module, nn.Embedding):
+            # each rank looks up its rows of the vocabulary; the sum is scattered over the sequence under SP
+            styles[key] = (
+                sp.Embedding(switch, input_layouts=Replicate())
+                if switch is not None
+                else RowwiseParallel(input_layouts=Replicate())
+            )
+        elif style == "rowwise":
+            styles[key] = sp.Rowwise(switch) if switch is not None and inside else RowwiseParallel()
+    if switch is not None:
+        styles.update(_sequence_styles(name, model, plan, blocks, switch, sp))
+    parallelize_module(model, mesh, styles)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # the head's sharded weight is the embedding's again (both shard the vocabulary)
+
+
+def _block_names(model: nn.Module) -> list[str]:
+    """Module names of the blocks of the repeat stack (`model.layers.0`, ...)."""
+    ids = {id(block) for block in _blocks(model)}
+    return [n for n, m in model.named_modules() if id(m) in ids]
+
+
+def _owner_block(key: str, blocks: list[str]) -> str | None:
+    return next((b for b in blocks if key.startswith(b + ".")), None)
+
+
+def _check_ties(name: str, model: nn.Module, plan: dict[str, str]) -> None:
+    """A tied pair (embedding and LM head) is sharded alike, on the vocabulary (embedding rowwise, head colwise),
+    or not at all: one parameter cannot hold two layouts."""
+    tied = model.tied_parameters() if hasattr(model, "tied_parameters") else {}
+    for target, source in tied.items():
+        a, b = target.rpartition(".")[0], source.rpartition(".")[0]
+        shards = {plan.get(a), plan.get(b)}
+        if shards == {None} or shards == {"rowwise", "colwise"} and plan.get(a) != plan.get(b):
+            continue
+        raise ValueError(
+            f"{name}.parallelize: `{target}` is tied to `{source}`, so `{a}` and `{b}` must both shard the "
+            f"vocabulary (the embedding rowwise, the head colwise) or neither; the plan gives `{a}` "
+            f"{plan.get(a) or 'no line'} and `{b}` {plan.get(b) or 'no line'}"
+        )
+
+
+def _sequence_styles(name: str, model: nn.Module, plan: dict[str, str], blocks: list[str], switch, sp) -> dict:
+    """The layouts of sequence parallelism (Megatron-LM's, as torchtitan applies it): the residual stream between
+    blocks is sharded on the sequence (dim 1); each `sequence` norm runs on its rank's tokens with replicated
+    weights whose gradients are summed over the tp ranks; the module holding a block's colwise projections
+    (attention, MLP) all-gathers its input once; rowwise projections reduce-scatter (their styles, set by the
+    caller). The norm after the last block gathers the sequence again, so the model's outputs and the fused loss
+    see every token. The plan must cover the stream: the input embedding and every block child with weights.
+    A call whose length T is not a multiple of the tp size (a decode step of one token) runs as plain TP: see
+    SequenceSwitch."""
+
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embedding_key = next((n for n, m in model.named_modules() if m is embedding), None)
+    if embedding_key is not None and plan.get(embedding_key) != "rowwise":
+        raise ValueError(
+            f"{name}.parallelize: sequence parallelism shards the sequence from the input embedding on; add "
+            f'`parallel "{embedding_key}" -> rowwise` to the spec\'s train: section (or sequence_parallel=False)'
+        )
+    styles: dict = {}
+    for key, style in plan.items():
+        if style != "sequence":
+            continue
+        if any(n != key and n.startswith(key + ".") for n in plan):
+            raise ValueError(f"{name}.parallelize: `{key}` is `sequence` but holds projections of the plan")
+        styles[key] = sp.Norm(switch, gather=_owner_block(key, blocks) is None)
+    for block in blocks:
+        for child_name, child in model.get_submodule(block).named_children():
+            key = f"{block}.{child_name}"
+            sharded = [n for n, s in plan.items() if n.startswith(key + ".") and s == "colwise"]
+            if sharded:
+                styles[key] = sp.Gather(switch, _positional_count(child))
+            elif key not in plan and any(True for _ in child.parameters()):
+                pattern = re.sub(r"\.\d+\.", ".{i}.", key + ".", count=1).rstrip(".")
+                raise ValueError(
+                    f"{name}.parallelize: `{key}` has weights but no `parallel` line; under sequence parallelism "
+                    f'it sees one slice of the sequence: add `parallel "{pattern}" -> sequence` (a norm) to the '
+                    "spec, or call parallelize(..., sequence_parallel=False)"
+                )
+        owned = [n for n, s in plan.items() if s == "colwise" and n.rpartition(".")[0] == block]
+        if owned:
+            raise ValueError(
+                f"{name}.parallelize: sequence parallelism gathers the input of the module that holds a block's "
+                f"colwise projections, but `{owned[0]}` belongs to the block itself; move it into a submodule "
+                "(attention, MLP) or call parallelize(..., sequence_parallel=False)"
+            )
+    return styles
+
+
+def _positional_count(module: nn.Module) -> int:
+    parameters = inspect.signature(module.forward).parameters.values()
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)
+
+
+class SequenceSwitch:
+    """Whether the current call is sequence-sharded: set by the input embedding from the call's length T, on
+    when T is a multiple of the tp size. Otherwise (a decode step of one token, an odd prompt) the same
+    modules run as plain tensor parallelism: every rank holds every token, norms see them all."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.active = False
+
+    def update(self, ids: torch.Tensor) -> None:
+        self.active = ids.dim() == 2 and ids.shape[1] % self.size == 0
+
+
+@functools.cache
+def _sequence_parallel_styles():
+    """The ParallelStyles of sequence parallelism, built on first use (torch.distributed.tensor imports late):
+    torch's RowwiseParallel, PrepareModuleInput and SequenceParallel with their layouts chosen per call by a
+    SequenceSwitch (torch's own take them fixed at parallelize time)."""
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput, RowwiseParallel, SequenceParallel
+
+    def sequence_or_whole(switch: SequenceSwitch) -> tuple:
+        return (Shard(1),) if switch.active else (Replicate(),)
+
+    class Rowwise(RowwiseParallel):
+        """A block's rowwise projection: its partial sums reduce-scattered over the sequence (or all-reduced)."""
+
+        def __init__(self, switch: SequenceSwitch, **kwargs):
+            super().__init__(**kwargs)
+            self.switch = switch
+
+        def _prepare_output_fn(self, output_layouts, use_local_output, mod, outputs, device_mesh):
+            layouts = sequence_or_whole(self.switch)
+            return RowwiseParallel._prepare_output_fn(layouts, use_local_output, mod, outputs, device_mesh)
+
+    class Embedding(Rowwise):
+        """The input embedding, rowwise over the vocabulary; it reads the call's length into the switch."""
+
+        def _prepare_input_fn(self, input_layouts, desired_input_layouts, mod, inputs, device_mesh):
+            self.switch.update(inputs[0])
+            return RowwiseParallel._prepare_input_fn(input_layouts, desired_input_layouts, mod, inputs, device_mesh)
+
+    class Gather(PrepareModuleInput):
+        """The module holding a block's colwise projections all-gathers its first input (a sequence shard) once;
+        the gathered DTensor stays one, so backward reduce-scatters its gradient."""
+
+        def __init__(self, switch: SequenceSwitch, count: int):
+            rest = (None,) * (count - 1)
+            super().__init__(input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest))
+            self.switch = switch
+
+        def _prepare_input_fn(self, inputs, device_mesh):
+            return super()._prepare_input_fn(inputs, device_mesh) if self.switch.active else inputs
+
+    class Norm(SequenceParallel):
+        """A `sequence` norm: torch's SequenceParallel (weights replicated, gradients summed over the tp ranks),
+        also for the fused add's `residual=` input and the (normed, sum) output; outputs are local tensors again
+        (the residual stream stays plain tensors) or, with `gather` (the norm after the last block), the whole
+        sequence on every rank."""
+
+        def __init__(self, switch: SequenceSwitch, gather: bool):
+            super().__init__(use_local_output=True)
+            self.switch, self.gather = switch, gather
+
+        def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+            self._replicate_module_fn("", module, device_mesh)
+
+            def wrap(x):
+                if isinstance(x, DTensor):
+                    return x
+                return DTensor.from_local(x, device_mesh, sequence_or_whole(self.switch), run_check=False)
+
+            def to_dtensors(_, args, kwargs):
+                if kwargs.get("residual") is not None:
+                    kwargs = {**kwargs, "residual": wrap(kwargs["residual"])}
+                return (wrap(args[0]), *args[1:]), kwargs
+
+            def to_local(_, args, outputs):
+                def local(x):
+                    gather = self.gather and self.switch.active
+                    return (x.redistribute(placements=(Replicate(),)) if gather else x).to_local()
+
+                return tuple(local(x) for x in outputs) if isinstance(outputs, tuple) else local(outputs)
+
+            module.register_forward_pre_hook(to_dtensors, with_kwargs=True)
+            module.register_forward_hook(to_local)
+            return module
+
+    return SimpleNamespace(Rowwise=Rowwise, Embedding=Embedding, Gather=Gather, Norm=Norm)
+
+
+@contextlib.contextmanager
+def root_unsharded(model: nn.Module):
+    """The root's own FSDP2 shards (embedding, final norm, LM head) gathered while the block runs: generation
+    calls the model's parts, not its forward, so FSDP2's forward hooks do not gather them. The blocks gather
+    their own in their forward hooks. A model without FSDP2: nothing to do."""
+    from_fsdp = "torch.distributed.fsdp" in sys.modules and isinstance(
+        model, sys.modules["torch.distributed.fsdp"].FSDPModule
+    )
+    if not from_fsdp:
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 # ---- saving -----------------------------------------------------------------------------------------------
-def load_sharded(cls, folder, mesh, tp: str | None = None, dp_shard: str | None = None, dtype=None, device=None):
+def load_sharded(
+    cls, folder, mesh, tp: str | None = None, dp_shard: str | None = None, dtype=None, device=None, **options
+):
     """A Hugging Face folder straight into a sharded model, without the whole model on any rank.
 
     The model is built on the meta device (no memory), cast to `dtype`, sharded there (`parallelize`), then
@@ -188,7 +435,7 @@ def load_sharded(cls, folder, mesh, tp: str | None = None, dp_shard: str | None 
         model = model.to(dtype)
     shapes, tied = model.parameter_shapes(), model.tied_parameters()
     dtypes = {n: p.dtype for n, p in model.named_parameters(remove_duplicate=False)}
-    parallelize(model, mesh, tp=tp, dp_shard=dp_shard)
+    parallelize(model, mesh, tp=tp, dp_shard=dp_shard, **options)
     device = torch.device(device) if device is not None else mesh.device_type
     model.to_empty(device=device)
     state: dict = {}

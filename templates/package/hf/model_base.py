@@ -46,6 +46,7 @@ AUTO_CLASSES = {
     "causal_lm": "AutoModelForCausalLM",
     "masked_lm": "AutoModelForMaskedLM",
     "sequence_classification": "AutoModelForSequenceClassification",
+    "image_classification": "AutoModelForImageClassification",
 }
 
 
@@ -61,9 +62,13 @@ def register_auto(config_class, model_class) -> None:
 
 def hf_tp_plan(plan: dict[str, str], prefix: str) -> dict[str, str]:
     """The spec's `parallel` plan ({"model.layers.{i}.self_attn.q_proj": "colwise"}) in transformers' format:
-    relative to the base model, `*` for the layer index ({"layers.*.self_attn.q_proj": "colwise"})."""
+    relative to the base model, `*` for the layer index ({"layers.*.self_attn.q_proj": "colwise"}). Only the
+    blocks' projections: the sequence-parallel lines (norms, the embedding) follow parallel.py's layouts, which
+    transformers' plan styles do not spell."""
     out = {}
     for path, style in plan.items():
+        if style == "sequence" or "{i}" not in path:
+            continue
         path = path.replace("{i}", "*")
         out[path.removeprefix(f"{prefix}.")] = style
     return out

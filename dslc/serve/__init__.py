@@ -1,0 +1,1 @@
+"""`dslc serve`: an OpenAI-compatible server with continuous batching, and a chat page."""
