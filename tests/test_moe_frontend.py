@@ -260,3 +260,10 @@ def test_the_package_equals_a_row_by_row_reference(tmp_path):
     assert set(got_grads) == set(want_grads)
     for name, g in want_grads.items():
         close(got_grads[name], g, f"gradient of {name}")
+
+
+def test_router_stays_free_as_a_member_name_and_a_misspelt_line_is_e001():
+    renamed = _spec(router="").replace("    gate = Linear(dim, experts)", "    router = Linear(dim, experts)")
+    check_source(renamed.replace("gate(h)", "router(h)"), "moe.model")  # `router` is not a reserved word
+    code, message, line = _error(_spec(router=ROUTER.replace("router", "ruoter", 1)))
+    assert (code, line) == ("E001", 33) and "unexpected string after `ruoter`" in message

@@ -287,7 +287,18 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def router_decl(self, meta, children):
-        pattern, *options = children
+        word, pattern, *options = children
+        if str(word) != "router":
+            raise DslcError(
+                [
+                    Diagnostic(
+                        "E001",
+                        f"unexpected string after `{word}`",
+                        self._tspan(pattern),
+                        ('a member is `name: [shape]`, `name = Module(...)` or `router "pattern": options`',),
+                    )
+                ]
+            )
         return A.RouterDecl(_decode_string(pattern, self.path), tuple(options), self._span(meta))
 
     @v_args(meta=True)
