@@ -1175,8 +1175,17 @@ class Lowering:
                         continue
                     if t.args:
                         self.rep.error("E050", f"`{name}` takes keyword arguments only, e.g. `{name}(dim = 0)`", t.span)
+                    takes = () if name == "transpose" else ("dim",)
+                    for k in t.kwargs:
+                        if k.name not in takes:
+                            self.rep.error(
+                                "E050",
+                                f"`{name}` has no option `{k.name}`",
+                                k.span,
+                                f"`{name}` takes `dim = N`" if takes else "`transpose` takes no options",
+                            )
                     try:
-                        kws = tuple((k.name, self._static(k.value, no_names)) for k in t.kwargs)
+                        kws = tuple((k.name, self._static(k.value, no_names)) for k in t.kwargs if k.name in takes)
                     except _Abort:
                         continue
                     transforms.append((name, kws))
