@@ -324,3 +324,16 @@ def test_cuda_graph_decoding_is_refused_with_the_reason(pair):
     kw = _inputs()
     with pytest.raises(ValueError, match="cuda_graph=True: .* reads sizes on the host"):
         ours.generate(kw["input_ids"], max_new_tokens=2, cuda_graph=True)
+
+
+def test_hidden_states_and_router_logits_together(pair):
+    _, _, hf, ours = pair
+    kw = _inputs()
+    with torch.no_grad():
+        a = hf(**kw, output_hidden_states=True, output_router_logits=True)
+        b = ours(**kw, output_hidden_states=True, output_router_logits=True)
+    assert len(b.hidden_states) == len(a.hidden_states) == hf_oracle.LAYERS + 1
+    for x, y in zip(b.hidden_states, a.hidden_states):
+        torch.testing.assert_close(x, y)
+    torch.testing.assert_close(b.aux_loss, a.aux_loss)
+    assert list(b.keys()) == ["aux_loss", "logits", "hidden_states", "router_logits"]  # HF's field order
