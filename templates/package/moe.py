@@ -30,7 +30,9 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     in] -> [M, out]. An expert that got no rows is not called."""
     sizes = counts.tolist()
     parts = x.split(sizes)
-    out = [F.linear(part, weight[e]) for e, part in enumerate(parts) if sizes[e]]
+    experts = weight.unbind(0)  # one view per expert: backward stacks their gradients once (`weight[e]` would
+    # give each expert's gradient as a zero-filled [E, out, in] tensor of its own)
+    out = [F.linear(part, experts[e]) for e, part in enumerate(parts) if sizes[e]]
     return torch.cat(out) if out else x.new_zeros(0, weight.shape[1])
 
 
