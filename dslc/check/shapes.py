@@ -366,6 +366,9 @@ class Checker:
             if isinstance(st, N.Loop):
                 self._loop(st, ctx)
                 continue
+            if isinstance(st, N.Branch):
+                self._branch(st, ctx)
+                continue
             args = [self._operand(a, ctx, st.span) for a in st.args]
             kwargs = {k: self._operand(v, ctx, st.span) for k, v in st.kwargs}
             results = self._op_types(st, args, kwargs, ctx)
@@ -504,6 +507,33 @@ class Checker:
         for y, r in zip(st.yields, st.results):
             ctx.types[r] = ctx.types[y]
         del ctx.loop_vars[st.var]
+
+    def _branch(self, st: N.Branch, ctx: _Ctx) -> None:
+        """The side this config takes is checked and gives the result's type. The other side is checked too, but
+        its errors are kept back: it may read what this config leaves out (an absent option, a none field);
+        `dslc check --set` with a config that takes it reports them."""
+        try:
+            taken = bool(evaluate(st.test, self._lookup(ctx.params)))
+        except EvalError as err:
+            self.rep.error("E021", str(err), st.span)
+            raise _Stop from None
+        sides = [(st.then, st.then_value), (st.orelse, st.else_value)]
+        body, value = sides[0 if taken else 1]
+        self._run(body, ctx)
+        result = self._operand(value, ctx, st.span)
+        if not isinstance(result, TType):
+            self.rep.error("E041", f"`a if c else b` gives {result!r} here, where a tensor is needed", st.span)
+            raise _Stop
+        ctx.types[st.results[0]] = result
+        other, other_value = sides[1 if taken else 0]
+        reporter, self.rep = self.rep, Reporter()
+        try:
+            self._run(other, ctx)
+            self._operand(other_value, ctx, st.span)
+        except _Stop:
+            pass
+        finally:
+            self.rep = reporter
 
     def _layer_instances(self, ctx: _Ctx, stack: str) -> list | None:
         """For a `repeat` whose layer arguments read the layer index `i`: (module, params) of each distinct

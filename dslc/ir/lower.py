@@ -880,8 +880,9 @@ class Lowering:
 
         def visit_body(body) -> None:
             for st in body:
-                if isinstance(st, N.Loop):
-                    visit_body(st.body)
+                if isinstance(st, (N.Loop, N.Branch)):
+                    for inner in N.bodies(st):
+                        visit_body(inner)
                 elif st.op == "fn" and st.target not in used:
                     visit_body(self.fn_defs[st.target].graph.body)
                     used.append(st.target)
@@ -1707,16 +1708,47 @@ class _Scope:
                 raise _Abort
             return self.emit("neg", (operand,), (), e.span)
         if isinstance(e, A.Cond):
-            then, test, orelse = self.expr(e.then), self.expr(e.test), self.expr(e.orelse)
-            if any(_is_tensor(x) for x in (then, test, orelse)):
-                self.rep.error("E041", "`a if c else b` needs build-time values", e.span, "use where(cond, a, b)")
-                raise _Abort
-            return N.CondE(then, test, orelse)
+            return self.conditional(e)
         if isinstance(e, A.Call):
             names = self.call(e, 1)
             return N.Ref("value", names[0])
         self.rep.error("E041", "unexpected expression", e.span)
         raise _Abort
+
+    def conditional(self, e: A.Cond) -> N.E:
+        """`a if c else b`: a build-time value when all three are; with tensor sides (and a build-time `c`) a
+        Branch, whose untaken side never runs."""
+        test = self.expr(e.test)
+        if _is_tensor(test):
+            self.rep.error(
+                "E041",
+                "`a if c else b` needs a build-time condition (config values, parameters)",
+                getattr(e.test, "span", e.span),
+                "for a condition on tensors use where(cond, a, b)",
+            )
+            raise _Abort
+        outer = self.body
+        try:
+            self.body = []
+            then = self.expr(e.then)
+            then_body, self.body = tuple(self.body), []
+            orelse = self.expr(e.orelse)
+            else_body = tuple(self.body)
+        finally:
+            self.body = outer
+        if not (then_body or else_body or _is_tensor(then) or _is_tensor(orelse)):
+            return N.CondE(then, test, orelse)
+        if not (_is_tensor(then) and _is_tensor(orelse)):
+            self.rep.error(
+                "E041",
+                "`a if c else b` with a tensor on one side needs a tensor on the other",
+                e.span,
+                "write the number as a tensor expression (`x * 0.0`), or move the choice into the op's arguments",
+            )
+            raise _Abort
+        result = self.fresh("")
+        self.body.append(N.Branch(test, then_body, then, else_body, orelse, (result,), ("",), e.span))
+        return N.Ref("value", result)
 
     def emit(self, op: str, args, kwargs, span: Span, target: str = "", n: int = 1, vars_=None) -> N.E:
         names = tuple(self.fresh("") for _ in range(n))

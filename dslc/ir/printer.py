@@ -388,6 +388,9 @@ class _Printer:
             if isinstance(st, N.Loop):
                 self.loop(depth, st, types)
                 continue
+            if isinstance(st, N.Branch):
+                self.branch(depth, st, types)
+                continue
             lhs = _results_text(st.results, st.vars, f"op {st.op}")
             text = (lhs + " = " if st.results else "") + name_text(st.op)
             if st.target:
@@ -409,6 +412,17 @@ class _Printer:
         self.emit(depth, text, lp.span, note)
         self.body(depth + 1, lp.body, types)
         self.emit(depth + 1, "yield " + ", ".join(sigil_text("%", y) for y in lp.yields))
+        self.emit(depth, "}")
+
+    def branch(self, depth: int, br: N.Branch, types: dict) -> None:
+        lhs = _results_text(br.results, br.vars, "branch")
+        note = ", ".join(n for n in (_type_note(types, r, True) for r in br.results) if n)
+        self.emit(depth, f"{lhs} = if ({ir_expr(br.test)}) {{", br.span, note)
+        self.body(depth + 1, br.then, types)
+        self.emit(depth + 1, "yield " + ir_expr(br.then_value))
+        self.emit(depth, "} else {")
+        self.body(depth + 1, br.orelse, types)
+        self.emit(depth + 1, "yield " + ir_expr(br.else_value))
         self.emit(depth, "}")
 
     # ---- checkpoint, train, weights -------------------------------------------------------------

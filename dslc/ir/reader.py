@@ -314,6 +314,21 @@ class _ToIR(Transformer):
             _span(span),
         )
 
+    def branch_side(self, *items):
+        return tuple(items[:-1]), items[-1]
+
+    def branch(self, results, test, span, then, orelse):
+        return N.Branch(
+            test,
+            then[0],
+            then[1],
+            orelse[0],
+            orelse[1],
+            tuple(r for r, _ in results),
+            tuple(v for _, v in results),
+            _span(span),
+        )
+
     # ---- checkpoint, train, weights ---------------------------------------------------------------
     def string_list(self, *toks):
         return tuple(_str(t) for t in toks if t is not None)

@@ -20,7 +20,7 @@ def _inlinable_body(graph: N.Graph, fns: dict[str, N.FnDef]) -> bool:
     if has_syms(graph):
         return False
     for st in graph.body:
-        if isinstance(st, N.Loop):
+        if isinstance(st, (N.Loop, N.Branch)):
             return False
         if st.op == "fn":
             if not _inlinable_body(fns[st.target].graph, fns):
@@ -47,8 +47,8 @@ class _Inliner:
     def body(self, body, taken: set) -> list:
         out: list = []
         for st in body:
-            if isinstance(st, N.Loop):
-                out.append(replace(st, body=tuple(self.body(st.body, taken))))
+            if isinstance(st, (N.Loop, N.Branch)):
+                out.append(N.with_bodies(st, [self.body(b, taken) for b in N.bodies(st)]))
             elif st.op == "fn" and _inlinable_body(self.fns[st.target].graph, self.fns):
                 out.extend(self.body(self.inline_fn(st, taken), taken))
             else:
