@@ -535,7 +535,6 @@ class _Graph:
         for r in lp.results:
             self.define(r, scope, lp.span)
 
-
     def branch(self, br: N.Branch, scope: set[str], loop_vars: dict[str, str]) -> None:
         if any(r.kind in ("value", "weight") for r in free_refs(br.test)):
             self.err("a branch's test must be a build-time value, not a tensor", br.span)
