@@ -37,12 +37,12 @@ def value_refs(op) -> list[str]:
     """SSA values an op, loop or branch reads (from outside it, for a loop or a branch)."""
     if isinstance(op, N.Loop):
         inner = {v for st in op.body for v in value_refs(st)}
-        defined = set(op.params) | {r for st in op.body for r in _defs(st)}
+        defined = set(op.params) | {r for st in op.body for r in defined_names(st)}
         return list(op.inputs) + sorted(inner - defined)
     if isinstance(op, N.Branch):
         inner = {v for body in N.bodies(op) for st in body for v in value_refs(st)}
         inner |= {r.name for e in (op.then_value, op.else_value) for r in free_refs(e) if r.kind == "value"}
-        defined = {r for body in N.bodies(op) for st in body for r in _defs(st)}
+        defined = {r for body in N.bodies(op) for st in body for r in defined_names(st)}
         return sorted(inner - defined)
     out = []
     for a in list(op.args) + [v for _, v in op.kwargs]:
@@ -54,11 +54,12 @@ def value_refs(op) -> list[str]:
     return out
 
 
-def _defs(st) -> list[str]:
+def defined_names(st) -> list[str]:
+    """Every value a statement defines, inside its loop or branch bodies too."""
     if isinstance(st, N.Loop):
-        return list(st.results) + list(st.params) + [r for s in st.body for r in _defs(s)]
+        return list(st.results) + list(st.params) + [r for s in st.body for r in defined_names(s)]
     if isinstance(st, N.Branch):
-        return list(st.results) + [r for body in N.bodies(st) for s in body for r in _defs(s)]
+        return list(st.results) + [r for body in N.bodies(st) for s in body for r in defined_names(s)]
     return list(st.results)
 
 

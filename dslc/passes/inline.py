@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dslc.ir import nodes as N
-from dslc.passes.common import ELEMENTWISE, ROW_REDUCTIONS, has_syms, map_bodies, subst_op
+from dslc.passes.common import ELEMENTWISE, ROW_REDUCTIONS, defined_names, has_syms, map_bodies, subst_op
 
 INLINE_OPS = ELEMENTWISE | ROW_REDUCTIONS | {"unsqueeze", "chunk", "concat", "identity"}
 
@@ -41,7 +41,7 @@ class _Inliner:
         return f"{name}__{self.counter}_"
 
     def graph(self, g: N.Graph, _owner) -> N.Graph:
-        taken = {r for st in g.body for r in getattr(st, "results", ())} | {a.name for a in g.args}
+        taken = {r for st in g.body for r in defined_names(st)} | {a.name for a in g.args}
         return replace(g, body=tuple(self.body(g.body, taken)))
 
     def body(self, body, taken: set) -> list:
