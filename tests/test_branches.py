@@ -136,3 +136,43 @@ model M(C): base
             x = x + (y * 0.5 if i % 2 == 0 else y)
         torch.testing.assert_close(model(input_ids=ids).last_hidden_state, x)
     sys.modules.pop("perlayer_branch", None)
+
+
+LOOP_SPEC = Path(__file__).resolve().parent / "specs" / "layer_index_loop.model"
+
+
+@pytest.mark.parametrize("active", [None, 2, 0])
+def test_for_i_layer_in_layers_reads_the_layer_index(tmp_path, active):
+    with built_packages(tmp_path / "build", (LOOP_SPEC, None)):
+        mod = importlib.import_module("layer_index_loop")
+        source = Path(mod.__file__).with_name("modeling.py").read_text()
+        assert "for i, layer in enumerate(self.layers):" in source
+        model = mod.M(mod.C(active_layers=active))
+        ids = torch.randint(0, 32, (2, 3))
+        x = model.embed_tokens(ids)
+        for i, layer in enumerate(model.layers):
+            if active is None or i < active:
+                x = x + layer.proj(x)
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, x)
+    sys.modules.pop("layer_index_loop", None)
+
+
+def test_loop_index_round_trips_and_is_checked_per_layer():
+    checked = check_file(LOOP_SPEC)
+    text = print_program(checked.program)
+    assert "for i, layer in layers (" in text
+    assert read_program(text) == checked.program
+    # a type error in the side only layers >= 2 take is found: the checker makes one pass per layer
+    broken = LOOP_SPEC.read_text().replace("if active_layers == none or i < active_layers else x", "if i < 2 else x")
+    broken = broken.replace("x = layer(x) if i < 2 else x", "x = layer(x) if i < 2 else mean(x, dim = -1)")
+    with pytest.raises(DslcError) as e:
+        check_source(broken, "t.model")
+    assert {d.code for d in e.value.diagnostics} == {"E030"}
+
+
+def test_loop_index_name_must_be_free():
+    text = LOOP_SPEC.read_text().replace("for i, layer in layers:", "for x, layer in layers:")
+    with pytest.raises(DslcError) as e:
+        check_source(text.replace("i < active_layers", "x < active_layers"), "t.model")
+    (diag,) = e.value.diagnostics
+    assert diag.code == "E011" and "`x` already names something here" in diag.message

@@ -104,6 +104,8 @@ def _static(e: N.E, ctx: BodyContext, names: dict[str, str], init: bool) -> tupl
             return e.name, ATOM
         if e.kind == "layer":  # the layer index of a repeat's constructor arguments (`for i in range(n)`)
             return e.name, ATOM
+        if e.kind == "loop_index":  # `for i, layer in layers`: the enumerate() variable
+            return names[N.loop_index_key(e.name)], ATOM
         if e.kind == "dtype":
             if e.name not in TORCH_DTYPES:
                 raise CodegenError(f"dtype `{e.name}` has no fixed torch dtype here")
@@ -385,7 +387,12 @@ class BodyRenderer:
         loop_var = self._bind(_loop_var_key(st), st.var, at, taken)
         self.loop_vars[st.var] = loop_var
         self.ctx.module_of_sub[st.var] = self.ctx.module_of_sub.get(st.over, "")
-        self.lines.append(f"{indent}for {loop_var} in self.{st.over}:  # {where(st.span)}")
+        if st.index:
+            index = self._bind(N.loop_index_key(st.index), st.index, at, [*taken, loop_var])
+            head = f"for {index}, {loop_var} in enumerate(self.{st.over}):"
+        else:
+            head = f"for {loop_var} in self.{st.over}:"
+        self.lines.append(f"{indent}{head}  # {where(st.span)}")
         self._body(st.body, indent + "    ")
         self._reading = set()
         leaving = [(n, self.operand(N.Ref("value", y))) for n, y in zip(carried, st.yields) if self.names.get(y) != n]
@@ -574,6 +581,8 @@ def _liveness(graph: N.Graph) -> tuple[dict[str, float], dict[int, int], dict[in
                 for v in st.yields:
                     read(v, counter, inner)
                 last[_loop_var_key(st)] = counter
+                if st.index:
+                    last[N.loop_index_key(st.index)] = counter
                 for v in st.results:
                     defined_in[v] = stack
                 continue

@@ -1358,6 +1358,7 @@ class _Scope:
         self.env: dict[str, str] = {}  # variable -> current SSA value
         self.scalars: dict[str, N.E] = {}  # fn scalar arguments
         self.loop_vars: dict[str, str] = {}  # loop variable -> repeat submodule
+        self.loop_indices: set[str] = set()  # `i` of the enclosing `for i, layer in layers` loops
         self.taken: set[str] = set()
         self.next_suffix: dict[str, int] = {}  # variable -> the next `_<n>` suffix fresh() tries
         self.read: set[str] = set()
@@ -1406,6 +1407,8 @@ class _Scope:
         if i in self.env:
             self.read.add(self.env[i])
             return N.Ref("value", self.env[i])
+        if i in self.loop_indices:
+            return N.Ref("loop_index", i)
         if i in self.scalars:
             self.read.add(i)
             return self.scalars[i]
@@ -1631,6 +1634,16 @@ class _Scope:
                 f"name the inner loop's variable differently, e.g. `for {st.var}_2 in {st.iterable}:`",
             )
             raise _Abort
+        if st.index is not None:
+            taken = {st.var, *self.env, *self.params, *self.weights, *self.subs, *self.loop_indices}
+            if st.index in taken or st.index in self.low.config_fields:
+                self.rep.error(
+                    "E011",
+                    f"`{st.index}` already names something here; the layer index needs a name of its own",
+                    st.span,
+                    f"e.g. `for layer_idx, {st.var} in {st.iterable}:`",
+                )
+                raise _Abort
         self.used_members.add(sub.name)
         assigned = _assigned_vars(st.body)
         carried = [v for v in assigned if v in self.env]
@@ -1645,6 +1658,8 @@ class _Scope:
             params.append(p)
             self.env[v] = p
         self.loop_vars[st.var] = sub.name
+        if st.index is not None:
+            self.loop_indices.add(st.index)
         for s in st.body:
             try:
                 self.stmt(s)
@@ -1652,6 +1667,7 @@ class _Scope:
                 for var in _assigned_vars([s]):
                     self.env[var] = _POISON
         del self.loop_vars[st.var]
+        self.loop_indices.discard(st.index)
         yields = tuple(self.env[v] for v in carried)
         for y in yields:
             self.read.add(y)
@@ -1665,7 +1681,18 @@ class _Scope:
             if p in self.read:  # used inside the loop: its value after the loop need not be read too
                 self.read.add(r)
         self.body.append(
-            N.Loop(st.var, sub.name, body, inputs, tuple(params), yields, tuple(results), tuple(carried), st.span)
+            N.Loop(
+                st.var,
+                sub.name,
+                body,
+                inputs,
+                tuple(params),
+                yields,
+                tuple(results),
+                tuple(carried),
+                st.span,
+                st.index or "",
+            )
         )
 
     # expressions ------------------------------------------------------------------------------

@@ -107,6 +107,12 @@ class Op:
 LAYER_INDEX = Ref("layer", "i")  # `i` in `repeat(n, Block(i % 2 == 0))`: the layer's index, 0 .. n - 1
 
 
+def loop_index_key(name: str) -> str:
+    """The pseudo-value that stands for a `for i, layer in layers` index where values are named (no SSA name
+    has a NUL)."""
+    return f"\0index {name}"
+
+
 def with_layer_index(lookup, i: int):
     """`lookup` (Ref -> value) with the layer index bound to `i`."""
 
@@ -148,6 +154,7 @@ class Loop:
     results: tuple[str, ...]  # value after the loop
     vars: tuple[str, ...]
     span: Span
+    index: str = ""  # `for i, layer in layers`: the name of the layer index (a `loop_index` Ref in the body)
 
 
 @dataclass(frozen=True)

@@ -407,7 +407,8 @@ class _Printer:
             raise ValueError(f"loop over {lp.over}: carried values differ in number; run verify_program")
         lhs = _results_text(lp.results, lp.vars, f"loop over {lp.over}")
         carry = ", ".join(f"{sigil_text('%', p)} = {sigil_text('%', i)}" for p, i in zip(lp.params, lp.inputs))
-        text = (lhs + " = " if lp.results else "") + f"for {name_text(lp.var)} in {name_text(lp.over)} ({carry}) {{"
+        names = f"{name_text(lp.index)}, {name_text(lp.var)}" if lp.index else name_text(lp.var)
+        text = (lhs + " = " if lp.results else "") + f"for {names} in {name_text(lp.over)} ({carry}) {{"
         note = ", ".join(n for n in (_type_note(types, r, True) for r in lp.results) if n)
         self.emit(depth, text, lp.span, note)
         self.body(depth + 1, lp.body, types)

@@ -297,7 +297,8 @@ class _ToIR(Transformer):
     def carry(self, param, init):
         return (_sigil_name(param), _sigil_name(init))
 
-    def loop(self, results, var, over, *rest):
+    def loop(self, results, first, second, over, *rest):
+        index, var = (first, second) if second is not None else ("", first)
         at = next(i for i, x in enumerate(rest) if isinstance(x, Token) and x.type == "SPAN")
         carries = _opt(rest[:at])
         span, body, yields = rest[at], rest[at + 1 : -1], rest[-1]
@@ -312,6 +313,7 @@ class _ToIR(Transformer):
             tuple(r for r, _ in results),
             tuple(v for _, v in results),
             _span(span),
+            index,
         )
 
     def branch_side(self, *items):

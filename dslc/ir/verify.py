@@ -386,6 +386,9 @@ class _Graph:
         elif k == "sym":
             if n not in self.syms:
                 self.err(f"size symbol `{n}` is not bound by the signature", span)
+        elif k == "loop_index":
+            if N.loop_index_key(n) not in scope:
+                self.err(f"layer index `{n}` is read outside its `for {n}, ... in` loop", span)
         elif k == "dtype":
             if n not in N.DTYPES:
                 self.err(f"unknown dtype `!{n}`", span)
@@ -526,6 +529,8 @@ class _Graph:
             if i not in scope:
                 self.err(f"loop input `%{i}` is not defined", lp.span)
         inner = set(scope)
+        if lp.index:
+            inner.add(N.loop_index_key(lp.index))
         for p in lp.params:
             self.define(p, inner, lp.span)
         self.body(lp.body, inner, {**loop_vars, lp.var: lp.over})
