@@ -350,6 +350,19 @@ def program_dot(p: N.Program) -> str:
                     for r in st.results:
                         defs[r] = exit_
                     continue
+                if isinstance(st, N.Branch):
+                    join = dot.node(depth, f"if {expr_text(st.test)}", shape="diamond")
+                    for side, value in ((st.then, st.then_value), (st.orelse, st.else_value)):
+                        cluster += 1
+                        dot.lines.append("  " * depth + f"subgraph cluster_{cluster} {{")
+                        label = "then" if side is st.then else "else"
+                        dot.lines.append("  " * depth + f"  label={_dot_str(label)}; style=dotted;")
+                        body(side, depth + 1)
+                        dot.lines.append("  " * depth + "}")
+                        uses(value, join)
+                    for r in st.results:
+                        defs[r] = join
+                    continue
                 text = st.op + (f" {st.target}" if st.target else "")
                 if st.kwargs:
                     text += "\n" + ", ".join(f"{k}={expr_text(v)}" for k, v in st.kwargs)

@@ -99,6 +99,42 @@ def test_vit_logits_loss_and_gradients_match_hf(packages, vit_folder, backend):
         torch.testing.assert_close(grads[pairs[theirs]].grad, p.grad, msg=lambda m, n=theirs: f"gradient of {n}: {m}")
 
 
+@pytest.mark.parametrize(
+    ("problem_type", "labels"),
+    [
+        ("multi_label_classification", torch.tensor([[1.0, 0, 1, 0, 0], [0, 0, 0, 0, 1], [0, 1, 1, 1, 0]])),
+        ("regression", torch.randn(3, 5, generator=torch.Generator().manual_seed(1))),
+        (None, torch.tensor([[0.0, 1, 0, 0, 0], [1, 0, 0, 0, 1], [0, 0, 0, 0, 0]])),  # float labels: multi-label
+    ],
+)
+def test_vit_loss_follows_the_configs_problem_type(packages, vit_folder, tmp_path, problem_type, labels):
+    """config.json's `problem_type` (not a spec field) picks HF's loss: BCE with logits, MSE, or inferred."""
+    import json
+
+    vit, _ = packages
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for f in vit_folder.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config["problem_type"] = problem_type
+    (folder / "config.json").write_text(json.dumps(config))
+    ours = vit.ViTForImageClassification.from_pretrained(folder)
+    images = _images()
+    with torch.no_grad():
+        want = _hf(folder)(pixel_values=images, labels=labels).loss
+        got = ours(pixel_values=images, labels=labels).loss
+    torch.testing.assert_close(got, want)
+
+
+def test_vit_refuses_an_unknown_problem_type(packages, vit_folder):
+    vit, _ = packages
+    ours = vit.ViTForImageClassification.from_pretrained(vit_folder)
+    ours.config.extra["problem_type"] = "ranking"
+    with pytest.raises(ValueError, match="problem_type 'ranking': use one of regression"):
+        ours(pixel_values=_images(), labels=torch.tensor([0, 1, 2]))
+
+
 def test_vit_save_round_trips_through_hf(packages, vit_folder, tmp_path):
     vit, _ = packages
     ours = vit.ViTForImageClassification.from_pretrained(vit_folder)

@@ -61,6 +61,8 @@ class Checker:
             if r.kind == "param":
                 if r.name in params:
                     return params[r.name]
+            elif r.kind == "loop_index" and LOOP_INDEX + r.name in params:
+                return params[LOOP_INDEX + r.name]
             elif r.kind == "config":
                 return self.values[r.name]
             elif r.kind == "sym" and bindings is not None and r.name in bindings:
@@ -366,6 +368,9 @@ class Checker:
             if isinstance(st, N.Loop):
                 self._loop(st, ctx)
                 continue
+            if isinstance(st, N.Branch):
+                self._branch(st, ctx)
+                continue
             args = [self._operand(a, ctx, st.span) for a in st.args]
             kwargs = {k: self._operand(v, ctx, st.span) for k, v in st.kwargs}
             results = self._op_types(st, args, kwargs, ctx)
@@ -487,9 +492,11 @@ class Checker:
         for inp, param in zip(st.inputs, st.params):
             ctx.types[param] = ctx.types[inp]
         ctx.loop_vars[st.var] = st.over
-        for layer in self._layer_instances(ctx, st.over) or [None]:  # a stack whose layers differ: each kind
+        for layer, index in self._passes(ctx, st):
             if layer is not None:
                 ctx.sub_cache[st.over] = layer
+            if index is not None:
+                ctx.params[LOOP_INDEX + st.index] = index
             self._run(st.body, ctx)
             for y, v in zip(st.yields, st.vars):
                 if ctx.types.get(y) != ctx.types.get(self._find_param(st, v)):
@@ -504,10 +511,54 @@ class Checker:
         for y, r in zip(st.yields, st.results):
             ctx.types[r] = ctx.types[y]
         del ctx.loop_vars[st.var]
+        ctx.params.pop(LOOP_INDEX + st.index, None)
 
-    def _layer_instances(self, ctx: _Ctx, stack: str) -> list | None:
+    def _passes(self, ctx: _Ctx, st: N.Loop) -> list[tuple]:
+        """(layer instance or None, layer index or None) of each pass the checker makes over a loop body: once, or
+        once per distinct layer kind, or, when the body reads the layer index (`for i, layer in layers`), once
+        per layer."""
+        kinds = self._layer_instances(ctx, st.over, every=bool(st.index))
+        if not st.index:
+            return [(k, None) for k in kinds or [None]]
+        if kinds is None:
+            sdef = next(s for s in ctx.mdef.submodules if s.name == st.over)
+            try:
+                kinds = [None] * evaluate(sdef.repeat, self._lookup(ctx.params))
+            except EvalError as e:
+                self.rep.error("E021", str(e), sdef.span)
+                raise _Stop from None
+        return [(k, i) for i, k in enumerate(kinds)]
+
+    def _branch(self, st: N.Branch, ctx: _Ctx) -> None:
+        """The side this config takes is checked and gives the result's type. The other side is checked too, but
+        its errors are kept back: it may read what this config leaves out (an absent option, a none field);
+        `dslc check --set` with a config that takes it reports them."""
+        try:
+            taken = bool(evaluate(st.test, self._lookup(ctx.params)))
+        except EvalError as err:
+            self.rep.error("E021", str(err), st.span)
+            raise _Stop from None
+        sides = [(st.then, st.then_value), (st.orelse, st.else_value)]
+        body, value = sides[0 if taken else 1]
+        self._run(body, ctx)
+        result = self._operand(value, ctx, st.span)
+        if not isinstance(result, TType):
+            self.rep.error("E041", f"`a if c else b` gives {result!r} here, where a tensor is needed", st.span)
+            raise _Stop
+        ctx.types[st.results[0]] = result
+        other, other_value = sides[1 if taken else 0]
+        reporter, self.rep = self.rep, Reporter()
+        try:
+            self._run(other, ctx)
+            self._operand(other_value, ctx, st.span)
+        except _Stop:
+            pass
+        finally:
+            self.rep = reporter
+
+    def _layer_instances(self, ctx: _Ctx, stack: str, every: bool = False) -> list | None:
         """For a `repeat` whose layer arguments read the layer index `i`: (module, params) of each distinct
-        layer, in layer order; None for a stack of identical layers."""
+        layer, in layer order (of every layer, with `every`); None for a stack of identical layers."""
         sdef = next((s for s in ctx.mdef.submodules if s.name == stack), None) if ctx.mdef else None
         if sdef is None or not N.per_layer(sdef):
             return None
@@ -524,12 +575,17 @@ class Checker:
             raise _Stop from None
         except Exception:
             raise _Stop from None
+        if every:
+            return [(child, p) for p in layers]
         distinct = {tuple(sorted(p.items(), key=lambda kv: kv[0])): p for p in layers}
         return [(child, p) for p in distinct.values()]
 
     @staticmethod
     def _find_param(st: N.Loop, var: str) -> str:
         return st.params[st.vars.index(var)]
+
+
+LOOP_INDEX = "\0loop index "  # ctx.params key prefix of a `for i, layer in layers` index during its pass
 
 
 class _Ctx:

@@ -89,8 +89,8 @@ def _uses_attention(body) -> bool:
 
 def _uses(body, names: tuple[str, ...]) -> bool:
     for st in body:
-        if isinstance(st, N.Loop):
-            if _uses(st.body, names):
+        if isinstance(st, (N.Loop, N.Branch)):
+            if any(_uses(b, names) for b in N.bodies(st)):
                 return True
         elif st.op in names:
             return True
@@ -447,8 +447,9 @@ class PackageRenderer:
 
         def calls(body):
             for st in body:
-                if isinstance(st, N.Loop):
-                    yield from calls(st.body)
+                if isinstance(st, (N.Loop, N.Branch)):
+                    for inner in N.bodies(st):
+                        yield from calls(inner)
                 elif st.op == "fn":
                     yield st.target
 
@@ -597,7 +598,13 @@ def _forward_params(m: N.ModuleDef) -> list[str]:
             if isinstance(st, N.Loop):
                 visit(st.body)
                 continue
-            for a in list(st.args) + [v for _, v in st.kwargs]:
+            if isinstance(st, N.Branch):
+                exprs = [st.test, st.then_value, st.else_value]
+                visit(st.then)
+                visit(st.orelse)
+            else:
+                exprs = list(st.args) + [v for _, v in st.kwargs]
+            for a in exprs:
                 for r in free_refs(a):
                     if r.kind == "param" and r.name not in found:
                         found.append(r.name)

@@ -105,6 +105,8 @@ def _static(e: N.E, ctx: BodyContext, names: dict[str, str], init: bool) -> tupl
             return e.name, ATOM
         if e.kind == "layer":  # the layer index of a repeat's constructor arguments (`for i in range(n)`)
             return e.name, ATOM
+        if e.kind == "loop_index":  # `for i, layer in layers`: the enumerate() variable
+            return names[N.loop_index_key(e.name)], ATOM
         if e.kind == "dtype":
             if e.name not in TORCH_DTYPES:
                 raise CodegenError(f"dtype `{e.name}` has no fixed torch dtype here")
@@ -151,7 +153,13 @@ def _uses(body, counts: dict[str, int]) -> None:
             for v in st.yields:
                 counts[v] = counts.get(v, 0) + 1
             continue
-        for a in list(st.args) + [v for _, v in st.kwargs]:
+        if isinstance(st, N.Branch):
+            _uses(st.then, counts)
+            _uses(st.orelse, counts)
+            exprs = [st.test, st.then_value, st.else_value]
+        else:
+            exprs = list(st.args) + [v for _, v in st.kwargs]
+        for a in exprs:
             for r in free_refs(a):
                 if r.kind in ("value", "dtype_of") and not r.name.startswith("weight:"):
                     counts[r.name] = counts.get(r.name, 0) + 1
@@ -346,6 +354,9 @@ class BodyRenderer:
             if isinstance(st, N.Loop):
                 self._loop(st, indent)
                 continue
+            if isinstance(st, N.Branch):
+                self._branch(st, indent)
+                continue
             self._reading = set()
             text, p = self.op_text(st)
             single_use = len(st.results) == 1 and not st.vars[0] and self.counts.get(st.results[0], 0) == 1
@@ -379,7 +390,12 @@ class BodyRenderer:
         loop_var = self._bind(_loop_var_key(st), st.var, at, taken)
         self.loop_vars[st.var] = loop_var
         self.ctx.module_of_sub[st.var] = self.ctx.module_of_sub.get(st.over, "")
-        self.lines.append(f"{indent}for {loop_var} in self.{st.over}:  # {where(st.span)}")
+        if st.index:
+            index = self._bind(N.loop_index_key(st.index), st.index, at, [*taken, loop_var])
+            head = f"for {index}, {loop_var} in enumerate(self.{st.over}):"
+        else:
+            head = f"for {loop_var} in self.{st.over}:"
+        self.lines.append(f"{indent}{head}  # {where(st.span)}")
         self._body(st.body, indent + "    ")
         self._reading = set()
         leaving = [(n, self.operand(N.Ref("value", y))) for n, y in zip(carried, st.yields) if self.names.get(y) != n]
@@ -388,6 +404,39 @@ class BodyRenderer:
         for r, n in zip(st.results, carried):
             self.names[r] = n
             self.holder[n] = r
+
+    def _branch(self, st: N.Branch, indent: str, keyword: str = "if", name: str | None = None) -> None:
+        """`if test:` / `else:`, each side's body and then its value assigned to the result's one name (free
+        from the branch's end on: a side runs alone, so what the other side reads may still hold it). An else
+        side that is itself only a branch giving the value continues as `elif`."""
+        self._reading = set()
+        self.lines.append(f"{indent}{keyword} {self.operand(st.test)}:  # {where(st.span)}")
+        self._body(st.then, indent + "    ")
+        self._reading = set()
+        then_text = self.operand(st.then_value)
+        if name is None:
+            name = self._bind(st.results[0], st.vars[0] or "branch_out", self.loop_end[id(st)], [])
+        else:
+            self.names[st.results[0]] = name
+        self._side_value(indent, name, then_text)
+        chained = st.orelse[-1] if len(st.orelse) == 1 and isinstance(st.orelse[-1], N.Branch) else None
+        if chained is not None and st.else_value == N.Ref("value", chained.results[0]):
+            self._branch(chained, indent, "elif", name)
+            return
+        start = len(self.lines)
+        self.lines.append(f"{indent}else:")
+        self._body(st.orelse, indent + "    ")
+        self._reading = set()
+        self._side_value(indent, name, self.operand(st.else_value))
+        if self.lines[-1] == f"{indent}    pass" and len(self.lines) == start + 2:
+            del self.lines[start:]  # `x = norm(x) if use_norm else x`: no else side at all
+
+    def _side_value(self, indent: str, name: str, text: str) -> None:
+        """The side's `name = value`, unless the value already has that name (then `pass` if the side is empty)."""
+        if text != name:
+            self.lines.append(f"{indent}    {name} = {text}")
+        elif self.lines[-1].split("  #")[0].endswith(":"):
+            self.lines.append(f"{indent}    pass")
 
     def _assign(self, indent: str, pairs: list[tuple[str, str]]) -> None:
         """`a = x` or, for several, `a, b = x, y` (all right-hand sides read before any name is rebound)."""
@@ -465,8 +514,8 @@ _GLOBALS = ("self", "ctx", "torch", "F", "nn", "kernels", "attention", "moe", "c
 def _walk(body):
     for st in body:
         yield st
-        if isinstance(st, N.Loop):
-            yield from _walk(st.body)
+        for inner in N.bodies(st):
+            yield from _walk(inner)
 
 
 def _loop_var_key(st: N.Loop) -> str:
@@ -535,6 +584,20 @@ def _liveness(graph: N.Graph) -> tuple[dict[str, float], dict[int, int], dict[in
                 for v in st.yields:
                     read(v, counter, inner)
                 last[_loop_var_key(st)] = counter
+                if st.index:
+                    last[N.loop_index_key(st.index)] = counter
+                for v in st.results:
+                    defined_in[v] = stack
+                continue
+            if isinstance(st, N.Branch):  # the sides in order, each value read as its side ends
+                for v in _value_reads(st.test):
+                    read(v, counter, stack)
+                for side, value in ((st.then, st.then_value), (st.orelse, st.else_value)):
+                    walk(side, stack)
+                    counter += 1
+                    for v in _value_reads(value):
+                        read(v, counter, stack)
+                loop_end[id(st)] = counter
                 for v in st.results:
                     defined_in[v] = stack
                 continue

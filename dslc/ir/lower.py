@@ -883,8 +883,9 @@ class Lowering:
 
         def visit_body(body) -> None:
             for st in body:
-                if isinstance(st, N.Loop):
-                    visit_body(st.body)
+                if isinstance(st, (N.Loop, N.Branch)):
+                    for inner in N.bodies(st):
+                        visit_body(inner)
                 elif st.op == "fn" and st.target not in used:
                     visit_body(self.fn_defs[st.target].graph.body)
                     used.append(st.target)
@@ -1496,6 +1497,7 @@ class _Scope:
         self.env: dict[str, str] = {}  # variable -> current SSA value
         self.scalars: dict[str, N.E] = {}  # fn scalar arguments
         self.loop_vars: dict[str, str] = {}  # loop variable -> repeat submodule
+        self.loop_indices: set[str] = set()  # `i` of the enclosing `for i, layer in layers` loops
         self.taken: set[str] = set()
         self.next_suffix: dict[str, int] = {}  # variable -> the next `_<n>` suffix fresh() tries
         self.read: set[str] = set()
@@ -1544,6 +1546,8 @@ class _Scope:
         if i in self.env:
             self.read.add(self.env[i])
             return N.Ref("value", self.env[i])
+        if i in self.loop_indices:
+            return N.Ref("loop_index", i)
         if i in self.scalars:
             self.read.add(i)
             return self.scalars[i]
@@ -1769,6 +1773,16 @@ class _Scope:
                 f"name the inner loop's variable differently, e.g. `for {st.var}_2 in {st.iterable}:`",
             )
             raise _Abort
+        if st.index is not None:
+            taken = {st.var, *self.env, *self.params, *self.weights, *self.subs, *self.loop_indices}
+            if st.index in taken or st.index in self.low.config_fields:
+                self.rep.error(
+                    "E011",
+                    f"`{st.index}` already names something here; the layer index needs a name of its own",
+                    st.span,
+                    f"e.g. `for layer_idx, {st.var} in {st.iterable}:`",
+                )
+                raise _Abort
         self.used_members.add(sub.name)
         assigned = _assigned_vars(st.body)
         carried = [v for v in assigned if v in self.env]
@@ -1783,6 +1797,8 @@ class _Scope:
             params.append(p)
             self.env[v] = p
         self.loop_vars[st.var] = sub.name
+        if st.index is not None:
+            self.loop_indices.add(st.index)
         for s in st.body:
             try:
                 self.stmt(s)
@@ -1790,6 +1806,7 @@ class _Scope:
                 for var in _assigned_vars([s]):
                     self.env[var] = _POISON
         del self.loop_vars[st.var]
+        self.loop_indices.discard(st.index)
         yields = tuple(self.env[v] for v in carried)
         for y in yields:
             self.read.add(y)
@@ -1803,7 +1820,18 @@ class _Scope:
             if p in self.read:  # used inside the loop: its value after the loop need not be read too
                 self.read.add(r)
         self.body.append(
-            N.Loop(st.var, sub.name, body, inputs, tuple(params), yields, tuple(results), tuple(carried), st.span)
+            N.Loop(
+                st.var,
+                sub.name,
+                body,
+                inputs,
+                tuple(params),
+                yields,
+                tuple(results),
+                tuple(carried),
+                st.span,
+                st.index or "",
+            )
         )
 
     # expressions ------------------------------------------------------------------------------
@@ -1846,16 +1874,47 @@ class _Scope:
                 raise _Abort
             return self.emit("neg", (operand,), (), e.span)
         if isinstance(e, A.Cond):
-            then, test, orelse = self.expr(e.then), self.expr(e.test), self.expr(e.orelse)
-            if any(_is_tensor(x) for x in (then, test, orelse)):
-                self.rep.error("E041", "`a if c else b` needs build-time values", e.span, "use where(cond, a, b)")
-                raise _Abort
-            return N.CondE(then, test, orelse)
+            return self.conditional(e)
         if isinstance(e, A.Call):
             names = self.call(e, 1)
             return N.Ref("value", names[0])
         self.rep.error("E041", "unexpected expression", e.span)
         raise _Abort
+
+    def conditional(self, e: A.Cond) -> N.E:
+        """`a if c else b`: a build-time value when all three are; with tensor sides (and a build-time `c`) a
+        Branch, whose untaken side never runs."""
+        test = self.expr(e.test)
+        if _is_tensor(test):
+            self.rep.error(
+                "E041",
+                "`a if c else b` needs a build-time condition (config values, parameters)",
+                getattr(e.test, "span", e.span),
+                "for a condition on tensors use where(cond, a, b)",
+            )
+            raise _Abort
+        outer = self.body
+        try:
+            self.body = []
+            then = self.expr(e.then)
+            then_body, self.body = tuple(self.body), []
+            orelse = self.expr(e.orelse)
+            else_body = tuple(self.body)
+        finally:
+            self.body = outer
+        if not (then_body or else_body or _is_tensor(then) or _is_tensor(orelse)):
+            return N.CondE(then, test, orelse)
+        if not (_is_tensor(then) and _is_tensor(orelse)):
+            self.rep.error(
+                "E041",
+                "`a if c else b` with a tensor on one side needs a tensor on the other",
+                e.span,
+                "write the number as a tensor expression (`x * 0.0`), or move the choice into the op's arguments",
+            )
+            raise _Abort
+        result = self.fresh("")
+        self.body.append(N.Branch(test, then_body, then, else_body, orelse, (result,), ("",), e.span))
+        return N.Ref("value", result)
 
     def emit(self, op: str, args, kwargs, span: Span, target: str = "", n: int = 1, vars_=None) -> N.E:
         names = tuple(self.fresh("") for _ in range(n))

@@ -12,7 +12,7 @@ Forward bodies are SSA: every `Op` defines fresh value names; `Loop` runs a body
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Union
 
 from dslc.diagnostics import Span
@@ -107,6 +107,12 @@ class Op:
 LAYER_INDEX = Ref("layer", "i")  # `i` in `repeat(n, Block(i % 2 == 0))`: the layer's index, 0 .. n - 1
 
 
+def loop_index_key(name: str) -> str:
+    """The pseudo-value that stands for a `for i, layer in layers` index where values are named (no SSA name
+    has a NUL)."""
+    return f"\0index {name}"
+
+
 def with_layer_index(lookup, i: int):
     """`lookup` (Ref -> value) with the layer index bound to `i`."""
 
@@ -148,16 +154,51 @@ class Loop:
     results: tuple[str, ...]  # value after the loop
     vars: tuple[str, ...]
     span: Span
+    index: str = ""  # `for i, layer in layers`: the name of the layer index (a `loop_index` Ref in the body)
 
 
-Stmt = Union[Op, Loop]
+@dataclass(frozen=True)
+class Branch:
+    """`then if test else orelse` whose `test` is a build-time value (config fields, a module's parameters) and
+    whose sides are tensors: only the taken side's ops run. Each side is a body and the value it gives."""
+
+    test: E
+    then: tuple[Stmt, ...]
+    then_value: E
+    orelse: tuple[Stmt, ...]
+    else_value: E
+    results: tuple[str, ...]  # the value after, one name
+    vars: tuple[str, ...]
+    span: Span
+
+
+Stmt = Union[Op, Loop, Branch]
+
+
+def bodies(st) -> tuple[tuple[Stmt, ...], ...]:
+    """The nested bodies of a statement: a loop's one, a branch's two, none for an op."""
+    if isinstance(st, Loop):
+        return (st.body,)
+    if isinstance(st, Branch):
+        return (st.then, st.orelse)
+    return ()
+
+
+def with_bodies(st, new: tuple) -> Stmt:
+    """`st` with its nested bodies replaced (in `bodies` order)."""
+    if isinstance(st, Loop):
+        return replace(st, body=tuple(new[0]))
+    if isinstance(st, Branch):
+        return replace(st, then=tuple(new[0]), orelse=tuple(new[1]))
+    return st
 
 
 def iter_ops(body):
-    """Every Op of a body, inside loops too, in order."""
+    """Every Op of a body, inside loops and branches too, in order."""
     for st in body:
-        if isinstance(st, Loop):
-            yield from iter_ops(st.body)
+        if isinstance(st, (Loop, Branch)):
+            for inner in bodies(st):
+                yield from iter_ops(inner)
         else:
             yield st
 

@@ -392,6 +392,9 @@ class _Printer:
             if isinstance(st, N.Loop):
                 self.loop(depth, st, types)
                 continue
+            if isinstance(st, N.Branch):
+                self.branch(depth, st, types)
+                continue
             lhs = _results_text(st.results, st.vars, f"op {st.op}")
             text = (lhs + " = " if st.results else "") + name_text(st.op)
             if st.target:
@@ -408,11 +411,23 @@ class _Printer:
             raise ValueError(f"loop over {lp.over}: carried values differ in number; run verify_program")
         lhs = _results_text(lp.results, lp.vars, f"loop over {lp.over}")
         carry = ", ".join(f"{sigil_text('%', p)} = {sigil_text('%', i)}" for p, i in zip(lp.params, lp.inputs))
-        text = (lhs + " = " if lp.results else "") + f"for {name_text(lp.var)} in {name_text(lp.over)} ({carry}) {{"
+        names = f"{name_text(lp.index)}, {name_text(lp.var)}" if lp.index else name_text(lp.var)
+        text = (lhs + " = " if lp.results else "") + f"for {names} in {name_text(lp.over)} ({carry}) {{"
         note = ", ".join(n for n in (_type_note(types, r, True) for r in lp.results) if n)
         self.emit(depth, text, lp.span, note)
         self.body(depth + 1, lp.body, types)
         self.emit(depth + 1, "yield " + ", ".join(sigil_text("%", y) for y in lp.yields))
+        self.emit(depth, "}")
+
+    def branch(self, depth: int, br: N.Branch, types: dict) -> None:
+        lhs = _results_text(br.results, br.vars, "branch")
+        note = ", ".join(n for n in (_type_note(types, r, True) for r in br.results) if n)
+        self.emit(depth, f"{lhs} = if ({ir_expr(br.test)}) {{", br.span, note)
+        self.body(depth + 1, br.then, types)
+        self.emit(depth + 1, "yield " + ir_expr(br.then_value))
+        self.emit(depth, "} else {")
+        self.body(depth + 1, br.orelse, types)
+        self.emit(depth + 1, "yield " + ir_expr(br.else_value))
         self.emit(depth, "}")
 
     # ---- checkpoint, train, weights -------------------------------------------------------------

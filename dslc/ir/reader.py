@@ -297,7 +297,8 @@ class _ToIR(Transformer):
     def carry(self, param, init):
         return (_sigil_name(param), _sigil_name(init))
 
-    def loop(self, results, var, over, *rest):
+    def loop(self, results, first, second, over, *rest):
+        index, var = (first, second) if second is not None else ("", first)
         at = next(i for i, x in enumerate(rest) if isinstance(x, Token) and x.type == "SPAN")
         carries = _opt(rest[:at])
         span, body, yields = rest[at], rest[at + 1 : -1], rest[-1]
@@ -309,6 +310,22 @@ class _ToIR(Transformer):
             tuple(i for _, i in carries),
             tuple(p for p, _ in carries),
             yields or (),
+            tuple(r for r, _ in results),
+            tuple(v for _, v in results),
+            _span(span),
+            index,
+        )
+
+    def branch_side(self, *items):
+        return tuple(items[:-1]), items[-1]
+
+    def branch(self, results, test, span, then, orelse):
+        return N.Branch(
+            test,
+            then[0],
+            then[1],
+            orelse[0],
+            orelse[1],
             tuple(r for r, _ in results),
             tuple(v for _, v in results),
             _span(span),

@@ -227,8 +227,9 @@ class _Verifier:
 
         def walk(body, i: int, owner: str) -> None:
             for st in body:
-                if isinstance(st, N.Loop):
-                    walk(st.body, i, owner)
+                if isinstance(st, (N.Loop, N.Branch)):
+                    for inner in N.bodies(st):
+                        walk(inner, i, owner)
                 elif st.op == "fn" and st.target in index and index[st.target] >= i:
                     self.err(
                         f"{owner}: fn `{st.target}` is listed after its caller (fns must be callees first)", st.span
@@ -385,6 +386,9 @@ class _Graph:
         elif k == "sym":
             if n not in self.syms:
                 self.err(f"size symbol `{n}` is not bound by the signature", span)
+        elif k == "loop_index":
+            if N.loop_index_key(n) not in scope:
+                self.err(f"layer index `{n}` is read outside its `for {n}, ... in` loop", span)
         elif k == "dtype":
             if n not in N.DTYPES:
                 self.err(f"unknown dtype `!{n}`", span)
@@ -438,6 +442,8 @@ class _Graph:
         for st in body:
             if isinstance(st, N.Loop):
                 self.loop(st, scope, loop_vars)
+            elif isinstance(st, N.Branch):
+                self.branch(st, scope, loop_vars)
             elif isinstance(st, N.Op):
                 self.op(st, scope, loop_vars)
             else:
@@ -523,6 +529,8 @@ class _Graph:
             if i not in scope:
                 self.err(f"loop input `%{i}` is not defined", lp.span)
         inner = set(scope)
+        if lp.index:
+            inner.add(N.loop_index_key(lp.index))
         for p in lp.params:
             self.define(p, inner, lp.span)
         self.body(lp.body, inner, {**loop_vars, lp.var: lp.over})
@@ -531,6 +539,19 @@ class _Graph:
                 self.err(f"loop yield `%{y}` is not defined", lp.span)
         for r in lp.results:
             self.define(r, scope, lp.span)
+
+    def branch(self, br: N.Branch, scope: set[str], loop_vars: dict[str, str]) -> None:
+        if any(r.kind in ("value", "weight") for r in free_refs(br.test)):
+            self.err("a branch's test must be a build-time value, not a tensor", br.span)
+        self.refs(br.test, scope, br.span)
+        for side, value in ((br.then, br.then_value), (br.orelse, br.else_value)):
+            inner = set(scope)
+            self.body(side, inner, loop_vars)
+            self.refs(value, inner, br.span)
+        if len(br.results) != 1 or len(br.vars) != 1:
+            self.err("a branch gives one value (one result, one var name)", br.span)
+        for r in br.results:
+            self.define(r, scope, br.span)
 
 
 def verify_program(program: N.Program, extra_ops: Collection[str] = ()) -> list[str]:

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from dslc.ir import nodes as N
 from dslc.ir import ops
-from dslc.passes.common import map_bodies, subst_op, use_counts
+from dslc.passes.common import map_bodies, subst, subst_op, use_counts
 
 # calls may hold state (KV cache, RNG); the impure primitives come from the op table
 PURE_EXCLUDED = {"call", "region"} | ops.IMPURE
@@ -37,6 +37,9 @@ def _propagate(body, names: dict[str, str], counts: dict[str, int]) -> list:
                 )
             )
             continue
+        if isinstance(st, N.Branch):
+            out.append(_branch_sides(st, lambda body: _propagate(body, names, counts), names))
+            continue
         st = subst_op(st, _rename_ref(names))
         if st.op == "identity" and isinstance(st.args[0], N.Ref) and st.args[0].kind == "value":
             src, dst = st.args[0].name, st.results[0]
@@ -57,6 +60,20 @@ def _propagate(body, names: dict[str, str], counts: dict[str, int]) -> list:
             continue
         out.append(st)
     return out
+
+
+def _branch_sides(st: N.Branch, visit, names: dict[str, str]) -> N.Branch:
+    """A branch with each side's body visited and both sides' values renamed (names found inside a side
+    stay inside it: SSA names are unique, so the other side never meets them)."""
+    then, orelse = visit(st.then), visit(st.orelse)
+    rename = _rename_ref(names)
+    return replace(
+        st,
+        then=tuple(then),
+        orelse=tuple(orelse),
+        then_value=subst(st.then_value, rename),
+        else_value=subst(st.else_value, rename),
+    )
 
 
 def copy_propagate(program: N.Program) -> N.Program:
@@ -88,6 +105,9 @@ def cse(program: N.Program) -> N.Program:
                         )
                     )
                     continue
+                if isinstance(st, N.Branch):  # each side its own scope: nothing merges across sides
+                    out.append(_branch_sides(st, visit, names))
+                    continue
                 st = subst_op(st, _rename_ref(names))
                 if st.op not in PURE_EXCLUDED:
                     key = (st.op, st.target, st.args, st.kwargs, len(st.results))
@@ -105,17 +125,23 @@ def cse(program: N.Program) -> N.Program:
     return map_bodies(program, fn)
 
 
+def _impure(body) -> bool:
+    return any(st.op in PURE_EXCLUDED for st in N.iter_ops(body))
+
+
 def dce(program: N.Program) -> N.Program:
     """Remove pure ops none of whose results are used."""
 
     def keep(st, counts: dict) -> bool:
-        if isinstance(st, N.Loop) or st.op in PURE_EXCLUDED:
+        if isinstance(st, N.Loop) or (isinstance(st, N.Op) and st.op in PURE_EXCLUDED):
+            return True
+        if isinstance(st, N.Branch) and any(_impure(body) for body in N.bodies(st)):
             return True
         return any(counts.get(r, 0) for r in st.results)
 
     def visit(body, counts: dict) -> list:
         return [
-            replace(st, body=tuple(visit(st.body, counts))) if isinstance(st, N.Loop) else st
+            N.with_bodies(st, [visit(b, counts) for b in N.bodies(st)]) if N.bodies(st) else st
             for st in body
             if keep(st, counts)
         ]

@@ -34,11 +34,16 @@ def subst_op(op: N.Op, f: Callable[[N.Ref], N.E]) -> N.Op:
 
 
 def value_refs(op) -> list[str]:
-    """SSA values an op or loop reads."""
+    """SSA values an op, loop or branch reads (from outside it, for a loop or a branch)."""
     if isinstance(op, N.Loop):
         inner = {v for st in op.body for v in value_refs(st)}
-        defined = set(op.params) | {r for st in op.body for r in _defs(st)}
+        defined = set(op.params) | {r for st in op.body for r in defined_names(st)}
         return list(op.inputs) + sorted(inner - defined)
+    if isinstance(op, N.Branch):
+        inner = {v for body in N.bodies(op) for st in body for v in value_refs(st)}
+        inner |= {r.name for e in (op.then_value, op.else_value) for r in free_refs(e) if r.kind == "value"}
+        defined = {r for body in N.bodies(op) for st in body for r in defined_names(st)}
+        return sorted(inner - defined)
     out = []
     for a in list(op.args) + [v for _, v in op.kwargs]:
         for r in free_refs(a):
@@ -49,9 +54,12 @@ def value_refs(op) -> list[str]:
     return out
 
 
-def _defs(st) -> list[str]:
+def defined_names(st) -> list[str]:
+    """Every value a statement defines, inside its loop or branch bodies too."""
     if isinstance(st, N.Loop):
-        return list(st.results) + list(st.params) + [r for s in st.body for r in _defs(s)]
+        return list(st.results) + list(st.params) + [r for s in st.body for r in defined_names(s)]
+    if isinstance(st, N.Branch):
+        return list(st.results) + [r for body in N.bodies(st) for s in body for r in defined_names(s)]
     return list(st.results)
 
 
@@ -66,6 +74,13 @@ def use_counts(graph: N.Graph) -> dict[str, int]:
                 visit(st.body)
                 for v in st.yields:
                     counts[v] = counts.get(v, 0) + 1
+                continue
+            if isinstance(st, N.Branch):
+                for body, value in ((st.then, st.then_value), (st.orelse, st.else_value)):
+                    visit(body)
+                    for r in free_refs(value):
+                        if r.kind == "value":
+                            counts[r.name] = counts.get(r.name, 0) + 1
                 continue
             for v in value_refs(st):
                 counts[v] = counts.get(v, 0) + 1
@@ -93,8 +108,8 @@ def map_bodies(program: N.Program, fn) -> N.Program:
 def has_syms(graph: N.Graph) -> bool:
     def body_has(body) -> bool:
         for st in body:
-            if isinstance(st, N.Loop):
-                if body_has(st.body):
+            if isinstance(st, (N.Loop, N.Branch)):
+                if any(body_has(inner) for inner in N.bodies(st)):
                     return True
                 continue
             for a in list(st.args) + [v for _, v in st.kwargs]:

@@ -44,8 +44,8 @@ def _pair(body, eligible: set[str]) -> list:
     for i, st in enumerate(body):
         if i in taken:
             continue
-        if isinstance(st, N.Loop):
-            out.append(replace(st, body=tuple(_pair(st.body, eligible))))
+        if isinstance(st, (N.Loop, N.Branch)):
+            out.append(N.with_bodies(st, [_pair(b, eligible) for b in N.bodies(st)]))
             continue
         if st.op == "region" and st.target in eligible and not st.kwargs:
             j = next(

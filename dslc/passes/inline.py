@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dslc.ir import nodes as N
-from dslc.passes.common import ELEMENTWISE, ROW_REDUCTIONS, has_syms, map_bodies, subst_op
+from dslc.passes.common import ELEMENTWISE, ROW_REDUCTIONS, defined_names, has_syms, map_bodies, subst_op
 
 INLINE_OPS = ELEMENTWISE | ROW_REDUCTIONS | {"unsqueeze", "chunk", "concat", "identity"}
 
@@ -20,7 +20,7 @@ def _inlinable_body(graph: N.Graph, fns: dict[str, N.FnDef]) -> bool:
     if has_syms(graph):
         return False
     for st in graph.body:
-        if isinstance(st, N.Loop):
+        if isinstance(st, (N.Loop, N.Branch)):
             return False
         if st.op == "fn":
             if not _inlinable_body(fns[st.target].graph, fns):
@@ -41,14 +41,14 @@ class _Inliner:
         return f"{name}__{self.counter}_"
 
     def graph(self, g: N.Graph, _owner) -> N.Graph:
-        taken = {r for st in g.body for r in getattr(st, "results", ())} | {a.name for a in g.args}
+        taken = {r for st in g.body for r in defined_names(st)} | {a.name for a in g.args}
         return replace(g, body=tuple(self.body(g.body, taken)))
 
     def body(self, body, taken: set) -> list:
         out: list = []
         for st in body:
-            if isinstance(st, N.Loop):
-                out.append(replace(st, body=tuple(self.body(st.body, taken))))
+            if isinstance(st, (N.Loop, N.Branch)):
+                out.append(N.with_bodies(st, [self.body(b, taken) for b in N.bodies(st)]))
             elif st.op == "fn" and _inlinable_body(self.fns[st.target].graph, self.fns):
                 out.extend(self.body(self.inline_fn(st, taken), taken))
             else:

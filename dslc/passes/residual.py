@@ -62,10 +62,13 @@ def _rewrite(body, norms: set[str], subs: dict[str, N.SubmoduleDef], types: dict
     changed = False
     adds: dict[str, int] = {}  # sum value -> its index in `out`
     for st in body:
-        if isinstance(st, N.Loop):
-            inner, ch = _rewrite(st.body, norms, subs, types)
-            out.append(replace(st, body=tuple(inner)))
-            changed |= ch
+        if isinstance(st, (N.Loop, N.Branch)):
+            bodies = []
+            for body_ in N.bodies(st):
+                inner, ch = _rewrite(body_, norms, subs, types)
+                bodies.append(inner)
+                changed |= ch
+            out.append(N.with_bodies(st, bodies))
             adds.clear()
             continue
         if st.op == "add" and len(st.results) == 1 and all(isinstance(a, N.Ref) and a.kind == "value" for a in st.args):

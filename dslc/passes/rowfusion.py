@@ -65,6 +65,8 @@ class _Fuser:
         """None when the op may join a region, else why not."""
         if isinstance(op, N.Loop):
             return "a loop"
+        if isinstance(op, N.Branch):
+            return "a build-time branch"
         if op.op not in ELEMENTWISE and op.op not in ROW_REDUCTIONS:
             return f"`{op.op if op.op not in ('call', 'fn') else op.target}` is not elementwise"
         if len(op.results) != 1:
@@ -89,7 +91,7 @@ class _Fuser:
         so the fusable ops between them end up adjacent. Fusable ops are pure, so this is safe."""
         defined_by: dict[str, int] = {}
         for i, st in enumerate(body):
-            for r in st.results if isinstance(st, N.Op) else st.results + st.params:
+            for r in st.results + st.params if isinstance(st, N.Loop) else st.results:
                 defined_by[r] = i
         deps = [{defined_by[v] for v in value_refs(st) if v in defined_by} for st in body]
         fixed = [self.fusable(st) is not None for st in body]
@@ -130,7 +132,7 @@ class _Fuser:
                 cur, shape[0] = [], None
                 continue
             st = queue.pop(0)
-            fusable = not isinstance(st, N.Loop) and self.fusable(st) is None
+            fusable = not isinstance(st, (N.Loop, N.Branch)) and self.fusable(st) is None
             t = self.ttype(st.results[0]) if fusable else None
             if fusable and cur and self.try_join(st, t, cur, shape, queue):
                 continue
@@ -140,8 +142,8 @@ class _Fuser:
                 if peeled:
                     queue = peeled + [st] + queue
                     continue
-            if isinstance(st, N.Loop):
-                out.append(replace(st, body=tuple(self.run(list(st.body), counts))))
+            if isinstance(st, (N.Loop, N.Branch)):  # each body fuses on its own
+                out.append(N.with_bodies(st, [self.run(list(b), counts) for b in N.bodies(st)]))
             elif fusable:
                 cur, shape[0] = [st], t.dims
             else:
@@ -194,7 +196,7 @@ class _Fuser:
         such results) and is itself connected to the region."""
         chain = set(op.results)
         for q in queue:
-            if isinstance(q, N.Loop) or self.fusable(q) is not None:
+            if isinstance(q, (N.Loop, N.Branch)) or self.fusable(q) is not None:
                 return False  # the region ends there
             reads = set(value_refs(q))
             if reads & chain:
@@ -484,7 +486,7 @@ def _reads(st) -> list[str]:
 
 def fixed_op(st, fuser) -> bool:
     """Ops that cannot join a region (they keep their place in the schedule)."""
-    return isinstance(st, N.Loop) or fuser.fusable(st) is not None
+    return isinstance(st, (N.Loop, N.Branch)) or fuser.fusable(st) is not None
 
 
 def _snake(name: str) -> str:
@@ -625,8 +627,9 @@ def _display_names(body, names: dict[str, str]) -> dict[str, str]:
     (`gate_proj`), a view after what it views (`cos`); named values keep their names."""
     names = dict(names)
     for st in body:
-        if isinstance(st, N.Loop):
-            names = _display_names(st.body, names)
+        if isinstance(st, (N.Loop, N.Branch)):
+            for inner in N.bodies(st):
+                names = _display_names(inner, names)
             continue
         for r, var in zip(st.results, st.vars):
             if var:
@@ -674,8 +677,8 @@ def _canonical(r: RowRegion) -> RowRegion:
 def _retarget(body, same: dict[str, str]) -> list:
     out = []
     for st in body:
-        if isinstance(st, N.Loop):
-            out.append(replace(st, body=tuple(_retarget(st.body, same))))
+        if isinstance(st, (N.Loop, N.Branch)):
+            out.append(N.with_bodies(st, [_retarget(b, same) for b in N.bodies(st)]))
         elif st.op == "region" and st.target in same:
             out.append(replace(st, target=same[st.target]))
         else:

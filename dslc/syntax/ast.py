@@ -223,6 +223,7 @@ class For:
     iterable: str
     body: tuple[Stmt, ...]
     span: Span
+    index: str | None = None  # `for i, layer in layers`: the layer index, a build-time int per pass
 
 
 @dataclass(frozen=True)

@@ -328,8 +328,10 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def for_stmt(self, meta, children):
-        var, iterable, body = children
-        return A.For(str(var), str(iterable), body, self._span(meta))
+        first, second, iterable, body = children
+        if second is None:  # `for layer in layers`
+            return A.For(str(first), str(iterable), body, self._span(meta))
+        return A.For(str(second), str(iterable), body, self._span(meta), index=str(first))
 
     @v_args(meta=True)
     def return_stmt(self, meta, children):

@@ -42,11 +42,39 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
     )
 
 
-def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Regression (one output) or single-label classification, as HF's default problem types."""
-    if logits.shape[-1] == 1:
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-    return _cross_entropy(logits.float(), labels.reshape(-1).to(logits.device), num_items_in_batch)
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+def sequence_classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, problem_type: str | None = None
+) -> torch.Tensor:
+    """[B, num_labels] logits against `labels` by the config's `problem_type`, as transformers' classification
+    loss: regression (MSE), single-label (cross-entropy over integer labels) or multi-label (BCE with logits
+    over float [B, num_labels] targets). Left None it is inferred as HF does: one output is regression,
+    integer labels single-label, anything else multi-label."""
+    num_labels = logits.shape[-1]
+    if problem_type is None:
+        if num_labels == 1:
+            problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    labels = labels.to(logits.device)
+    if problem_type == "regression":
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze().float(), labels.squeeze().float())
+        return F.mse_loss(logits.float(), labels.float())
+    if problem_type == "single_label_classification":
+        return _cross_entropy(logits.float().reshape(-1, num_labels), labels.reshape(-1), num_items_in_batch)
+    if problem_type == "multi_label_classification":
+        if labels.shape != logits.shape:
+            raise ValueError(
+                f"multi-label classification needs float labels shaped like the logits {tuple(logits.shape)}, "
+                f"got {tuple(labels.shape)} {labels.dtype}"
+            )
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    raise ValueError(f"config problem_type {problem_type!r}: use one of {', '.join(PROBLEM_TYPES)} or leave it unset")
 
 
 MIN_CHUNK_BYTES = 256 << 20  # below this the [C, V] buffers are small next to the rest of a step: one chunk

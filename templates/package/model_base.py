@@ -34,6 +34,7 @@ LOSSES = {
     "sequence_classification": sequence_classification_loss,
     "image_classification": sequence_classification_loss,  # HF's ForImageClassification loss is the same
 }
+CLASSIFIERS = ("sequence_classification", "image_classification")  # their loss follows config.problem_type
 # the `loss_type` HF Trainer reads to count `num_items_in_batch` (over labels[..., 1:] for a causal LM)
 LOSS_TYPES = {
     "causal_lm": "ForCausalLM",
@@ -735,7 +736,8 @@ class PreTrainedModel(nn.Module):
         if labels is not None:
             if self.task not in LOSSES:
                 raise ValueError(f"task `{self.task}` has no loss; labels cannot be used")
-            loss = LOSSES[self.task](named[self.output_names[0]], labels, num_items_in_batch)
+            options = {"problem_type": config_option(self.config, "problem_type")} if self.task in CLASSIFIERS else {}
+            loss = LOSSES[self.task](named[self.output_names[0]], labels, num_items_in_batch, **options)
             named = {"loss": loss, **named}  # HF's order: loss first
         return named
 
@@ -1037,6 +1039,15 @@ def _size_hint(model, reader: CheckpointReader, config, problems: list[str]) -> 
 
 
 # ---- forward helpers -----------------------------------------------------------------------------------
+
+
+def config_option(config, name: str):
+    """A config.json key the spec does not declare (HF's `problem_type`), else None: an attribute of an HF
+    config, an `extra` entry of the package's own."""
+    value = getattr(config, name, None)
+    if value is None and isinstance(getattr(config, "extra", None), dict):
+        value = config.extra.get(name)
+    return value
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
