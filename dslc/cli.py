@@ -1,6 +1,7 @@
-"""`dslc` command line: check, show, build, generate, chat, serve, train.
+"""`dslc` command line: check, show, build, generate, chat, serve, train, convert.
 
-The compiler commands never import torch, so they start fast; `generate`, `chat`, `serve` and `train` import the built package.
+The compiler commands never import torch, so they start fast; `generate`, `chat`, `serve`, `train` and
+`convert` import the built package.
 """
 
 from __future__ import annotations
@@ -145,6 +146,12 @@ def _chat(args) -> int:
     return chat_command(args)
 
 
+def _convert(args) -> int:
+    from dslc.convert import convert_command
+
+    return convert_command(args)
+
+
 def _serve(args) -> int:
     from dslc.serve.command import serve_command
 
@@ -236,6 +243,19 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (else 413)")
     p.set_defaults(run=_serve)
+
+    p = sub.add_parser(
+        "convert",
+        help="rewrite a checkpoint folder from one of the spec's declared layouts (checkpoint \"meta\":) to HF's",
+    )
+    p.add_argument("file", help="the .model spec")
+    p.add_argument("--layout", required=True, help='the spec\'s `checkpoint "NAME":` section the folder is in')
+    p.add_argument("src", metavar="IN", help="the folder to convert (safetensors; config.json, or --arch)")
+    p.add_argument("dst", metavar="OUT", help="a new folder for the Hugging Face checkpoint")
+    p.add_argument("--arch", help="the spec's named arch, for a folder without config.json")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--build-dir", default=None, help="where to cache the build (default: ~/.cache/dslc)")
+    p.set_defaults(run=_convert)
 
     p = sub.add_parser(
         "train",

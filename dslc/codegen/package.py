@@ -323,13 +323,14 @@ class PackageRenderer:
         )
         rules = []
         for r in self.p.checkpoint.rules:
-            transforms = [(name, {k: self._const(v) for k, v in kw}) for name, kw in r.transforms]
+            transforms = [(name, {k: self._rule_option(v) for k, v in kw}) for name, kw in r.transforms]
             rules.append(
                 {
                     "sources": list(r.sources),
                     "transforms": transforms,
                     "targets": list(r.targets),
                     "save": r.layout is None,  # HF's own format: written back through the rule
+                    "layout": r.layout,  # a named section's name (`checkpoint "meta":`), else None
                 }
             )
         return [
@@ -368,6 +369,13 @@ class PackageRenderer:
             "torch_source": render_region_torch(r).strip(),
             "triton_source": render_region_triton(r, grouped).strip(),
         }
+
+    def _rule_option(self, e: N.E):
+        """A checkpoint transform's option: a number, or a config field read when the folder loads
+        (`{"config": "num_attention_heads"}`, bound by checkpoint.bind_rules)."""
+        if isinstance(e, N.Ref) and e.kind == "config":
+            return {"config": e.name}
+        return self._const(e)
 
     def _const(self, e: N.E):
         from dslc.ir.evaluate import evaluate

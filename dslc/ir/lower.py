@@ -18,7 +18,6 @@ from dslc.syntax import ast as A
 SCALAR_TYPES = ("int", "float", "bool", "str")
 LIST_TYPES = tuple(f"list[{t}]" for t in SCALAR_TYPES)  # config fields only (HF's layer_types)
 INITS = ("normal", "zeros", "ones")
-TRANSFORMS = ("transpose", "split", "concat", "stack")
 ROUTER_OPTIONS = ("num_experts", "top_k", "coef")  # the load-balancing loss's (transformers' Mixtral / Qwen2-MoE)
 MAX_REPEAT = 100_000  # layers in one `repeat` stack
 STATIC_CALLS = ("int", "float", "min", "max")  # the functions a build-time expression may call
@@ -1166,25 +1165,31 @@ class Lowering:
                 transforms = []
                 for t in r.transforms:
                     name = t.func.id if isinstance(t.func, A.Name) else ""
-                    if name not in TRANSFORMS:
+                    if name not in N.TRANSFORMS:
                         self.rep.error(
                             "E050",
                             f"unknown checkpoint transform `{name}`",
                             t.span,
-                            did_you_mean(name, TRANSFORMS) or f"transforms: {', '.join(TRANSFORMS)}",
+                            did_you_mean(name, N.TRANSFORMS) or f"transforms: {', '.join(N.TRANSFORMS)}",
                         )
                         continue
                     if t.args:
                         self.rep.error("E050", f"`{name}` takes keyword arguments only, e.g. `{name}(dim = 0)`", t.span)
-                    takes = () if name == "transpose" else ("dim",)
+                    takes = N.TRANSFORMS[name]
                     for k in t.kwargs:
                         if k.name not in takes:
                             self.rep.error(
                                 "E050",
                                 f"`{name}` has no option `{k.name}`",
                                 k.span,
-                                f"`{name}` takes `dim = N`" if takes else "`transpose` takes no options",
+                                f"`{name}` takes `{takes[0]} = N`" if takes else f"`{name}` takes no options",
                             )
+                    if name == "permute" and not any(k.name == "heads" for k in t.kwargs):
+                        self.rep.error(
+                            "E050",
+                            "`permute` needs the head count: `permute(heads = num_attention_heads)`",
+                            t.span,
+                        )
                     try:
                         kws = tuple((k.name, self._static(k.value, no_names)) for k in t.kwargs if k.name in takes)
                     except _Abort:
@@ -1364,6 +1369,25 @@ class Lowering:
                             "E050",
                             f"`stack` into `{rule.targets[0]}` of shape {list(target_shapes[0])}: a stacked parameter "
                             "has a dim for the experts and at least one for each expert's tensor",
+                            rule.span,
+                        )
+                elif name == "permute":
+                    heads = kw.get("heads")
+                    raw = dict(kws).get("heads")
+                    rows = target_shapes[0][0]
+                    if len(rule.sources) != 1 or len(rule.targets) != 1:
+                        self.rep.error("E050", "`permute` maps one checkpoint tensor to one parameter", rule.span)
+                    elif not (isinstance(raw, N.Const) or (isinstance(raw, N.Ref) and raw.kind == "config")):
+                        self.rep.error(
+                            "E050",
+                            "`permute`'s heads must be a number or a config field (read for each config at load)",
+                            rule.span,
+                        )
+                    elif isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or rows % (2 * heads):
+                        self.rep.error(
+                            "E050",
+                            f"`permute(heads = {heads})` of `{rule.targets[0]}` ({rows} rows): each head's rows must "
+                            "be an even whole number (rows = heads x head_dim, head_dim even)",
                             rule.span,
                         )
                 elif name == "transpose" and any(len(s) > 2 for s in target_shapes):

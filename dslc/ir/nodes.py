@@ -365,6 +365,14 @@ TASKS: dict[str, tuple[str, ...]] = {
     "embedding": ("embeddings",),
     "base": ("last_hidden_state", "pooler_output"),
 }
+# checkpoint-rule transforms -> the options each takes (templates/package/checkpoint.py applies and inverts them)
+TRANSFORMS: dict[str, tuple[str, ...]] = {
+    "transpose": (),
+    "split": ("dim",),
+    "concat": ("dim",),
+    "stack": ("dim",),
+    "permute": ("heads",),  # Meta's interleaved rotary rows <-> Hugging Face's halves, per head
+}
 PARALLEL_STYLES = (
     "colwise",
     "rowwise",

@@ -33,7 +33,6 @@ from dslc.ir.evaluate import free_refs
 
 INITS = ("normal", "zeros", "ones")
 SCALAR_TYPES = ("int", "float", "bool", "str")
-TRANSFORMS = ("transpose", "split", "concat")
 
 
 def _at(span: Span) -> str:
@@ -270,7 +269,7 @@ class _Verifier:
             if not r.sources or not r.targets:
                 self.err("checkpoint rule needs at least one source and one target", r.span)
             for name, kwargs in r.transforms:
-                if name not in TRANSFORMS:
+                if name not in N.TRANSFORMS:
                     self.err(f"checkpoint rule: unknown transform `{name}`", r.span)
                 for _, v in kwargs:
                     self.static(v, f"checkpoint transform `{name}`", r.span, set())

@@ -221,6 +221,30 @@ class CheckpointReader:
             raise CheckpointError(f"{self.folder / self.location[key]}: tensor `{key}` cannot be read ({e})") from None
 
 
+def bind_rules(rules: list[dict], config) -> list[dict]:
+    """The layout rules with options that name a config field (`{"config": "num_attention_heads"}`) read from
+    `config`: a rule holds for every config of the spec."""
+
+    def bind(value):
+        return getattr(config, value["config"]) if isinstance(value, dict) and "config" in value else value
+
+    return [
+        {**rule, "transforms": [(name, {k: bind(v) for k, v in kw.items()}) for name, kw in rule["transforms"]]}
+        for rule in rules
+    ]
+
+
+def _permute(t: torch.Tensor, heads: int, to_halves: bool) -> torch.Tensor:
+    """Rotary rows per head: Meta's interleaved pairs (x0, y0, x1, y1, ...) <-> Hugging Face's halves
+    (x0, x1, ..., y0, y1, ...), as transformers' convert_llama_weights_to_hf permutes q and k."""
+    rows, rest = t.shape[0], t.shape[1:]
+    if rows % (2 * heads):
+        raise CheckpointError(f"cannot permute {_shape(t)} over {heads} heads: {rows} rows are not 2 x heads x n")
+    pairs = rows // heads // 2
+    grouped = (heads, pairs, 2, *rest) if to_halves else (heads, 2, pairs, *rest)
+    return t.reshape(grouped).transpose(1, 2).reshape(t.shape)
+
+
 def _apply(transforms, tensors: list, target_shapes: list[tuple]) -> list[torch.Tensor]:
     """The rule's transforms over its source tensors (for a `stack` rule, each source a list over experts)."""
     for name, kw in transforms:
@@ -231,6 +255,8 @@ def _apply(transforms, tensors: list, target_shapes: list[tuple]) -> list[torch.
             tensors = [torch.stack(experts, dim=kw.get("dim", 0)) for experts in tensors]
         elif name == "transpose":
             tensors = [t.transpose(0, 1) if t.dim() == 2 else t for t in tensors]
+        elif name == "permute":
+            tensors = [_permute(t, kw["heads"], to_halves=True) for t in tensors]
         elif name == "concat":
             tensors = [torch.cat(tensors, dim=kw.get("dim", 0))]
         elif name == "split":
@@ -250,6 +276,8 @@ def _invert(transforms, tensors: list[torch.Tensor], n_sources: int) -> list:
         dim = kw.get("dim", 0)
         if name == "transpose":
             tensors = [t.transpose(0, 1) if t.dim() == 2 else t for t in tensors]
+        elif name == "permute":
+            tensors = [_permute(t, kw["heads"], to_halves=False) for t in tensors]
         elif name == "concat":
             (t,) = tensors
             if t.shape[dim] % n_sources:

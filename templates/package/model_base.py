@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from .attention import AttentionContext, KVCache, cache_sites
-from .checkpoint import CheckpointError, CheckpointReader, read_state, write_shards, write_state
+from .checkpoint import CheckpointError, CheckpointReader, bind_rules, read_state, write_shards, write_state
 from .generation import GenerationConfig
 from .losses import causal_lm_loss, fused_causal_lm_loss, masked_lm_loss, sequence_classification_loss
 from .moe import RouterRecorder, load_balancing_loss
@@ -389,9 +389,8 @@ class PreTrainedModel(nn.Module):
             model.generation_config = generation_config
         tied = model.tied_parameters()
         dtypes = {n: p.dtype for n, p in model.named_parameters(remove_duplicate=False)}
-        tensors, problems = read_state(
-            reader, model.parameter_shapes(), cls.layout_rules, cls.ignored_keys, tied, dtypes
-        )
+        rules = bind_rules(cls.layout_rules, model.config)
+        tensors, problems = read_state(reader, model.parameter_shapes(), rules, cls.ignored_keys, tied, dtypes)
         missing = []
         if init_missing:
             missing = [n for n in model.parameter_shapes() if n not in tensors and n not in tied]
@@ -478,7 +477,7 @@ class PreTrainedModel(nn.Module):
             return False
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = write_state(state_dict, self.layout_rules, self.tied_parameters())
+        tensors = write_state(state_dict, bind_rules(self.layout_rules, self.config), self.tied_parameters())
         write_shards(folder, tensors, max_shard_size)
         config = self.config.to_dict()
         config["architectures"] = [model_class(self).__name__]

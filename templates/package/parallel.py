@@ -425,7 +425,7 @@ def load_sharded(
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from .checkpoint import CheckpointError, CheckpointReader, read_state
+    from .checkpoint import CheckpointError, CheckpointReader, bind_rules, read_state
 
     folder = Path(folder)
     config = cls.config_class.from_pretrained(folder)
@@ -440,9 +440,8 @@ def load_sharded(
     model.to_empty(device=device)
     state: dict = {}
     if dist.get_rank() == 0:
-        tensors, problems = read_state(
-            CheckpointReader(folder), shapes, cls.layout_rules, cls.ignored_keys, tied, dtypes
-        )
+        rules = bind_rules(cls.layout_rules, config)
+        tensors, problems = read_state(CheckpointReader(folder), shapes, rules, cls.ignored_keys, tied, dtypes)
         if problems:
             raise CheckpointError(f"{folder} does not fit {cls.__name__}:\n  - " + "\n  - ".join(problems))
         state = {n: t for n, t in tensors.items() if n not in tied}  # a tied weight is its source's parameter
