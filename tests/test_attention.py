@@ -34,8 +34,8 @@ def reference(q, k, v, key_mask, causal, window, softcap, scale=None):
     allowed = torch.ones(t, s, dtype=torch.bool)
     if causal:
         allowed &= kj <= qi
-    if window is not None:
-        allowed &= kj > qi - window
+    if window is not None:  # the distance between query and key below `window` (causal: keys behind only)
+        allowed &= (qi - kj).abs() < window
     allowed = allowed[None, None] & key_mask[:, None, None, :]
     allowed |= ~allowed.any(-1, keepdim=True)
     return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v

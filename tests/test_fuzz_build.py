@@ -25,6 +25,9 @@ from dslc.diagnostics import DslcError
 ROOT = Path(__file__).resolve().parents[1]
 SEED, PER_SPEC = 20261201, 12
 TINY = {  # spec -> config values that make its model small enough to run here
+    "modernbert": dict(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0
+    ),
     "vit": dict(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=8, patch_size=4
     ),

@@ -133,8 +133,8 @@ class AttentionContext:
             q_pos = self.cache_position[:, None]  # [T, 1]
             k_pos = torch.arange(num_keys, device=device)[None, :]  # [1, S]
             allowed = k_pos <= q_pos if causal else torch.ones_like(k_pos, dtype=torch.bool) & (q_pos >= 0)
-            if window is not None:
-                allowed = allowed & (k_pos > q_pos - window)
+            if window is not None:  # causal: the last `window` keys; bidirectional: distance below `window`
+                allowed = allowed & (k_pos > q_pos - window) & (k_pos < q_pos + window)
             allowed = allowed[None, None]  # [1, 1, T, S]
         if self.key_mask is not None:
             pad = self.keys(num_keys)[:, None, None, :]  # [B, 1, 1, S]
@@ -157,7 +157,7 @@ class AttentionContext:
             p = pos[q_idx]
             allowed = kv_idx <= p if causal else kv_idx >= 0
             if window is not None:
-                allowed = allowed & (kv_idx > p - window)
+                allowed = allowed & (kv_idx > p - window) & (kv_idx < p + window)
             if pad is not None:
                 allowed = allowed & pad[b, kv_idx]
             return allowed | blind[b if blind.shape[0] > 1 else 0, q_idx]
@@ -173,7 +173,12 @@ class AttentionContext:
         else:
             real = torch.ones(1, num_keys, dtype=torch.bool, device=pos.device)  # [1, S]
         seen = F.pad(real.long().cumsum(-1), (1, 0))  # [B, S + 1]: real keys before each index
-        hi = (pos + 1).clamp(0, num_keys) if causal else torch.full_like(pos, num_keys)  # [T], keys < hi
+        if causal:
+            hi = (pos + 1).clamp(0, num_keys)  # [T], keys < hi
+        elif window is not None:
+            hi = (pos + window).clamp(0, num_keys)
+        else:
+            hi = torch.full_like(pos, num_keys)
         lo = (pos - window + 1).clamp(0, num_keys) if window is not None else torch.zeros_like(pos)  # keys >= lo
         lo = torch.minimum(lo, hi)
         return seen[:, hi] == seen[:, lo]  # [B or 1, T]
