@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-from pathlib import Path
 
 from dslc.generate import GenerateError
 
@@ -89,7 +88,7 @@ def chat_command(args) -> int:
 
     from dslc.chat_template import ChatTemplate, ChatTemplateError
     from dslc.generate import _check_args
-    from dslc.runtime import load_runtime, parse_set
+    from dslc.runtime import runtime_from_args
     from dslc.serve.scheduler import Sampling
 
     console = Console(stderr=True, soft_wrap=True)
@@ -101,15 +100,7 @@ def chat_command(args) -> int:
     try:
         args.prompt = args.system or ""
         _check_args(args)
-        runtime = load_runtime(
-            Path(args.file),
-            Path(args.weights),
-            dtype=args.dtype,
-            device=args.device,
-            build_dir=args.build_dir,
-            overrides=parse_set(args.set),
-            log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"),
-        )
+        runtime = runtime_from_args(args, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
         template = ChatTemplate.from_folder(runtime.weights)
     except (GenerateError, ChatTemplateError) as e:
         return error(str(e))

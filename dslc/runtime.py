@@ -176,3 +176,17 @@ def load_runtime(
     if log:
         log(f"loaded {model.num_parameters():,} parameters in {time.perf_counter() - start:.2f} s")
     return Runtime(pkg, model, tokenizer, weights, weights.resolve().name, eos, bos, _context(config), vocab)
+
+
+def runtime_from_args(args, log=None) -> Runtime:
+    """`load_runtime` from the inference commands' shared flags (spec, --weights, --dtype, --device,
+    --build-dir, --set), as `dslc chat` and `dslc serve` parse them."""
+    return load_runtime(
+        Path(args.file),
+        Path(args.weights),
+        dtype=args.dtype,
+        device=args.device,
+        build_dir=args.build_dir,
+        overrides=parse_set(args.set),
+        log=log,
+    )

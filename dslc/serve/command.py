@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from dslc.generate import GenerateError
 
 
@@ -22,20 +20,12 @@ def check_serve_args(args) -> None:
 
 def build_server(args, log=None):
     """(runtime, ASGI app) for the parsed `dslc serve` arguments."""
-    from dslc.runtime import load_runtime, parse_set
+    from dslc.runtime import runtime_from_args
     from dslc.serve.app import Limits, create_app
     from dslc.serve.scheduler import Scheduler
 
     check_serve_args(args)
-    runtime = load_runtime(
-        Path(args.file),
-        Path(args.weights),
-        dtype=args.dtype,
-        device=args.device,
-        build_dir=args.build_dir,
-        overrides=parse_set(args.set),
-        log=log,
-    )
+    runtime = runtime_from_args(args, log=log)
     runtime.cap = args.max_len
     scheduler = Scheduler(runtime.model, args.slots, runtime.max_len, runtime.eos, max_queue=args.max_queue)
     return runtime, create_app(runtime, scheduler, Limits(max_body=args.max_body))
