@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("qwen2", "llama", "gpt2", "bert")
+FAMILIES = ("qwen2", "llama", "gpt2", "bert", "mistral", "qwen3", "olmo2", "gemma")
 
 # Sizes shared by all families (tiny: each model builds + saves in well under a second).
 VOCAB = 128
@@ -50,7 +50,17 @@ BOS, EOS = 1, 2
 ATTN_IMPL = "eager"
 
 # tie_word_embeddings default per family when ``tie`` is None (HF's config defaults).
-_DEFAULT_TIE = {"qwen2": False, "llama": False, "gpt2": True, "bert": True}
+_DEFAULT_TIE = {
+    "qwen2": False,
+    "llama": False,
+    "gpt2": True,
+    "bert": True,
+    "mistral": False,
+    "qwen3": False,
+    "olmo2": False,
+    "gemma": True,
+}
+WINDOW = 4  # sliding window of the tiny mistral / qwen3: shorter than the test sequences (12 + 16 generated)
 
 
 def _transformers():
@@ -136,6 +146,36 @@ def _config(family: str, tie: bool):
             layer_norm_eps=1e-12,
             pad_token_id=0,
         )
+    decoder = dict(
+        **common,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=MAX_POS,
+        attention_dropout=0.0,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+    )
+    if family == "mistral":
+        return tf.MistralConfig(**decoder, head_dim=HIDDEN // HEADS, sliding_window=WINDOW, **_rope(10000.0))
+    if family == "qwen3":
+        # Layer 0 full attention, layer 1 sliding (HF's layer_types from max_window_layers): per-layer windows.
+        return tf.Qwen3Config(
+            **decoder,
+            head_dim=HIDDEN // HEADS,
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+            max_window_layers=1,
+            **_rope(1000000.0),
+        )
+    if family == "olmo2":
+        return tf.Olmo2Config(**decoder, rms_norm_eps=1e-6, pad_token_id=0, **_rope(500000.0))
+    if family == "gemma":
+        return tf.GemmaConfig(
+            **decoder, head_dim=HIDDEN // HEADS, hidden_act="gelu_pytorch_tanh", pad_token_id=0, **_rope(10000.0)
+        )
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
@@ -147,6 +187,10 @@ def _model_class(family: str):
         "llama": tf.LlamaForCausalLM,
         "gpt2": tf.GPT2LMHeadModel,
         "bert": tf.BertModel,
+        "mistral": tf.MistralForCausalLM,
+        "qwen3": tf.Qwen3ForCausalLM,
+        "olmo2": tf.Olmo2ForCausalLM,
+        "gemma": tf.GemmaForCausalLM,
     }[family]
 
 

@@ -19,8 +19,22 @@ CASES = {
     "llama": ("llama.model", "LlamaForCausalLM"),
     "gpt2": ("gpt2.model", "GPT2LMHeadModel"),
     "bert": ("bert.model", "BertModel"),
+    "mistral": ("mistral.model", "MistralForCausalLM"),
+    "qwen3": ("qwen3.model", "Qwen3ForCausalLM"),
+    "olmo2": ("olmo2.model", "Olmo2ForCausalLM"),
+    "gemma": ("gemma.model", "GemmaForCausalLM"),
 }
-PARAMS = [("qwen2", False), ("qwen2", True), ("llama", None), ("gpt2", None), ("bert", None)]
+PARAMS = [
+    ("qwen2", False),
+    ("qwen2", True),
+    ("llama", None),
+    ("gpt2", None),
+    ("bert", None),
+    ("mistral", None),
+    ("qwen3", None),
+    ("olmo2", None),
+    ("gemma", None),
+]
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +147,7 @@ def test_greedy_generation_matches(pair):
         pytest.skip("BertModel is an encoder: no generation")
     kw = _inputs(family, left_pad=True)
     expected = hf.generate(**kw, max_new_tokens=16, do_sample=False, pad_token_id=0)
-    got = ours.generate(kw["input_ids"], attention_mask=kw["attention_mask"], max_new_tokens=16)
+    got = ours.generate(kw["input_ids"], attention_mask=kw["attention_mask"], max_new_tokens=16, pad_token_id=0)
     assert torch.equal(got, expected), f"generated {got.tolist()} != HF {expected.tolist()}"
 
 

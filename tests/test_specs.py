@@ -29,7 +29,7 @@ def test_spec_checks_clean(name):
 
 
 def test_every_family_has_a_spec():
-    assert {"qwen2", "llama", "gpt2", "bert"} <= set(SPECS)
+    assert {"qwen2", "llama", "gpt2", "bert", "mistral", "qwen3", "olmo2", "gemma"} <= set(SPECS)
 
 
 # ---- published parameter counts (tied weights counted once, as safetensors stores them) ------------
@@ -50,6 +50,18 @@ PUBLISHED = [
     ("bert", "base", 109_482_240),  # google-bert/bert-base-uncased
     ("bert", "large", 335_141_888),  # google-bert/bert-large-uncased
     ("bert", "base-cased", 108_310_272),  # google-bert/bert-base-cased
+    ("mistral", "7b-v0.1", 7_241_732_096),  # mistralai/Mistral-7B-v0.1
+    ("mistral", "7b-v0.3", 7_248_023_552),  # mistralai/Mistral-7B-v0.3
+    ("mistral", "nemo-12b", 12_247_782_400),  # mistralai/Mistral-Nemo-Base-2407
+    ("qwen3", "0.6b", 596_049_920),  # Qwen/Qwen3-0.6B
+    ("qwen3", "4b", 4_022_468_096),  # Qwen/Qwen3-4B
+    ("qwen3", "8b", 8_190_735_360),  # Qwen/Qwen3-8B
+    ("qwen3", "32b", 32_762_123_264),  # Qwen/Qwen3-32B
+    ("olmo2", "1b", 1_484_916_736),  # allenai/OLMo-2-0425-1B
+    ("olmo2", "7b", 7_298_617_344),  # allenai/OLMo-2-1124-7B
+    ("olmo2", "13b", 13_716_198_400),  # allenai/OLMo-2-1124-13B
+    ("gemma", "2b", 2_506_172_416),  # google/gemma-2b
+    ("gemma", "7b", 8_537_680_896),  # google/gemma-7b
 ]
 
 
@@ -105,11 +117,21 @@ TINY = [
         ),
     ),
 ]
+TINY += [
+    ("mistral", "mistral", dict(_DECODER, sliding_window=8)),
+    ("qwen3", "qwen3", dict(_DECODER, head_dim=24, tie_word_embeddings=True)),
+    ("olmo2", "olmo2", dict(_DECODER, attention_bias=True)),
+    ("gemma", "gemma", dict(_DECODER, head_dim=24)),
+]
 HF_CLASSES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
     "bert": ("BertConfig", "BertModel"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM"),
 }
 
 

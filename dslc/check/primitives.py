@@ -226,6 +226,9 @@ def _gather(args, kw):
         raise OpTypeError("E032", f"`gather`'s ids must be integers, got {ids.dtype}")
     if table.rank != 2:
         raise OpTypeError("E031", f"`gather`'s table must be rank 2, got {table}")
+    rows = table.dims[0]
+    if pad is not None and isinstance(rows, int) and not -rows <= pad < rows:
+        raise OpTypeError("E041", f"`gather`'s padding_idx {pad} is not a row of the {rows}-row table")
     return [TType(ids.dims + (table.dims[1],), table.dtype)]
 
 
