@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("qwen2", "llama", "gpt2", "bert", "mistral", "qwen3", "olmo2", "gemma")
+FAMILIES = ("qwen2", "llama", "gpt2", "bert", "mistral", "qwen3", "olmo2", "gemma", "gemma2")
 
 # Sizes shared by all families (tiny: each model builds + saves in well under a second).
 VOCAB = 128
@@ -59,6 +59,7 @@ _DEFAULT_TIE = {
     "qwen3": False,
     "olmo2": False,
     "gemma": True,
+    "gemma2": True,
 }
 WINDOW = 4  # sliding window of the tiny mistral / qwen3: shorter than the test sequences (12 + 16 generated)
 
@@ -176,6 +177,20 @@ def _config(family: str, tie: bool):
         return tf.GemmaConfig(
             **decoder, head_dim=HIDDEN // HEADS, hidden_act="gelu_pytorch_tanh", pad_token_id=0, **_rope(10000.0)
         )
+    if family == "gemma2":
+        # HF's default layer_types: layer 0 slides, layer 1 is global. Small caps, so both bend the random
+        # model's scores and logits; query_pre_attn_scalar is not head_dim, so the scale must come from it.
+        return tf.Gemma2Config(
+            **decoder,
+            head_dim=HIDDEN // HEADS,
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=24,
+            sliding_window=WINDOW,
+            attn_logit_softcapping=1.5,
+            final_logit_softcapping=5.0,
+            pad_token_id=0,
+            **_rope(10000.0),
+        )
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
@@ -191,6 +206,7 @@ def _model_class(family: str):
         "qwen3": tf.Qwen3ForCausalLM,
         "olmo2": tf.Olmo2ForCausalLM,
         "gemma": tf.GemmaForCausalLM,
+        "gemma2": tf.Gemma2ForCausalLM,
     }[family]
 
 

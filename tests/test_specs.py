@@ -29,7 +29,7 @@ def test_spec_checks_clean(name):
 
 
 def test_every_family_has_a_spec():
-    assert {"qwen2", "llama", "gpt2", "bert", "mistral", "qwen3", "olmo2", "gemma"} <= set(SPECS)
+    assert {"qwen2", "llama", "gpt2", "bert", "mistral", "qwen3", "olmo2", "gemma", "gemma2"} <= set(SPECS)
 
 
 # ---- published parameter counts (tied weights counted once, as safetensors stores them) ------------
@@ -62,6 +62,9 @@ PUBLISHED = [
     ("olmo2", "13b", 13_716_198_400),  # allenai/OLMo-2-1124-13B
     ("gemma", "2b", 2_506_172_416),  # google/gemma-2b
     ("gemma", "7b", 8_537_680_896),  # google/gemma-7b
+    ("gemma2", "2b", 2_614_341_888),  # google/gemma-2-2b
+    ("gemma2", "9b", 9_241_705_984),  # google/gemma-2-9b
+    ("gemma2", "27b", 27_227_128_320),  # google/gemma-2-27b
 ]
 
 
@@ -120,8 +123,9 @@ TINY = [
 TINY += [
     ("mistral", "mistral", dict(_DECODER, sliding_window=8)),
     ("qwen3", "qwen3", dict(_DECODER, head_dim=24, tie_word_embeddings=True)),
-    ("olmo2", "olmo2", dict(_DECODER, attention_bias=True)),
+    ("olmo2", "olmo2", dict(_DECODER, attention_bias=True, pad_token_id=1)),
     ("gemma", "gemma", dict(_DECODER, head_dim=24)),
+    ("gemma2", "gemma2", dict(_DECODER, head_dim=24)),
 ]
 HF_CLASSES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
@@ -132,6 +136,7 @@ HF_CLASSES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
     "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
 }
 
 
