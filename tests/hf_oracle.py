@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("qwen2", "llama", "gpt2", "bert", "mistral", "qwen3", "olmo2", "gemma", "gemma2")
+FAMILIES = ("qwen2", "llama", "gpt2", "bert", "mistral", "qwen3", "olmo2", "gemma", "gemma2", "llama3")
 
 # Sizes shared by all families (tiny: each model builds + saves in well under a second).
 VOCAB = 128
@@ -60,6 +60,7 @@ _DEFAULT_TIE = {
     "olmo2": False,
     "gemma": True,
     "gemma2": True,
+    "llama3": False,
 }
 WINDOW = 4  # sliding window of the tiny mistral / qwen3: shorter than the test sequences (12 + 16 generated)
 
@@ -71,13 +72,16 @@ def _transformers():
     return tf
 
 
-def _rope(theta: float) -> dict:
-    """RoPE base as the installed transformers wants it: v5 ``rope_parameters``, v4 ``rope_theta``."""
+def _rope(theta: float, rope_type: str = "default", **scaling) -> dict:
+    """RoPE settings as the installed transformers wants them: v5 ``rope_parameters``, v4 ``rope_theta`` and
+    ``rope_scaling``."""
     import transformers as tf
 
     if int(tf.__version__.split(".")[0]) >= 5:
-        return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
-    return {"rope_theta": theta}
+        return {"rope_parameters": {"rope_type": rope_type, "rope_theta": theta, **scaling}}
+    if rope_type == "default":
+        return {"rope_theta": theta}
+    return {"rope_theta": theta, "rope_scaling": {"rope_type": rope_type, **scaling}}
 
 
 def _config(family: str, tie: bool):
@@ -100,7 +104,21 @@ def _config(family: str, tie: bool):
             bos_token_id=BOS,
             eos_token_id=EOS,
         )
-    if family == "llama":
+    if family in ("llama", "llama3"):
+        # llama3: Llama 3.1's rotary scaling with a 16-token original context, so the test sequences (12 + 16
+        # generated) use scaled low frequencies; the llama.model spec reads it from the rope dict.
+        rope = (
+            _rope(
+                500000.0,
+                "llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            )
+            if family == "llama3"
+            else _rope(10000.0)
+        )
         return tf.LlamaConfig(
             **common,
             hidden_size=HIDDEN,
@@ -110,7 +128,7 @@ def _config(family: str, tie: bool):
             num_key_value_heads=KV_HEADS,
             max_position_embeddings=MAX_POS,
             rms_norm_eps=1e-5,
-            **_rope(10000.0),
+            **rope,
             attention_dropout=0.0,
             bos_token_id=BOS,
             eos_token_id=EOS,
@@ -200,6 +218,7 @@ def _model_class(family: str):
     return {
         "qwen2": tf.Qwen2ForCausalLM,
         "llama": tf.LlamaForCausalLM,
+        "llama3": tf.LlamaForCausalLM,
         "gpt2": tf.GPT2LMHeadModel,
         "bert": tf.BertModel,
         "mistral": tf.MistralForCausalLM,

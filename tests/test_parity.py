@@ -24,6 +24,7 @@ CASES = {
     "olmo2": ("olmo2.model", "Olmo2ForCausalLM"),
     "gemma": ("gemma.model", "GemmaForCausalLM"),
     "gemma2": ("gemma2.model", "Gemma2ForCausalLM"),
+    "llama3": ("llama.model", "LlamaForCausalLM"),  # Llama 3.1's rotary scaling (rope_type llama3)
 }
 # The chunked fused loss needs logits straight from a linear head; Gemma 2 soft-caps them after it.
 UNFUSED_LOSS = {"gemma2"}
@@ -38,13 +39,14 @@ PARAMS = [
     ("olmo2", None),
     ("gemma", None),
     ("gemma2", None),
+    ("llama3", None),
 ]
 
 
 @pytest.fixture(scope="session")
 def packages(tmp_path_factory):
     """Build every spec once; return {family: imported package}."""
-    specs = [(ROOT / "models" / spec, None) for spec, _ in CASES.values()]
+    specs = [(ROOT / "models" / spec, None) for spec in dict.fromkeys(spec for spec, _ in CASES.values())]
     with built_packages(tmp_path_factory.mktemp("build"), *specs):
         yield {family: importlib.import_module(spec.removesuffix(".model")) for family, (spec, _) in CASES.items()}
 

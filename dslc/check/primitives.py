@@ -384,6 +384,20 @@ def _arange(args, kw):
     return [TType((max(0, (end - start + step - 1) // step),), "i64")]
 
 
+def _constant(args, kw):
+    if len(args) != 2 or kw:
+        raise OpTypeError("E040", "`constant` takes (values, dtype): a build-time list of numbers and a dtype")
+    values, dtype = args
+    if not isinstance(values, list) or not values:
+        raise OpTypeError("E041", f"`constant` needs a non-empty build-time list of numbers, got {_desc(values)}")
+    bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))), None)
+    if bad is not None:
+        raise OpTypeError("E041", f"`constant`'s values must be numbers, got {_desc(bad)}")
+    if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES + ("i64", "i32") or dtype == "float":
+        raise OpTypeError("E032", f"`constant` needs a fixed dtype such as f32 or i64, got {_desc(dtype)}")
+    return [TType((len(values),), dtype)]
+
+
 def _attention(args, kw):
     if len(args) != 3:
         raise OpTypeError("E040", f"`attention` takes (q, k, v), got {len(args)} arguments")
@@ -482,6 +496,7 @@ PRIMITIVES: dict[str, Callable] = {
     "split": _split,
     "concat": _concat,
     "arange": _arange,
+    "constant": _constant,
     "attention": _attention,
     "dropout": _dropout,
     "rotate_half": _rotate_half,

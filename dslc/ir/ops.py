@@ -75,6 +75,7 @@ OPS: dict[str, OpDef] = {
         OpDef("split", "shape", "parts of given sizes"),
         OpDef("concat", "shape", "join along a dim"),
         OpDef("arange", "other", "0, 1, ... n - 1 (build-time sizes)"),
+        OpDef("constant", "other", "a [n] tensor of build-time numbers (a list config field: longrope's factors)"),
         # ---- layers ------------------------------------------------------------------------------------
         OpDef("linear", "other", "x @ weight.T (+ bias)"),
         OpDef("gather", "other", "embedding lookup: rows of a table by index"),
