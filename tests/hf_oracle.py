@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("qwen2", "llama", "gpt2", "bert", "mistral", "qwen3", "olmo2", "gemma", "gemma2", "llama3")
+FAMILIES = ("qwen2", "llama", "gpt2", "bert", "mistral", "qwen3", "olmo2", "gemma", "gemma2", "llama3", "phi3")
 
 # Sizes shared by all families (tiny: each model builds + saves in well under a second).
 VOCAB = 128
@@ -61,6 +61,7 @@ _DEFAULT_TIE = {
     "gemma": True,
     "gemma2": True,
     "llama3": False,
+    "phi3": False,
 }
 WINDOW = 4  # sliding window of the tiny mistral / qwen3: shorter than the test sequences (12 + 16 generated)
 
@@ -209,6 +210,19 @@ def _config(family: str, tie: bool):
             pad_token_id=0,
             **_rope(10000.0),
         )
+    if family == "phi3":
+        # Phi-3.5-style longrope over half of each head (partial rotary), a 16-token original context (the
+        # prompt uses short_factor, generation past it long_factor) and a sliding window.
+        rope = _rope(
+            10000.0,
+            "longrope",
+            partial_rotary_factor=0.5,
+            short_factor=[1.0, 1.25, 1.5, 2.0],
+            long_factor=[2.0, 4.0, 6.0, 8.0],
+        )
+        return tf.Phi3Config(
+            **decoder, original_max_position_embeddings=16, sliding_window=WINDOW, pad_token_id=0, **rope
+        )
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
@@ -219,6 +233,7 @@ def _model_class(family: str):
         "qwen2": tf.Qwen2ForCausalLM,
         "llama": tf.LlamaForCausalLM,
         "llama3": tf.LlamaForCausalLM,
+        "phi3": tf.Phi3ForCausalLM,
         "gpt2": tf.GPT2LMHeadModel,
         "bert": tf.BertModel,
         "mistral": tf.MistralForCausalLM,

@@ -58,6 +58,7 @@ TINY["olmo2"] = dict(TINY["llama"], pad_token_id=0)  # its default, 100277, is p
 TINY["qwen3"] = dict(TINY["llama"], head_dim=8)
 TINY["gemma"] = dict(TINY["llama"], head_dim=8)
 TINY["gemma2"] = dict(TINY["llama"], head_dim=8, sliding_window=4)
+TINY["phi3"] = dict(TINY["llama"], pad_token_id=0, sliding_window=4)
 ACTIVATIONS = ["silu", "gelu", "relu", "tanh", "sigmoid", "gelu_tanh"]
 SWAPS = [(" + ", " * "), (" * ", " + "), (" + ", " - "), ("true", "false"), ("false", "true")]
 

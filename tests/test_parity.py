@@ -25,6 +25,7 @@ CASES = {
     "gemma": ("gemma.model", "GemmaForCausalLM"),
     "gemma2": ("gemma2.model", "Gemma2ForCausalLM"),
     "llama3": ("llama.model", "LlamaForCausalLM"),  # Llama 3.1's rotary scaling (rope_type llama3)
+    "phi3": ("phi3.model", "Phi3ForCausalLM"),
 }
 # The chunked fused loss needs logits straight from a linear head; Gemma 2 soft-caps them after it.
 UNFUSED_LOSS = {"gemma2"}
@@ -40,6 +41,7 @@ PARAMS = [
     ("gemma", None),
     ("gemma2", None),
     ("llama3", None),
+    ("phi3", None),
 ]
 
 

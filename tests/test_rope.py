@@ -77,6 +77,19 @@ CASES = [
         HEAD_DIM,
     ),
     (
+        "longrope-partial",  # Phi-3's partial rotary: half of each head rotates, the factors cover its frequencies
+        {
+            "rope_type": "longrope",
+            "original_max_position_embeddings": 16,
+            "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.5, 2.0, 3.0],
+            "long_factor": [4.0, 6.0, 9.0, 12.0],
+        },
+        10000.0,
+        HEAD_DIM,
+    ),
+    ("linear-partial", {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.25}, 10000.0, 64),
+    (
         "llama3",
         {
             "rope_type": "llama3",
@@ -148,12 +161,13 @@ def test_rotary_tables_match_transformers(pkg, case, last):
     _, rope, theta, head_dim = case
     hf_config = _hf_config(rope, theta, head_dim)
     config = pkg.C.from_dict(hf_config.to_dict())
-    assert config.rope_type == rope["rope_type"] and config.rope_dim == head_dim
+    dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+    assert config.rope_type == rope["rope_type"] and config.rope_dim == dim
     model = pkg.M(config)
     pos = torch.stack([torch.arange(last - 9, last + 1), torch.arange(0, 10)])  # [2, 10], max(pos) = last
     cos, sin = model.rotary_emb(pos)
     want_cos, want_sin = _expected(hf_config, pos)
-    assert cos.dtype == torch.float32 and cos.shape == (2, 10, head_dim)
+    assert cos.dtype == torch.float32 and cos.shape == (2, 10, dim)
     torch.testing.assert_close(cos, want_cos, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sin, want_sin, rtol=1e-5, atol=1e-5)
 
@@ -164,7 +178,12 @@ def test_the_scaled_types_change_the_tables(pkg):
     plain = pkg.M(pkg.C.from_dict(_hf_config({"rope_type": "default"}, 10000.0, HEAD_DIM).to_dict()))
     ref, _ = plain.rotary_emb(pos)
     for case_id, rope, theta, head_dim in CASES:
-        if rope["rope_type"] == "default" or theta != 10000.0 or head_dim != HEAD_DIM:
+        if (
+            rope["rope_type"] == "default"
+            or theta != 10000.0
+            or head_dim != HEAD_DIM
+            or "partial_rotary_factor" in rope
+        ):
             continue
         cos, _ = pkg.M(pkg.C.from_dict(_hf_config(rope, theta, head_dim).to_dict())).rotary_emb(pos)
         assert not torch.allclose(cos, ref, atol=1e-3), case_id
@@ -193,10 +212,7 @@ def test_transformers_4_rope_scaling_keys_are_read(pkg):
     [
         ({"rope_type": "ntk"}, "rope_type must be default, linear, dynamic, yarn, longrope or llama3"),
         ({"rope_type": "linear"}, "linear, dynamic and llama3 rotary scaling need a factor"),
-        (
-            {"rope_type": "yarn", "rope_factor": "2.0"},
-            "yarn, longrope and llama3 need original_max_position_embeddings",
-        ),
+        ({"rope_partial_rotary_factor": "1.5"}, "partial_rotary_factor must be above 0 and at most 1"),
         ({"rope_type": "longrope", "rope_original_max_position_embeddings": "16"}, "longrope needs short_factor"),
     ],
 )

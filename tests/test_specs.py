@@ -29,7 +29,7 @@ def test_spec_checks_clean(name):
 
 
 def test_every_family_has_a_spec():
-    assert {"qwen2", "llama", "gpt2", "bert", "mistral", "qwen3", "olmo2", "gemma", "gemma2"} <= set(SPECS)
+    assert {"qwen2", "llama", "gpt2", "bert", "mistral", "qwen3", "olmo2", "gemma", "gemma2", "phi3"} <= set(SPECS)
 
 
 # ---- published parameter counts (tied weights counted once, as safetensors stores them) ------------
@@ -65,6 +65,8 @@ PUBLISHED = [
     ("gemma2", "2b", 2_614_341_888),  # google/gemma-2-2b
     ("gemma2", "9b", 9_241_705_984),  # google/gemma-2-9b
     ("gemma2", "27b", 27_227_128_320),  # google/gemma-2-27b
+    ("phi3", "mini-4k", 3_821_079_552),  # microsoft/Phi-3-mini-4k-instruct (and mini-128k, Phi-3.5-mini)
+    ("phi3", "medium-4k", 13_960_238_080),  # microsoft/Phi-3-medium-4k-instruct
 ]
 
 
@@ -126,6 +128,7 @@ TINY += [
     ("olmo2", "olmo2", dict(_DECODER, attention_bias=True, pad_token_id=1)),
     ("gemma", "gemma", dict(_DECODER, head_dim=24)),
     ("gemma2", "gemma2", dict(_DECODER, head_dim=24)),
+    ("phi3", "phi3", dict(_DECODER, pad_token_id=0)),
 ]
 HF_CLASSES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
@@ -137,6 +140,7 @@ HF_CLASSES = {
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
     "gemma": ("GemmaConfig", "GemmaForCausalLM"),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
 }
 
 
