@@ -35,7 +35,21 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("qwen2", "llama", "gpt2", "bert", "mistral", "qwen3", "olmo2", "gemma", "gemma2", "llama3", "phi3")
+FAMILIES = (
+    "qwen2",
+    "llama",
+    "gpt2",
+    "bert",
+    "mistral",
+    "qwen3",
+    "olmo2",
+    "gemma",
+    "gemma2",
+    "llama3",
+    "phi3",
+    "gpt_neox",
+    "gpt_neox_seq",
+)
 
 # Sizes shared by all families (tiny: each model builds + saves in well under a second).
 VOCAB = 128
@@ -62,6 +76,8 @@ _DEFAULT_TIE = {
     "gemma2": True,
     "llama3": False,
     "phi3": False,
+    "gpt_neox": False,
+    "gpt_neox_seq": False,
 }
 WINDOW = 4  # sliding window of the tiny mistral / qwen3: shorter than the test sequences (12 + 16 generated)
 
@@ -223,6 +239,24 @@ def _config(family: str, tie: bool):
         return tf.Phi3Config(
             **decoder, original_max_position_embeddings=16, sliding_window=WINDOW, pad_token_id=0, **rope
         )
+    if family in ("gpt_neox", "gpt_neox_seq"):
+        # Pythia's shape: rotary on a quarter of each head (rotary_pct), biases everywhere; gpt_neox_seq is the
+        # sequential residual (use_parallel_residual false).
+        return tf.GPTNeoXConfig(
+            **common,
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            intermediate_size=INTERMEDIATE,
+            max_position_embeddings=MAX_POS,
+            hidden_act="gelu",
+            use_parallel_residual=family == "gpt_neox",
+            attention_dropout=0.0,
+            hidden_dropout=0.0,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+            **_rope(10000.0, partial_rotary_factor=0.25),
+        )
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
@@ -234,6 +268,8 @@ def _model_class(family: str):
         "llama": tf.LlamaForCausalLM,
         "llama3": tf.LlamaForCausalLM,
         "phi3": tf.Phi3ForCausalLM,
+        "gpt_neox": tf.GPTNeoXForCausalLM,
+        "gpt_neox_seq": tf.GPTNeoXForCausalLM,
         "gpt2": tf.GPT2LMHeadModel,
         "bert": tf.BertModel,
         "mistral": tf.MistralForCausalLM,

@@ -59,6 +59,7 @@ TINY["qwen3"] = dict(TINY["llama"], head_dim=8)
 TINY["gemma"] = dict(TINY["llama"], head_dim=8)
 TINY["gemma2"] = dict(TINY["llama"], head_dim=8, sliding_window=4)
 TINY["phi3"] = dict(TINY["llama"], pad_token_id=0, sliding_window=4)
+TINY["gpt_neox"] = dict(TINY["bert"])
 ACTIVATIONS = ["silu", "gelu", "relu", "tanh", "sigmoid", "gelu_tanh"]
 SWAPS = [(" + ", " * "), (" * ", " + "), (" + ", " - "), ("true", "false"), ("false", "true")]
 

@@ -26,6 +26,8 @@ CASES = {
     "gemma2": ("gemma2.model", "Gemma2ForCausalLM"),
     "llama3": ("llama.model", "LlamaForCausalLM"),  # Llama 3.1's rotary scaling (rope_type llama3)
     "phi3": ("phi3.model", "Phi3ForCausalLM"),
+    "gpt_neox": ("gpt_neox.model", "GPTNeoXForCausalLM"),
+    "gpt_neox_seq": ("gpt_neox.model", "GPTNeoXForCausalLM"),  # use_parallel_residual false
 }
 # The chunked fused loss needs logits straight from a linear head; Gemma 2 soft-caps them after it.
 UNFUSED_LOSS = {"gemma2"}
@@ -42,6 +44,8 @@ PARAMS = [
     ("gemma2", None),
     ("llama3", None),
     ("phi3", None),
+    ("gpt_neox", None),
+    ("gpt_neox_seq", None),
 ]
 
 
@@ -220,3 +224,20 @@ def test_triton_path_matches_hf(packages, family, tmp_path):
     torch.testing.assert_close(b.logits, a.logits)
     torch.testing.assert_close(b.loss, a.loss)
     _compare_grads(hf, ours, pkg)
+
+
+def test_gpt_neox_loads_the_hub_name_embed_out(packages, tmp_path):
+    """transformers 5 writes GPT-NeoX's head as the hub's `embed_out.weight` (its state dict says lm_head); the
+    spec's rename rule loads it, and our save writes `lm_head.weight`, which transformers loads too."""
+    folder = hf_oracle.make_hf_model("gpt_neox", tmp_path / "hf", seed=11)
+    keys = hf_oracle.saved_keys(folder)
+    assert "embed_out.weight" in keys and "lm_head.weight" not in keys
+    hf = hf_oracle.load_hf(folder)
+    ours = packages["gpt_neox"].GPTNeoXForCausalLM.from_pretrained(folder)
+    kw = _inputs("gpt_neox")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**kw).logits, hf(**kw).logits)
+    ours.save_pretrained(tmp_path / "saved")
+    assert "lm_head.weight" in hf_oracle.saved_keys(tmp_path / "saved")
+    with torch.no_grad():
+        torch.testing.assert_close(hf_oracle.load_hf(tmp_path / "saved")(**kw).logits, hf(**kw).logits)
