@@ -241,3 +241,28 @@ def test_gpt_neox_loads_the_hub_name_embed_out(packages, tmp_path):
     assert "lm_head.weight" in hf_oracle.saved_keys(tmp_path / "saved")
     with torch.no_grad():
         torch.testing.assert_close(hf_oracle.load_hf(tmp_path / "saved")(**kw).logits, hf(**kw).logits)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_gemma_embedding_scale_is_rounded_to_the_dtype(packages, family, tmp_path):
+    """In bfloat16 transformers multiplies the embeddings by sqrt(hidden_size) rounded to bf16 (6.9375 for a
+    width of 48, not 6.928; 55.5 for Gemma 7B's 3072): the first layer's input is bitwise HF's hidden_states[0]."""
+    config = hf_oracle._config(family, True)
+    config.hidden_size = 48  # sqrt(48) is not a bfloat16 number
+    config._attn_implementation = hf_oracle.ATTN_IMPL
+    hf = hf_oracle._model_class(family)(config).eval()
+    hf_oracle.randomize_(hf, seed=2)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    hf = hf.to(torch.bfloat16)
+    ours = getattr(packages[family], CASES[family][1]).from_pretrained(tmp_path, dtype=torch.bfloat16)
+    seen = []
+    handle = ours.model.layers[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    kw = _inputs(family)
+    try:
+        with torch.no_grad():
+            want = hf(**kw, output_hidden_states=True).hidden_states[0]
+            ours(**kw)
+    finally:
+        handle.remove()
+    assert seen[0].dtype == torch.bfloat16
+    assert torch.equal(seen[0], want)

@@ -213,6 +213,7 @@ def test_transformers_4_rope_scaling_keys_are_read(pkg):
         ({"rope_type": "ntk"}, "rope_type must be default, linear, dynamic, yarn, longrope or llama3"),
         ({"rope_type": "linear"}, "linear, dynamic and llama3 rotary scaling need a factor"),
         ({"rope_partial_rotary_factor": "1.5"}, "partial_rotary_factor must be above 0 and at most 1"),
+        ({"rope_type": "dynamic", "rope_factor": "2.0", "head_dim": "2"}, "dynamic NTK scaling needs more than 2"),
         ({"rope_type": "longrope", "rope_original_max_position_embeddings": "16"}, "longrope needs short_factor"),
     ],
 )
