@@ -35,7 +35,21 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("qwen2", "llama", "gpt2", "bert")
+FAMILIES = (
+    "qwen2",
+    "llama",
+    "gpt2",
+    "bert",
+    "mistral",
+    "qwen3",
+    "olmo2",
+    "gemma",
+    "gemma2",
+    "llama3",
+    "phi3",
+    "gpt_neox",
+    "gpt_neox_seq",
+)
 
 # Sizes shared by all families (tiny: each model builds + saves in well under a second).
 VOCAB = 128
@@ -50,7 +64,22 @@ BOS, EOS = 1, 2
 ATTN_IMPL = "eager"
 
 # tie_word_embeddings default per family when ``tie`` is None (HF's config defaults).
-_DEFAULT_TIE = {"qwen2": False, "llama": False, "gpt2": True, "bert": True}
+_DEFAULT_TIE = {
+    "qwen2": False,
+    "llama": False,
+    "gpt2": True,
+    "bert": True,
+    "mistral": False,
+    "qwen3": False,
+    "olmo2": False,
+    "gemma": True,
+    "gemma2": True,
+    "llama3": False,
+    "phi3": False,
+    "gpt_neox": False,
+    "gpt_neox_seq": False,
+}
+WINDOW = 4  # sliding window of the tiny mistral / qwen3: shorter than the test sequences (12 + 16 generated)
 
 
 def _transformers():
@@ -60,13 +89,16 @@ def _transformers():
     return tf
 
 
-def _rope(theta: float) -> dict:
-    """RoPE base as the installed transformers wants it: v5 ``rope_parameters``, v4 ``rope_theta``."""
+def _rope(theta: float, rope_type: str = "default", **scaling) -> dict:
+    """RoPE settings as the installed transformers wants them: v5 ``rope_parameters``, v4 ``rope_theta`` and
+    ``rope_scaling``."""
     import transformers as tf
 
     if int(tf.__version__.split(".")[0]) >= 5:
-        return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
-    return {"rope_theta": theta}
+        return {"rope_parameters": {"rope_type": rope_type, "rope_theta": theta, **scaling}}
+    if rope_type == "default":
+        return {"rope_theta": theta}
+    return {"rope_theta": theta, "rope_scaling": {"rope_type": rope_type, **scaling}}
 
 
 def _config(family: str, tie: bool):
@@ -89,7 +121,21 @@ def _config(family: str, tie: bool):
             bos_token_id=BOS,
             eos_token_id=EOS,
         )
-    if family == "llama":
+    if family in ("llama", "llama3"):
+        # llama3: Llama 3.1's rotary scaling with a 16-token original context, so the test sequences (12 + 16
+        # generated) use scaled low frequencies; the llama.model spec reads it from the rope dict.
+        rope = (
+            _rope(
+                500000.0,
+                "llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            )
+            if family == "llama3"
+            else _rope(10000.0)
+        )
         return tf.LlamaConfig(
             **common,
             hidden_size=HIDDEN,
@@ -99,7 +145,7 @@ def _config(family: str, tie: bool):
             num_key_value_heads=KV_HEADS,
             max_position_embeddings=MAX_POS,
             rms_norm_eps=1e-5,
-            **_rope(10000.0),
+            **rope,
             attention_dropout=0.0,
             bos_token_id=BOS,
             eos_token_id=EOS,
@@ -136,6 +182,81 @@ def _config(family: str, tie: bool):
             layer_norm_eps=1e-12,
             pad_token_id=0,
         )
+    decoder = dict(
+        **common,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=MAX_POS,
+        attention_dropout=0.0,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+    )
+    if family == "mistral":
+        return tf.MistralConfig(**decoder, head_dim=HIDDEN // HEADS, sliding_window=WINDOW, **_rope(10000.0))
+    if family == "qwen3":
+        # Layer 0 full attention, layer 1 sliding (HF's layer_types from max_window_layers): per-layer windows.
+        return tf.Qwen3Config(
+            **decoder,
+            head_dim=HIDDEN // HEADS,
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+            max_window_layers=1,
+            **_rope(1000000.0),
+        )
+    if family == "olmo2":
+        return tf.Olmo2Config(**decoder, rms_norm_eps=1e-6, pad_token_id=0, **_rope(500000.0))
+    if family == "gemma":
+        return tf.GemmaConfig(
+            **decoder, head_dim=HIDDEN // HEADS, hidden_act="gelu_pytorch_tanh", pad_token_id=0, **_rope(10000.0)
+        )
+    if family == "gemma2":
+        # HF's default layer_types: layer 0 slides, layer 1 is global. Small caps, so both bend the random
+        # model's scores and logits; query_pre_attn_scalar is not head_dim, so the scale must come from it.
+        return tf.Gemma2Config(
+            **decoder,
+            head_dim=HIDDEN // HEADS,
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=24,
+            sliding_window=WINDOW,
+            attn_logit_softcapping=1.5,
+            final_logit_softcapping=5.0,
+            pad_token_id=0,
+            **_rope(10000.0),
+        )
+    if family == "phi3":
+        # Phi-3.5-style longrope over half of each head (partial rotary), a 16-token original context (the
+        # prompt uses short_factor, generation past it long_factor) and a sliding window.
+        rope = _rope(
+            10000.0,
+            "longrope",
+            partial_rotary_factor=0.5,
+            short_factor=[1.0, 1.25, 1.5, 2.0],
+            long_factor=[2.0, 4.0, 6.0, 8.0],
+        )
+        return tf.Phi3Config(
+            **decoder, original_max_position_embeddings=16, sliding_window=WINDOW, pad_token_id=0, **rope
+        )
+    if family in ("gpt_neox", "gpt_neox_seq"):
+        # Pythia's shape: rotary on a quarter of each head (rotary_pct), biases everywhere; gpt_neox_seq is the
+        # sequential residual (use_parallel_residual false).
+        return tf.GPTNeoXConfig(
+            **common,
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            intermediate_size=INTERMEDIATE,
+            max_position_embeddings=MAX_POS,
+            hidden_act="gelu",
+            use_parallel_residual=family == "gpt_neox",
+            attention_dropout=0.0,
+            hidden_dropout=0.0,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+            **_rope(10000.0, partial_rotary_factor=0.25),
+        )
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
@@ -145,8 +266,17 @@ def _model_class(family: str):
     return {
         "qwen2": tf.Qwen2ForCausalLM,
         "llama": tf.LlamaForCausalLM,
+        "llama3": tf.LlamaForCausalLM,
+        "phi3": tf.Phi3ForCausalLM,
+        "gpt_neox": tf.GPTNeoXForCausalLM,
+        "gpt_neox_seq": tf.GPTNeoXForCausalLM,
         "gpt2": tf.GPT2LMHeadModel,
         "bert": tf.BertModel,
+        "mistral": tf.MistralForCausalLM,
+        "qwen3": tf.Qwen3ForCausalLM,
+        "olmo2": tf.Olmo2ForCausalLM,
+        "gemma": tf.GemmaForCausalLM,
+        "gemma2": tf.Gemma2ForCausalLM,
     }[family]
 
 

@@ -529,3 +529,33 @@ def test_static_expressions_call_int_float_min_max():
     with pytest.raises(DslcError) as info:
         check_source(STATIC_CALLS_SPEC.replace("max(2 * hidden_size, 64)", "round(hidden_size)"), "bad.model")
     assert any(d.code == "E016" and "int()" in d.help[0] for d in info.value.diagnostics)
+
+
+# ---- embedding padding rows ------------------------------------------------------------------------
+
+PAD_SPEC = """use std
+config C:
+    vocab: int = 16
+    dim: int = 8
+    pad: int? = 3
+
+model M(C): base
+    embed = Embedding(vocab, dim, padding_idx = pad)
+
+    forward(ids: [B, T] i64) -> [B, T, dim]:
+        return embed(ids)
+"""
+
+
+def test_padding_idx_inside_the_table_checks_clean():
+    assert check(PAD_SPEC).warnings == []
+    assert check(PAD_SPEC, pad="none").warnings == []
+    assert check(PAD_SPEC, pad=-16).warnings == []  # negative rows count from the end, as torch's
+
+
+@pytest.mark.parametrize("pad", [16, 100277, -17])
+def test_padding_idx_outside_the_table_is_found_by_check(pad):
+    """OLMo 2's pad_token_id (100277) with a small --set vocab_size: torch would assert at construction."""
+    d = one_error(PAD_SPEC, pad=pad)
+    assert d.code == "E041" and f"padding_idx {pad} is not a row of the 16-row table" in d.message
+    assert d.span.line == line_of(PAD_SPEC, "return embed(ids)")

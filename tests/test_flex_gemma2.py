@@ -1,4 +1,4 @@
-"""A tiny Gemma 2 (tests/specs/gemma2.model: soft-capped logits, a sliding window shorter than the
+"""A tiny Gemma 2 (models/gemma2.model: soft-capped logits, a sliding window shorter than the
 sequence, grouped-query heads) against a random transformers Gemma2ForCausalLM, on every attention
 path (`DSLC_ATTENTION`: FlexAttention unfused on the CPU, SDPA, eager, auto): forward logits with left
 padding, parameter gradients, greedy decoding with the KV cache, and torch.export (which falls back
@@ -22,7 +22,7 @@ WINDOW = 4  # shorter than the sequences below
 
 @pytest.fixture(scope="module")
 def pkg(tmp_path_factory):
-    with built_packages(tmp_path_factory.mktemp("flex_build"), (ROOT / "tests" / "specs" / "gemma2.model", NAME)):
+    with built_packages(tmp_path_factory.mktemp("flex_build"), (ROOT / "models" / "gemma2.model", NAME)):
         yield importlib.import_module(NAME)
 
 

@@ -91,6 +91,13 @@ TINY = {  # spec -> config values that make its model small enough to run here
         max_position_embeddings=64,
     ),
 }
+TINY["mistral"] = dict(TINY["llama"], sliding_window=4)
+TINY["olmo2"] = dict(TINY["llama"], pad_token_id=0)  # its default, 100277, is past the tiny vocabulary
+TINY["qwen3"] = dict(TINY["llama"], head_dim=8)
+TINY["gemma"] = dict(TINY["llama"], head_dim=8)
+TINY["gemma2"] = dict(TINY["llama"], head_dim=8, sliding_window=4)
+TINY["phi3"] = dict(TINY["llama"], pad_token_id=0, sliding_window=4)
+TINY["gpt_neox"] = dict(TINY["bert"])
 ACTIVATIONS = ["silu", "gelu", "relu", "tanh", "sigmoid", "gelu_tanh"]
 SWAPS = [(" + ", " * "), (" * ", " + "), (" + ", " - "), ("true", "false"), ("false", "true")]
 

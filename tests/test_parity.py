@@ -19,14 +19,40 @@ CASES = {
     "llama": ("llama.model", "LlamaForCausalLM"),
     "gpt2": ("gpt2.model", "GPT2LMHeadModel"),
     "bert": ("bert.model", "BertModel"),
+    "mistral": ("mistral.model", "MistralForCausalLM"),
+    "qwen3": ("qwen3.model", "Qwen3ForCausalLM"),
+    "olmo2": ("olmo2.model", "Olmo2ForCausalLM"),
+    "gemma": ("gemma.model", "GemmaForCausalLM"),
+    "gemma2": ("gemma2.model", "Gemma2ForCausalLM"),
+    "llama3": ("llama.model", "LlamaForCausalLM"),  # Llama 3.1's rotary scaling (rope_type llama3)
+    "phi3": ("phi3.model", "Phi3ForCausalLM"),
+    "gpt_neox": ("gpt_neox.model", "GPTNeoXForCausalLM"),
+    "gpt_neox_seq": ("gpt_neox.model", "GPTNeoXForCausalLM"),  # use_parallel_residual false
 }
-PARAMS = [("qwen2", False), ("qwen2", True), ("llama", None), ("gpt2", None), ("bert", None)]
+# The chunked fused loss needs logits straight from a linear head; Gemma 2 soft-caps them after it.
+UNFUSED_LOSS = {"gemma2"}
+PARAMS = [
+    ("qwen2", False),
+    ("qwen2", True),
+    ("llama", None),
+    ("gpt2", None),
+    ("bert", None),
+    ("mistral", None),
+    ("qwen3", None),
+    ("olmo2", None),
+    ("gemma", None),
+    ("gemma2", None),
+    ("llama3", None),
+    ("phi3", None),
+    ("gpt_neox", None),
+    ("gpt_neox_seq", None),
+]
 
 
 @pytest.fixture(scope="session")
 def packages(tmp_path_factory):
     """Build every spec once; return {family: imported package}."""
-    specs = [(ROOT / "models" / spec, None) for spec, _ in CASES.values()]
+    specs = [(ROOT / "models" / spec, None) for spec in dict.fromkeys(spec for spec, _ in CASES.values())]
     with built_packages(tmp_path_factory.mktemp("build"), *specs):
         yield {family: importlib.import_module(spec.removesuffix(".model")) for family, (spec, _) in CASES.items()}
 
@@ -133,7 +159,7 @@ def test_greedy_generation_matches(pair):
         pytest.skip("BertModel is an encoder: no generation")
     kw = _inputs(family, left_pad=True)
     expected = hf.generate(**kw, max_new_tokens=16, do_sample=False, pad_token_id=0)
-    got = ours.generate(kw["input_ids"], attention_mask=kw["attention_mask"], max_new_tokens=16)
+    got = ours.generate(kw["input_ids"], attention_mask=kw["attention_mask"], max_new_tokens=16, pad_token_id=0)
     assert torch.equal(got, expected), f"generated {got.tolist()} != HF {expected.tolist()}"
 
 
@@ -162,7 +188,10 @@ def test_training_mode_uses_fused_loss_and_matches(pair):
         b = ours(**kw, labels=labels)
     finally:
         ours.eval()
-    assert b.logits is None, "training with labels must not materialize the logits"
+    if family in UNFUSED_LOSS:
+        assert ours.loss_head is None and b.logits is not None
+    else:
+        assert b.logits is None, "training with labels must not materialize the logits"
     torch.testing.assert_close(b.loss, a.loss)
     a.loss.backward()
     b.loss.backward()
@@ -195,3 +224,45 @@ def test_triton_path_matches_hf(packages, family, tmp_path):
     torch.testing.assert_close(b.logits, a.logits)
     torch.testing.assert_close(b.loss, a.loss)
     _compare_grads(hf, ours, pkg)
+
+
+def test_gpt_neox_loads_the_hub_name_embed_out(packages, tmp_path):
+    """transformers 5 writes GPT-NeoX's head as the hub's `embed_out.weight` (its state dict says lm_head); the
+    spec's rename rule loads it, and our save writes `lm_head.weight`, which transformers loads too."""
+    folder = hf_oracle.make_hf_model("gpt_neox", tmp_path / "hf", seed=11)
+    keys = hf_oracle.saved_keys(folder)
+    assert "embed_out.weight" in keys and "lm_head.weight" not in keys
+    hf = hf_oracle.load_hf(folder)
+    ours = packages["gpt_neox"].GPTNeoXForCausalLM.from_pretrained(folder)
+    kw = _inputs("gpt_neox")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**kw).logits, hf(**kw).logits)
+    ours.save_pretrained(tmp_path / "saved")
+    assert "lm_head.weight" in hf_oracle.saved_keys(tmp_path / "saved")
+    with torch.no_grad():
+        torch.testing.assert_close(hf_oracle.load_hf(tmp_path / "saved")(**kw).logits, hf(**kw).logits)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_gemma_embedding_scale_is_rounded_to_the_dtype(packages, family, tmp_path):
+    """In bfloat16 transformers multiplies the embeddings by sqrt(hidden_size) rounded to bf16 (6.9375 for a
+    width of 48, not 6.928; 55.5 for Gemma 7B's 3072): the first layer's input is bitwise HF's hidden_states[0]."""
+    config = hf_oracle._config(family, True)
+    config.hidden_size = 48  # sqrt(48) is not a bfloat16 number
+    config._attn_implementation = hf_oracle.ATTN_IMPL
+    hf = hf_oracle._model_class(family)(config).eval()
+    hf_oracle.randomize_(hf, seed=2)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    hf = hf.to(torch.bfloat16)
+    ours = getattr(packages[family], CASES[family][1]).from_pretrained(tmp_path, dtype=torch.bfloat16)
+    seen = []
+    handle = ours.model.layers[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    kw = _inputs(family)
+    try:
+        with torch.no_grad():
+            want = hf(**kw, output_hidden_states=True).hidden_states[0]
+            ours(**kw)
+    finally:
+        handle.remove()
+    assert seen[0].dtype == torch.bfloat16
+    assert torch.equal(seen[0], want)

@@ -347,7 +347,19 @@ def test_trainer_bf16_checkpoints_reload_with_from_pretrained(built, tokenizer, 
 
 
 # ---- every shipped spec on the hf target, against transformers on a tiny random checkpoint -----------------------
-SPECS = {"qwen2": "qwen2", "llama": "llama", "gpt2": "gpt2", "bert": "bert"}  # spec -> hf_oracle family
+SPECS = {  # spec -> hf_oracle family
+    "qwen2": "qwen2",
+    "llama": "llama",
+    "gpt2": "gpt2",
+    "bert": "bert",
+    "mistral": "mistral",
+    "qwen3": "qwen3",
+    "olmo2": "olmo2",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "phi3": "phi3",
+    "gpt_neox": "gpt_neox",
+}
 
 
 @pytest.fixture(scope="module")

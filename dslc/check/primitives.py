@@ -226,6 +226,9 @@ def _gather(args, kw):
         raise OpTypeError("E032", f"`gather`'s ids must be integers, got {ids.dtype}")
     if table.rank != 2:
         raise OpTypeError("E031", f"`gather`'s table must be rank 2, got {table}")
+    rows = table.dims[0]
+    if pad is not None and isinstance(rows, int) and not -rows <= pad < rows:
+        raise OpTypeError("E041", f"`gather`'s padding_idx {pad} is not a row of the {rows}-row table")
     return [TType(ids.dims + (table.dims[1],), table.dtype)]
 
 
@@ -379,6 +382,20 @@ def _arange(args, kw):
     if start == 0 and end % step == 0:  # the common case, in a form shape comments can name: `dim // 2`
         return [TType((end // step,), "i64")]
     return [TType((max(0, (end - start + step - 1) // step),), "i64")]
+
+
+def _constant(args, kw):
+    if len(args) != 2 or kw:
+        raise OpTypeError("E040", "`constant` takes (values, dtype): a build-time list of numbers and a dtype")
+    values, dtype = args
+    if not isinstance(values, list) or not values:
+        raise OpTypeError("E041", f"`constant` needs a non-empty build-time list of numbers, got {_desc(values)}")
+    bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))), None)
+    if bad is not None:
+        raise OpTypeError("E041", f"`constant`'s values must be numbers, got {_desc(bad)}")
+    if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES + ("i64", "i32") or dtype == "float":
+        raise OpTypeError("E032", f"`constant` needs a fixed dtype such as f32 or i64, got {_desc(dtype)}")
+    return [TType((len(values),), dtype)]
 
 
 def _attention(args, kw):
@@ -646,6 +663,7 @@ PRIMITIVES: dict[str, Callable] = {
     "split": _split,
     "concat": _concat,
     "arange": _arange,
+    "constant": _constant,
     "attention": _attention,
     "dropout": _dropout,
     "rotate_half": _rotate_half,

@@ -14,6 +14,7 @@ from dslc.codegen.autodiff import RUNTIME_NAMES
 from dslc.codegen.python import BodyContext, BodyRenderer, commented, static_text
 from dslc.codegen.text import comment, docstring, where
 from dslc.ir import nodes as N
+from dslc.ir.evaluate import free_refs
 from dslc.resources import templates_dir
 
 STATIC_FILES = (
@@ -176,17 +177,22 @@ class PackageRenderer:
         param_names = _dim_names(params, {})
         ctx.type_names = {k: _type_text(t, dim_names, param_names) for k, t in types.items()}
 
-        init_params = []
+        init_params, late = [], []
         if self.needs_config[m.name]:
             init_params.append(f"config: {self.config_class}")
         for p in m.params:
             ann = PY_TYPES.get(p.type, p.type) + (" | None" if p.optional else "")
             if p.default is None:
                 init_params.append(f"{p.name}: {ann}")
+            elif free_refs(p.default):  # over config fields or earlier parameters: computed in the body
+                init_params.append(f"{p.name}: {ann}{'' if p.optional else ' | None'} = None")
+                late.append(
+                    f"{p.name} = {static_text(p.default, ctx, {}, 0, init=True)} if {p.name} is None else {p.name}"
+                )
             else:
                 init_params.append(f"{p.name}: {ann} = {static_text(p.default, ctx, {}, 0, init=True)}")
 
-        init = []
+        init = list(late)
         if self.needs_config[m.name] and not is_model:
             init.append("self.config = config")
         for p in forward_params:
@@ -414,7 +420,7 @@ class PackageRenderer:
             is_derived = f.default is not None and any(r.kind == "config" for r in free_refs(f.default))
             built = static_text(N.Const(ev.values[f.name]), ctx, {}, 0) if f.name in fixed else None
             if is_derived:
-                derived.append((f.name, static_text(f.default, ctx, {}, 0)))
+                derived.append((f.name, static_text(f.default, ctx, {}, 0), {r.name for r in free_refs(f.default)}))
                 doc = f.doc or f"derived: {_src(f, ctx)}"
                 fields.append((f.name, f"{PY_TYPES[f.type]} | None", built or "None", doc))
             elif built is not None:
@@ -426,6 +432,7 @@ class PackageRenderer:
             name, a, default, doc = fields[-1]
             if f.type.startswith("list[") and default not in (None, "None"):  # a dataclass list default
                 fields[-1] = (name, a, f"field(default_factory=lambda: {default})", doc)
+        derived = _dependency_sorted(derived)
         requires = [
             (
                 static_text(r.test, ctx, {}, 0),
@@ -471,6 +478,14 @@ class PackageRenderer:
                 todo.extend(calls(fns[name].graph.body))
         return seen
 
+    @staticmethod
+    def uses_math(modules: list[ModuleView], fns: list[FnView]) -> bool:
+        """Whether modeling.py calls Python's math module (a build-time `log`, `sqrt`, `floor` or `ceil`)."""
+        lines = [
+            x for m in modules for x in m.init_lines + m.forward_lines + [y for _, _, ls in m.extra_methods for y in ls]
+        ]
+        return any("math." in line for line in lines + [x for f in fns for x in f.lines])
+
     def modeling_imports(self, modules: list[ModuleView], fns: list[FnView]) -> list[str]:
         """The package-relative imports modeling.py uses (nothing unused, for ruff's F401)."""
         text = "\n".join(
@@ -487,7 +502,9 @@ class PackageRenderer:
         if re.search(r"(?<![\w.])moe\.", text):
             imports.append("from . import moe")
         imports.append(f"from .config import {self.config_class}")
-        base = ["PreTrainedModel"] + [n for n in ("checkpoint_call", "fused_linear") if f"{n}(" in text]
+        base = ["PreTrainedModel"] + [
+            n for n in ("checkpoint_call", "constant_tensor", "fused_linear") if f"{n}(" in text
+        ]
         imports.append(f"from .model_base import {', '.join(base)}")
         return imports
 
@@ -535,7 +552,11 @@ class PackageRenderer:
             ),
             "config.py": env.get_template("config.py.j2").render(**common, config=self.config_view()),
             "modeling.py": env.get_template("modeling.py.j2").render(
-                **common, modules=modules, fns=fns, imports=self.modeling_imports(modules, fns)
+                **common,
+                modules=modules,
+                fns=fns,
+                imports=self.modeling_imports(modules, fns),
+                uses_math=self.uses_math(modules, fns),
             ),
         }
         for name in STATIC_FILES:
@@ -635,3 +656,25 @@ def _torch_dtype(d: str) -> str:
     from dslc.codegen.python import TORCH_DTYPES
 
     return TORCH_DTYPES[d]
+
+
+def _dependency_sorted(derived: list[tuple[str, str, set[str]]]) -> list[tuple[str, str]]:
+    """(field, expression) of the derived fields, each after the derived fields it reads (declaration order
+    otherwise; a base config's field such as RopeConfig's `rope_dim = head_dim` may come before what it reads).
+    The checker has refused cycles."""
+    deps = {name: reads for name, _, reads in derived}
+    exprs = {name: expr for name, expr, _ in derived}
+    out: list[tuple[str, str]] = []
+    placed: set[str] = set()
+
+    def place(name: str) -> None:
+        if name in placed:
+            return
+        placed.add(name)
+        for dep in sorted(deps[name] & deps.keys(), key=list(deps).index):
+            place(dep)
+        out.append((name, exprs[name]))
+
+    for name in deps:
+        place(name)
+    return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from dslc.codegen.text import where
 from dslc.ir import nodes as N
 from dslc.ir import ops
+from dslc.ir.evaluate import STATIC_UNARY
 from dslc.passes.common import VIEW_OPS
 
 TORCH_DTYPES = {
@@ -129,6 +130,8 @@ def _static(e: N.E, ctx: BodyContext, names: dict[str, str], init: bool) -> tupl
     if isinstance(e, N.UnE):
         if e.op in ("int", "float"):
             return f"{e.op}({static_text(e.operand, ctx, names, 0, init)})", ATOM
+        if e.op in STATIC_UNARY:  # log, sqrt, floor, ceil: Python's math module
+            return f"math.{e.op}({static_text(e.operand, ctx, names, 0, init)})", ATOM
         if e.op == "not":
             return f"not {static_text(e.operand, ctx, names, 5, init)}", 5
         return f"-{static_text(e.operand, ctx, names, UNARY, init)}", UNARY
@@ -296,6 +299,10 @@ class BodyRenderer:
         if name == "arange":
             device = self._device_arg()
             return f"torch.arange({', '.join(self.operand(x) for x in a)}, device={device})", ATOM
+        if name == "constant":
+            device = self._device_arg()
+            values, dtype = (self.operand(x) for x in a)
+            return f"constant_tensor({values}, {dtype}, {device})", ATOM
         if name == "dropout":
             p = self.operand(a[1]) if len(a) > 1 else self.operand(kw.get("p", N.Const(0.0)))
             return f"F.dropout({self.operand(a[0])}, p={p}, training=self.training)", ATOM
@@ -340,7 +347,7 @@ class BodyRenderer:
             if a.tensor is not None:
                 self._reading.add(a.name)
                 return f"{self.names[a.name]}.device"
-        raise CodegenError("`arange` needs a tensor argument in the same function to take its device from")
+        raise CodegenError("`arange` and `constant` need a tensor argument in the same function for their device")
 
     # ---- statements --------------------------------------------------------------------------------
     def render(self) -> list[str]:

@@ -9,6 +9,9 @@ from dslc.ir.nodes import BinE, CondE, Const, E, ListE, Ref, UnE
 
 Scalar = int | float | bool | str | None
 
+# The one-argument functions of build-time expressions, as Python's (`int` truncates; floor and ceil give ints).
+STATIC_UNARY = ("int", "float", "log", "sqrt", "floor", "ceil")
+
 
 class EvalError(Exception):
     """A static expression could not be evaluated; the message says why (no location: callers add it)."""
@@ -105,11 +108,17 @@ def evaluate(e: E, lookup: Callable[[Ref], Scalar]):
         v = evaluate(e.operand, lookup)
         if e.op == "not":
             return not v
-        if e.op in ("int", "float"):
+        if e.op in STATIC_UNARY:
             v = _num(v, e.op)
             if isinstance(v, float) and not math.isfinite(v):
                 raise EvalError(f"`{e.op}()` of a value that is not finite")
-            return int(v) if e.op == "int" else float(v)
+            if e.op == "log" and v <= 0:
+                raise EvalError(f"`log({v})`: the logarithm needs a positive number")
+            if e.op == "sqrt" and v < 0:
+                raise EvalError(f"`sqrt({v})`: the square root needs a number >= 0")
+            return {"int": int, "float": float, "log": math.log, "sqrt": math.sqrt, "floor": math.floor}.get(
+                e.op, math.ceil
+            )(v)
         return -_num(v, "-")
     if isinstance(e, CondE):
         return evaluate(e.then, lookup) if evaluate(e.test, lookup) else evaluate(e.orelse, lookup)

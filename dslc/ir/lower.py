@@ -6,12 +6,12 @@ Shapes and dtypes are checked afterwards by `dslc.check`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dslc.check.primitives import PRIMITIVES
 from dslc.diagnostics import Reporter, Span, did_you_mean
 from dslc.ir import nodes as N
-from dslc.ir.evaluate import EvalError, evaluate, free_refs
+from dslc.ir.evaluate import STATIC_UNARY, EvalError, evaluate, free_refs
 from dslc.ir.names import config_flags, identifier_problem
 from dslc.syntax import ast as A
 
@@ -20,7 +20,7 @@ LIST_TYPES = tuple(f"list[{t}]" for t in SCALAR_TYPES)  # config fields only (HF
 INITS = ("normal", "zeros", "ones")
 ROUTER_OPTIONS = ("num_experts", "top_k", "coef")  # the load-balancing loss's (transformers' Mixtral / Qwen2-MoE)
 MAX_REPEAT = 100_000  # layers in one `repeat` stack
-STATIC_CALLS = ("int", "float", "min", "max")  # the functions a build-time expression may call
+STATIC_CALLS = (*STATIC_UNARY, "min", "max")  # the functions a build-time expression may call
 MAX_WEIGHT_TENSORS = 1_000_000  # weight tensors in one model: the compiler lists each (checkpoint names, ties)
 MAX_NESTING = 32  # submodules inside submodules, fns calling fns: deeper is refused (E005), never a RecursionError
 
@@ -143,6 +143,7 @@ class Lowering:
                 did_you_mean(model.config or "", decls.configs) or "declare it with `config Name:`",
             )
             self.rep.raise_if_errors()
+        config_decl = self._with_base(config_decl, decls.configs)
         if model.task not in N.TASKS:
             self.rep.error(
                 "E015",
@@ -159,11 +160,19 @@ class Lowering:
 
         module_defs: dict[str, N.ModuleDef] = {}
         fn_defs: dict[str, N.FnDef] = {}
+        # A std module is checked against this spec's config only where the model uses it: one that names
+        # config fields (std's RotaryEmbedding reads RopeConfig's) keeps its errors until it is instantiated.
+        self._std_errors: dict[str, list] = {}
         for name, m in decls.modules.items():
+            mark = len(self.rep.diagnostics)
             try:
                 module_defs[name] = self._lower_module(m)
             except _Abort:
                 pass
+            found = self.rep.diagnostics[mark:]
+            if self.std is not None and m.span.file == self.std.path and any(d.is_error for d in found):
+                self._std_errors[name] = found
+                del self.rep.diagnostics[mark:]
         for name, f in decls.fns.items():
             try:
                 fn_defs[name] = self._lower_fn(f)
@@ -265,9 +274,10 @@ class Lowering:
         raise _Abort
 
     def _static_call(self, expr: A.Call, resolve) -> N.E:
-        """`int(x)`, `float(x)` (truncating, as Python), `min(a, b)`, `max(a, b)` over build-time values."""
+        """`int(x)`, `float(x)` (truncating, as Python), `log`, `sqrt`, `floor`, `ceil`, `min(a, b)`, `max(a, b)`
+        over build-time values."""
         name = expr.func.id
-        want = 1 if name in ("int", "float") else 2
+        want = 1 if name in STATIC_UNARY else 2
         if len(expr.args) != want or expr.kwargs:
             self.rep.error("E040", f"`{name}` takes {want} argument(s) here", expr.span)
             raise _Abort
@@ -293,6 +303,35 @@ class Lowering:
         return resolve
 
     # ---- config -----------------------------------------------------------------------------------
+    def _with_base(self, decl: A.ConfigDecl, configs: dict[str, A.ConfigDecl]) -> A.ConfigDecl:
+        """`config C(Base):` is Base's fields, aliases and requires (its own base's first), then C's: a field C
+        declares replaces Base's field of that name, and C's `from_hf` of a key replaces Base's of that key."""
+        chain = [decl]
+        while chain[-1].base is not None:
+            ref = chain[-1].base
+            base = configs.get(ref.id)
+            if base is None:
+                self.rep.error(
+                    "E010",
+                    f"unknown config `{ref.id}`",
+                    ref.span,
+                    did_you_mean(ref.id, [c for c in configs if c != chain[-1].name])
+                    or "declare it with `config Name:`",
+                )
+                self.rep.raise_if_errors()
+            if base in chain:
+                cycle = " -> ".join([c.name for c in chain[chain.index(base) :]] + [base.name])
+                self.rep.error("E060", f"config `{base.name}` extends itself", ref.span, notes=(f"through {cycle}",))
+                self.rep.raise_if_errors()
+            chain.append(base)
+        fields, aliases, requires = [], [], []
+        for level in reversed(chain):
+            names, keys = {f.name for f in level.fields}, {a.hf_key for a in level.aliases}
+            fields = [f for f in fields if f.name not in names] + list(level.fields)
+            aliases = [a for a in aliases if a.hf_key not in keys] + list(level.aliases)
+            requires += level.requires
+        return replace(decl, fields=tuple(fields), aliases=tuple(aliases), requires=tuple(requires))
+
     def _lower_config(self, decl: A.ConfigDecl, archs: list[A.ArchDecl]) -> N.ConfigDef:
         fields, seen = [], set()
         self._failed_fields: set[str] = set()
@@ -863,6 +902,9 @@ class Lowering:
                     "flatten the hierarchy: hold the inner modules side by side in one module",
                     notes=("through " + " -> ".join(shown + [name]),),
                 )
+                raise _Abort
+            if name in self._std_errors:
+                self.rep.diagnostics.extend(self._std_errors.pop(name))
                 raise _Abort
             stack.append(name)
             for s in self.module_defs[name].submodules:
@@ -1899,6 +1941,8 @@ class _Scope:
             return self.emit("neg", (operand,), (), e.span)
         if isinstance(e, A.Cond):
             return self.conditional(e)
+        if isinstance(e, A.Call) and self._static_call_here(e):
+            return self._body_static_call(e)
         if isinstance(e, A.Call):
             names = self.call(e, 1)
             return N.Ref("value", names[0])
@@ -1939,6 +1983,45 @@ class _Scope:
         result = self.fresh("")
         self.body.append(N.Branch(test, then_body, then, else_body, orelse, (result,), ("",), e.span))
         return N.Ref("value", result)
+
+    def _static_call_here(self, e: A.Call) -> bool:
+        """`log(theta)`, `floor(x)`, `min(a, b)` ... over build-time arguments only (no variable, weight or call
+        of a module or fn): a build-time value. Over a tensor, `log` and `sqrt` are the primitives."""
+        if not isinstance(e.func, A.Name) or e.func.id not in STATIC_CALLS or e.kwargs:
+            return False
+        if e.func.id in self.env or e.func.id in self.low.fn_names():
+            return False
+
+        def static(x: A.Expr) -> bool:
+            if isinstance(x, A.Lit):
+                return True
+            if isinstance(x, A.Name):
+                return x.id not in self.env and x.id not in self.weights and x.id not in self.subs
+            if isinstance(x, A.BinOp):
+                return static(x.left) and static(x.right)
+            if isinstance(x, A.UnaryOp):
+                return static(x.operand)
+            if isinstance(x, A.Cond):
+                return static(x.then) and static(x.test) and static(x.orelse)
+            if isinstance(x, A.ListLit):
+                return all(static(i) for i in x.items)
+            if isinstance(x, A.Call):
+                return self._static_call_here(x)
+            return False
+
+        return all(static(a) for a in e.args)
+
+    def _body_static_call(self, e: A.Call) -> N.E:
+        name = e.func.id
+        want = 1 if name in STATIC_UNARY else 2
+        if len(e.args) != want:
+            self.rep.error("E040", f"`{name}` takes {want} argument(s) here", e.span)
+            raise _Abort
+        args = [self.expr(a) for a in e.args]
+        if want == 1:
+            return N.UnE(name, args[0])
+        a, b = args
+        return N.CondE(a, N.BinE("<=" if name == "min" else ">=", a, b), b)
 
     def emit(self, op: str, args, kwargs, span: Span, target: str = "", n: int = 1, vars_=None) -> N.E:
         names = tuple(self.fresh("") for _ in range(n))

@@ -64,6 +64,8 @@ PACKAGE_GLOBALS = {
     "moe": "modeling.py imports the package's mixture-of-experts module",
     "checkpoint_call": "modeling.py imports activation checkpointing as checkpoint_call",
     "fused_linear": "modeling.py imports fused_linear for fused projections",
+    "constant_tensor": "modeling.py imports constant_tensor for the `constant` primitive",
+    "math": "modeling.py imports Python's math for build-time log, sqrt, floor and ceil",
     "PreTrainedModel": "the model class's base class",
     "ConfigError": "the package's config error class",
     "CheckpointError": "the package's checkpoint error class",
@@ -81,7 +83,8 @@ BUILTINS = frozenset(n for n in dir(builtins) if not n.startswith("_"))
 
 # names generated code uses for itself inside a method body (forward, __init__)
 GENERATED_LOCALS = frozenset(
-    """self torch F nn math ops ctx kernels attention moe checkpoint_call fused_linear range len super print int float
+    """self torch F nn math ops ctx kernels attention moe checkpoint_call fused_linear constant_tensor range len super print
+    int float
     bool str list tuple dict isinstance any all getattr setattr Tensor None True False""".split()
 )
 

@@ -83,6 +83,7 @@ OPS: dict[str, OpDef] = {
         OpDef("concat", "shape", "join along a dim"),
         OpDef("expand", "shape", "broadcast size-1 dims to given sizes (a view)"),
         OpDef("arange", "other", "0, 1, ... n - 1 (build-time sizes)"),
+        OpDef("constant", "other", "a [n] tensor of build-time numbers (a list config field: longrope's factors)"),
         # ---- layers ------------------------------------------------------------------------------------
         OpDef("linear", "other", "x @ weight.T (+ bias)"),
         OpDef("gather", "other", "embedding lookup: rows of a table by index"),

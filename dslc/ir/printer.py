@@ -9,6 +9,7 @@ from functools import lru_cache
 
 from dslc.diagnostics import Span
 from dslc.ir import nodes as N
+from dslc.ir.evaluate import STATIC_UNARY
 
 _PREC = {
     "or": 1,
@@ -46,7 +47,7 @@ def expr_text(e: N.E, prec: int = 0) -> str:
         text = f"{expr_text(e.left, p + (e.op == '**'))} {e.op} {expr_text(e.right, right_p)}"
         return f"({text})" if p < prec else text
     if isinstance(e, N.UnE):
-        if e.op in ("int", "float"):
+        if e.op in STATIC_UNARY:
             return f"{e.op}({expr_text(e.operand)})"
         text = f"not {expr_text(e.operand, 3)}" if e.op == "not" else f"-{expr_text(e.operand, 7)}"
         return f"({text})" if prec > (3 if e.op == "not" else 7) else text
@@ -169,7 +170,7 @@ def ir_expr(e: N.E, prec: int = 0) -> str:
         text = f"{ir_expr(e.left, left_p)} {e.op} {ir_expr(e.right, right_p)}"
         return f"({text})" if p < prec else text
     if isinstance(e, N.UnE):
-        if e.op in ("int", "float"):
+        if e.op in STATIC_UNARY:
             return f"{e.op}({ir_expr(e.operand)})"
         if e.op == "not":
             text, p = f"not {ir_expr(e.operand, 3)}", 3

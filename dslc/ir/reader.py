@@ -15,6 +15,7 @@ from lark.exceptions import LarkError, VisitError
 
 from dslc.diagnostics import Span
 from dslc.ir import nodes as N
+from dslc.ir.evaluate import STATIC_UNARY
 from dslc.ir.printer import default_var
 from dslc.resources import grammar_path
 
@@ -131,8 +132,8 @@ class _ToIR(Transformer):
         return N.BinE("[]", seq, index)
 
     def static_call(self, fn, operand):
-        if str(fn) not in ("int", "float"):
-            raise IRSyntaxError(f"unknown function `{fn}` in an IR expression (int and float are known)")
+        if str(fn) not in STATIC_UNARY:
+            raise IRSyntaxError(f"unknown function `{fn}` in an IR expression (known: {', '.join(STATIC_UNARY)})")
         return N.UnE(str(fn), operand)
 
     def cond(self, then, test, orelse):

@@ -33,6 +33,7 @@ from dslc.ir.evaluate import free_refs
 
 INITS = ("normal", "zeros", "ones")
 SCALAR_TYPES = ("int", "float", "bool", "str")
+LIST_TYPES = tuple(f"list[{t}]" for t in SCALAR_TYPES)  # config fields may also be lists (layer_types, longrope)
 
 
 def _at(span: Span) -> str:
@@ -86,7 +87,7 @@ class _Verifier:
         for n in _dups(f.name for f in c.fields):
             self.err(f"config: field `{n}` is defined twice")
         for f in c.fields:
-            if f.type not in SCALAR_TYPES:
+            if f.type not in SCALAR_TYPES + LIST_TYPES:
                 self.err(f"config field `{f.name}`: unknown type `{f.type}`", f.span)
             self.static(f.default, f"config field `{f.name}`", f.span, None)
         for key, field in c.aliases:

@@ -142,6 +142,7 @@ class ConfigDecl:
     requires: tuple[Require, ...]
     doc: str
     span: Span
+    base: Name | None = None  # `config C(Base):` takes Base's fields, aliases and requires
 
 
 @dataclass(frozen=True)

@@ -231,8 +231,12 @@ class _ToAst(Transformer):
         return A.Require(test, _decode_string(msg, self.path) if msg is not None else None, self._span(meta))
 
     @v_args(meta=True)
+    def config_base(self, meta, children):
+        return A.Name(str(children[0]), self._tspan(children[0]))
+
+    @v_args(meta=True)
     def config_decl(self, meta, children):
-        name, *members = children
+        name, base, *members = children
         return A.ConfigDecl(
             str(name),
             tuple(m for m in members if isinstance(m, A.Field)),
@@ -240,6 +244,7 @@ class _ToAst(Transformer):
             tuple(m for m in members if isinstance(m, A.Require)),
             self._doc(meta.line),
             self._span(meta),
+            base,
         )
 
     @v_args(meta=True)

@@ -567,6 +567,11 @@ def generate(
                 cuda_graphs.keep(model, decoder)  # for the next call of the same shapes and settings
         next_token = _pick(logits, do_sample, temperature, top_k, top_p, generator)
         next_pos = position_ids[:, -1:] + 1  # [B, 1]
+        # A config with a top-level original_max_position_embeddings (Phi-3's longrope) switches rotary factors
+        # once the sequence passes it: as transformers' Phi-3 does, the step that reaches original + 1 tokens
+        # recomputes the whole sequence instead of reading the cache (once, when the prompt was shorter).
+        original = getattr(model.config, "original_max_position_embeddings", None)
+        rebuild_at = original if isinstance(original, int) and prompt_len <= original else -1
         end = total
         for t in range(prompt_len, total):
             if eos.numel():
@@ -580,7 +585,17 @@ def generate(
             if t == total - 1 or (eos.numel() and bool(finished.all())):
                 end = t + 1
                 break
-            if decoder is not None:
+            if t == rebuild_at:  # the cache's keys were rotated for the short context: recompute them all
+                mask = key_mask[:, : t + 1]
+                logits = model.decode_step(
+                    tokens[:, : t + 1],
+                    (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0),
+                    key_mask,
+                    torch.arange(t + 1, device=device),
+                    last_only=True,
+                )
+                next_token = _pick(logits, do_sample, temperature, top_k, top_p, generator)
+            elif decoder is not None:
                 next_token = decoder.step(next_token[:, None], next_pos, t)
             else:
                 cache_position = torch.tensor([t], device=device)

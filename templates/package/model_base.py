@@ -79,6 +79,24 @@ class Remat:
         return True
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def constant_tensor(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """The spec's `constant(values, dtype)`: a [len(values)] tensor, made once per (values, dtype, device) and
+    reused, so a forward after the first copies nothing from the host (CUDA graphs replay it). A list of one
+    repeated value is made on the device."""
+    key = (tuple(values), dtype, torch.device(device))
+    found = _CONSTANTS.get(key)
+    if found is None:
+        if len(set(key[0])) == 1:
+            found = torch.full((len(key[0]),), key[0][0], dtype=dtype, device=device)
+        else:
+            found = torch.tensor(key[0], dtype=dtype, device=device)
+        _CONSTANTS[key] = found
+    return found
+
+
 def checkpoint_call(module, enabled, *args):
     """Call `module(*args)`, recomputing its activations in backward when `enabled` (True, or a `Remat`) and the
     module is not one `activation_checkpointing_enable(every_n_layers=...)` left out."""

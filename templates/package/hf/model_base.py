@@ -26,7 +26,7 @@ from .attention import AttentionContext, cache_sites
 # kernels.py is imported by modeling.py as a module (`from . import kernels`); naming it here too makes
 # transformers' remote-code loader, which finds a folder's files by their `from .x import` lines, copy it
 from .kernels import set_backend  # noqa: F401
-from .model_core import LOSSES, EmbeddingSwap, checkpoint_call, fused_linear, keep_positions
+from .model_core import LOSSES, EmbeddingSwap, checkpoint_call, constant_tensor, fused_linear, keep_positions
 
 # keywords transformers' Auto classes and pipelines pass that this loader does not use (a local folder; the
 # attention implementation is the spec's)
@@ -38,7 +38,7 @@ HUB_KWARGS = frozenset(
 # transformers 5 names the output's cache field `cache`, earlier releases `past_key_values`
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-__all__ = ["PreTrainedModel", "CacheSlot", "checkpoint_call", "fused_linear", "register_auto"]
+__all__ = ["PreTrainedModel", "CacheSlot", "checkpoint_call", "constant_tensor", "fused_linear", "register_auto"]
 
 # the Auto class of each task (AutoConfig besides); `register_auto` and the `auto_map` of saved folders use it
 AUTO_CLASSES = {
@@ -292,7 +292,7 @@ class PreTrainedModel(model_core.PreTrainedModel, HFPreTrainedModel, GenerationM
                 logits_to_keep=logits_to_keep,
                 **kwargs,
             )
-        if self.task != "causal_lm" or self.loss_head is None:
+        if self.task != "causal_lm":
             raise ValueError(
                 f"{type(self).__name__} (task `{self.task}`) has no KV cache: call it with use_cache=False"
             )
@@ -314,8 +314,11 @@ class PreTrainedModel(model_core.PreTrainedModel, HFPreTrainedModel, GenerationM
         try:
             ctx = AttentionContext(key_mask, cache_position, use_cache=True)
             inputs = dict(input_ids=input_ids, position_ids=position_ids)
-            hidden = self.forward_hidden(*self.graph_args(inputs), ctx)  # [B, T, H]
-            logits = self.get_submodule(self.loss_head[0])(keep_positions(hidden, logits_to_keep))  # [B, N, V]
+            if self.loss_head is not None:  # the head on the kept positions only
+                hidden = self.forward_hidden(*self.graph_args(inputs), ctx)  # [B, T, H]
+                logits = self.get_submodule(self.loss_head[0])(keep_positions(hidden, logits_to_keep))  # [B, N, V]
+            else:  # logits that are more than a linear head (Gemma 2's final soft-cap): the whole graph
+                logits = keep_positions(self.run_graph(ctx, **inputs)[0], logits_to_keep)  # [B, N, V]
         finally:
             for site in sites:
                 site.kv_cache = None
