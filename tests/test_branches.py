@@ -176,3 +176,28 @@ def test_loop_index_name_must_be_free():
         check_source(text.replace("i < active_layers", "x < active_layers"), "t.model")
     (diag,) = e.value.diagnostics
     assert diag.code == "E011" and "`x` already names something here" in diag.message
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt_neox"])
+def test_shipped_specs_branch_on_config(tmp_path, family):
+    """gemma2's final soft-cap may be null (no cap) and gpt_neox's residual sequential: each a build-time branch in
+    the shipped spec, held against transformers with that config."""
+    import json
+
+    import hf_oracle
+
+    folder = hf_oracle.make_hf_model(family, tmp_path / "hf", seed=2)
+    config = json.loads((folder / "config.json").read_text())
+    key = "final_logit_softcapping" if family == "gemma2" else "use_parallel_residual"
+    assert config[key] not in (None, False)
+    config[key] = None if family == "gemma2" else False
+    (folder / "config.json").write_text(json.dumps(config))
+    spec = Path(__file__).resolve().parents[1] / "models" / f"{family}.model"
+    with built_packages(tmp_path / "build", (spec, f"branch_{family}")):
+        mod = importlib.import_module(f"branch_{family}")
+        cls = next(getattr(mod, n) for n in mod.__all__ if n.endswith("ForCausalLM"))
+        ours = cls.from_pretrained(folder)
+        ids = torch.randint(3, hf_oracle.VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(ours(input_ids=ids).logits, hf_oracle.load_hf(folder)(input_ids=ids).logits)
+    sys.modules.pop(f"branch_{family}", None)
