@@ -559,3 +559,25 @@ def test_padding_idx_outside_the_table_is_found_by_check(pad):
     d = one_error(PAD_SPEC, pad=pad)
     assert d.code == "E041" and f"padding_idx {pad} is not a row of the 16-row table" in d.message
     assert d.span.line == line_of(PAD_SPEC, "return embed(ids)")
+
+
+def test_reshape_to_an_opaque_sum_of_symbols_is_checked():
+    """`[B + T, dim]` is not `[B * T, dim]`: sizes the monomial form cannot compare are probed at a few symbol
+    values (a fuzz mutant of qwen3_moe's router reshape passed check and failed in torch)."""
+    body = """
+module M:
+    proj = Linear(dim, dim)
+
+    forward(x: [B, T, dim]) -> [B, T, dim]:
+        h = reshape(x, [{dims}, dim])
+        return reshape(proj(h), [B, T, dim])
+
+model Top(C): base
+    m = M()
+
+    forward(x: [B, T, dim]) -> [B, T, dim]:
+        return m(x)
+"""
+    check(CONFIG + body.format(dims="B * T"))
+    diag = one_error(CONFIG + body.format(dims="B + T"))
+    assert diag.code == "E034" and "cannot reshape" in diag.message

@@ -260,7 +260,7 @@ def _reshape(args, kw):
         if q is None:
             raise OpTypeError("E034", f"cannot reshape {x} into {_fmt(target)}: {total} is not divisible by {known}")
         target[holes[0]] = q
-    elif _comparable(total, known) and total != known:
+    elif _differ(total, known):
         raise OpTypeError(
             "E034",
             f"cannot reshape {x} ({total} elements) into {_fmt(target)} ({known} elements)",
@@ -270,7 +270,57 @@ def _reshape(args, kw):
 
 
 def _comparable(a: Dim, b: Dim) -> bool:
+    """Whether `a != b` proves two sizes differ: not for opaque sums (`(B+T)`), whose equality the monomial form
+    cannot decide; `_differ` probes those instead."""
     return not any(isinstance(d, Sym) and any(n.startswith("(") for n in d.names) for d in (a, b))
+
+
+def _differ(a: Dim, b: Dim) -> bool:
+    """Whether two sizes differ for some value of their symbols: exact for monomials, and for opaque sums
+    (`(B+T)*H` against `B*T*H`) by evaluating both at a few assignments of the symbols (sums and products of
+    symbols are polynomials: two that agree at these probes are taken as equal)."""
+    if _comparable(a, b):
+        return a != b
+    for probe in _PROBES:
+        x, y = _value(a, probe), _value(b, probe)
+        if x is None or y is None:
+            return False  # not an expression of symbols we can read: undecided, so not an error
+        if x != y:
+            return True
+    return False
+
+
+_PROBES = ({}, {"B": 3, "T": 7}, {"B": 11, "T": 5})  # symbol values; others take a value from their name
+
+
+def _value(d: Dim, probe: dict) -> int | None:
+    import ast
+
+    def sym(name: str) -> int:
+        return probe.get(name, 13 + sum(ord(c) for c in name) % 17)
+
+    def ev(node) -> int:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult)):
+            left, right = ev(node.left), ev(node.right)
+            return (
+                left + right
+                if isinstance(node.op, ast.Add)
+                else left - right
+                if isinstance(node.op, ast.Sub)
+                else left * right
+            )
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            return sym(node.id)
+        raise ValueError(node)
+
+    try:
+        return ev(ast.parse(str(d), mode="eval")) if isinstance(d, Sym) else int(d)
+    except (ValueError, SyntaxError, TypeError):
+        return None
 
 
 def _transpose(args, kw):
