@@ -259,3 +259,19 @@ def test_a_folder_loads_straight_into_the_shards(setup, name, tmp_path):
     got = launch(n, _args(setup, folder, mesh=sizes, names=names, steps=3, sharded_load=True), tmp_path)
     torch.testing.assert_close(got["logits"], ref["logits"], rtol=0, atol=1e-5)
     _same_losses(got["losses"], ref["losses"], range(1, 4))
+
+
+def test_tensor_parallel_refuses_per_head_weights_it_cannot_reduce(tmp_path):
+    """Qwen3's q_norm / k_norm sit between the sharded projections: under TP each rank would hold a partial
+    gradient for them that nothing sums. parallelize refuses, naming the module (FSDP2 is the way for it)."""
+    with built_packages(tmp_path / "pkg", (ROOT / "models" / "qwen3.model", "tp_qwen3")):
+        import importlib
+
+        package = importlib.import_module("tp_qwen3")
+        parallel = importlib.import_module("tp_qwen3.parallel")
+        model = package.Qwen3ForCausalLM(package.Qwen3Config(num_hidden_layers=1, hidden_size=64, head_dim=16,
+                                                             num_attention_heads=4, num_key_value_heads=2,
+                                                             intermediate_size=96, vocab_size=128))  # fmt: skip
+        with pytest.raises(ValueError, match=r"`model.layers.0.self_attn.q_norm` has weights inside tensor-parallel"):
+            parallel._tensor_parallel(model, _Mesh(2))
+    sys.modules.pop("tp_qwen3", None)

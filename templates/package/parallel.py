@@ -196,6 +196,7 @@ def _tensor_parallel(model: nn.Module, mesh, sequence_parallel: bool = True) -> 
                     f"{name}.parallelize: {field}={count} heads do not split over a tp mesh of {size} (`{key}`)"
                 )
     _check_ties(name, model, plan)
+    _check_sharded_owners(name, model, plan)
     blocks = _block_names(model)
     switch = SequenceSwitch(mesh.size()) if any(style == "sequence" for style in plan.values()) else None
     sp = _sequence_parallel_styles() if switch is not None else None
@@ -230,6 +231,25 @@ def _block_names(model: nn.Module) -> list[str]:
 
 def _owner_block(key: str, blocks: list[str]) -> str | None:
     return next((b for b in blocks if key.startswith(b + ".")), None)
+
+
+def _check_sharded_owners(name: str, model: nn.Module, plan: dict[str, str]) -> None:
+    """A module holding colwise projections (attention) runs on its rank's heads between them and its rowwise
+    projection: a child with weights there and no `parallel` line (Qwen3's per-head q_norm) would see only those
+    heads, and its gradient would be a per-rank partial sum nothing reduces (the replicas would drift). Refused."""
+    owners = {key.rpartition(".")[0] for key, style in plan.items() if style == "colwise"}
+    for owner in sorted(owners):
+        if not owner or owner not in dict(model.named_modules()):
+            continue
+        for child_name, child in model.get_submodule(owner).named_children():
+            key = f"{owner}.{child_name}"
+            if key not in plan and any(True for _ in child.parameters()):
+                raise ValueError(
+                    f"{name}.parallelize: `{key}` has weights inside tensor-parallel `{owner}` but no `parallel` "
+                    "line: it would see this rank's heads only and its gradient would be a partial sum that nothing "
+                    "reduces. Tensor parallelism of this spec is not supported yet; shard it with FSDP2 "
+                    "(dp_shard) instead"
+                )
 
 
 def _check_ties(name: str, model: nn.Module, plan: dict[str, str]) -> None:
