@@ -261,17 +261,17 @@ def test_a_folder_loads_straight_into_the_shards(setup, name, tmp_path):
     _same_losses(got["losses"], ref["losses"], range(1, 4))
 
 
-def test_tensor_parallel_refuses_per_head_weights_it_cannot_reduce(tmp_path):
-    """Qwen3's q_norm / k_norm sit between the sharded projections: under TP each rank would hold a partial
-    gradient for them that nothing sums. parallelize refuses, naming the module (FSDP2 is the way for it)."""
-    with built_packages(tmp_path / "pkg", (ROOT / "models" / "qwen3.model", "tp_qwen3")):
-        import importlib
-
-        package = importlib.import_module("tp_qwen3")
-        parallel = importlib.import_module("tp_qwen3.parallel")
-        model = package.Qwen3ForCausalLM(package.Qwen3Config(num_hidden_layers=1, hidden_size=64, head_dim=16,
-                                                             num_attention_heads=4, num_key_value_heads=2,
-                                                             intermediate_size=96, vocab_size=128))  # fmt: skip
-        with pytest.raises(ValueError, match=r"`model.layers.0.self_attn.q_norm` has weights inside tensor-parallel"):
-            parallel._tensor_parallel(model, _Mesh(2))
-    sys.modules.pop("tp_qwen3", None)
+def test_tensor_parallel_reduces_per_head_norm_gradients(tmp_path):
+    """Qwen3's q_norm / k_norm sit between the sharded projections, on each rank's heads: their weights are
+    replicated DTensors over a head-sharded input, so their gradients are summed over the tp ranks. 2-process TP
+    gives the one-process logits and 5 AdamW losses (without the sum the replicas drift from step 2)."""
+    folder = hf_oracle.make_hf_model("qwen3", tmp_path / "hf", seed=3)
+    with built_packages(tmp_path / "pkg", (ROOT / "models" / "qwen3.model", "dist_qwen3")):
+        args = {"packages": str(tmp_path / "pkg"), "package": "dist_qwen3", "cls": "Qwen3ForCausalLM",
+                "folder": str(folder)}  # fmt: skip
+        ref = dist_worker.train({**args, "steps": 5})
+        got = launch(2, {**args, "mesh": [2], "names": ["tp"], "steps": 5}, tmp_path)
+    sys.modules.pop("dist_qwen3", None)
+    torch.testing.assert_close(got["logits"], ref["logits"], rtol=0, atol=1e-5)
+    _same_losses(got["losses"], ref["losses"], range(1, 6))
+    assert torch.equal(got["greedy"], ref["greedy"])

@@ -196,7 +196,6 @@ def _tensor_parallel(model: nn.Module, mesh, sequence_parallel: bool = True) -> 
                     f"{name}.parallelize: {field}={count} heads do not split over a tp mesh of {size} (`{key}`)"
                 )
     _check_ties(name, model, plan)
-    _check_sharded_owners(name, model, plan)
     blocks = _block_names(model)
     switch = SequenceSwitch(mesh.size()) if any(style == "sequence" for style in plan.values()) else None
     sp = _sequence_parallel_styles() if switch is not None else None
@@ -218,6 +217,10 @@ def _tensor_parallel(model: nn.Module, mesh, sequence_parallel: bool = True) -> 
             styles[key] = sp.Rowwise(switch) if switch is not None and inside else RowwiseParallel()
     if switch is not None:
         styles.update(_sequence_styles(name, model, plan, blocks, switch, sp))
+    heads = _head_sharded(model, plan)
+    if heads:
+        dt = _sequence_parallel_styles()
+        styles.update({key: dt.Heads(key) for key in heads})
     parallelize_module(model, mesh, styles)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # the head's sharded weight is the embedding's again (both shard the vocabulary)
@@ -233,23 +236,18 @@ def _owner_block(key: str, blocks: list[str]) -> str | None:
     return next((b for b in blocks if key.startswith(b + ".")), None)
 
 
-def _check_sharded_owners(name: str, model: nn.Module, plan: dict[str, str]) -> None:
-    """A module holding colwise projections (attention) runs on its rank's heads between them and its rowwise
-    projection: a child with weights there and no `parallel` line (Qwen3's per-head q_norm) would see only those
-    heads, and its gradient would be a per-rank partial sum nothing reduces (the replicas would drift). Refused."""
+def _head_sharded(model: nn.Module, plan: dict[str, str]) -> list[str]:
+    """Children with weights and no `parallel` line inside a module that holds colwise projections (Qwen3's
+    q_norm / k_norm in attention): they run on this rank's heads, between the colwise and rowwise projections."""
     owners = {key.rpartition(".")[0] for key, style in plan.items() if style == "colwise"}
-    for owner in sorted(owners):
-        if not owner or owner not in dict(model.named_modules()):
-            continue
-        for child_name, child in model.get_submodule(owner).named_children():
-            key = f"{owner}.{child_name}"
+    modules = dict(model.named_modules())
+    found = []
+    for owner in sorted(o for o in owners if o in modules):
+        for child_name, child in modules[owner].named_children():
+            key = f"{owner}.{child_name}" if owner else child_name
             if key not in plan and any(True for _ in child.parameters()):
-                raise ValueError(
-                    f"{name}.parallelize: `{key}` has weights inside tensor-parallel `{owner}` but no `parallel` "
-                    "line: it would see this rank's heads only and its gradient would be a partial sum that nothing "
-                    "reduces. Tensor parallelism of this spec is not supported yet; shard it with FSDP2 "
-                    "(dp_shard) instead"
-                )
+                found.append(key)
+    return found
 
 
 def _check_ties(name: str, model: nn.Module, plan: dict[str, str]) -> None:
@@ -337,7 +335,8 @@ class SequenceSwitch:
 def _sequence_parallel_styles():
     """The ParallelStyles of sequence parallelism, built on first use (torch.distributed.tensor imports late):
     torch's RowwiseParallel, PrepareModuleInput and SequenceParallel with their layouts chosen per call by a
-    SequenceSwitch (torch's own take them fixed at parallelize time)."""
+    SequenceSwitch (torch's own take them fixed at parallelize time); and `Heads`, SequenceParallel over the
+    heads for weights between a block's sharded projections."""
     from types import SimpleNamespace
 
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -410,7 +409,33 @@ def _sequence_parallel_styles():
             module.register_forward_hook(to_local)
             return module
 
-    return SimpleNamespace(Rowwise=Rowwise, Embedding=Embedding, Gather=Gather, Norm=Norm)
+    class Heads(SequenceParallel):
+        """A module with weights between a block's colwise and rowwise projections (Qwen3's per-head q_norm): its
+        input holds this rank's heads (dim 1 of [B, heads, T, D]), so its weights are replicated DTensors over a
+        head-sharded input, and their gradients are summed over the tp ranks; the output is local again."""
+
+        def __init__(self, key: str):
+            super().__init__(sequence_dim=1, use_local_output=True)
+            self.key = key
+
+        def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+            self._replicate_module_fn("", module, device_mesh)
+            key = self.key
+
+            def to_dtensor(_, args):
+                x = args[0]
+                if isinstance(x, DTensor) or x.dim() != 4:
+                    raise ValueError(
+                        f"`{key}` sits between tensor-parallel projections, so it must take this rank's heads "
+                        f"[B, heads, T, D]; it got {'a DTensor' if isinstance(x, DTensor) else list(x.shape)}"
+                    )
+                return (DTensor.from_local(x, device_mesh, (Shard(1),), run_check=False), *args[1:])
+
+            module.register_forward_pre_hook(to_dtensor)
+            module.register_forward_hook(lambda _, args, out: out.to_local())
+            return module
+
+    return SimpleNamespace(Rowwise=Rowwise, Embedding=Embedding, Gather=Gather, Norm=Norm, Heads=Heads)
 
 
 @contextlib.contextmanager
