@@ -217,7 +217,7 @@ def _tensor_parallel(model: nn.Module, mesh, sequence_parallel: bool = True) -> 
             styles[key] = sp.Rowwise(switch) if switch is not None and inside else RowwiseParallel()
     if switch is not None:
         styles.update(_sequence_styles(name, model, plan, blocks, switch, sp))
-    heads = _head_sharded(model, plan)
+    heads = _head_sharded(model, plan, blocks)
     if heads:
         dt = _sequence_parallel_styles()
         styles.update({key: dt.Heads(key) for key in heads})
@@ -236,15 +236,16 @@ def _owner_block(key: str, blocks: list[str]) -> str | None:
     return next((b for b in blocks if key.startswith(b + ".")), None)
 
 
-def _head_sharded(model: nn.Module, plan: dict[str, str]) -> list[str]:
-    """Children with weights and no `parallel` line inside a module that holds colwise projections (Qwen3's
-    q_norm / k_norm in attention): they run on this rank's heads, between the colwise and rowwise projections."""
+def _head_sharded(model: nn.Module, plan: dict[str, str], blocks: list[str]) -> list[str]:
+    """Children with weights and no `parallel` line inside a block's module that holds colwise projections
+    (Qwen3's q_norm / k_norm in attention): they run on this rank's heads, between the colwise and rowwise
+    projections. (A colwise LM head's owner is the model itself: its other children see whole tensors.)"""
     owners = {key.rpartition(".")[0] for key, style in plan.items() if style == "colwise"}
     modules = dict(model.named_modules())
     found = []
-    for owner in sorted(o for o in owners if o in modules):
+    for owner in sorted(o for o in owners if o in modules and _owner_block(o, blocks) is not None):
         for child_name, child in modules[owner].named_children():
-            key = f"{owner}.{child_name}" if owner else child_name
+            key = f"{owner}.{child_name}"
             if key not in plan and any(True for _ in child.parameters()):
                 found.append(key)
     return found
