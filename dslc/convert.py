@@ -5,7 +5,7 @@ dslc command then load as they are (fairseq2's loader job, done by the spec's ru
 
 from __future__ import annotations
 
-import re
+import importlib
 import shutil
 from pathlib import Path
 
@@ -43,11 +43,6 @@ def layouts_of(model_cls) -> list[str]:
     return list(dict.fromkeys(r["layout"] for r in model_cls.layout_rules if r.get("layout")))
 
 
-def _matches(pattern: str, key: str) -> bool:
-    regex = re.escape(pattern).replace(r"\{i\}", r"\d+").replace(r"\{j\}", r"\d+")
-    return re.fullmatch(regex, key) is not None
-
-
 def _config(model_cls, src: Path, arch: str | None, overrides: dict):
     """config.json of `src` when it has one, else the spec's arch; `--set` values over either."""
     config_cls = model_cls.config_class
@@ -82,10 +77,10 @@ def convert(spec: Path, layout: str, src: Path, dst: Path, *, arch=None, overrid
     if layout not in declared:
         known = ", ".join(f'"{n}"' for n in declared) or 'none (add a `checkpoint "name":` section)'
         raise ConvertError(f"{spec} declares no checkpoint layout {layout!r}; its layouts: {known}")
-    checkpoint = __import__(f"{pkg.__name__}.checkpoint", fromlist=["CheckpointReader"])
+    checkpoint = importlib.import_module(f"{pkg.__name__}.checkpoint")
     keys = list(checkpoint.CheckpointReader(src).keys())
     sources = [s for r in model_cls.layout_rules if r.get("layout") == layout for s in r["sources"]]
-    if not any(_matches(s, k) for s in sources for k in keys):
+    if not any(checkpoint.key_matches(s, k) for s in sources for k in keys):
         raise ConvertError(
             f"{src} holds no tensor of layout {layout!r} (such as `{sources[0]}`); its tensors are named like "
             f"`{keys[0] if keys else 'nothing'}`"

@@ -53,6 +53,11 @@ def _pattern(p: str) -> re.Pattern:
     return re.compile("^" + re.escape(p).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)") + "$")
 
 
+def key_matches(pattern: str, key: str) -> bool:
+    """Whether checkpoint `key` is an instance of a rule's `pattern` (`layers.{i}.attention.wq.weight`)."""
+    return _pattern(pattern).match(key) is not None
+
+
 def _fill(p: str, i: str | None, j: int | None = None) -> str:
     p = p.replace("{i}", i) if i is not None else p
     return p.replace("{j}", str(j)) if j is not None else p

@@ -198,7 +198,7 @@ def _tensor_parallel(model: nn.Module, mesh, sequence_parallel: bool = True) -> 
     _check_ties(name, model, plan)
     blocks = _block_names(model)
     switch = SequenceSwitch(mesh.size()) if any(style == "sequence" for style in plan.values()) else None
-    sp = _sequence_parallel_styles() if switch is not None else None
+    dt = _dtensor_styles()
     styles = {}
     for key, style in plan.items():
         inside = _owner_block(key, blocks) is not None
@@ -209,18 +209,15 @@ def _tensor_parallel(model: nn.Module, mesh, sequence_parallel: bool = True) -> 
         elif style == "rowwise" and isinstance(module, nn.Embedding):
             # each rank looks up its rows of the vocabulary; the sum is scattered over the sequence under SP
             styles[key] = (
-                sp.Embedding(switch, input_layouts=Replicate())
+                dt.Embedding(switch, input_layouts=Replicate())
                 if switch is not None
                 else RowwiseParallel(input_layouts=Replicate())
             )
         elif style == "rowwise":
-            styles[key] = sp.Rowwise(switch) if switch is not None and inside else RowwiseParallel()
+            styles[key] = dt.Rowwise(switch) if switch is not None and inside else RowwiseParallel()
     if switch is not None:
-        styles.update(_sequence_styles(name, model, plan, blocks, switch, sp))
-    heads = _head_sharded(model, plan, blocks)
-    if heads:
-        dt = _sequence_parallel_styles()
-        styles.update({key: dt.Heads(key) for key in heads})
+        styles.update(_sequence_styles(name, model, plan, blocks, switch, dt))
+    styles.update({key: dt.Heads(key) for key in _head_sharded(model, plan, blocks)})
     parallelize_module(model, mesh, styles)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # the head's sharded weight is the embedding's again (both shard the vocabulary)
@@ -267,7 +264,7 @@ def _check_ties(name: str, model: nn.Module, plan: dict[str, str]) -> None:
         )
 
 
-def _sequence_styles(name: str, model: nn.Module, plan: dict[str, str], blocks: list[str], switch, sp) -> dict:
+def _sequence_styles(name: str, model: nn.Module, plan: dict[str, str], blocks: list[str], switch, dt) -> dict:
     """The layouts of sequence parallelism (Megatron-LM's, as torchtitan applies it): the residual stream between
     blocks is sharded on the sequence (dim 1); each `sequence` norm runs on its rank's tokens with replicated
     weights whose gradients are summed over the tp ranks; the module holding a block's colwise projections
@@ -290,13 +287,13 @@ def _sequence_styles(name: str, model: nn.Module, plan: dict[str, str], blocks: 
             continue
         if any(n != key and n.startswith(key + ".") for n in plan):
             raise ValueError(f"{name}.parallelize: `{key}` is `sequence` but holds projections of the plan")
-        styles[key] = sp.Norm(switch, gather=_owner_block(key, blocks) is None)
+        styles[key] = dt.Norm(switch, gather=_owner_block(key, blocks) is None)
     for block in blocks:
         for child_name, child in model.get_submodule(block).named_children():
             key = f"{block}.{child_name}"
             sharded = [n for n, s in plan.items() if n.startswith(key + ".") and s == "colwise"]
             if sharded:
-                styles[key] = sp.Gather(switch, _positional_count(child))
+                styles[key] = dt.Gather(switch, _positional_count(child))
             elif key not in plan and any(True for _ in child.parameters()):
                 pattern = re.sub(r"\.\d+\.", ".{i}.", key + ".", count=1).rstrip(".")
                 raise ValueError(
@@ -333,11 +330,11 @@ class SequenceSwitch:
 
 
 @functools.cache
-def _sequence_parallel_styles():
-    """The ParallelStyles of sequence parallelism, built on first use (torch.distributed.tensor imports late):
-    torch's RowwiseParallel, PrepareModuleInput and SequenceParallel with their layouts chosen per call by a
-    SequenceSwitch (torch's own take them fixed at parallelize time); and `Heads`, SequenceParallel over the
-    heads for weights between a block's sharded projections."""
+def _dtensor_styles():
+    """The DTensor ParallelStyles parallelize adds to torch's, built on first use (torch.distributed.tensor imports
+    late): for sequence parallelism, torch's RowwiseParallel, PrepareModuleInput and SequenceParallel with their
+    layouts chosen per call by a SequenceSwitch (torch's own take them fixed at parallelize time); and `Heads`,
+    SequenceParallel over the heads for weights between a block's sharded projections."""
     from types import SimpleNamespace
 
     from torch.distributed.tensor import DTensor, Replicate, Shard
