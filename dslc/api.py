@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,28 +25,84 @@ class Checked:
     types: dict  # (module, params) -> {value: TType}, from the checker
     optimized: object = None  # dslc.passes.pipeline.Optimized, once a build ran the passes
     config_eval: object = None  # dslc.ir.lower.ConfigEvaluation: the config per arch, as checked
+    variants_checked: int = 0  # other configs the requires allow, checked too (`check_ast(variants=N)`)
 
 
-def check_file(path: str | Path, arch: str | None = None, overrides: dict[str, str] | None = None) -> Checked:
+def check_file(
+    path: str | Path, arch: str | None = None, overrides: dict[str, str] | None = None, variants: int = 0
+) -> Checked:
     """Parse, lower and check a spec; raises DslcError with every error found."""
     from dslc.syntax.parser import parse_file
 
-    return check_ast(parse_file(path), arch, overrides)
+    return check_ast(parse_file(path), arch, overrides, variants)
 
 
 def check_source(
-    text: str, path: str = "<input>", arch: str | None = None, overrides: dict[str, str] | None = None
+    text: str,
+    path: str = "<input>",
+    arch: str | None = None,
+    overrides: dict[str, str] | None = None,
+    variants: int = 0,
 ) -> Checked:
     from dslc.syntax.parser import parse_text
 
-    return check_ast(parse_text(text, path), arch, overrides)
+    return check_ast(parse_text(text, path), arch, overrides, variants)
 
 
-def check_ast(spec, arch=None, overrides=None) -> Checked:
+def check_ast(spec, arch=None, overrides=None, variants: int = 0) -> Checked:
+    """Check the spec for its config (arch, `--set` overrides); then, with `variants`, for up to that many other
+    configs its `require`s allow (dslc/check/configs.py). The first variant that fails is raised, shrunk to
+    the fields that matter, as errors that name them."""
+    checked = _check_one(spec, arch, overrides or {})
+    if variants:
+        checked.variants_checked = _check_variants(spec, arch, overrides or {}, checked, variants)
+    return checked
+
+
+def _check_variants(spec, arch, overrides: dict, checked: Checked, limit: int) -> int:
+    from itertools import islice
+
+    from dslc.check import configs
+
+    program = checked.program
+    base = program.config_values
+    derived = configs.derived_fields(program.config, set(checked.config_eval.fixed))
+    strings = configs.compared_strings(program)
+
+    def errors(changes: dict) -> list[Diagnostic]:
+        try:
+            _check_one(spec, arch, overrides, changes)
+        except DslcError as e:
+            if any(d.code == "E020" for d in e.diagnostics):
+                return []  # a `require` the variant search could not see through: not a config to check
+            return e.diagnostics
+        return []
+
+    def valid(changes: dict) -> bool:
+        return configs.config_values(program.config, base, changes, derived) is not None
+
+    n = 0
+    for changes in islice(configs.variants(program.config, base, set(overrides), derived, strings), limit):
+        n += 1
+        if errors(changes):
+            small = configs.shrink(changes, lambda c: bool(errors(c)), valid)
+            shown = configs.show_changes(small)
+            help_ = (
+                f"the checked config passes, and this one satisfies every `require` of `{program.config.name}`: "
+                "write the size in config fields, or rule such configs out with a `require`"
+            )
+            found = {d.span: d for d in reversed(errors(small))}  # one per place: the first
+            raise DslcError(
+                [replace(d, message=f"with {shown}: {d.message}", help=(*d.help, help_)) for d in found.values()][::-1]
+            )
+    return n
+
+
+def _check_one(spec, arch, overrides: dict, exact: dict | None = None) -> Checked:
     from dslc.check.shapes import Checker
     from dslc.ir.lower import Lowering
 
-    low = Lowering(spec, parse_std(), arch, overrides or {})
+    low = Lowering(spec, parse_std(), arch, overrides, exact)
     try:
         program = low.run()
     except DslcError:

@@ -84,7 +84,7 @@ def _check(args) -> int:
     from dslc.api import check_file
 
     try:
-        checked = check_file(args.file, args.arch, _overrides(args.set, args.file))
+        checked = check_file(args.file, args.arch, _overrides(args.set, args.file), variants=args.configs)
     except DslcError as e:
         _report(e.diagnostics, args.json)
         if not args.json:
@@ -98,6 +98,7 @@ def _check(args) -> int:
         print(
             f"ok: {args.file}: {p.model}{arch}, {p.param_count:,} parameters, "
             f"{len(checked.warnings)} warning{'s' * (len(checked.warnings) != 1)}"
+            + (f"; {checked.variants_checked} other configs checked" if checked.variants_checked else "")
         )
     return 0
 
@@ -179,6 +180,16 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (a whole number >= 0)")
+    return n
+
+
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="the .model spec")
     p.add_argument("--arch", help="a named arch declared in the spec")
@@ -192,6 +203,14 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="parse and check a spec; exit 0 when clean")
     _add_spec_args(p)
     p.add_argument("--json", action="store_true", help="diagnostics as JSON on stdout")
+    p.add_argument(
+        "--configs",
+        type=_count,
+        default=64,
+        metavar="N",
+        help="also check up to N other configs the spec's requires allow, to find one it fails for (default 64; "
+        "0: only the config given)",
+    )
     p.set_defaults(run=_check)
 
     p = sub.add_parser("show", help="print the config, the weight tree and the IR")

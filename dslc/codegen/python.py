@@ -128,7 +128,7 @@ def _static(e: N.E, ctx: BodyContext, names: dict[str, str], init: bool) -> tupl
         right = static_text(e.right, ctx, names, p if e.op == "**" else p + 1, init)
         return f"{left} {e.op} {right}", p
     if isinstance(e, N.UnE):
-        if e.op in ("int", "float"):
+        if e.op in ("int", "float", "len"):
             return f"{e.op}({static_text(e.operand, ctx, names, 0, init)})", ATOM
         if e.op in STATIC_UNARY:  # log, sqrt, floor, ceil: Python's math module
             return f"math.{e.op}({static_text(e.operand, ctx, names, 0, init)})", ATOM

@@ -9,8 +9,9 @@ from dslc.ir.nodes import BinE, CondE, Const, E, ListE, Ref, UnE
 
 Scalar = int | float | bool | str | None
 
-# The one-argument functions of build-time expressions, as Python's (`int` truncates; floor and ceil give ints).
-STATIC_UNARY = ("int", "float", "log", "sqrt", "floor", "ceil")
+# The one-argument functions of build-time expressions, as Python's (`int` truncates; floor and ceil give ints;
+# `len` counts a list's items).
+STATIC_UNARY = ("int", "float", "log", "sqrt", "floor", "ceil", "len")
 
 
 class EvalError(Exception):
@@ -108,6 +109,10 @@ def evaluate(e: E, lookup: Callable[[Ref], Scalar]):
         v = evaluate(e.operand, lookup)
         if e.op == "not":
             return not v
+        if e.op == "len":
+            if not isinstance(v, (list, str)):
+                raise EvalError(f"`len()` needs a list, got {_describe(v)}")
+            return len(v)
         if e.op in STATIC_UNARY:
             v = _num(v, e.op)
             if isinstance(v, float) and not math.isfinite(v):

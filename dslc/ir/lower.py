@@ -107,11 +107,21 @@ class _Decls:
 
 
 class Lowering:
-    def __init__(self, spec: A.File, std: A.File | None, arch: str | None, overrides: dict[str, str]):
+    def __init__(
+        self,
+        spec: A.File,
+        std: A.File | None,
+        arch: str | None,
+        overrides: dict[str, str],
+        exact: dict | None = None,
+    ):
+        """`overrides`: `--set` texts by field; `exact`: field values given as values (a config variant the
+        check tries), applied the same way after them."""
         self.spec = spec
         self.std = std
         self.arch = arch
-        self.overrides = overrides
+        self.overrides = {**overrides, **(exact or {})}
+        self._exact = set(exact or ())
         self.rep = Reporter()
         self._pending_ties: list[tuple] = []  # (target, source, TieDef, prefix) of each instantiated tie
         self._n_weights = 0  # weight tensors instantiated so far
@@ -502,7 +512,8 @@ class Lowering:
                     did_you_mean(key, fields) or f"fields: {', '.join(fields)}",
                 )
                 continue
-            fixed[key] = (N.Const(parse_override_value(text)), None, None)
+            value = text if key in self._exact else parse_override_value(text)
+            fixed[key] = (N.Const(value), None, None)
         reported: set[tuple[str, str]] = set()  # (arch or "", field) whose expression failed: reported once
         spec_values: dict = {}
         if self.arch is not None or self.overrides:
