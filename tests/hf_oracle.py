@@ -49,6 +49,7 @@ FAMILIES = (
     "phi3",
     "gpt_neox",
     "gpt_neox_seq",
+    "qwen2_sliding",
 )
 
 # Sizes shared by all families (tiny: each model builds + saves in well under a second).
@@ -78,6 +79,7 @@ _DEFAULT_TIE = {
     "phi3": False,
     "gpt_neox": False,
     "gpt_neox_seq": False,
+    "qwen2_sliding": False,
 }
 WINDOW = 4  # sliding window of the tiny mistral / qwen3: shorter than the test sequences (12 + 16 generated)
 
@@ -105,8 +107,12 @@ def _config(family: str, tie: bool):
     tf = _transformers()
 
     common = dict(vocab_size=VOCAB, tie_word_embeddings=tie)
-    if family == "qwen2":
+    if family in ("qwen2", "qwen2_sliding"):
+        # qwen2_sliding: use_sliding_window on, layer 0 full and layer 1 sliding (HF's layer_types from
+        # max_window_layers), the window shorter than the test sequences.
+        sliding = dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
         return tf.Qwen2Config(
+            **(sliding if family == "qwen2_sliding" else {}),
             **common,
             hidden_size=HIDDEN,
             intermediate_size=INTERMEDIATE,
@@ -265,6 +271,7 @@ def _model_class(family: str):
 
     return {
         "qwen2": tf.Qwen2ForCausalLM,
+        "qwen2_sliding": tf.Qwen2ForCausalLM,
         "llama": tf.LlamaForCausalLM,
         "llama3": tf.LlamaForCausalLM,
         "phi3": tf.Phi3ForCausalLM,

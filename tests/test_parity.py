@@ -28,6 +28,7 @@ CASES = {
     "phi3": ("phi3.model", "Phi3ForCausalLM"),
     "gpt_neox": ("gpt_neox.model", "GPTNeoXForCausalLM"),
     "gpt_neox_seq": ("gpt_neox.model", "GPTNeoXForCausalLM"),  # use_parallel_residual false
+    "qwen2_sliding": ("qwen2.model", "Qwen2ForCausalLM"),  # use_sliding_window: layer 1 of 2 slides
 }
 # The chunked fused loss needs logits straight from a linear head; Gemma 2 soft-caps them after it.
 UNFUSED_LOSS = {"gemma2"}
@@ -46,6 +47,7 @@ PARAMS = [
     ("phi3", None),
     ("gpt_neox", None),
     ("gpt_neox_seq", None),
+    ("qwen2_sliding", None),
 ]
 
 
