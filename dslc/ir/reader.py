@@ -116,6 +116,12 @@ class _ToIR(Transformer):
     def binop(self, left, op, right):
         return N.BinE(str(op), left, right)
 
+    def in_op(self, left, right):
+        return N.BinE("in", left, right)
+
+    def not_in_op(self, left, right):
+        return N.BinE("not in", left, right)
+
     def or_op(self, left, right):
         return N.BinE("or", left, right)
 
@@ -207,11 +213,23 @@ class _ToIR(Transformer):
         return e
 
     def sub(self, name, repeat, module, *rest):
+        alternatives = []
+        while rest and isinstance(rest[-1], N.SubmoduleDef):
+            alternatives.insert(0, rest[-1])
+            rest = rest[:-1]
         *call_args, cond, doc, span = rest
         args = tuple(a for a in call_args if a is not None and not isinstance(a, tuple))
         kwargs = tuple(a for a in call_args if isinstance(a, tuple))
-        s = N.SubmoduleDef(name, module, args, kwargs, repeat, cond, doc[1] if doc else "", _span(span))
+        s = N.SubmoduleDef(
+            name, module, args, kwargs, repeat, cond, doc[1] if doc else "", _span(span), tuple(alternatives)
+        )
         return ("sub", s)
+
+    def sub_else(self, module, *rest):
+        *call_args, cond, span = rest
+        args = tuple(a for a in call_args if a is not None and not isinstance(a, tuple))
+        kwargs = tuple(a for a in call_args if isinstance(a, tuple))
+        return N.SubmoduleDef("", module, args, kwargs, None, cond, "", _span(span))
 
     def tie(self, target, source, cond, span):
         return ("tie", N.TieDef(target, source, cond, _span(span)))
