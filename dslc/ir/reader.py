@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from functools import lru_cache
 
 from lark import Token, Transformer, v_args
@@ -220,9 +221,8 @@ class _ToIR(Transformer):
         *call_args, cond, doc, span = rest
         args = tuple(a for a in call_args if a is not None and not isinstance(a, tuple))
         kwargs = tuple(a for a in call_args if isinstance(a, tuple))
-        s = N.SubmoduleDef(
-            name, module, args, kwargs, repeat, cond, doc[1] if doc else "", _span(span), tuple(alternatives)
-        )
+        alternatives = tuple(replace(a, name=name) for a in alternatives)  # each side is the same member
+        s = N.SubmoduleDef(name, module, args, kwargs, repeat, cond, doc[1] if doc else "", _span(span), alternatives)
         return ("sub", s)
 
     def sub_else(self, module, *rest):
