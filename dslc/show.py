@@ -100,6 +100,11 @@ def show_archs(spec: str | Path, checked) -> int:
 # ---- config ----------------------------------------------------------------------------------------
 
 
+def _value_text(v) -> str:
+    """A config value as the spec writes it: a list field's items in brackets (`[1, 3]`)."""
+    return "[" + ", ".join(map(_value_text, v)) + "]" if isinstance(v, list) else const_text(v)
+
+
 def config_table(p: N.Program):
     from rich.table import Table
 
@@ -110,7 +115,7 @@ def config_table(p: N.Program):
     for col in ("default", "doc"):
         table.add_column(col, overflow="fold")
     for f in p.config.fields:
-        value = const_text(values[f.name]) if f.name in values else ""
+        value = _value_text(values[f.name]) if f.name in values else ""
         default = expr_text(f.default) if f.default is not None else ""
         table.add_row(f.name, f.type + ("?" if f.optional else ""), value, default, f.doc)
     return table
@@ -160,8 +165,9 @@ def build_tree(p: N.Program) -> _Node:
         if mdef.weights:
             return True
         return any(
-            s.module in modules and s.module not in seen and declares_weights(modules[s.module], seen + (mdef.name,))
+            m in modules and m not in seen and declares_weights(modules[m], seen + (mdef.name,))
             for s in mdef.submodules
+            for m in N.modules_of(s)
         )
 
     def build(mdef: N.ModuleDef, name: str, path: str) -> _Node:
@@ -176,6 +182,17 @@ def build_tree(p: N.Program) -> _Node:
             child = modules.get(s.module)
             sub_path = f"{path}.{s.name}" if path else s.name
             if child is None:
+                continue
+            if s.alternatives:  # a choice: the side whose weights this instance holds
+                under = sum(1 for n in names if n.startswith(sub_path + "."))
+                sides = [build(modules[c.module], s.name, sub_path) for c in N.choices(s) if c.module in modules]
+                fits = [
+                    n
+                    for n in sides
+                    if len(n.all_weights()) == under and (under or not declares_weights(modules[n.module]))
+                ]
+                if fits:
+                    node.children.append(fits[0])
                 continue
             present = has_under(sub_path) or (s.condition is None and not declares_weights(child))
             if not present:

@@ -76,7 +76,9 @@ TINY = {  # spec -> config values that make its model small enough to run here
         hidden_size=32,
         moe_intermediate_size=16,
         shared_expert_intermediate_size=24,
-        num_hidden_layers=1,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        mlp_only_layers=[1],  # layer 1 dense: the choice `mlp = SparseMoeBlock() if sparse else GatedMLP(...)`
         num_attention_heads=4,
         num_key_value_heads=2,
         num_experts=4,

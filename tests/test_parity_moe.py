@@ -47,14 +47,23 @@ CASES = {
         ),
     ),
 }
-# (family, config overrides): Mixtral with a sliding window too, Qwen2-MoE with and without renormalized top-k weights
+# (family, config overrides): Mixtral with a sliding window too, Qwen2-MoE with and without renormalized top-k
+# weights, and the Qwens with dense layers among the sparse ones (`mlp_only_layers`, `decoder_sparse_step`)
 PARAMS = [
     ("mixtral", {}),
     ("mixtral", {"sliding_window": 4}),  # each query sees itself and the 3 keys before it
     ("qwen2_moe", {}),
     ("qwen2_moe", {"norm_topk_prob": True}),
     ("qwen3_moe", {"norm_topk_prob": True}),
+    ("qwen2_moe", {"num_hidden_layers": 4, "mlp_only_layers": [1]}),  # experts in layers 0, 2, 3
+    ("qwen2_moe", {"num_hidden_layers": 4, "decoder_sparse_step": 2}),  # experts in layers 1, 3
+    ("qwen3_moe", {"num_hidden_layers": 4, "mlp_only_layers": [1], "decoder_sparse_step": 2}),  # in layer 3 only
 ]
+
+
+def sparse_layers(hf) -> list[int]:
+    """The layers of an HF model that hold experts (its SparseMoeBlock), by transformers' own rule."""
+    return [i for i, layer in enumerate(hf.model.layers) if type(layer.mlp).__name__.endswith("SparseMoeBlock")]
 
 
 def make_hf_model(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
@@ -62,7 +71,7 @@ def make_hf_model(family: str, folder: Path, seed: int = 0, **overrides) -> Path
     import transformers as tf
 
     _, _, config_name, sizes = CASES[family]
-    config = getattr(tf, config_name)(
+    values = dict(
         vocab_size=hf_oracle.VOCAB,
         hidden_size=hf_oracle.HIDDEN,
         num_hidden_layers=hf_oracle.LAYERS,
@@ -72,8 +81,8 @@ def make_hf_model(family: str, folder: Path, seed: int = 0, **overrides) -> Path
         bos_token_id=hf_oracle.BOS,
         eos_token_id=hf_oracle.EOS,
         **sizes,
-        **overrides,
     )
+    config = getattr(tf, config_name)(**{**values, **overrides})
     config._attn_implementation = hf_oracle.ATTN_IMPL
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
@@ -193,7 +202,7 @@ def test_router_logits_aux_loss_and_gradients_match(pair, training):
         ours.eval()
     assert type(b).__name__ == "MoeCausalLMOutput" and (b.logits is None) == training
     real = kw["attention_mask"].reshape(-1).bool()
-    assert len(b.router_logits) == len(a.router_logits) == hf_oracle.LAYERS
+    assert len(b.router_logits) == len(a.router_logits) == len(sparse_layers(hf))  # the sparse layers' routers only
     for x, y in zip(b.router_logits, a.router_logits):
         assert x.shape == (24, EXPERTS)
         torch.testing.assert_close(x[real], y[real])
@@ -224,7 +233,8 @@ def test_greedy_generation_matches(pair):
     _, _, hf, ours = pair
     kw = _inputs(left_pad=True)
     expected = hf.generate(**kw, max_new_tokens=16, do_sample=False, pad_token_id=0)
-    got = ours.generate(kw["input_ids"], attention_mask=kw["attention_mask"], max_new_tokens=16)
+    # the same settings as HF's call: a row that reaches EOS is padded with pad_token_id
+    got = ours.generate(kw["input_ids"], attention_mask=kw["attention_mask"], max_new_tokens=16, pad_token_id=0)
     assert torch.equal(got, expected), f"generated {got.tolist()} != HF {expected.tolist()}"
 
 
@@ -262,7 +272,7 @@ class _ExpertRows(TorchDispatchMode):
 def test_each_expert_runs_only_on_its_tokens(pair):
     """Each expert's gate-up matmul takes exactly the tokens routed to it (no expert sees every token): per
     layer, the row counts are the router's top-k counts per expert, N * k rows in all instead of N * E."""
-    family, _, _, ours = pair
+    family, _, hf, ours = pair
     kw = _inputs()
     width = 2 * CASES[family][3].get("moe_intermediate_size", CASES[family][3]["intermediate_size"])
     with torch.no_grad():
@@ -276,13 +286,16 @@ def test_each_expert_runs_only_on_its_tokens(pair):
         chosen = torch.topk(torch.softmax(logits.float(), dim=-1), TOP_K, dim=-1).indices
         want += [c for c in torch.bincount(chosen.reshape(-1), minlength=EXPERTS).tolist() if c]
     assert counter.rows == want
-    assert sum(counter.rows) == hf_oracle.LAYERS * tokens * TOP_K < hf_oracle.LAYERS * tokens * EXPERTS
+    sparse = len(sparse_layers(hf))
+    assert sum(counter.rows) == sparse * tokens * TOP_K < sparse * tokens * EXPERTS
 
 
 def test_a_missing_expert_is_reported(pair, tmp_path):
-    family, folder, _, _ = pair
+    family, folder, hf, _ = pair
     tensors = load_file(str(folder / "model.safetensors"))
-    gone = [k for k in tensors if ".layers.1." in k and ".experts.2." in k]
+    layer = sparse_layers(hf)[-1]
+    gone = [k for k in tensors if f".layers.{layer}." in k and ".experts.2." in k]
+    assert gone
     save_file({k: v for k, v in tensors.items() if k not in gone}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     pkg = importlib.import_module(CASES[family][0].removesuffix(".model"))
@@ -332,8 +345,27 @@ def test_hidden_states_and_router_logits_together(pair):
     with torch.no_grad():
         a = hf(**kw, output_hidden_states=True, output_router_logits=True)
         b = ours(**kw, output_hidden_states=True, output_router_logits=True)
-    assert len(b.hidden_states) == len(a.hidden_states) == hf_oracle.LAYERS + 1
+    assert len(b.hidden_states) == len(a.hidden_states) == hf.config.num_hidden_layers + 1
     for x, y in zip(b.hidden_states, a.hidden_states):
         torch.testing.assert_close(x, y)
     torch.testing.assert_close(b.aux_loss, a.aux_loss)
     assert list(b.keys()) == ["aux_loss", "logits", "hidden_states", "router_logits"]  # HF's field order
+
+
+def test_each_layer_holds_the_mlp_transformers_chose(pair):
+    """`mlp = SparseMoeBlock() if sparse else GatedMLP(...)`: layer by layer, experts where transformers'
+    DecoderLayer puts them (mlp_only_layers, decoder_sparse_step) and its dense MLP elsewhere, under its names."""
+    family, _, hf, ours = pair
+    if family == "mixtral":
+        pytest.skip("Mixtral has experts in every layer")
+    kinds = [type(layer.mlp).__name__ for layer in ours.model.layers]
+    sparse = sparse_layers(hf)
+    assert kinds == ["SparseMoeBlock" if i in sparse else "GatedMLP" for i in range(len(kinds))]
+    dense = [i for i in range(len(kinds)) if i not in sparse]
+    names = dict(ours.named_parameters())
+    for i in dense:
+        assert f"model.layers.{i}.mlp.gate_proj.weight" in names and f"model.layers.{i}.mlp.gate.weight" not in names
+        assert names[f"model.layers.{i}.mlp.gate_proj.weight"].shape == (
+            CASES[family][3]["intermediate_size"],
+            hf_oracle.HIDDEN,
+        )

@@ -464,14 +464,14 @@ class Checker:
         if sdef is None:
             return None
         lookup = self._lookup(ctx.params)
-        child = self.p.module(sdef.module)
         try:
-            present = sdef.condition is None or evaluate(sdef.condition, lookup)
+            side = N.chosen(sdef, lookup)  # a choice `A() if c else B()`: the module this instance holds
         except EvalError as e:
             self.rep.error("E021", str(e), sdef.span)
             raise _Stop from None
+        child = self.p.module((side or sdef).module)
         try:
-            params = self.bind_params(child, sdef.args, sdef.kwargs, lookup, sdef.span) if present else None
+            params = self.bind_params(child, side.args, side.kwargs, lookup, side.span) if side else None
         except Exception:
             raise _Stop from None
         ctx.sub_cache[name] = (child, params)

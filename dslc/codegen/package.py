@@ -76,12 +76,27 @@ class FnView:
     lines: list[str]
 
 
-def _closure(modules: tuple[N.ModuleDef, ...], direct) -> dict[str, bool]:
-    """A property of a module that holds when it or any of its submodules has it directly."""
-    out: dict[str, bool] = {}
-    for m in modules:  # dependency order: callees first
-        out[m.name] = direct(m) or any(out.get(s.module, False) for s in m.submodules)
-    return out
+def _closure(modules: tuple[N.ModuleDef, ...], direct, choices_agree: bool = False) -> dict[str, bool]:
+    """A property of a module that holds when it or any of its submodules has it directly. `choices_agree`:
+    the sides of a choice `A() if c else B()` share it (one call site calls either, so both take `ctx`)."""
+    forced: set[str] = set()
+    while True:
+        out: dict[str, bool] = {}
+        for m in modules:  # dependency order: callees first
+            out[m.name] = (
+                m.name in forced or direct(m) or any(out.get(c, False) for s in m.submodules for c in N.modules_of(s))
+            )
+        more = {
+            c
+            for m in modules
+            for s in m.submodules
+            if choices_agree and any(out.get(c, False) for c in N.modules_of(s))
+            for c in N.modules_of(s)
+            if not out.get(c, False)
+        }
+        if not more:
+            return out
+        forced |= more
 
 
 def _uses_attention(body) -> bool:
@@ -144,7 +159,9 @@ class PackageRenderer:
         self.config_values = self.p.config_values
         mods = self.p.modules
         self.needs_config = _closure(mods, lambda m: m.uses_config)
-        self.needs_ctx = _closure(mods, lambda m: m.forward is not None and _uses_attention(m.forward.body))
+        self.needs_ctx = _closure(
+            mods, lambda m: m.forward is not None and _uses_attention(m.forward.body), choices_agree=True
+        )
         self.checkpointed = set(self.p.train.checkpointing)
         # the inferred types of each module's first instantiation, for shape comments
         self.first_types: dict[str, tuple[dict, dict]] = {}
@@ -170,7 +187,7 @@ class PackageRenderer:
             ctx.param_attrs[p] = p if p not in member_names else f"{p}_value"
         ctx.conditional_weights = {w.name for w in m.weights if w.condition is not None}
         ctx.needs_ctx = self.needs_ctx
-        ctx.module_of_sub = {s.name: s.module for s in m.submodules}
+        ctx.module_of_sub = {s.name: N.modules_of(s) for s in m.submodules}
         ctx.checkpointed = self.checkpointed
         params, types = self.first_types.get(m.name, ({}, {}))
         dim_names = _dim_names(params, self.config_values)
@@ -207,17 +224,17 @@ class PackageRenderer:
             doc = f"  # {comment(w.doc)}" if w.doc else f"  # {self.where(w.span)}"
             init += commented(f"self.{w.name} = {make}", doc)
         for s in m.submodules:
-            args = [static_text(a, ctx, {}, 0, init=True) for a in s.args]
-            args += [f"{k}={static_text(v, ctx, {}, 0, init=True)}" for k, v in s.kwargs]
-            if self.needs_config[s.module]:
-                args.insert(0, "config")
-            make = f"{s.module}({', '.join(args)})"
+            make = self._construct(s, ctx)
             if s.repeat is not None:
                 index = "i" if N.per_layer(s) else "_"
                 count = static_text(s.repeat, ctx, {}, 0, init=True)
-                make = f"nn.ModuleList({s.module}({', '.join(args)}) for {index} in range({count}))"
-            if s.condition is not None:
-                make += f" if {static_text(s.condition, ctx, {}, 2, init=True)} else None"
+                make = f"nn.ModuleList({make} for {index} in range({count}))"
+            sides = N.choices(s)  # `A(...) if c1 else B(...) if c2 else None`: one module per instance
+            for k, c in enumerate(sides):
+                if c.condition is None:
+                    break
+                after = self._construct(sides[k + 1], ctx) if k + 1 < len(sides) else "None"
+                make += f" if {static_text(c.condition, ctx, {}, 2, init=True)} else {after}"
             init += commented(f"self.{s.name} = {make}", f"  # {self.where(s.span)}")
         if m.ties:
             pairs = []
@@ -232,7 +249,7 @@ class PackageRenderer:
             init.append(f"self.{fused} = None  # {', '.join(parts)} as one matmul, after model.fuse_projections()")
         if self.needs_ctx[m.name] and _uses_attention(m.forward.body):
             init.append("self.kv_cache = None  # a KVCache while generating")
-        if m.name in self.checkpointed or any(s.module in self.checkpointed for s in m.submodules):
+        if m.name in self.checkpointed or any(c in self.checkpointed for s in m.submodules for c in N.modules_of(s)):
             init.append("self.gradient_checkpointing = False")
         if is_model:
             init.append("self.tie_weights()")
@@ -294,6 +311,14 @@ class PackageRenderer:
             extra_methods=extra,
         )
 
+    def _construct(self, s: N.SubmoduleDef, ctx: BodyContext) -> str:
+        """`Module(config, args, key=value)`: one side of a submodule's declaration, in __init__."""
+        args = [static_text(a, ctx, {}, 0, init=True) for a in s.args]
+        args += [f"{k}={static_text(v, ctx, {}, 0, init=True)}" for k, v in s.kwargs]
+        if self.needs_config[s.module]:
+            args.insert(0, "config")
+        return f"{s.module}({', '.join(args)})"
+
     def loss_head(self, m: N.ModuleDef):
         """((submodule, weight, bias), graph up to the head's input) when the model ends in a Linear-like
         head, so training can use the fused chunked loss instead of materializing the logits."""
@@ -304,7 +329,7 @@ class PackageRenderer:
         if last.op != "call" or last.results != g.outputs or len(last.args) != 1:
             return None
         sub = next((s for s in m.submodules if s.name == last.target), None)
-        if sub is None or sub.repeat is not None:
+        if sub is None or sub.repeat is not None or sub.alternatives:
             return None
         body = self.p.module(sub.module).forward.body
         if len(body) != 1 or not isinstance(body[0], N.Op) or body[0].op != "linear":

@@ -51,6 +51,8 @@ _STATIC_BIN = {
     "<=": CMP,
     ">": CMP,
     ">=": CMP,
+    "in": CMP,
+    "not in": CMP,
     "and": 4,
     "or": 3,
 }
@@ -72,7 +74,7 @@ class BodyContext:
     param_attrs: dict[str, str] = field(default_factory=dict)  # module param -> self attribute
     conditional_weights: set[str] = field(default_factory=set)
     needs_ctx: dict[str, bool] = field(default_factory=dict)  # module name -> forward takes ctx
-    module_of_sub: dict[str, str] = field(default_factory=dict)  # submodule name -> module def name
+    module_of_sub: dict[str, tuple[str, ...]] = field(default_factory=dict)  # submodule -> its module def(s)
     checkpointed: set[str] = field(default_factory=set)  # module defs with activation checkpointing
     type_names: dict = field(default_factory=dict)  # value -> shape comment text
     config_prefix: str = "self.config"  # how a forward body reaches the config
@@ -334,12 +336,17 @@ class BodyRenderer:
 
     def _call(self, op: N.Op) -> str:
         args = [self.operand(x) for x in op.args] + [f"{k}={self.operand(v)}" for k, v in op.kwargs]
-        sub_module = self.ctx.module_of_sub.get(op.target, "")
-        if self.ctx.needs_ctx.get(sub_module):
+        modules = self.ctx.module_of_sub.get(op.target, ())  # two or more for a choice `A() if c else B()`
+        if any(self.ctx.needs_ctx.get(m) for m in modules):
             args.append("ctx")
         callee = self.loop_vars.get(op.target, f"self.{op.target}")
-        if sub_module in self.ctx.checkpointed:
-            return f"checkpoint_call({callee}, self.training and self.gradient_checkpointing, {', '.join(args)})"
+        checkpointed = [m for m in modules if m in self.ctx.checkpointed]
+        if checkpointed:
+            enabled = "self.training and self.gradient_checkpointing"
+            if len(checkpointed) < len(modules):  # a choice of which only some sides are checkpointed
+                kinds = checkpointed[0] if len(checkpointed) == 1 else f"({', '.join(checkpointed)})"
+                enabled += f" and isinstance({callee}, {kinds})"
+            return f"checkpoint_call({callee}, {enabled}, {', '.join(args)})"
         return f"{callee}({', '.join(args)})"
 
     def _device_arg(self) -> str:
@@ -396,7 +403,7 @@ class BodyRenderer:
         self._assign(indent, [(n, text) for n, (text, inp) in zip(carried, entering) if self.names.get(inp) != n])
         loop_var = self._bind(_loop_var_key(st), st.var, at, taken)
         self.loop_vars[st.var] = loop_var
-        self.ctx.module_of_sub[st.var] = self.ctx.module_of_sub.get(st.over, "")
+        self.ctx.module_of_sub[st.var] = self.ctx.module_of_sub.get(st.over, ())
         if st.index:
             index = self._bind(N.loop_index_key(st.index), st.index, at, [*taken, loop_var])
             head = f"for {index}, {loop_var} in enumerate(self.{st.over}):"

@@ -41,6 +41,10 @@ def _binary(op: str, a, b):
         return bool(a) or bool(b)
     if op in ("==", "!="):
         return (a == b) if op == "==" else (a != b)
+    if op in ("in", "not in"):
+        if not isinstance(b, list):
+            raise EvalError(f"`{op}` needs a list on its right, got {_describe(b)}")
+        return (a in b) == (op == "in")
     x, y = _num(a, op), _num(b, op)
     if op == "+":
         return x + y

@@ -786,9 +786,13 @@ class Lowering:
         ctor = s.ctor
         repeat = None
         if not isinstance(ctor, A.Call) or not isinstance(ctor.func, A.Name):
+            if s.alternatives:
+                self._not_a_side(ctor, s.name)
             self.rep.error("E041", "a submodule is created by calling a module: `name = Module(args)`", s.span)
             raise _Abort
         if ctor.func.id == "repeat":
+            if s.alternatives:
+                self._not_a_side(ctor, s.name)
             if len(ctor.args) != 2 or ctor.kwargs or not isinstance(ctor.args[1], A.Call):
                 self.rep.error("E040", "`repeat` takes a count and a module: `repeat(n, Block())`", ctor.span)
                 raise _Abort
@@ -802,13 +806,41 @@ class Lowering:
             def resolve(n: A.Name, outer=outer) -> N.E:  # in the layer's arguments `i` is its index, 0 .. n - 1
                 return N.LAYER_INDEX if n.id == "i" else outer(n)
 
+        name, args, kwargs = self._module_ctor(ctor, resolve)
+        cond = self._static(s.condition, resolve) if s.condition is not None else None
+        alternatives = []
+        for side, test in s.alternatives:  # `A() if c else B() [if d]`: one module per instance
+            if not isinstance(side, A.Call) or not isinstance(side.func, A.Name) or side.func.id == "repeat":
+                self._not_a_side(side, s.name)
+            side_name, side_args, side_kwargs = self._module_ctor(side, resolve)
+            side_cond = self._static(test, resolve) if test is not None else None
+            alternatives.append(
+                N.SubmoduleDef(s.name, side_name, side_args, side_kwargs, None, side_cond, "", side.span)
+            )
+        return N.SubmoduleDef(s.name, name, args, kwargs, repeat, cond, s.doc, s.span, tuple(alternatives))
+
+    def _module_ctor(self, ctor: A.Call, resolve) -> tuple[str, tuple, tuple]:
+        """(module, args, kwargs) of `Module(args, key = value)` in a member declaration."""
         name = ctor.func.id
         if name not in self.decls_modules():
             self._unknown(ctor.func, [n for n, m in self.decls_modules().items() if not m.is_model], "module")
         args = tuple(self._static(a, resolve) for a in ctor.args)
         kwargs = tuple((k.name, self._static(k.value, resolve)) for k in ctor.kwargs)
-        cond = self._static(s.condition, resolve) if s.condition is not None else None
-        return N.SubmoduleDef(s.name, name, args, kwargs, repeat, cond, s.doc, s.span)
+        return name, args, kwargs
+
+    def _not_a_side(self, side: A.Expr, member: str) -> None:
+        """E041: a side of a choice `A() if c else B()` that is not a call of a module."""
+        is_repeat = isinstance(side, A.Call) and isinstance(side.func, A.Name) and side.func.id == "repeat"
+        self.rep.error(
+            "E041",
+            f"`{member}` chooses between modules: "
+            + ("a `repeat` stack cannot be one side" if is_repeat else "each side must be a call of a module"),
+            side.span,
+            "choose inside the stack's layers: `repeat(n, Block(i % 2 == 0))` with `mlp = A() if sparse else B()`"
+            if is_repeat
+            else "`name = A(...) if cond else B(...)`; for a member that may be absent: `name = A(...) if cond`",
+        )
+        raise _Abort
 
     def decls_modules(self) -> dict[str, A.ModuleDecl]:
         return self.decls.modules
@@ -919,7 +951,8 @@ class Lowering:
                 raise _Abort
             stack.append(name)
             for s in self.module_defs[name].submodules:
-                visit(s.module, s.span)
+                for c in N.choices(s):
+                    visit(c.module, c.span)
             stack.pop()
             order.append(name)
             placed.add(name)
@@ -1045,7 +1078,8 @@ class Lowering:
             out.append(N.WeightInfo(prefix + w.name, shape, w.dtype, w.init, None, w.span))
         for s in mdef.submodules:
             try:
-                if s.condition is not None and not evaluate(s.condition, lookup):
+                s = N.chosen(s, lookup)  # a choice's side for this instance: its module, its arguments
+                if s is None:
                     continue
                 child = self.module_defs[s.module]
                 per_layer = N.per_layer(s)

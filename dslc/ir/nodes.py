@@ -246,6 +246,30 @@ class SubmoduleDef:
     condition: E | None
     doc: str
     span: Span
+    # `mlp = A() if c else B()`: the modules taken, in order, when `condition` is false, each with its own
+    # condition (None: the final `else`); without a final `else` none may be taken and the member is absent
+    alternatives: tuple[SubmoduleDef, ...] = ()
+
+
+def choices(sub: SubmoduleDef) -> tuple[SubmoduleDef, ...]:
+    """The modules a submodule may be: itself, or for a choice `A() if c else B()` each side, in order."""
+    return (sub, *sub.alternatives)
+
+
+def modules_of(sub: SubmoduleDef) -> tuple[str, ...]:
+    """The module definitions a submodule may instantiate (one, or a choice's sides), without repeats."""
+    return tuple(dict.fromkeys(c.module for c in choices(sub)))
+
+
+def chosen(sub: SubmoduleDef, lookup) -> SubmoduleDef | None:
+    """The side of a submodule an instance takes (`lookup` binds its params and the config): the first whose
+    condition holds; None when it is absent. Raises EvalError as `evaluate` does."""
+    from dslc.ir.evaluate import evaluate
+
+    for c in choices(sub):
+        if c.condition is None or evaluate(c.condition, lookup):
+            return c
+    return None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ _PREC = {
     "<=": 4,
     ">": 4,
     ">=": 4,
+    "in": 4,
+    "not in": 4,
     "+": 5,
     "-": 5,
     "*": 6,
@@ -77,7 +79,7 @@ _BARE_FILE = re.compile(r"[A-Za-z0-9_./<>+~-]+")
 # words that are keywords where the reader also accepts a bare name; such names are quoted
 RESERVED = frozenset("true false none not and or if else in as dtype ref inf nan for return yield repeat".split())
 _SIGILS = {"value": "%", "param": "$", "weight": "&", "sym": "?", "dtype": "!"}
-_COMPARE = frozenset(("==", "!=", "<", "<=", ">", ">="))
+_COMPARE = frozenset(("==", "!=", "<", "<=", ">", ">=", "in", "not in"))
 
 
 def quote(s: str) -> str:
@@ -344,6 +346,10 @@ class _Printer:
             if s.doc:
                 text += f" doc {quote(s.doc)}"
             self.emit(1, text, s.span)
+            for alt in s.alternatives:  # a choice's later sides, each on its own line with its span
+                args = [ir_expr(a) for a in alt.args] + [f"{name_text(k)}={ir_expr(v)}" for k, v in alt.kwargs]
+                cond = f" if {ir_expr(alt.condition)}" if alt.condition is not None else ""
+                self.emit(2, f"else {name_text(alt.module)}({', '.join(args)}){cond}", alt.span)
         for t in m.ties:
             cond = f" if {ir_expr(t.condition)}" if t.condition is not None else ""
             self.emit(1, f"tie {path_text(t.target)} = {path_text(t.source)}{cond}", t.span)

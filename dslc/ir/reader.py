@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from functools import lru_cache
 
 from lark import Token, Transformer, v_args
@@ -116,6 +117,12 @@ class _ToIR(Transformer):
     def binop(self, left, op, right):
         return N.BinE(str(op), left, right)
 
+    def in_op(self, left, right):
+        return N.BinE("in", left, right)
+
+    def not_in_op(self, left, right):
+        return N.BinE("not in", left, right)
+
     def or_op(self, left, right):
         return N.BinE("or", left, right)
 
@@ -207,11 +214,22 @@ class _ToIR(Transformer):
         return e
 
     def sub(self, name, repeat, module, *rest):
+        alternatives = []
+        while rest and isinstance(rest[-1], N.SubmoduleDef):
+            alternatives.insert(0, rest[-1])
+            rest = rest[:-1]
         *call_args, cond, doc, span = rest
         args = tuple(a for a in call_args if a is not None and not isinstance(a, tuple))
         kwargs = tuple(a for a in call_args if isinstance(a, tuple))
-        s = N.SubmoduleDef(name, module, args, kwargs, repeat, cond, doc[1] if doc else "", _span(span))
+        alternatives = tuple(replace(a, name=name) for a in alternatives)  # each side is the same member
+        s = N.SubmoduleDef(name, module, args, kwargs, repeat, cond, doc[1] if doc else "", _span(span), alternatives)
         return ("sub", s)
+
+    def sub_else(self, module, *rest):
+        *call_args, cond, span = rest
+        args = tuple(a for a in call_args if a is not None and not isinstance(a, tuple))
+        kwargs = tuple(a for a in call_args if isinstance(a, tuple))
+        return N.SubmoduleDef("", module, args, kwargs, None, cond, "", _span(span))
 
     def tie(self, target, source, cond, span):
         return ("tie", N.TieDef(target, source, cond, _span(span)))

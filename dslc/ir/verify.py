@@ -122,7 +122,7 @@ class _Verifier:
             self.err(f"the model `{self.p.model}` must be the last module")
         index = {m.name: i for i, m in enumerate(self.p.modules)}
         for i, m in enumerate(self.p.modules):
-            for s in m.submodules:
+            for s in (c for sub in m.submodules for c in N.choices(sub)):
                 j = index.get(s.module)
                 if j is None:
                     self.err(
@@ -164,8 +164,10 @@ class _Verifier:
                 self.err(f"{ww}: unknown initializer `{w.init}`", w.span)
             if w.init_std is not None and w.init != "normal":
                 self.err(f"{ww}: only `normal` takes a std", w.span)
-        for s in m.submodules:
+        for s in (c for sub in m.submodules for c in N.choices(sub)):
             ws = f"{where} submodule `{s.name}`"
+            if s.alternatives and s.repeat is not None:
+                self.err(f"{ws}: a choice of modules cannot be a repeat stack", s.span)
             for a in s.args:
                 uses |= self.static(a, ws, s.span, params)
             for _, v in s.kwargs:
@@ -212,6 +214,11 @@ class _Verifier:
                 i += 1
                 if i >= len(parts) - 1 or not parts[i].isdigit():
                     return f"`{part}` is a repeat stack: name a layer index, `{part}.0.`"
+            if sub.alternatives:  # a choice: the path must exist in one of its modules
+                rest = ".".join(parts[i + 1 :])
+                if all(self.path_problem(self.modules[c], rest) for c in N.modules_of(sub) if c in self.modules):
+                    return f"`{part}` is a choice of modules, none of which holds `{rest}`"
+                return None
             nxt = self.modules.get(sub.module)
             if nxt is None:
                 return f"unknown module `{sub.module}`"

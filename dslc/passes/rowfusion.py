@@ -535,7 +535,7 @@ def _weight_dims(program: N.Program, mdef: N.ModuleDef, params: dict):
         if "." in name:
             sub, _, rest = name.partition(".")
             sdef = next((s for s in m.submodules if s.name == sub), None)
-            if sdef is None or sdef.repeat is not None:
+            if sdef is None or sdef.repeat is not None or sdef.alternatives:
                 return None
             child = program.module(sdef.module)
             return resolve(child, bind(child, sdef.args, sdef.kwargs, lookup_in(bound), sdef.span), rest)

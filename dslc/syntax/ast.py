@@ -185,6 +185,8 @@ class SubmoduleDecl:
     condition: Expr | None
     doc: str
     span: Span
+    # `mlp = A() if c else B()`: (ctor, condition) of each later side; condition None on the final `else`
+    alternatives: tuple[tuple[Expr, Expr | None], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,14 @@ class _ToAst(Transformer):
         return A.BinOp(str(op), left, right, self._span(meta))
 
     @v_args(meta=True)
+    def in_op(self, meta, children):
+        return A.BinOp("in", children[0], children[1], self._span(meta))
+
+    @v_args(meta=True)
+    def not_in_op(self, meta, children):
+        return A.BinOp("not in", children[0], children[1], self._span(meta))
+
+    @v_args(meta=True)
     def and_op(self, meta, children):
         return A.BinOp("and", children[0], children[1], self._span(meta))
 
@@ -279,8 +287,20 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def submodule_decl(self, meta, children):
-        name, ctor, cond = children
-        return A.SubmoduleDecl(str(name), ctor, cond, self._doc(meta.line), self._span(meta))
+        name, ctor, *rest, cond = children
+        if not rest:
+            return A.SubmoduleDecl(str(name), ctor, cond, self._doc(meta.line), self._span(meta))
+        # `A() if c1 else B() if c2 else C() [if c3]`: children are A, c1, B, c2, C, c3 (c3 None without it)
+        sides = [ctor, *rest[1::2]]
+        tests = [*rest[0::2], cond]
+        return A.SubmoduleDecl(
+            str(name),
+            sides[0],
+            tests[0],
+            self._doc(meta.line),
+            self._span(meta),
+            alternatives=tuple(zip(sides[1:], tests[1:])),
+        )
 
     def dotted(self, children):
         return tuple(str(c) for c in children)
