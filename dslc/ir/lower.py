@@ -1559,7 +1559,8 @@ class Lowering:
             if key in seen:
                 self.rep.error(
                     "E011",
-                    f"the model declares {key} twice" + (f" (`{seen[key].kind}`, `{decl.kind}`)" if kind.role == "main" else ""),
+                    f"the model declares {key} twice"
+                    + (f" (`{seen[key].kind}`, `{decl.kind}`)" if kind.role == "main" else ""),
                     decl.span,
                     notes=(f"first at {seen[key].span}",),
                 )

@@ -26,7 +26,9 @@ def class_weights(weight, classes: int, device) -> torch.Tensor | None:
         return None
     weight = torch.as_tensor(weight, dtype=torch.float32, device=device)
     if weight.shape != (classes,):
-        raise ValueError(f"the loss's class weights have {weight.numel()} entries, but the logits have {classes} classes")
+        raise ValueError(
+            f"the loss's class weights have {weight.numel()} entries, but the logits have {classes} classes"
+        )
     return weight
 
 
@@ -62,14 +64,20 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
     # logits: [B, T, V]; labels: [B, T]
     labels = _shift(labels)  # [B, T], shifted left
     return _cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), num_items_in_batch, **options
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1).to(logits.device),
+        num_items_in_batch,
+        **options,
     )
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, **options) -> torch.Tensor:
     """Cross-entropy at every labelled position (no shift)."""
     return _cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), num_items_in_batch, **options
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1).to(logits.device),
+        num_items_in_batch,
+        **options,
     )
 
 
