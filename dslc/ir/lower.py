@@ -1555,13 +1555,18 @@ class Lowering:
                     + (f"`{task}` takes {', '.join(takes)}" if takes else f"task `{task}` has no loss"),
                 )
                 continue
-            key = "the main loss" if kind.role == "main" else f"loss `{decl.kind}`"
+            key = "main" if kind.role == "main" else decl.kind
             if key in seen:
+                mains = ", ".join(k for k, v in N.LOSSES.items() if v.role == "main")
                 self.rep.error(
                     "E011",
-                    f"the model declares {key} twice"
-                    + (f" (`{seen[key].kind}`, `{decl.kind}`)" if kind.role == "main" else ""),
+                    f"the model declares two main losses (`{seen[key].kind}`, `{decl.kind}`)"
+                    if key == "main"
+                    else f"the model declares loss `{decl.kind}` twice",
                     decl.span,
+                    f"one of {mains} replaces the task's loss; auxiliary losses (z_loss) add to it"
+                    if key == "main"
+                    else None,
                     notes=(f"first at {seen[key].span}",),
                 )
                 continue
