@@ -312,3 +312,18 @@ def test_trainer_trains_on_the_declared_loss(pkgs, tmp_path):
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert losses[0] == pytest.approx(want.item(), rel=1e-4)
     assert losses[-1] < losses[0]
+
+
+def test_loss_stays_a_free_name(tmp_path):
+    """`loss` starts a loss line only before a kind: a submodule or a variable may still be called `loss`."""
+    from dslc.api import check_file
+
+    spec = tmp_path / "free.model"
+    spec.write_text(
+        "use std\n\nconfig C:\n    vocab: int = 20\n    dim: int = 8\n\n"
+        "model M(C): causal_lm\n    embed = Embedding(vocab, dim)\n    loss = Linear(dim, vocab)\n"
+        "    loss z_loss(coef = 0.5)\n\n"
+        "    forward(ids: [B, T] i64) -> [B, T, vocab]:\n        h = embed(ids)\n        return loss(h)\n"
+    )
+    program = check_file(str(spec)).program
+    assert [(d.kind, [k for k, _ in d.options]) for d in program.losses] == [("z_loss", ["coef"])]
