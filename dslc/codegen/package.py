@@ -294,6 +294,14 @@ class PackageRenderer:
                 options = ", ".join(f"{k}={static_text(v, ctx, {}, 0)}" for k, v in self.p.router.options)
                 doc = '"""The load-balancing loss\'s options, from the config (the spec\'s `router` line)."""'
                 extra.append(("router_options", "self", [doc, f"return dict({options})"]))
+            if self.p.losses:
+                attrs.append(f"losses = {tuple(d.kind for d in self.p.losses)!r}")
+                doc = '"""Each declared loss\'s options, from the config (the spec\'s `loss` lines)."""'
+                body = [doc, "return {"]
+                for d in self.p.losses:
+                    options = ", ".join(f"{k}={static_text(v, ctx, {}, 0)}" for k, v in d.options)
+                    body.append(f"    {d.kind!r}: dict({options}),")
+                extra.append(("loss_options", "self", [*body, "}"]))
         return ModuleView(
             name=m.name,
             doc=m.doc or f"The `{m.name}` module.",

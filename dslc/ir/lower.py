@@ -18,7 +18,7 @@ from dslc.syntax import ast as A
 SCALAR_TYPES = ("int", "float", "bool", "str")
 LIST_TYPES = tuple(f"list[{t}]" for t in SCALAR_TYPES)  # config fields only (HF's layer_types)
 INITS = ("normal", "zeros", "ones")
-ROUTER_OPTIONS = ("num_experts", "top_k", "coef")  # the load-balancing loss's (transformers' Mixtral / Qwen2-MoE)
+ROUTER_OPTIONS = tuple(o[0] for o in N.LOSSES["load_balance"].options)  # num_experts, top_k, coef (Mixtral's)
 MAX_REPEAT = 100_000  # layers in one `repeat` stack
 STATIC_CALLS = (*STATIC_UNARY, "min", "max")  # the functions a build-time expression may call
 MAX_WEIGHT_TENSORS = 1_000_000  # weight tensors in one model: the compiler lists each (checkpoint names, ties)
@@ -202,6 +202,7 @@ class Lowering:
         self._check_layout(checkpoint, weights)
         train = self._lower_train(decls.trains, order)
         router = self._lower_router(decls.modules, model, weights)
+        losses = self._lower_losses(decls.modules, model)
         self.rep.raise_if_errors()
         return N.Program(
             source=self.spec.path,
@@ -215,6 +216,7 @@ class Lowering:
             train=train,
             weights=tuple(weights),
             router=router,
+            losses=losses,
         )
 
     # ---- declarations ---------------------------------------------------------------------
@@ -1555,6 +1557,156 @@ class Lowering:
         if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0):
             self.rep.error("E041", f"router `coef` must be a number >= 0, got {c!r}", r.span)
         return N.RouterDef(r.pattern, tuple(options), r.span)
+
+    def _lower_losses(self, modules: dict, model: A.ModuleDecl) -> tuple[N.LossDef, ...]:
+        """The model's `loss` lines: kinds of N.LOSSES the task takes, each option once, of its type and range
+        (evaluated for this config), class weights as long as the logits are wide; the main loss first."""
+        for m in modules.values():
+            if m.losses and not m.is_model:
+                self.rep.error(
+                    "E041",
+                    f"`loss` in module `{m.name}`: a loss belongs to the model",
+                    m.losses[0].span,
+                    "declare it in the `model`, over the model's outputs",
+                )
+        out, seen, resolve = [], {}, self._config_resolver()
+        task = model.task or "base"
+        for decl in model.losses:
+            kind = N.LOSSES.get(decl.kind)
+            if kind is None:
+                self.rep.error(
+                    "E010",
+                    f"unknown loss `{decl.kind}`",
+                    decl.kind_span,
+                    did_you_mean(decl.kind, [k for k, v in N.LOSSES.items() if v.declared_by is None])
+                    or f"losses: {', '.join(k for k, v in N.LOSSES.items() if v.declared_by is None)}",
+                )
+                continue
+            if kind.declared_by is not None:
+                self.rep.error(
+                    "E041",
+                    f"loss `{decl.kind}` is declared by the model's `{kind.declared_by}` line",
+                    decl.kind_span,
+                    'e.g. `router "model.layers.{i}.mlp.gate": num_experts = E, top_k = K, coef = c`',
+                )
+                continue
+            if task not in kind.tasks:
+                takes = [k for k, v in N.LOSSES.items() if task in v.tasks and v.declared_by is None]
+                self.rep.error(
+                    "E041",
+                    f"a `{task}` model cannot take loss `{decl.kind}`",
+                    decl.kind_span,
+                    f"`{decl.kind}` is for {', '.join(f'`{t}`' for t in kind.tasks)}; "
+                    + (f"`{task}` takes {', '.join(takes)}" if takes else f"task `{task}` has no loss"),
+                )
+                continue
+            key = "main" if kind.role == "main" else decl.kind
+            if key in seen:
+                mains = ", ".join(k for k, v in N.LOSSES.items() if v.role == "main")
+                self.rep.error(
+                    "E011",
+                    f"the model declares two main losses (`{seen[key].kind}`, `{decl.kind}`)"
+                    if key == "main"
+                    else f"the model declares loss `{decl.kind}` twice",
+                    decl.span,
+                    f"one of {mains} replaces the task's loss; auxiliary losses (z_loss) add to it"
+                    if key == "main"
+                    else None,
+                    notes=(f"first at {seen[key].span}",),
+                )
+                continue
+            seen[key] = decl
+            types = {name: type_ for name, type_, _ in kind.options}
+            for a in decl.args:
+                self.rep.error(
+                    "E040",
+                    f"loss `{decl.kind}` takes its options by name",
+                    a.span,
+                    f"options: {', '.join(types) or 'none'}",
+                )
+            options, given = [], set()
+            for o in decl.options:
+                if o.name not in types:
+                    self.rep.error(
+                        "E040",
+                        f"loss `{decl.kind}` has no option `{o.name}`",
+                        o.span,
+                        did_you_mean(o.name, types) or f"options: {', '.join(types) or 'none'}",
+                    )
+                    continue
+                if o.name in given:
+                    self.rep.error("E011", f"option `{o.name}` of loss `{decl.kind}` is given twice", o.span)
+                    continue
+                given.add(o.name)
+                try:
+                    e = self._static(o.value, resolve)
+                except _Abort:
+                    continue
+                try:
+                    value = evaluate(e, lambda ref: self.values[ref.name])
+                except EvalError as err:
+                    self.rep.error("E041", f"loss `{decl.kind}` option `{o.name}`: {err}", o.value.span)
+                    continue
+                if self._loss_option_ok(decl.kind, o.name, types[o.name], value, model, o.value.span):
+                    options.append((o.name, e))
+            missing = [n for n, _, default in kind.options if default is None and n not in given]
+            if missing:
+                self.rep.error(
+                    "E040",
+                    f"loss `{decl.kind}` needs {', '.join(f'`{n}`' for n in missing)}",
+                    decl.span,
+                    f"e.g. `loss {decl.kind}({', '.join(f'{n} = ...' for n in missing)})`",
+                )
+            out.append(N.LossDef(decl.kind, tuple(options), decl.span))
+        return tuple(sorted(out, key=lambda d: N.LOSSES[d.kind].role != "main"))
+
+    def _loss_option_ok(self, kind: str, name: str, type_: str, value, model: A.ModuleDecl, span: Span) -> bool:
+        """One option's value for this config: of its type (E021), in range, class weights one per output (E041)."""
+        optional = type_.endswith("?")
+        base = type_.rstrip("?")
+        if not _check_type(value, base, optional):
+            self.rep.error(
+                "E021",
+                f"loss `{kind}` option `{name}` must be {'a ' if base != 'list[float]' else ''}{base}"
+                f"{' or none' if optional else ''}, got {_show(value)}",
+                span,
+                "a list of numbers, one per class: a `list[float]?` config field" if base.startswith("list") else None,
+            )
+            return False
+        if name == "label_smoothing" and not 0.0 <= value <= 1.0:
+            self.rep.error("E041", f"loss `{kind}` `label_smoothing` must be in [0, 1], got {_show(value)}", span)
+            return False
+        if name == "coef" and not value >= 0:
+            self.rep.error("E041", f"loss `{kind}` `coef` must be a number >= 0, got {_show(value)}", span)
+            return False
+        if isinstance(value, list):
+            if any(not v >= 0 for v in value):
+                self.rep.error("E041", f"loss `{kind}` `{name}`: weights must be >= 0, got {_show(value)}", span)
+                return False
+            width = self._output_width(model)
+            if width is not None and len(value) != width:
+                self.rep.error(
+                    "E041",
+                    f"loss `{kind}` `{name}` has {len(value)} weights, but the model has {width} classes",
+                    span,
+                    "one weight per class: the last dim of the model's output (num_labels, vocab_size)",
+                )
+                return False
+        return True
+
+    def _output_width(self, model: A.ModuleDecl) -> int | None:
+        """The last dim of the model forward's first result, where this config fixes it (its class count)."""
+        sig = model.forward.sig if model.forward is not None else None
+        if sig is None or not sig.results or not sig.results[0].dims:
+            return None
+        dim = sig.results[0].dims[-1]
+        mark = len(self.rep.diagnostics)
+        try:
+            value = evaluate(self._static(dim, self._config_resolver()), lambda ref: self.values[ref.name])
+        except (_Abort, EvalError, KeyError):
+            value = None
+        del self.rep.diagnostics[mark:]  # a size the config does not bind (B, T): not this check's to report
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     def _lower_train(self, decls: list[A.TrainDecl], modules: list[str]) -> N.TrainDef:
         ckpt, par, save = [], [], []

@@ -367,6 +367,67 @@ class RouterDef:
 
 
 @dataclass(frozen=True)
+class LossDef:
+    """A `loss kind(option = value, ...)` line of the model: a LOSSES kind, its options as expressions over the
+    config (the package reads them from the config when the loss is computed)."""
+
+    kind: str
+    options: tuple[tuple[str, E], ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class LossKind:
+    """One kind of declared loss. `role`: "main" (replaces the task's loss; at most one) or "aux" (an extra term
+    reported as the output field `output` and added to `loss` times its `coef`). `options`: name -> (type, its
+    default as source text, or None when the option is required); types are config types (`list[float]?`...).
+    `tasks`: the tasks that take it. The package's losses.py implements each (LOSS_FUNCTIONS there)."""
+
+    role: str
+    options: tuple[tuple[str, str, str | None], ...]
+    tasks: tuple[str, ...]
+    doc: str
+    output: str | None = None  # an aux term's output field
+    declared_by: str | None = None  # another spec line that declares it (the router's load balance)
+
+
+_CE_TASKS = ("causal_lm", "masked_lm", "sequence_classification", "image_classification")
+_CLASSIFIERS = ("sequence_classification", "image_classification")
+# the loss kinds a `loss` line names; docs/language.md gives each kind's formula
+LOSSES: dict[str, LossKind] = {
+    "cross_entropy": LossKind(
+        "main",
+        (("label_smoothing", "float", "0.0"), ("weight", "list[float]?", "none")),
+        _CE_TASKS,
+        "torch.nn.CrossEntropyLoss(weight=, label_smoothing=) over non-ignored labels (-100), HF's mean or sum / "
+        "num_items_in_batch; a causal LM's labels shifted left",
+    ),
+    "mse": LossKind("main", (), _CLASSIFIERS, "mean squared error of the logits against float labels (regression)"),
+    "bce": LossKind(
+        "main",
+        (("pos_weight", "list[float]?", "none"),),
+        _CLASSIFIERS,
+        "BCEWithLogitsLoss(pos_weight=) over float [B, num_labels] targets (multi-label)",
+    ),
+    "z_loss": LossKind(
+        "aux",
+        (("coef", "float", None),),
+        _CE_TASKS,
+        "mean over non-ignored labels of logsumexp(logits)^2 (PaLM, Fast-LLM); loss += coef * z_loss",
+        output="z_loss",
+    ),
+    "load_balance": LossKind(
+        "aux",
+        (("num_experts", "int", None), ("top_k", "int", None), ("coef", "float", None)),
+        _CE_TASKS,
+        "Switch Transformer's router load balance over every layer's router logits; loss += coef * aux_loss",
+        output="aux_loss",
+        declared_by="router",
+    ),
+}
+
+
+@dataclass(frozen=True)
 class CheckpointDef:
     rules: tuple[LayoutRuleDef, ...]
     ignores: tuple[str, ...]
@@ -434,6 +495,7 @@ class Program:
     weights: tuple[WeightInfo, ...]
     regions: tuple = ()  # RowRegion (dslc/ir/regions.py) made by the fusion passes; `region` ops call them
     router: RouterDef | None = None  # a mixture of experts' router logits and load-balancing loss
+    losses: tuple[LossDef, ...] = ()  # the model's `loss` lines, main loss first (none: the task's own loss)
 
     def module(self, name: str) -> ModuleDef:
         for m in self.modules:

@@ -265,6 +265,10 @@ class _Printer:
         if router is not None:
             self.emit(0, f"router {quote(router.pattern)} {{{_kwargs_text(router.options)}}}", router.span)
             self.out.append("")
+        for loss in getattr(p, "losses", ()):
+            self.emit(0, f"loss {name_text(loss.kind)} {{{_kwargs_text(loss.options)}}}", loss.span)
+        if getattr(p, "losses", ()):
+            self.out.append("")
         self.weights(p.weights)
         regions = getattr(p, "regions", ())
         if regions:

@@ -385,6 +385,10 @@ class _ToIR(Transformer):
         *options, span = rest
         return N.RouterDef(_str(pattern), _opt(options), _span(span))
 
+    def loss_def(self, kind, *rest):
+        *options, span = rest
+        return N.LossDef(kind, _opt(options), _span(span))
+
     def train(self, *items):
         return N.TrainDef(
             tuple(x for k, x in items if k == "ckpt"),
@@ -459,8 +463,12 @@ class _ToIR(Transformer):
         config_def, field_values = config
         modules = tuple(x for x in rest if isinstance(x, N.ModuleDef))
         fns = tuple(x for x in rest if isinstance(x, N.FnDef))
+        losses = tuple(x for x in rest if isinstance(x, N.LossDef))
+        rest = [x for x in rest if not isinstance(x, N.LossDef)]
         checkpoint, train, router, weights, regions = rest[-5:]
         extra = {"regions": regions} if regions else {}  # absent: the Program's default
+        if losses:
+            extra["losses"] = losses
         if router is not None:
             extra["router"] = router
         return N.Program(

@@ -207,6 +207,17 @@ class RouterDecl:
 
 
 @dataclass(frozen=True)
+class LossDecl:
+    """`loss cross_entropy(label_smoothing = ls, weight = class_weights)` in a model."""
+
+    kind: str
+    kind_span: Span
+    args: tuple  # positional Exprs (refused by the lowering: options are named)
+    options: tuple  # Kwarg(name, value)
+    span: Span
+
+
+@dataclass(frozen=True)
 class Arg:
     name: str
     type: TensorType | TypeRef
@@ -274,6 +285,7 @@ class ModuleDecl:
     doc: str
     span: Span
     routers: tuple[RouterDecl, ...] = ()
+    losses: tuple[LossDecl, ...] = ()
 
     @property
     def is_model(self) -> bool:

@@ -327,6 +327,29 @@ class _ToAst(Transformer):
         return A.RouterDecl(_decode_string(pattern, self.path), tuple(options), self._span(meta))
 
     @v_args(meta=True)
+    def loss_decl(self, meta, children):
+        word, kind, args = children
+        if str(word) != "loss":
+            raise DslcError(
+                [
+                    Diagnostic(
+                        "E001",
+                        f"unexpected name `{kind}` after `{word}`",
+                        self._tspan(kind),
+                        ("a member is `name: [shape]`, `name = Module(...)` or `loss kind(option = value, ...)`",),
+                    )
+                ]
+            )
+        args = args or ()
+        return A.LossDecl(
+            str(kind),
+            self._tspan(kind),
+            tuple(a for a in args if not isinstance(a, A.Kwarg)),
+            tuple(a for a in args if isinstance(a, A.Kwarg)),
+            self._span(meta),
+        )
+
+    @v_args(meta=True)
     def arg(self, meta, children):
         return A.Arg(str(children[0]), children[1], self._span(meta))
 
@@ -388,6 +411,7 @@ class _ToAst(Transformer):
             doc=self._doc(meta.line),
             span=self._span(meta),
             routers=tuple(m for m in members if isinstance(m, A.RouterDecl)),
+            losses=tuple(m for m in members if isinstance(m, A.LossDecl)),
         )
 
     @v_args(meta=True)

@@ -2,6 +2,10 @@
 
 `num_items_in_batch` (passed by HF Trainer under gradient accumulation) turns the mean into a sum
 divided by that count, as transformers' `fixed_cross_entropy` does.
+
+A spec's `loss` lines choose among these (dslc's N.LOSSES table): `cross_entropy` with `label_smoothing` and a
+class `weight` (torch.nn.CrossEntropyLoss's), `mse` / `bce` (`pos_weight`) for classifiers, and the auxiliary
+`z_loss` (AUX_LOSSES), reported beside `loss` and added to it times its `coef`.
 """
 
 from __future__ import annotations
@@ -16,42 +20,89 @@ from .kernels import use_triton
 IGNORE_INDEX = -100
 
 
-def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    # logits: [N, C] float32; labels: [N]
-    if num_items_in_batch is None:
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
-    loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+def class_weights(weight, classes: int, device) -> torch.Tensor | None:
+    """A declared per-class weight (a config list, one number per class) as a float32 tensor, or None."""
+    if weight is None:
+        return None
+    weight = torch.as_tensor(weight, dtype=torch.float32, device=device)
+    if weight.shape != (classes,):
+        raise ValueError(
+            f"the loss's class weights have {weight.numel()} entries, but the logits have {classes} classes"
+        )
+    return weight
+
+
+def _divide(loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(loss.device)
     return loss / num_items_in_batch
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Next-token cross-entropy: position t predicts labels[t + 1]; mean over non-ignored tokens."""
+def _cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, label_smoothing: float = 0.0, weight=None
+) -> torch.Tensor:
+    # logits: [N, C] float32; labels: [N]
+    weight = class_weights(weight, logits.shape[-1], logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(
+            logits, labels, weight=weight, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
+        )
+    loss = F.cross_entropy(
+        logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing
+    )
+    return _divide(loss, num_items_in_batch)
+
+
+def _shift(labels: torch.Tensor) -> torch.Tensor:
+    """labels[:, t + 1] at position t (the last position ignored): what a causal LM predicts."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, **options) -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts labels[t + 1]; mean over non-ignored tokens.
+    `options`: cross_entropy's `label_smoothing` and class `weight` ([vocab])."""
     # logits: [B, T, V]; labels: [B, T]
-    labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # [B, T], shifted left
+    labels = _shift(labels)  # [B, T], shifted left
     return _cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), num_items_in_batch
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1).to(logits.device),
+        num_items_in_batch,
+        **options,
     )
 
 
-def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, **options) -> torch.Tensor:
     """Cross-entropy at every labelled position (no shift)."""
     return _cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), num_items_in_batch
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1).to(logits.device),
+        num_items_in_batch,
+        **options,
     )
 
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+# a declared main loss of a classifier -> the problem type it computes
+LOSS_PROBLEM_TYPES = {
+    "mse": "regression",
+    "cross_entropy": "single_label_classification",
+    "bce": "multi_label_classification",
+}
 
 
 def sequence_classification_loss(
-    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, problem_type: str | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch=None,
+    problem_type: str | None = None,
+    label_smoothing: float = 0.0,
+    weight=None,
+    pos_weight=None,
 ) -> torch.Tensor:
     """[B, num_labels] logits against `labels` by the config's `problem_type`, as transformers' classification
-    loss: regression (MSE), single-label (cross-entropy over integer labels) or multi-label (BCE with logits
-    over float [B, num_labels] targets). Left None it is inferred as HF does: one output is regression,
-    integer labels single-label, anything else multi-label."""
+    loss: regression (MSE), single-label (cross-entropy over integer labels, with `label_smoothing` and class
+    `weight`) or multi-label (BCE with logits over float [B, num_labels] targets, with `pos_weight`). Left None
+    it is inferred as HF does: one output is regression, integer labels single-label, anything else multi-label."""
     num_labels = logits.shape[-1]
     if problem_type is None:
         if num_labels == 1:
@@ -66,15 +117,36 @@ def sequence_classification_loss(
             return F.mse_loss(logits.squeeze().float(), labels.squeeze().float())
         return F.mse_loss(logits.float(), labels.float())
     if problem_type == "single_label_classification":
-        return _cross_entropy(logits.float().reshape(-1, num_labels), labels.reshape(-1), num_items_in_batch)
+        return _cross_entropy(
+            logits.float().reshape(-1, num_labels), labels.reshape(-1), num_items_in_batch, label_smoothing, weight
+        )
     if problem_type == "multi_label_classification":
         if labels.shape != logits.shape:
             raise ValueError(
                 f"multi-label classification needs float labels shaped like the logits {tuple(logits.shape)}, "
                 f"got {tuple(labels.shape)} {labels.dtype}"
             )
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        pos_weight = class_weights(pos_weight, num_labels, logits.device)
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pos_weight)
     raise ValueError(f"config problem_type {problem_type!r}: use one of {', '.join(PROBLEM_TYPES)} or leave it unset")
+
+
+def z_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, shift: bool = False) -> torch.Tensor:
+    """PaLM's z-loss (Fast-LLM's `z_loss`): the mean over labelled rows of logsumexp(logits)^2, which keeps the
+    softmax's normalizer near 1. Rows are the positions whose label is not -100 (`shift`: a causal LM's, whose
+    position t is labelled by labels[t + 1]); float labels (regression, multi-label) label every row. With
+    `num_items_in_batch` the sum is divided by it, as the cross-entropy is."""
+    # logits: [..., C]; labels: logits.shape[:-1] (integer) or any float labels of the same rows
+    lse = torch.logsumexp(logits.float(), dim=-1)  # [...]
+    if labels.is_floating_point():
+        keep = torch.ones_like(lse, dtype=torch.bool)
+    else:
+        keep = (_shift(labels) if shift else labels).reshape(lse.shape).to(lse.device) != IGNORE_INDEX
+    total = torch.where(keep, lse.square(), torch.zeros((), device=lse.device)).sum()
+    return total / keep.sum() if num_items_in_batch is None else _divide(total, num_items_in_batch)
+
+
+AUX_LOSSES = {"z_loss": z_loss}  # the auxiliary kinds a `loss` line declares: output field -> its function
 
 
 MIN_CHUNK_BYTES = 256 << 20  # below this the [C, V] buffers are small next to the rest of a step: one chunk
@@ -141,6 +213,41 @@ def _chunk_grads(grad, h, weight, need_w: bool, grad_hidden, grad_weight, grad_b
     return grad_hidden, grad_weight
 
 
+def _declared_rows(logits, target, keep, label_smoothing, class_weight, z_coef, total, z_total, want_grad, dtype):
+    """One chunk's declared loss (FusedLinearCrossEntropy's docstring): (gradient [C, V] in `dtype` scaled for
+    the divisor `total`, or None; summed cross-entropy; summed lse^2) of [C, V] `logits` against `target` [C, 1]."""
+    z = logits.float()  # [C, V]
+    vocab = z.shape[1]
+    zero = torch.zeros((), device=z.device)
+    w_target = class_weight[target.squeeze(1)] if class_weight is not None else torch.ones_like(z[:, 0])  # [C]
+    w_target = torch.where(keep, w_target, zero)
+    weight_sum = class_weight.sum() if class_weight is not None else vocab
+    smooth = label_smoothing / vocab
+    z_target = z.gather(1, target).squeeze(1)  # [C]
+    dot = (z @ class_weight if class_weight is not None else z.sum(dim=1)) if smooth else zero  # z . w, [C]
+    top = z.amax(dim=1, keepdim=True)
+    z.sub_(top).exp_()
+    norm = z.sum(dim=1, keepdim=True)
+    lse = (top + norm.log()).squeeze(1)  # [C]
+    row = (1 - label_smoothing) * w_target * (lse - z_target) + smooth * (weight_sum * lse - dot)
+    row_loss = torch.where(keep, row, zero).sum()
+    row_z = torch.where(keep, lse.square(), zero).sum()
+    if not want_grad:
+        return None, row_loss, row_z
+    # gradient a * p - (1 - eps) w_y e_y - eps / V w per kept row; the z-loss's 2 lse p rescaled to `total`
+    a = (1 - label_smoothing) * w_target + smooth * weight_sum
+    if z_coef is not None:
+        a = a + z_coef * 2 * lse * (total / z_total)
+    a = torch.where(keep, a, zero)
+    grad = z.mul_(a[:, None] / norm)
+    if smooth:
+        w = class_weight if class_weight is not None else torch.ones(vocab, device=z.device)
+        grad.addr_(keep.float(), w, alpha=-smooth)
+    at_target = grad.gather(1, target).squeeze(1) - (1 - label_smoothing) * w_target  # [C]
+    grad.scatter_(1, target, at_target[:, None])
+    return grad.to(dtype), row_loss, row_z
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of `hidden @ weight.T + bias` against `labels`, chunk by chunk of tokens.
 
@@ -158,17 +265,39 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     single GEMM over all tokens. float32 inputs run float32 GEMMs (addmm_ into the float32 accumulator): exact
     as the unfused loss. Peak extra memory: one chunk's [C, V] buffers (`chunk_buffer_bytes`) plus the
     gradients (float32 [V, H] and the bf16 partial for a bf16 weight).
+
+    A declared `label_smoothing`, class `weight` ([V] float32) or z-loss `z_coef` run in the same chunks (on the
+    PyTorch row pass): per kept row, with p = softmax(z), y the target, w the weights (1 without), S = sum(w),
+    eps the smoothing, the loss is (1 - eps) w_y (lse - z_y) + eps / V (S lse - z . w), the mean's divisor the
+    sum of w_y over kept rows, and the gradient (1 - eps) w_y (p - e_y) + eps / V (S p - w); the z-loss adds
+    lse^2 per kept row (divided by the kept rows) and 2 lse p to the gradient, times `z_coef`. Returns (loss,
+    z_loss): `loss` has the z-loss in it times `z_coef`; `z_loss` (0 without) is reported, not differentiated.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk: int, num_items_in_batch=None):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        labels,
+        chunk: int,
+        num_items_in_batch=None,
+        label_smoothing: float = 0.0,
+        class_weight=None,
+        z_coef=None,
+    ):
         # hidden: [N, H]; weight: [V, H]; bias: [V] or None; labels: [N] with IGNORE_INDEX skipped
         n = hidden.shape[0]
         dtype = weight.dtype  # the GEMMs' operand dtype
         valid = labels != IGNORE_INDEX
         total = valid.sum()  # the mean's divisor, unless HF Trainer gives the count over the whole batch
+        z_total = total  # the z-loss's
+        if class_weight is not None:  # the weighted mean's divisor: the kept rows' target weights
+            total = torch.where(valid, class_weight[labels.clamp(min=0)], 0.0).sum()
         if num_items_in_batch is not None:
-            total = torch.as_tensor(num_items_in_batch, device=hidden.device)
+            total = z_total = torch.as_tensor(num_items_in_batch, device=hidden.device)
+        plain = label_smoothing == 0.0 and class_weight is None and z_coef is None
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         need_b = bias is not None and bias.requires_grad
         grad_hidden = torch.empty_like(hidden) if need_h else None
@@ -176,6 +305,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         b = bias.to(dtype) if bias is not None else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        z_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk):
             h = hidden[start : start + chunk].to(dtype)  # [C, H]
             keep = valid[start : start + chunk]  # [C]
@@ -184,6 +314,19 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             # `z` and `grad` (bf16): 6 bytes per logit. In float32 `z` is `logits` and `grad` is `z`: 4 bytes.
             logits = h @ weight.T if b is None else torch.addmm(b, h, weight.T)  # [C, V] in dtype
             want_grad = need_h or need_w or need_b
+            if not plain:  # a declared smoothing, class weight or z-loss: the general row pass
+                grad, row_loss, row_z = _declared_rows(
+                    logits, target, keep, label_smoothing, class_weight, z_coef, total, z_total, want_grad, dtype
+                )
+                del logits
+                loss += row_loss
+                z_sum += row_z
+                if grad is not None:
+                    grad_hidden, grad_weight = _chunk_grads(
+                        grad, h, weight, need_w, grad_hidden, grad_weight, grad_bias, start
+                    )
+                del grad
+                continue
             if use_triton(logits):  # one kernel: loss per row, gradient in place (no float32 copy)
                 from .losses_triton import cross_entropy_rows
 
@@ -221,10 +364,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.has = (need_h, need_w, need_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         ctx.used = False
-        return loss / total
+        z_loss = z_sum / z_total
+        ctx.mark_non_differentiable(z_loss)
+        if z_coef is not None:  # its gradient is in the rows' (2 lse p * z_coef * total / z_total)
+            return loss / total + z_coef * z_loss, z_loss
+        return loss / total, z_loss
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_z_loss):
         # the gradients were computed in forward; scale them in place (so backward runs once per forward)
         if ctx.used:
             raise RuntimeError("the fused linear cross-entropy computes its gradients once: backward ran twice")
@@ -240,7 +387,38 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
+            None,
+            None,
         )
+
+
+def fused_causal_lm_losses(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias,
+    labels: torch.Tensor,
+    chunk: int | None = None,
+    num_items_in_batch=None,
+    label_smoothing: float = 0.0,
+    class_weight=None,
+    z_coef=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`causal_lm_loss(hidden @ weight.T + bias, labels, label_smoothing=, weight=)` + `z_coef` times the z-loss,
+    the z-loss) without materializing the logits; the z-loss is 0 when `z_coef` is None.
+
+    `chunk`: tokens per chunk; None picks `default_chunk(tokens, vocab, hidden_size, dtype)`."""
+    # hidden: [B, T, H]; labels: [B, T]
+    labels = _shift(labels).reshape(-1).to(hidden.device)  # [B*T]
+    flat = hidden.reshape(-1, hidden.shape[-1])  # [B*T, H]
+    if chunk is None:
+        chunk = default_chunk(flat.shape[0], weight.shape[0], weight.shape[1], weight.dtype)
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk}: the fused loss needs at least one token per chunk")
+    class_weight = class_weights(class_weight, weight.shape[0], hidden.device)
+    return FusedLinearCrossEntropy.apply(
+        flat, weight, bias, labels, chunk, num_items_in_batch, label_smoothing, class_weight, z_coef
+    )
 
 
 def fused_causal_lm_loss(
@@ -254,14 +432,7 @@ def fused_causal_lm_loss(
     """`causal_lm_loss(hidden @ weight.T + bias, labels)` without materializing the logits.
 
     `chunk`: tokens per chunk; None picks `default_chunk(tokens, vocab, hidden_size, dtype)`."""
-    # hidden: [B, T, H]; labels: [B, T]
-    labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1).to(hidden.device)  # [B*T]
-    flat = hidden.reshape(-1, hidden.shape[-1])  # [B*T, H]
-    if chunk is None:
-        chunk = default_chunk(flat.shape[0], weight.shape[0], weight.shape[1], weight.dtype)
-    if chunk < 1:
-        raise ValueError(f"chunk={chunk}: the fused loss needs at least one token per chunk")
-    return FusedLinearCrossEntropy.apply(flat, weight, bias, labels, chunk, num_items_in_batch)
+    return fused_causal_lm_losses(hidden, weight, bias, labels, chunk, num_items_in_batch)[0]
 
 
 def benchmark_fused_loss(

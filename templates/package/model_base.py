@@ -24,7 +24,14 @@ from torch.nn.modules import module as torch_module
 from .attention import AttentionContext, KVCache, cache_sites
 from .checkpoint import CheckpointError, CheckpointReader, bind_rules, read_state, write_shards, write_state
 from .generation import GenerationConfig
-from .losses import causal_lm_loss, fused_causal_lm_loss, masked_lm_loss, sequence_classification_loss
+from .losses import (
+    AUX_LOSSES,
+    LOSS_PROBLEM_TYPES,
+    causal_lm_loss,
+    fused_causal_lm_losses,
+    masked_lm_loss,
+    sequence_classification_loss,
+)
 from .moe import RouterRecorder, load_balancing_loss
 from .outputs import output_class
 
@@ -162,6 +169,7 @@ class PreTrainedModel(nn.Module):
     remat_save: tuple[str, ...] = ()  # the spec's `save_activations` op kinds (SAVE_OPS)
     loss_head: tuple[str, str, str | None] | None = None  # (submodule, weight, bias) of a Linear-like head
     router_pattern: str | None = None  # the spec's `router` line: the submodules whose outputs are router logits
+    losses: tuple[str, ...] = ()  # the spec's `loss` lines' kinds (none: the task's own loss)
     graph_capturable: bool = True  # False: a forward reads sizes on the host (MoE), so no CUDA-graph decoding
     supports_gradient_checkpointing = True
     main_input_name = "input_ids"
@@ -730,20 +738,27 @@ class PreTrainedModel(nn.Module):
         return default if value is None else value
 
     def _forward_fields(self, ctx, inputs, labels, num_items_in_batch, logits_to_keep, keep_all: bool) -> dict:
-        """The output fields of one forward: the graph's outputs by name, and `loss` for labels."""
+        """The output fields of one forward: the graph's outputs by name, and `loss` for labels (with each
+        declared auxiliary term, `z_loss`, beside it)."""
         if labels is not None and self.training and self.task == "causal_lm" and self.loss_head is not None:
             # training: the chunked fused loss; the [tokens, vocab] logits are never materialized
             hidden = self.forward_hidden(*self.graph_args(inputs), ctx)  # [B, T, H]
             sub, weight, bias = self.loss_head
             head = self.get_submodule(sub)
-            loss = fused_causal_lm_loss(
+            declared = self.loss_options()
+            ce = declared.get("cross_entropy", {})
+            z = declared.get("z_loss")
+            loss, z_loss = fused_causal_lm_losses(
                 hidden,
                 full_tensor(getattr(head, weight)),
                 full_tensor(getattr(head, bias)) if bias else None,
                 labels,
                 num_items_in_batch=num_items_in_batch,
+                label_smoothing=ce.get("label_smoothing", 0.0),
+                class_weight=ce.get("weight"),
+                z_coef=z["coef"] if z is not None else None,
             )
-            return {"loss": loss}
+            return {"loss": loss, "z_loss": z_loss} if z is not None else {"loss": loss}
         if not keep_all:
             hidden = self.forward_hidden(*self.graph_args(inputs), ctx)  # [B, T, H]
             logits = self.get_submodule(self.loss_head[0])(keep_positions(hidden, logits_to_keep))  # [B, N, V]
@@ -751,12 +766,40 @@ class PreTrainedModel(nn.Module):
         outputs = self.run_graph(ctx, **inputs)
         named = dict(zip(self.output_names, outputs))
         if labels is not None:
-            if self.task not in LOSSES:
-                raise ValueError(f"task `{self.task}` has no loss; labels cannot be used")
-            options = {"problem_type": config_option(self.config, "problem_type")} if self.task in CLASSIFIERS else {}
-            loss = LOSSES[self.task](named[self.output_names[0]], labels, num_items_in_batch, **options)
-            named = {"loss": loss, **named}  # HF's order: loss first
+            named = {**self.task_loss(named[self.output_names[0]], labels, num_items_in_batch), **named}
         return named
+
+    def task_loss(self, logits, labels, num_items_in_batch=None) -> dict:
+        """`loss` of the task's logits against `labels` (HF's order: loss first): the task's own loss, or the
+        spec's declared one with its options, plus each declared auxiliary term times its `coef`, which is
+        also returned under its name (`z_loss`)."""
+        if self.task not in LOSSES:
+            raise ValueError(f"task `{self.task}` has no loss; labels cannot be used")
+        declared = self.loss_options()
+        main = next((k for k in declared if k not in AUX_LOSSES), None)
+        options = {k: v for k, v in declared.get(main, {}).items() if v is not None}
+        if self.task in CLASSIFIERS:
+            problem_type = config_option(self.config, "problem_type")
+            if main is not None:
+                wanted = LOSS_PROBLEM_TYPES[main]
+                if problem_type not in (None, wanted):
+                    raise ValueError(
+                        f"config problem_type {problem_type!r}, but the spec declares `loss {main}` ({wanted}): "
+                        "leave problem_type unset or change the spec's loss"
+                    )
+                problem_type = wanted
+            options["problem_type"] = problem_type
+        fields = {"loss": LOSSES[self.task](logits, labels, num_items_in_batch, **options)}
+        for kind, aux in declared.items():
+            if kind in AUX_LOSSES:
+                term = AUX_LOSSES[kind](logits, labels, num_items_in_batch, shift=self.task == "causal_lm")
+                fields["loss"] = fields["loss"] + aux["coef"] * term
+                fields[kind] = term
+        return fields
+
+    def loss_options(self) -> dict[str, dict]:
+        """Each declared loss's options, from the config (the spec's `loss` lines; none: the task's own loss)."""
+        return {}
 
     def graph_args(self, inputs: dict) -> list:
         """The spec's forward arguments, by name, from the HF-style keyword inputs."""

@@ -3,7 +3,8 @@
 An output is an ordered dict of the fields that are not None, that also reads as attributes and as a
 tuple: `out.logits`, `out["logits"]` and `out[0]` all work, `out.to_tuple()` lists the fields that are
 set. Each task has its class with its fields in Hugging Face's order (`CausalLMOutput`: loss, logits,
-hidden_states, attentions); a field that is not set reads as None.
+hidden_states, attentions), then a declared auxiliary loss (`z_loss`, a spec's `loss z_loss` line; last, so
+Hugging Face's fields keep their positions); a field that is not set reads as None.
 
 Construction follows Hugging Face, so that tools which rebuild an output with `type(out)(...)` work
 (accelerate's `convert_to_fp32` passes one dict; others pass (key, value) pairs or the values in field
@@ -145,25 +146,25 @@ class BaseModelOutput(ModelOutput):
 
 
 class CausalLMOutput(ModelOutput):
-    fields = ("loss", "logits", "hidden_states", "attentions")
+    fields = ("loss", "logits", "hidden_states", "attentions", "z_loss")
 
 
 class MaskedLMOutput(ModelOutput):
-    fields = ("loss", "logits", "hidden_states", "attentions")
+    fields = ("loss", "logits", "hidden_states", "attentions", "z_loss")
 
 
 class SequenceClassifierOutput(ModelOutput):
-    fields = ("loss", "logits", "hidden_states", "attentions")
+    fields = ("loss", "logits", "hidden_states", "attentions", "z_loss")
 
 
 class MoeCausalLMOutput(ModelOutput):
     """A mixture-of-experts causal LM's (Hugging Face's MoeCausalLMOutputWithPast, without the cache)."""
 
-    fields = ("loss", "aux_loss", "logits", "hidden_states", "attentions", "router_logits")
+    fields = ("loss", "aux_loss", "logits", "hidden_states", "attentions", "router_logits", "z_loss")
 
 
 class ImageClassifierOutput(ModelOutput):
-    fields = ("loss", "logits", "hidden_states", "attentions")
+    fields = ("loss", "logits", "hidden_states", "attentions", "z_loss")
 
 
 class EmbeddingOutput(ModelOutput):
