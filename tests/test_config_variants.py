@@ -163,3 +163,19 @@ def test_cli_check_reports_the_failing_config_and_counts_the_others(tmp_path, ca
     assert capsys.readouterr().out.startswith(f"ok: {spec}: M, ")
     assert main(["check", str(ROOT / "models/gpt2.model"), "--configs", "5"]) == 0
     assert capsys.readouterr().out.endswith("0 warnings; 5 other configs checked\n")
+
+
+def test_rules_for_weights_only_other_configs_have_are_not_errors():
+    # all layers dense: no `mlp.experts` / `mlp.gate` here, yet the rules and the router name real paths
+    checked = check_file(
+        ROOT / "models/qwen2_moe.model", overrides={"num_hidden_layers": "2", "decoder_sparse_step": "3"}
+    )
+    assert not any("experts" in w.name for w in checked.program.weights)
+    with pytest.raises(DslcError) as e:  # a misspelt path is still one
+        check_source(
+            (ROOT / "models/qwen2_moe.model")
+            .read_text()
+            .replace('router "model.layers.{i}.mlp.gate"', 'router "model.layers.{i}.mlp.gat"'),
+            "qwen2_moe.model",
+        )
+    assert [d.code for d in e.value.diagnostics] == ["E010"]

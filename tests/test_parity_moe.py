@@ -369,3 +369,20 @@ def test_each_layer_holds_the_mlp_transformers_chose(pair):
             CASES[family][3]["intermediate_size"],
             hf_oracle.HIDDEN,
         )
+
+
+def test_a_config_without_routed_layers_loads_and_its_aux_loss_is_zero(packages, tmp_path):
+    """Every layer dense (decoder_sparse_step beyond the layer count): the expert rules and the router line
+    apply to no layer, which is not an error. transformers' own loss raises IndexError here with
+    output_router_logits; ours is 0, there being nothing to balance."""
+    folder = make_hf_model("qwen2_moe", tmp_path, seed=3, decoder_sparse_step=3)
+    hf = load_hf(folder)
+    assert sparse_layers(hf) == []
+    ours = packages["qwen2_moe"].Qwen2MoeForCausalLM.from_pretrained(folder)
+    kw = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**kw).logits, hf(**kw).logits, rtol=1e-4, atol=1e-5)
+        out = ours(**kw, labels=_labels(kw), output_router_logits=True)
+        expected = hf(**kw, labels=_labels(kw)).loss
+    assert out.router_logits == () and float(out.aux_loss) == 0.0
+    torch.testing.assert_close(out.loss, expected, rtol=1e-4, atol=1e-5)

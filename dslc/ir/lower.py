@@ -194,6 +194,7 @@ class Lowering:
         self._check_fn_calls()
         self.rep.raise_if_errors()
 
+        self._model_name = model.name
         order = self._dependency_order(model.name)
         fns_used = self._fns_used(order)
         weights = self._instantiate(model.name, {}, "", (), model.span)
@@ -1386,15 +1387,33 @@ class Lowering:
             self.rep.error("E050", problem[0], r.span, problem[1])
         return problem is None
 
+    def _possible_paths(self, module: str) -> set[str]:
+        """Every weight and submodule path some config could give `module`'s instances (`{i}` for a stack's
+        index): each side of a choice, each optional member. A rule naming one that this config lacks (the
+        experts of a Qwen2-MoE whose layers are all dense) applies to nothing here; it is not a misspelling."""
+        mdef = self.module_defs.get(module)
+        if mdef is None:
+            return set()
+        out = {w.name for w in mdef.weights}
+        for sub in mdef.submodules:
+            stem = f"{sub.name}.{{i}}" if sub.repeat is not None else sub.name
+            out.add(stem)
+            for side in N.modules_of(sub):
+                out |= {f"{stem}.{p}" for p in self._possible_paths(side)}
+        return out
+
     def _check_layout(self, checkpoint: N.CheckpointDef, weights: list[N.WeightInfo]) -> None:
         """Each rule's targets must be weights of the model, and its transforms must fit their shapes."""
         import re
 
         shapes = {w.name: w.shape for w in weights}
         generic = sorted({re.sub(r"\.\d+\.", ".{i}.", n) for n in shapes})
+        possible = self._possible_paths(self._model_name)
         for rule in checkpoint.rules:
             first = [re.compile("^" + re.escape(t).replace(r"\{i\}", r"\d+") + "$") for t in rule.targets]
             matched = [[n for n in shapes if pat.match(n)] for pat in first]
+            if not any(matched) and all(re.sub(r"\.\d+\.", ".{i}.", t) in possible for t in rule.targets):
+                continue  # a weight of other configs only
             missing = [t for t, m in zip(rule.targets, matched) if not m]
             for t in missing:
                 self.rep.error(
@@ -1513,7 +1532,7 @@ class Lowering:
             self.rep.error(
                 "E050", f"`{other}` in router pattern `{r.pattern}`: the only placeholder is `{{i}}`", r.span
             )
-        elif not any(wanted.match(p) for p in paths):
+        elif not any(wanted.match(p) for p in paths) and r.pattern not in self._possible_paths(model.name):
             self.rep.error(
                 "E010",
                 f"router `{r.pattern}` is not a submodule of the model",

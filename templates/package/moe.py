@@ -48,7 +48,10 @@ def combine(rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> t
 def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask=None) -> torch.Tensor:
     """Switch Transformer's auxiliary loss over every layer's router logits [N, E] (as transformers' Mixtral and
     Qwen2-MoE): num_experts * sum over experts of (share of the top-k slots it got) * (its mean routing
-    probability), both over every layer's tokens, padding (attention_mask 0) left out."""
+    probability), both over every layer's tokens, padding (attention_mask 0) left out. Without routed layers
+    (a config whose layers are all dense) there is nothing to balance: 0."""
+    if not router_logits:
+        return torch.zeros(())
     device = router_logits[0].device
     mask = attention_mask.reshape(-1, 1).to(device=device, dtype=torch.float32) if attention_mask is not None else None
     slots = probs = rows = 0.0
