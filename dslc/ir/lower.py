@@ -197,10 +197,14 @@ class Lowering:
         self._model_name = model.name
         order = self._dependency_order(model.name)
         fns_used = self._fns_used(order)
+        mark = len(self.rep.diagnostics)
         weights = self._instantiate(model.name, {}, "", (), model.span)
         weights = self._apply_ties(weights)
+        # An instance that failed has no weights: rules naming them would cascade from its error.
+        self._weights_complete = not any(d.is_error for d in self.rep.diagnostics[mark:])
         checkpoint = self._lower_checkpoint(decls.checkpoints)
-        self._check_layout(checkpoint, weights)
+        if self._weights_complete:
+            self._check_layout(checkpoint, weights)
         train = self._lower_train(decls.trains, order)
         router = self._lower_router(decls.modules, model, weights)
         losses = self._lower_losses(decls.modules, model)
@@ -1532,7 +1536,11 @@ class Lowering:
             self.rep.error(
                 "E050", f"`{other}` in router pattern `{r.pattern}`: the only placeholder is `{{i}}`", r.span
             )
-        elif not any(wanted.match(p) for p in paths) and r.pattern not in self._possible_paths(model.name):
+        elif (
+            self._weights_complete
+            and not any(wanted.match(p) for p in paths)
+            and r.pattern not in self._possible_paths(model.name)
+        ):
             self.rep.error(
                 "E010",
                 f"router `{r.pattern}` is not a submodule of the model",
