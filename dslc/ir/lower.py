@@ -1547,35 +1547,16 @@ class Lowering:
                 r.span,
                 did_you_mean(r.pattern, generic) or "name the router's Linear from the model, `{i}` for a layer index",
             )
-        options, resolve = [], self._config_resolver()
-        for o in r.options:
-            if o.name not in ROUTER_OPTIONS:
-                self.rep.error(
-                    "E040",
-                    f"`router` has no option `{o.name}`",
-                    o.span,
-                    did_you_mean(o.name, ROUTER_OPTIONS) or f"options: {', '.join(ROUTER_OPTIONS)}",
-                )
-                continue
-            try:
-                options.append((o.name, self._static(o.value, resolve)))
-            except _Abort:
-                continue
-        given = {n for n, _ in options} | {o.name for o in r.options}
-        missing = [n for n in ROUTER_OPTIONS if n not in given]
-        if missing:
-            self.rep.error(
-                "E040",
-                f"`router` needs {', '.join(f'`{n}`' for n in missing)}",
-                r.span,
-                "e.g. `num_experts = num_local_experts, top_k = num_experts_per_tok, coef = router_aux_loss_coef`",
-            )
-        values = {}
-        for name, e in options:
-            try:
-                values[name] = evaluate(e, lambda ref: self.values[ref.name])
-            except EvalError as err:
-                self.rep.error("E041", f"router `{name}`: {err}", r.span)
+        found = self._static_options(
+            "`router`",
+            r.options,
+            ROUTER_OPTIONS,
+            ROUTER_OPTIONS,
+            r.span,
+            "e.g. `num_experts = num_local_experts, top_k = num_experts_per_tok, coef = router_aux_loss_coef`",
+        )
+        options = [(name, e) for name, e, _ in found]
+        values = {name: v for name, _, v in found}
         n, k, c = (values.get(x) for x in ROUTER_OPTIONS)
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             self.rep.error("E041", f"router `num_experts` must be a positive int, got {n!r}", r.span)
@@ -1596,7 +1577,7 @@ class Lowering:
                     m.losses[0].span,
                     "declare it in the `model`, over the model's outputs",
                 )
-        out, seen, resolve = [], {}, self._config_resolver()
+        out, seen = [], {}
         task = model.task or "base"
         for decl in model.losses:
             kind = N.LOSSES.get(decl.kind)
@@ -1651,41 +1632,56 @@ class Lowering:
                     a.span,
                     f"options: {', '.join(types) or 'none'}",
                 )
-            options, given = [], set()
-            for o in decl.options:
-                if o.name not in types:
-                    self.rep.error(
-                        "E040",
-                        f"loss `{decl.kind}` has no option `{o.name}`",
-                        o.span,
-                        did_you_mean(o.name, types) or f"options: {', '.join(types) or 'none'}",
-                    )
-                    continue
-                if o.name in given:
-                    self.rep.error("E011", f"option `{o.name}` of loss `{decl.kind}` is given twice", o.span)
-                    continue
-                given.add(o.name)
-                try:
-                    e = self._static(o.value, resolve)
-                except _Abort:
-                    continue
-                try:
-                    value = evaluate(e, lambda ref: self.values[ref.name])
-                except EvalError as err:
-                    self.rep.error("E041", f"loss `{decl.kind}` option `{o.name}`: {err}", o.value.span)
-                    continue
-                if self._loss_option_ok(decl.kind, o.name, types[o.name], value, model, o.value.span):
-                    options.append((o.name, e))
-            missing = [n for n, _, default in kind.options if default is None and n not in given]
-            if missing:
-                self.rep.error(
-                    "E040",
-                    f"loss `{decl.kind}` needs {', '.join(f'`{n}`' for n in missing)}",
-                    decl.span,
-                    f"e.g. `loss {decl.kind}({', '.join(f'{n} = ...' for n in missing)})`",
-                )
+            required = [n for n, _, default in kind.options if default is None]
+            found = self._static_options(
+                f"loss `{decl.kind}`",
+                decl.options,
+                tuple(types),
+                required,
+                decl.span,
+                f"e.g. `loss {decl.kind}({', '.join(f'{n} = ...' for n in required)})`",
+            )
+            spans = {o.name: o.value.span for o in decl.options}
+            options = [
+                (name, e)
+                for name, e, value in found
+                if self._loss_option_ok(decl.kind, name, types[name], value, model, spans[name])
+            ]
             out.append(N.LossDef(decl.kind, tuple(options), decl.span))
         return tuple(sorted(out, key=lambda d: N.LOSSES[d.kind].role != "main"))
+
+    def _static_options(
+        self, what: str, given, names: tuple[str, ...], required, span: Span, example: str
+    ) -> list[tuple[str, N.E, object]]:
+        """A `router` or `loss` line's `name = expr` options: (name, expression, its value for this config), each
+        known (E040, with a did-you-mean), once (E011) and evaluable (E041); the `required` ones all given (E040)."""
+        out, seen = [], set()
+        resolve = self._config_resolver()
+        for o in given:
+            if o.name not in names:
+                self.rep.error(
+                    "E040",
+                    f"{what} has no option `{o.name}`",
+                    o.span,
+                    did_you_mean(o.name, names) or f"options: {', '.join(names) or 'none'}",
+                )
+                continue
+            if o.name in seen:
+                self.rep.error("E011", f"option `{o.name}` of {what} is given twice", o.span)
+                continue
+            seen.add(o.name)
+            try:
+                e = self._static(o.value, resolve)
+            except _Abort:
+                continue
+            try:
+                out.append((o.name, e, evaluate(e, lambda ref: self.values[ref.name])))
+            except EvalError as err:
+                self.rep.error("E041", f"{what} option `{o.name}`: {err}", o.value.span)
+        missing = [n for n in required if n not in seen]
+        if missing:
+            self.rep.error("E040", f"{what} needs {', '.join(f'`{n}`' for n in missing)}", span, example)
+        return out
 
     def _loss_option_ok(self, kind: str, name: str, type_: str, value, model: A.ModuleDecl, span: Span) -> bool:
         """One option's value for this config: of its type (E021), in range, class weights one per output (E041)."""
