@@ -100,6 +100,7 @@ def _check_variants(spec, arch, overrides: dict, checked: Checked, limit: int) -
 
 def _check_one(spec, arch, overrides: dict, exact: dict | None = None) -> Checked:
     from dslc.check.shapes import Checker
+    from dslc.check.types import named_values
     from dslc.ir.lower import Lowering
 
     low = Lowering(spec, parse_std(), arch, overrides, exact)
@@ -113,6 +114,7 @@ def _check_one(spec, arch, overrides: dict, exact: dict | None = None) -> Checke
         raise e
     rep = Reporter()
     checker = Checker(program, low.bind_params, rep)
+    checker.values = named_values(program.config_values)  # diagnostics name the fields a size comes from
     checker.run()
     diags = low.rep.diagnostics + rep.diagnostics
     errors = _dedupe([d for d in diags if d.is_error])

@@ -248,7 +248,7 @@ def test_mismatched_dims_in_add():
     text = body("x = x + up(x)", "    up = Linear(dim, 2 * dim)\n")
     d = one_error(text)
     assert d.code == "E030"
-    assert d.message == "`add` of [B, T, 64] and [B, T, 128]: dim 64 does not match 128"
+    assert d.message == "`add` of [B, T, dim] and [B, T, 2 * dim]: dim 64 does not match 128"
     assert (d.span.line, d.span.col) == (line_of(text, "x = x + up(x)"), 13)
 
 
@@ -269,7 +269,7 @@ module Mix:
     )
     d = one_error(text)
     assert d.code == "E031"
-    assert d.message == "argument `x` of `Mix` must have rank 2, got [B, T, 64]"
+    assert d.message == "argument `x` of `Mix` must have rank 2, got [B, T, dim]"
     assert d.help == ("declared as [B, dim]",)
 
 
@@ -292,7 +292,7 @@ def test_heads_not_dividing_hidden_reshape():
     text = body("q = split_heads(x, 5)\nx = merge_heads(q)")
     d = one_error(text)
     assert d.code == "E034"
-    assert d.message == "cannot reshape [B, T, 64] (64*B*T elements) into [B, T, 5, 12] (60*B*T elements)"
+    assert d.message == "cannot reshape [B, T, dim] (64*B*T elements) into [B, T, 5, 12] (60*B*T elements)"
     # reported at the spec's call, not inside the standard library
     assert d.span.file == "t.model" and d.span.line == line_of(text, "split_heads(x, 5)")
     assert d.notes and d.notes[0].startswith("inside fn `split_heads`, std.model:")
@@ -321,7 +321,7 @@ def test_linear_in_features_disagrees_with_input():
     d = one_error(text)
     assert d.code == "E033"
     assert d.message == (
-        "argument `x` of `Linear` is [B, T, 64], but its weight `weight` [100, 128] needs size 128 where it has 64"
+        "argument `x` of `Linear` is [B, T, dim], but its weight `weight` [vocab, 2 * dim] needs size 128 where it has 64"
     )
     assert d.help[0] == "declared as [..., in_features] where in_features = 128"
     assert d.span.line == line_of(text, "return head(x)")
@@ -336,7 +336,7 @@ def test_linear_primitive_weight_shape():
 def test_result_type_mismatch():
     text = body("x = x").replace("-> [B, T, vocab]:", "-> [B, T, dim]:")
     d = one_error(text)
-    assert d.code == "E042" and d.message == "result 1 is [B, T, 100], but the signature declares [B, T, 64]"
+    assert d.code == "E042" and d.message == "result 1 is [B, T, vocab], but the signature declares [B, T, dim]"
 
 
 def test_loop_must_keep_carried_shape():

@@ -71,7 +71,10 @@ def test_a_size_written_as_a_number_passes_its_own_config_and_fails_for_another(
         check_source(HARD_CODED, "hard.model", variants=64)
     [d] = e.value.diagnostics
     assert d.code == "E033"
-    assert d.message.startswith("with hidden_size = 1: argument `x` of `Linear` is [B, T, 1]")
+    assert d.message.startswith(
+        "with hidden_size = 1: argument `x` of `Linear` is [B, T, hidden_size], but its weight `weight` "
+        "[hidden_size, 32] needs size 32 where it has 1"
+    )
     assert "satisfies every `require` of `C`" in d.help[-1]
 
 

@@ -78,7 +78,7 @@ def test_each_layer_kind_is_checked():
     with pytest.raises(DslcError) as info:
         check_source(bad, "bad.model")
     messages = [d.message for d in info.value.diagnostics]
-    assert any("[B, T, 64]" in m for m in messages), messages
+    assert any("[B, T, 2 * dim]" in m for m in messages), messages
 
 
 def test_the_layer_index_exists_only_in_a_repeat():
@@ -113,9 +113,16 @@ def test_layer_types_from_the_spec_and_from_config_json(lists_pkg, tmp_path):
 
 
 def test_layer_types_are_checked_for_every_layer():
-    """Five layers but four layer types: the index past the list is found by check, naming the field."""
+    """Five layers but four layer types: the spec's `require len(layer_types) == n` refuses it; without that
+    require, the index past the list is found by check at the layer that reads it."""
     with pytest.raises(DslcError) as info:
         check_source(LISTS.read_text(), "lists.model", overrides={"n": "5"})
+    assert [d.message for d in info.value.diagnostics] == ["requirement failed: layer_types names one kind per layer"]
+    unguarded = LISTS.read_text().replace(
+        '    require len(layer_types) == n, "layer_types names one kind per layer"\n', ""
+    )
+    with pytest.raises(DslcError) as info:
+        check_source(unguarded, "lists.model", overrides={"n": "5"})
     assert any("out of range" in d.message for d in info.value.diagnostics), [d.message for d in info.value.diagnostics]
     checked = check_source(
         LISTS.read_text(), "lists.model", overrides={"layer_types": '["full_attention", "x", "y", "z"]'}

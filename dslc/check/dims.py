@@ -84,8 +84,9 @@ class TType:
     dtype: str
 
     def __str__(self) -> str:
+        """`[B, T, num_key_value_heads * head_dim]`: a size computed from config fields prints as their expression."""
         dt = "" if self.dtype == "float" else f" {self.dtype}"
-        return f"[{', '.join(str(d) for d in self.dims)}]{dt}"
+        return f"[{', '.join(dim_text(d) for d in self.dims)}]{dt}"
 
     @property
     def rank(self) -> int:

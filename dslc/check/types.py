@@ -28,15 +28,18 @@ def bind_params(program: N.Program, values: dict | None = None):
     return bind
 
 
+def named_values(values: dict) -> dict:
+    """Config values with each int a `NamedInt` of its field, so sizes computed from them carry their expression."""
+    return {k: NamedInt(v, k) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in values.items()}
+
+
 def infer_types(program: N.Program, symbolic: bool = False) -> dict:
     """(kind, module, params) -> {value: TType} for every module instance; raises on an invalid program.
 
     `symbolic`: int config values are `NamedInt`s, so each dim computed from them carries its config
     expression (`num_key_value_heads * head_dim`) for codegen's shape comments."""
     rep = Reporter()
-    values = program.config_values
-    if symbolic:
-        values = {k: NamedInt(v, k) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in values.items()}
+    values = named_values(program.config_values) if symbolic else program.config_values
     checker = Checker(program, bind_params(program, values), rep)
     checker.values = values
     checker.run()
