@@ -167,7 +167,10 @@ def test_text_shape():
     c = _checked("qwen2", "0.5b")
     text = print_program(c.program, c.types)
     assert 'arch "0.5b"' in text
-    assert re.search(r"%t\d+ = call q_proj\(%x\)  @\S*qwen2\.model:\d+:\d+-\d+:\d+  # %t\d+: \[B, T, 896\]", text)
+    assert re.search(
+        r"%t\d+ = call q_proj\(%x\)  @\S*qwen2\.model:\d+:\d+-\d+:\d+  # %t\d+: \[B, T, num_attention_heads \* head_dim\]",
+        text,
+    )
     assert "%t3 = mean(%t2) {dim=-1, keepdim=true}" in text
     assert "%x_3 = for layer in layers (%x_1 = %x) {" in text
     assert "tie lm_head.weight = model.embed_tokens.weight if tie_word_embeddings" in text

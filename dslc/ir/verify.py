@@ -63,9 +63,11 @@ class _Verifier:
         self.errors.append(msg + (_at(span) if span is not None else ""))
 
     # ---- static expressions ------------------------------------------------------------------
-    def static(self, e: N.E | None, where: str, span: Span, params: set[str] | None) -> bool:
-        """Check a build-time expression: config fields, and module params when `params` is given.
-        Returns whether it reads a config field."""
+    def static(
+        self, e: N.E | None, where: str, span: Span, params: set[str] | None, layer_index: bool = False
+    ) -> bool:
+        """Check a build-time expression: config fields, module params when `params` is given, the layer index
+        `i` when `layer_index` (a repeat's module arguments). Returns whether it reads a config field."""
         if e is None:
             return False
         uses_config = False
@@ -77,7 +79,7 @@ class _Verifier:
             elif r.kind == "param" and params is not None:
                 if r.name not in params:
                     self.err(f"{where}: unknown module parameter `${r.name}`", span)
-            else:
+            elif r != N.LAYER_INDEX or not layer_index:
                 self.err(f"{where}: a `{r.kind}` reference (`{r.name}`) is not allowed in a build-time value", span)
         return uses_config
 
@@ -169,9 +171,9 @@ class _Verifier:
             if s.alternatives and s.repeat is not None:
                 self.err(f"{ws}: a choice of modules cannot be a repeat stack", s.span)
             for a in s.args:
-                uses |= self.static(a, ws, s.span, params)
+                uses |= self.static(a, ws, s.span, params, layer_index=s.repeat is not None)
             for _, v in s.kwargs:
-                uses |= self.static(v, ws, s.span, params)
+                uses |= self.static(v, ws, s.span, params, layer_index=s.repeat is not None)
             uses |= self.static(s.repeat, ws, s.span, params)
             uses |= self.static(s.condition, ws, s.span, params)
             callee = self.modules.get(s.module)
