@@ -7,7 +7,7 @@
   compiles, so each activation is its own specialization holding only its formula. Each branch is the entry's
   steps (region ops over `x`) through the same forward and reverse-mode rules as every fused region
   (dslc/codegen/autodiff.py), so the derivative dispatches as the forward does.
-- `render_torch_backward_helper()`: `activation_bwd` in PyTorch, from the same rules, for the tests that check
+- `render_torch_backward_helper()`: `activation_torch_bwd` in PyTorch, from the same rules, for the tests that check
   the derived backward of a region (`render_region_torch_backward`) against torch.autograd.
 
 The compiler must not import torch: this module only builds text.
@@ -80,10 +80,10 @@ def render_triton_helpers() -> str:
 
 
 def render_torch_backward_helper() -> str:
-    """`activation_bwd(x, g, ACT)` in PyTorch: the kernels' derivative rules, for tests against autograd."""
+    """`activation_torch_bwd(x, g, ACT)` in PyTorch: the kernels' derivative rules, for tests against autograd."""
     fallback = 'raise ValueError(f"unknown activation {ACT!r}")'
     lines = [
-        "def activation_bwd(x, g, ACT):",
+        "def activation_torch_bwd(x, g, ACT):",
         '    """g times the derivative of the activation named ACT at x, by the rules the Triton kernels use."""',
         *_dispatch(_backward_lines, TorchDialect, "    ", "dx", fallback),
     ]

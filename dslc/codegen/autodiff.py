@@ -224,6 +224,7 @@ _RESERVED = (
         "activation",  # the activations by name (dslc/codegen/activations.py)
         "activation_fwd",
         "activation_bwd",
+        "activation_torch_bwd",
     }
 )
 
@@ -608,7 +609,7 @@ class TorchDialect(Dialect):
         return call("activation", self._t(a), choice)
 
     def activation_grad(self, a, g, choice):  # the derivative rules (tests check them against autograd)
-        return call("activation_bwd", self._t(a), g, choice)
+        return call("activation_torch_bwd", self._t(a), g, choice)
 
     def where(self, c, a, b):
         return call("torch.where", c, as_expr(a), as_expr(b))
