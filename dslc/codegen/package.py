@@ -9,11 +9,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dslc.check.configs import activation_fields
 from dslc.check.dims import NamedInt, TType
+from dslc.codegen.activations import render_activations_module, render_triton_helpers
 from dslc.codegen.autodiff import RUNTIME_NAMES
 from dslc.codegen.python import BodyContext, BodyRenderer, commented, static_text
-from dslc.check.configs import activation_fields
-from dslc.codegen.activations import render_activations_module, render_triton_helpers
 from dslc.codegen.text import comment, docstring, where
 from dslc.codegen.triton_region import uses_activation
 from dslc.ir import nodes as N
@@ -590,9 +590,7 @@ class PackageRenderer:
         region_acts = uses_activation(self.p.regions)
         files = {
             "__init__.py": env.get_template("__init__.py.j2").render(**common, modules=modules, target="standalone"),
-            "kernels.py": env.get_template("kernels.py.j2").render(
-                **common, regions=regions, activations=region_acts
-            ),
+            "kernels.py": env.get_template("kernels.py.j2").render(**common, regions=regions, activations=region_acts),
             "kernels_triton.py": env.get_template("kernels_triton.py.j2").render(
                 **common,
                 regions=regions,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 
+from dslc.codegen.activations import render_triton_helpers
 from dslc.codegen.autodiff import (
     CONST,
     FULL,
@@ -39,7 +40,6 @@ from dslc.codegen.autodiff import (
     live_reads,
     name,
 )
-from dslc.codegen.activations import render_triton_helpers
 from dslc.codegen.text import docstring
 from dslc.ir.regions import RowRegion
 
@@ -793,7 +793,9 @@ def render_kernels_module(
         body.append(render_region_torch(r))
     body.append("if triton is not None:\n")
     if acts:
-        body.append("\n".join(("    " + ln) if ln.strip() else "" for ln in render_triton_helpers().splitlines()) + "\n")
+        body.append(
+            "\n".join(("    " + ln) if ln.strip() else "" for ln in render_triton_helpers().splitlines()) + "\n"
+        )
     for r in regions:
         text = render_region_triton(r, r.name in grouped)
         body.append("\n".join(("    " + ln) if ln.strip() else "" for ln in text.splitlines()) + "\n")
