@@ -50,7 +50,11 @@ FAMILIES = (
     "gpt_neox",
     "gpt_neox_seq",
     "qwen2_sliding",
+    "llama_gelu",
+    "qwen2_relu",
 )
+# families that are another family with a non-default activation (config.json's hidden_act, HF's ACT2FN name)
+ACTIVATION_VARIANTS = {"llama_gelu": ("llama", "gelu_pytorch_tanh"), "qwen2_relu": ("qwen2", "relu")}
 
 # Sizes shared by all families (tiny: each model builds + saves in well under a second).
 VOCAB = 128
@@ -80,6 +84,8 @@ _DEFAULT_TIE = {
     "gpt_neox": False,
     "gpt_neox_seq": False,
     "qwen2_sliding": False,
+    "llama_gelu": False,
+    "qwen2_relu": False,
 }
 WINDOW = 4  # sliding window of the tiny mistral / qwen3: shorter than the test sequences (12 + 16 generated)
 
@@ -106,6 +112,11 @@ def _rope(theta: float, rope_type: str = "default", **scaling) -> dict:
 def _config(family: str, tie: bool):
     tf = _transformers()
 
+    if family in ACTIVATION_VARIANTS:
+        base, act = ACTIVATION_VARIANTS[family]
+        config = _config(base, tie)
+        config.hidden_act = act
+        return config
     common = dict(vocab_size=VOCAB, tie_word_embeddings=tie)
     if family in ("qwen2", "qwen2_sliding"):
         # qwen2_sliding: use_sliding_window on, layer 0 full and layer 1 sliding (HF's layer_types from
@@ -272,6 +283,8 @@ def _model_class(family: str):
     return {
         "qwen2": tf.Qwen2ForCausalLM,
         "qwen2_sliding": tf.Qwen2ForCausalLM,
+        "qwen2_relu": tf.Qwen2ForCausalLM,
+        "llama_gelu": tf.LlamaForCausalLM,
         "llama": tf.LlamaForCausalLM,
         "llama3": tf.LlamaForCausalLM,
         "phi3": tf.Phi3ForCausalLM,

@@ -11,6 +11,7 @@ from dslc.api import check_file, check_source
 from dslc.check import configs
 from dslc.cli import main
 from dslc.diagnostics import DslcError
+from dslc.ir import ops
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted(ROOT.glob("models/*.model")) + sorted(ROOT.glob("tests/specs/*.model"))
@@ -113,12 +114,14 @@ def test_candidates_cover_sizes_both_bools_compared_strings_and_none():
     checked = check_file(ROOT / "models/gpt2.model")
     fields = {f.name: f for f in checked.program.config.fields}
     strings = configs.compared_strings(checked.program)
-    assert strings["activation_function"] == {"gelu_new", "gelu_pytorch_tanh"}
+    # read as an activation's name (`activation(c_fc(x), activation_function)`): every name of the table
+    assert strings["activation_function"] == set(ops.ACTIVATIONS)
     assert configs.candidates(fields["n_head"], 12, set()) == [1, 2, 3, 5, 7, 13, 24, 6]
     assert configs.candidates(fields["tie_word_embeddings"], True, set()) == [False]
-    assert configs.candidates(fields["activation_function"], "gelu_new", strings["activation_function"]) == [
-        "gelu_pytorch_tanh"
-    ]
+    assert configs.candidates(fields["activation_function"], "gelu_new", strings["activation_function"]) == sorted(
+        set(ops.ACTIVATIONS) - {"gelu_new"}
+    )
+    assert configs.compared_strings(check_file(ROOT / "models/qwen2.model").program)["rope_type"] >= {"yarn", "llama3"}
     assert configs.candidates(fields["n_inner"], None, set()) == [1, 2, 3, 5, 7]  # int? = none: sizes
 
 

@@ -35,6 +35,9 @@ def _one_op_region(name: str) -> RowRegion:
         return RowRegion(name, inputs[:1], (RegionOp("cast", ("x",), "r", (("dtype", "f32"),)),), ("r",))
     if name == "pow":
         return RowRegion(name, inputs[:1], (RegionOp("pow", ("x", 3.0), "r"),), ("r",))
+    if name == "activation":  # the name is a choice input: a tl.constexpr of the kernels
+        inputs = (RegionInput("x"), RegionInput("act", "choice", False))
+        return RowRegion(name, inputs, (RegionOp("activation", ("x",), "r", (("name", "act"),)),), ("r",))
     if kind == "binary":
         return RowRegion(name, inputs, (RegionOp(name, ("x", "y"), "r"),), ("r",))
     return RowRegion(name, inputs[:1], (RegionOp(name, ("x",), "r"),), ("r",))
@@ -57,6 +60,22 @@ def test_every_torch_spelling_names_a_real_function():
     namespace = {"torch": torch, "F": torch.nn.functional}
     for name, spelling in ops.torch_spellings().items():
         assert callable(eval(spelling, namespace)), (name, spelling)
+
+
+def test_every_activation_is_built_from_fusable_ops_and_spelled_in_torch():
+    torch = pytest.importorskip("torch")
+    namespace = {"torch": torch, "F": torch.nn.functional}
+    x = torch.linspace(-3, 3, 7)
+    for name, act in ops.ACTIVATIONS.items():
+        assert all(op in ops.FUSABLE and op != "activation" for _, op, _ in act.steps), name
+        assert eval(act.torch, namespace | {"x": x}).shape == x.shape, name
+
+
+def test_every_activation_is_documented():
+    doc = (ROOT / "docs" / "language.md").read_text()
+    section = doc[doc.index("### Activations") :]
+    missing = [name for name in ops.ACTIVATIONS if f"`{name}`" not in section]
+    assert not missing, f"document these activations in docs/language.md (Activations): {missing}"
 
 
 def test_every_op_is_documented():

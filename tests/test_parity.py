@@ -29,6 +29,8 @@ CASES = {
     "gpt_neox": ("gpt_neox.model", "GPTNeoXForCausalLM"),
     "gpt_neox_seq": ("gpt_neox.model", "GPTNeoXForCausalLM"),  # use_parallel_residual false
     "qwen2_sliding": ("qwen2.model", "Qwen2ForCausalLM"),  # use_sliding_window: layer 1 of 2 slides
+    "llama_gelu": ("llama.model", "LlamaForCausalLM"),  # hidden_act = "gelu_pytorch_tanh" from config.json
+    "qwen2_relu": ("qwen2.model", "Qwen2ForCausalLM"),  # hidden_act = "relu"
 }
 # The chunked fused loss needs logits straight from a linear head; Gemma 2 soft-caps them after it.
 UNFUSED_LOSS = {"gemma2"}
@@ -48,6 +50,8 @@ PARAMS = [
     ("gpt_neox", None),
     ("gpt_neox_seq", None),
     ("qwen2_sliding", None),
+    ("llama_gelu", None),
+    ("qwen2_relu", None),
 ]
 
 
@@ -206,7 +210,7 @@ def test_training_mode_uses_fused_loss_and_matches(pair):
     _compare_grads(hf, ours, pkg)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "llama_gelu", "qwen2_relu"])
 def test_triton_path_matches_hf(packages, family, tmp_path):
     """Every fused region through its generated Triton kernels (TRITON_INTERPRET=1 on CPU): logits,
     loss and all gradients still match Hugging Face."""

@@ -23,6 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="triton is not installed (the kernels run under its interpreter)")
 
+from dslc.codegen.activations import render_activations_module, render_torch_backward_helper  # noqa: E402
 from dslc.codegen.autodiff import RegionError  # noqa: E402
 from dslc.codegen.triton_region import (  # noqa: E402
     render_kernels_module,
@@ -214,6 +215,13 @@ REGIONS = {
         ),
         ("out", "row_out"),
     ),
+    # an activation chosen by name (a choice input: a tl.constexpr of the kernels), gating a second input
+    "named_gate": RowRegion(
+        "named_gate",
+        (T("gate"), RegionInput("act", "choice", False), T("up")),
+        (RegionOp("activation", ("gate",), "a", (("name", "act"),)), RegionOp("mul", ("a", "up"), "y")),
+        ("y",),
+    ),
     # a row sum of an input that may be per-row: fine when p is full-width, refused when p is [..., 1]
     "rowsum": RowRegion("rowsum", (T("x"), T("p")), ops("q = sum(p)", "y = mul(x, q)"), ("y",)),
     # names that shadow builtins, an input passed through as an output, the same output twice
@@ -233,7 +241,9 @@ def K(tmp_path_factory):
     shutil.copy(templates_dir() / "package" / "kernels_runtime.py", pkg / "kernels_runtime.py")
     regions = list(REGIONS.values())
     grouped = frozenset(r.name for r in regions if groupable(r))  # these also get the two-call `_x2` launch
+    (pkg / "activations.py").write_text(render_activations_module())
     text = render_kernels_module(regions, grouped=grouped)
+    text += "\n\n" + render_torch_backward_helper()
     text += "\n\n" + "\n\n".join(render_region_torch_backward(r) for r in regions)
     (pkg / "kernels.py").write_text(text)
     sys.path.insert(0, str(root))
@@ -278,6 +288,8 @@ def make_inputs(name: str, shape: tuple[int, ...], dtype, seed: int = 0) -> list
         return [rn(*shape), rn(*shape), rn(*shape[:-1], 1), 2.0]
     if name == "rowsum":
         return [rn(*shape), rn(*shape)]
+    if name == "named_gate":
+        return [rn(*shape, scale=2.0), "gelu_pytorch_tanh", rn(*shape)]
     if name == "edge_names":
         return [rn(*shape), rn(N)]
     raise KeyError(name)

@@ -17,6 +17,7 @@ from dataclasses import fields as dataclass_fields
 from dataclasses import is_dataclass
 
 from dslc.ir import nodes as N
+from dslc.ir import ops
 from dslc.ir.evaluate import EvalError, evaluate, free_refs
 
 Values = dict  # field -> value
@@ -79,14 +80,69 @@ def derived_fields(config: N.ConfigDef, given: set[str]) -> set[str]:
 
 
 def compared_strings(program: N.Program) -> dict[str, set[str]]:
-    """Config field -> the string literals the spec compares it with (`hidden_act == "silu"`): its candidates."""
+    """Config field -> the string literals the spec compares it with (`hidden_act == "silu"`), and for a field
+    read as an activation's name (`activation(x, hidden_act)`) every name of the activation table: its
+    candidates."""
     out: dict[str, set[str]] = {}
     for e in _expressions(program):
         if isinstance(e, N.BinE) and e.op in ("==", "!="):
             for a, b in ((e.left, e.right), (e.right, e.left)):
                 if isinstance(a, N.Ref) and a.kind == "config" and isinstance(b, N.Const) and isinstance(b.value, str):
                     out.setdefault(a.name, set()).add(b.value)
+    for name in activation_fields(program):  # an activation's name: every activation of the table
+        out.setdefault(name, set()).update(ops.ACTIVATIONS)
     return out
+
+
+def activation_fields(program: N.Program) -> dict[str, str]:
+    """Config field -> the module whose forward reads it as an activation's name: `activation(x, hidden_act)`
+    (or a side of a build-time `if`), or through a module parameter (`module GatedMLP(act: str = "silu")` instantiated with `act = hidden_act`).
+    Such a field takes exactly the names of `ops.ACTIVATIONS`."""
+    out: dict[str, str] = {}
+    by_name = {m.name: m for m in program.modules}
+    named_by_param: set[tuple[str, str]] = set()  # (module, param) read as a name
+    regions = {r.name: r for r in program.regions}
+
+    def names_read(op: N.Op) -> list[N.E]:
+        if op.op == "activation" and len(op.args) == 2:
+            return [op.args[1]]
+        if op.op == "region" and op.target in regions:  # after fusion: the region's choice inputs
+            inputs = regions[op.target].inputs
+            return [a for k, a in enumerate(op.args) if inputs[k % len(inputs)].kind == "choice"]
+        return []
+
+    for m in program.modules:
+        if m.forward is None:
+            continue
+        for op in N.iter_ops(m.forward.body):
+            for ref in (r for e in names_read(op) for r in _taken(e)):
+                if ref.kind == "config":
+                    out.setdefault(ref.name, m.name)
+                elif ref.kind == "param":
+                    named_by_param.add((m.name, ref.name))
+    for m in program.modules:
+        for sub in m.submodules:
+            for side in N.choices(sub):
+                child = by_name.get(side.module)
+                if child is None:
+                    continue
+                given = dict(zip((p.name for p in child.params), side.args)) | dict(side.kwargs)
+                for p in child.params:
+                    if (child.name, p.name) in named_by_param:
+                        for r in _taken(given.get(p.name, p.default)):
+                            if r.kind == "config":
+                                out.setdefault(r.name, child.name)
+    return out
+
+
+def _taken(e) -> list[N.Ref]:
+    """The names whose value `e` may be: `e` itself, or either side of a build-time `a if c else b`
+    (Gemma's `"gelu_pytorch_tanh" if hidden_act == "gelu" else hidden_act`)."""
+    if isinstance(e, N.Ref):
+        return [e]
+    if isinstance(e, N.CondE):
+        return _taken(e.then) + _taken(e.orelse)
+    return []
 
 
 def _expressions(node) -> Iterator:

@@ -670,6 +670,32 @@ def _max_pool2d(args, kw):
     return [TType(x.dims[:2] + (h, wd), x.dtype)]
 
 
+def _activation(args, kw):
+    """`activation(x, name)`: the activation of the table `ops.ACTIVATIONS` that the build-time string `name`
+    (usually a config field, `hidden_act`) names."""
+    from dslc.diagnostics import did_you_mean
+
+    if len(args) != 2 or kw:
+        raise OpTypeError("E040", "`activation` takes (x, name): a tensor and an activation's name (`hidden_act`)")
+    x = _t(args[0], "`activation`'s argument")
+    name = args[1]
+    table = ", ".join(ops.ACTIVATIONS)
+    if not isinstance(name, str):
+        raise OpTypeError(
+            "E041", f"`activation`'s name must be a build-time string, got {_desc(name)}", f"activations: {table}"
+        )
+    if name not in ops.ACTIVATIONS:
+        raise OpTypeError(
+            "E041",
+            f"no activation is named {name!r}",
+            did_you_mean(name, ops.ACTIVATIONS),
+            f"activations: {table}",
+        )
+    if x.dtype not in FLOAT_DTYPES:
+        raise OpTypeError("E032", f"`activation` needs a floating-point tensor, got {x.dtype}", "cast it first")
+    return [x]
+
+
 def _expand(args, kw):
     """`expand(x, [dims])`: size-1 dims broadcast to the given sizes, -1 keeps a dim (cls tokens to the batch)."""
     if len(args) != 2 or not isinstance(args[1], list) or kw:
@@ -695,7 +721,8 @@ UNARY = ops.names("unary")  # the elementwise ops by kind, from the one op table
 BINARY = ops.names("binary")
 
 PRIMITIVES: dict[str, Callable] = {
-    **{n: _elementwise(n) for n in UNARY},
+    **{n: _elementwise(n) for n in UNARY if n != "activation"},
+    "activation": _activation,
     **{n: _binary(n) for n in BINARY},
     "where": _where,
     **{n: _reduction(n) for n in ops.names("row")},

@@ -420,7 +420,12 @@ class Checker:
         try:
             out = rule(args, kwargs)
         except OpTypeError as e:
-            self.rep.error(e.code, e.message, st.span, *e.help)
+            message = e.message
+            if st.op == "activation" and len(st.args) == 2 and isinstance(st.args[1], N.Ref):
+                ref = st.args[1]
+                what = {"config": "config field", "param": "module parameter"}.get(ref.kind, "value")
+                message += f" (the value of {what} `{ref.name}`)"
+            self.rep.error(e.code, message, st.span, *e.help)
             raise _Stop from None
         return out
 
@@ -437,6 +442,8 @@ class Checker:
             if op.op == "cast":
                 dtype = dict(op.attrs)["dtype"]
                 vals.append(env[dtype[len("input:") :]].dtype if dtype.startswith("input:") else dtype)
+            elif op.op == "activation":
+                vals.append(env[dict(op.attrs)["name"]])
             elif op.op in ("sum", "mean", "amax"):
                 kw = {"dim": -1, "keepdim": True}
             try:

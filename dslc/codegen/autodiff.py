@@ -221,6 +221,10 @@ _RESERVED = (
         "rot_idx",
         "lay",
         "float",
+        "activation",  # the activations by name (dslc/codegen/activations.py)
+        "activation_fwd",
+        "activation_bwd",
+        "activation_torch_bwd",
     }
 )
 
@@ -259,6 +263,7 @@ class RegionInfo:
     namer: Namer
     tensor_inputs: list[str] = field(default_factory=list)
     scalar_inputs: list[str] = field(default_factory=list)
+    choice_inputs: list[str] = field(default_factory=list)  # build-time strings: a tl.constexpr in the kernels
     grad_inputs: list[str] = field(default_factory=list)  # tensor inputs with needs_grad
 
     def ident(self, value: str) -> str:
@@ -283,6 +288,11 @@ class RegionInfo:
 
 def cast_dtype(op: RegionOp) -> str:
     return dict(op.attrs).get("dtype", "")
+
+
+def activation_choice(op: RegionOp) -> str:
+    """The choice input naming an `activation` op's activation (its `name` attribute)."""
+    return dict(op.attrs).get("name", "")
 
 
 def analyze(region: RowRegion) -> RegionInfo:
@@ -311,8 +321,13 @@ def analyze(region: RowRegion) -> RegionInfo:
         elif inp.kind == "scalar":
             values[inp.name] = ValueInfo(namer.fresh(inp.name), CONST, frozenset(), frozenset(), False, None)
             info.scalar_inputs.append(inp.name)
+        elif inp.kind == "choice":
+            values[inp.name] = ValueInfo(namer.fresh(inp.name), CONST, frozenset(), frozenset(), False, None)
+            info.choice_inputs.append(inp.name)
         else:
-            raise RegionError(f"{where}: input {inp.name!r} has kind {inp.kind!r} (expected 'tensor' or 'scalar')")
+            raise RegionError(
+                f"{where}: input {inp.name!r} has kind {inp.kind!r} (expected 'tensor', 'scalar' or 'choice')"
+            )
     if not info.tensor_inputs:
         raise RegionError(f"{where}: needs at least one tensor input (the row layout comes from the tensors)")
     # the Python-visible input names must be identifiers: they are the generated functions' parameters
@@ -330,6 +345,12 @@ def analyze(region: RowRegion) -> RegionInfo:
         for a in op.args:
             if not _is_number(a) and a not in values:
                 raise RegionError(f"{at}: argument {a!r} is neither a region input nor an earlier result")
+            if a in info.choice_inputs:
+                raise RegionError(f"{at}: the choice input {a!r} is a name, not a value (only `activation` reads it)")
+        if (op.op == "activation") != (activation_choice(op) != ""):
+            raise RegionError(f"{at}: an `activation` op, and only one, names its choice input (attribute `name`)")
+        if op.op == "activation" and activation_choice(op) not in info.choice_inputs:
+            raise RegionError(f"{at}: activation name {activation_choice(op)!r} is not a choice input")
         if op.result in values:
             raise RegionError(f"{at}: result name {op.result!r} is already defined")
         args = [values[a] if not _is_number(a) else None for a in op.args]
@@ -397,6 +418,14 @@ class Dialect:
 
     # unary math by generic name: exp log sqrt rsqrt sigmoid erf cos sin abs tanh relu silu gelu gelu_tanh
     def fn(self, fn: str, a: Expr) -> Expr:
+        raise NotImplementedError
+
+    def activation(self, a: Expr, choice: str) -> Expr:
+        """The activation that the choice input `choice` names (ops.ACTIVATIONS), dispatched when compiled."""
+        raise NotImplementedError
+
+    def activation_grad(self, a: Expr, g: Expr, choice: str) -> Expr:
+        """g times the derivative of that activation at `a`."""
         raise NotImplementedError
 
     def where(self, c: Expr, a: Expr | float, b: Expr | float) -> Expr:
@@ -482,6 +511,12 @@ class TritonDialect(Dialect):
         if fn == "gelu_tanh":
             return 0.5 * a * (1.0 + self.tanh(SQRT_2_OVER_PI * (a + GELU_TANH_C * a * a * a)))
         raise KeyError(fn)
+
+    def activation(self, a, choice):  # a @triton.jit helper; `choice` is a tl.constexpr: one branch compiles
+        return call("activation_fwd", self._t(a), choice)
+
+    def activation_grad(self, a, g, choice):
+        return call("activation_bwd", self._t(a), g, choice)
 
     def where(self, c, a, b):
         return call("tl.where", c, as_expr(a), as_expr(b))
@@ -570,6 +605,12 @@ class TorchDialect(Dialect):
             return call("torch.nn.functional.gelu", a, 'approximate="tanh"')
         return call(self.TORCH_FN[fn], a)
 
+    def activation(self, a, choice):  # the package's activations.py
+        return call("activation", self._t(a), choice)
+
+    def activation_grad(self, a, g, choice):  # the derivative rules (tests check them against autograd)
+        return call("activation_torch_bwd", self._t(a), g, choice)
+
     def where(self, c, a, b):
         return call("torch.where", c, as_expr(a), as_expr(b))
 
@@ -644,6 +685,8 @@ def forward_expr(info: RegionInfo, op: RegionOp, d: Dialect) -> Expr:
         return -a
     if o == "identity":
         return a
+    if o == "activation":
+        return d.activation(a, info.ident(activation_choice(op)))
     if o in UNARY_OPS:
         return d.fn(o, a)
     if o in ("add", "sub", "mul", "div"):
@@ -720,6 +763,8 @@ def _adjoint(info: RegionInfo, op: RegionOp, y: Expr, g: Expr, d: Dialect) -> li
         cdf = 0.5 * (1.0 + d.fn("erf", a * SQRT1_2))
         pdf = d.fn("exp", -0.5 * a * a) * INV_SQRT_2PI
         return [g * (cdf + a * pdf)]
+    if o == "activation":
+        return [d.activation_grad(a, g, info.ident(activation_choice(op)))]
     if o == "gelu_tanh":
         t = d.tanh(SQRT_2_OVER_PI * (a + GELU_TANH_C * a * a * a))
         dt = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_C * a * a)

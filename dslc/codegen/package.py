@@ -9,11 +9,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dslc.check.configs import activation_fields
 from dslc.check.dims import NamedInt, TType
+from dslc.codegen.activations import render_activations_module, render_triton_helpers
 from dslc.codegen.autodiff import RUNTIME_NAMES
 from dslc.codegen.python import BodyContext, BodyRenderer, commented, static_text
 from dslc.codegen.text import comment, docstring, where
+from dslc.codegen.triton_region import uses_activation
 from dslc.ir import nodes as N
+from dslc.ir import ops
 from dslc.ir.evaluate import free_refs
 from dslc.resources import templates_dir
 
@@ -487,6 +491,12 @@ class PackageRenderer:
             "aliases": dict(c.aliases),
             "requires": requires,
             "archs": archs,
+            # (field, whether it may be none, the module reading it as an activation's name)
+            "activations": [
+                (f, next(x.optional for x in c.fields if x.name == f), m)
+                for f, m in sorted(activation_fields(self.p).items())
+            ],
+            "activation_names": tuple(ops.ACTIVATIONS),
         }
 
     def called_fns(self) -> set[str]:
@@ -530,6 +540,8 @@ class PackageRenderer:
         imports = []
         if "kernels." in text:
             imports.append("from . import kernels")
+        if re.search(r"(?<![\w.])activation\(", text):
+            imports.append("from .activations import activation")
         if "attention(" in text:
             imports.append("from .attention import attention")
         if re.search(r"(?<![\w.])moe\.", text):
@@ -575,12 +587,14 @@ class PackageRenderer:
             if op.op == "region" and N.group_size(op) > 1
         }
         regions = [self.region_view(r, r.name in grouped) for r in self.p.regions]
+        region_acts = uses_activation(self.p.regions)
         files = {
             "__init__.py": env.get_template("__init__.py.j2").render(**common, modules=modules, target="standalone"),
-            "kernels.py": env.get_template("kernels.py.j2").render(**common, regions=regions),
+            "kernels.py": env.get_template("kernels.py.j2").render(**common, regions=regions, activations=region_acts),
             "kernels_triton.py": env.get_template("kernels_triton.py.j2").render(
                 **common,
                 regions=regions,
+                activation_helpers=render_triton_helpers().strip() if region_acts else "",
                 runtime_names=sorted(n for n in RUNTIME_NAMES if any(f"{n}(" in r["triton_source"] for r in regions)),
             ),
             "config.py": env.get_template("config.py.j2").render(**common, config=self.config_view()),
@@ -594,6 +608,8 @@ class PackageRenderer:
         }
         for name in STATIC_FILES:
             files[name] = (templates_dir() / "package" / name).read_text()
+        if region_acts or "from .activations import" in files["modeling.py"]:
+            files["activations.py"] = render_activations_module()
         if target == "hf":
             files = self.hf_layer(env, common, files)
         files[spec_copy_name(self.spec_name, files)] = spec_text

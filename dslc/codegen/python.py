@@ -245,6 +245,8 @@ class BodyRenderer:
             return f"{_TORCH_UNARY[name]}({self.operand(a[0])})", ATOM
         if name == "gelu_tanh":
             return f'F.gelu({self.operand(a[0])}, approximate="tanh")', ATOM
+        if name == "activation":  # the package's activations.py: ACT2FN[name](x)
+            return f"activation({self.operand(a[0])}, {self.operand(a[1])})", ATOM
         if name in ("maximum", "minimum"):
             tensor_args = [x for x in a if _is_tensor(x)]
             if len(tensor_args) == 1:  # a tensor against a scalar: clamp
@@ -522,7 +524,19 @@ class BodyRenderer:
 
 
 # module-level names a forward body calls (imports of the generated modeling.py and the names it always uses)
-_GLOBALS = ("self", "ctx", "torch", "F", "nn", "kernels", "attention", "moe", "checkpoint_call", "fused_linear")
+_GLOBALS = (
+    "self",
+    "ctx",
+    "torch",
+    "F",
+    "nn",
+    "kernels",
+    "attention",
+    "activation",
+    "moe",
+    "checkpoint_call",
+    "fused_linear",
+)
 
 
 def _walk(body):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 
+from dslc.codegen.activations import render_triton_helpers
 from dslc.codegen.autodiff import (
     CONST,
     FULL,
@@ -236,6 +237,16 @@ def _input_args(info: RegionInfo, k: _KernelNames) -> list[str]:
     return out
 
 
+def _choice_args(info: RegionInfo) -> list[str]:
+    """The choice inputs (an activation's name): constexprs, so each name compiles its own kernel."""
+    return [f"{info.ident(c)}: tl.constexpr,  # choice input {c}: the activation's name" for c in info.choice_inputs]
+
+
+def _choice_kwargs(info: RegionInfo, sfx: str = "") -> list[str]:
+    """`name=name,` launch keywords of the choice inputs (in the autotuner's key with the other constexprs)."""
+    return [f"{info.ident(c)}{sfx}={c}{sfx}," for c in info.choice_inputs]
+
+
 _DIM_ARGS = [
     "R,  # rows: D0 * D1 * D2",
     "D1,  # leading dim 1 (padded with 1)",
@@ -306,7 +317,7 @@ def _render_fwd_kernel(info: RegionInfo, k: _KernelNames, grouped: bool = False)
     for o, p, dt in zip(region.outputs, k.out_ptr, _out_dtype_texts(info)):
         shape = "[R, N]" if info.kind(o) == FULL else "[R, 1]"
         args.append(f"{p},  # output {o}: {shape} contiguous, {dt}")
-    args += _DIM_ARGS + _BLOCK_ARGS
+    args += _DIM_ARGS + _choice_args(info) + _BLOCK_ARGS
     what = "Triton forward, BLOCK_M rows per program, fp32 compute"
     block = "block" if grouped else "tl.program_id(0)"
     lines = _prologue(info, backward=False, block=block)
@@ -350,7 +361,7 @@ def _render_bwd_kernel(info: RegionInfo, k: _KernelNames, grouped: bool = False)
         args.append(f"{k.store_flag[x]}: tl.constexpr,  # whether {x}'s gradient is wanted")
     for x in k.invariant:
         args.append(f"{k.reduce_flag[x]}: tl.constexpr,  # {x} is the same in every row: sum its gradient here")
-    args += _BLOCK_ARGS
+    args += _choice_args(info) + _BLOCK_ARGS
     lines = ["@triton.jit", f"def {region.name}_bwd_kernel("] + [f"    {a}" for a in args] + ["):"]
     if not k.invariant:
         what = "Triton backward derived by reverse mode; recomputes the forward"
@@ -548,17 +559,18 @@ def _render_function(info: RegionInfo, k: _KernelNames) -> str:
     L += [f"                {a}" for a in _launch_args(info, k)]
     L += [f"                {v}," for v in outs]
     L.append("                lay.R, lay.D1, lay.D2, lay.N,")
+    L += [f"                {c}" for c in _choice_kwargs(info)]
     L.append("            )")
     L.append(f"        ctx.save_for_backward({tensors})")
-    L.append(f"        ctx.scalars = {_tuple(info.scalar_inputs)}")
+    L.append(f"        ctx.scalars = {_tuple(info.scalar_inputs + info.choice_inputs)}")
     L.append("        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None")
     L.append(f"        return {', '.join(outs)}")
     L.append("")
     L.append("    @staticmethod")
     L.append(f"    def backward(ctx, {', '.join(k.gout)}):")
     L.append(f"        {_unpack(info.tensor_inputs)} = ctx.saved_tensors")
-    if info.scalar_inputs:
-        L.append(f"        {_unpack(info.scalar_inputs)} = ctx.scalars")
+    if info.scalar_inputs or info.choice_inputs:
+        L.append(f"        {_unpack(info.scalar_inputs + info.choice_inputs)} = ctx.scalars")
     if not info.grad_inputs:
         L.append(f"        return {', '.join('None' for _ in region.inputs)}")
         return "\n".join(L) + "\n"
@@ -590,6 +602,7 @@ def _render_function(info: RegionInfo, k: _KernelNames) -> str:
         L.append(f"                {k.store_flag[x]}={k.gin_buf[x]} is not None,")
     for x in k.invariant:
         L.append(f"                {k.reduce_flag[x]}=row_invariant({x}, lay),")
+    L += [f"                {c}" for c in _choice_kwargs(info)]
     L.append("            )")
     rets = [f"reduce_grad({k.gin_buf[i.name]}, {i.name})" if i.name in k.gin_buf else "None" for i in region.inputs]
     L.append(f"        return {', '.join(rets)}")
@@ -640,16 +653,19 @@ def _render_pair_function(info: RegionInfo, k: _KernelNames) -> str:
         args = inputs(x) + [f"{v}_{x}" for v in outs]
         args += [f"lay_{x}.R", f"lay_{x}.D1", f"lay_{x}.D2"]
         L.append(f"                ({', '.join(args)}),")
+    for x in "ab":
+        L += [f"                {c}" for c in _choice_kwargs(info, f"_{x}")]
     L.append("            )")
     L.append(f"        ctx.save_for_backward({', '.join(f'{t}_{x}' for x in 'ab' for t in tensors)})")
-    L.append(f"        ctx.scalars = {_tuple([f'{sc}_{x}' for x in 'ab' for sc in info.scalar_inputs])}")
+    kept = info.scalar_inputs + info.choice_inputs
+    L.append(f"        ctx.scalars = {_tuple([f'{sc}_{x}' for x in 'ab' for sc in kept])}")
     L.append("        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None")
     L.append(f"        return {', '.join(f'{v}_{x}' for x in 'ab' for v in outs)}")
     gouts = [f"{g}_{x}" for x in "ab" for g in k.gout]
     L += ["", "    @staticmethod", f"    def backward(ctx, {', '.join(gouts)}):"]
     L.append(f"        {_unpack([f'{t}_{x}' for x in 'ab' for t in tensors])} = ctx.saved_tensors")
-    if info.scalar_inputs:
-        L.append(f"        {_unpack([f'{sc}_{x}' for x in 'ab' for sc in info.scalar_inputs])} = ctx.scalars")
+    if kept:
+        L.append(f"        {_unpack([f'{sc}_{x}' for x in 'ab' for sc in kept])} = ctx.scalars")
     n_in = len(region.inputs)
     if not info.grad_inputs:
         L.append(f"        return {', '.join('None' for _ in range(2 * n_in))}")
@@ -676,6 +692,8 @@ def _render_pair_function(info: RegionInfo, k: _KernelNames) -> str:
     for x in "ab":
         for t in info.grad_inputs:
             L.append(f"                {k.store_flag[t]}_{x}={k.gin_buf[t]}_{x} is not None,")
+    for x in "ab":
+        L += [f"                {c}" for c in _choice_kwargs(info, f"_{x}")]
     L.append("            )")
     rets = [
         f"reduce_grad({k.gin_buf[i.name]}_{x}, {i.name}_{x})" if i.name in k.gin_buf else "None"
@@ -740,13 +758,20 @@ def render_region_triton(region: RowRegion, grouped: bool = False) -> str:
 # A whole kernels.py
 
 
+def uses_activation(regions) -> bool:
+    """Whether some region computes an activation chosen by name (it needs the package's activations)."""
+    return any(op.op == "activation" for r in regions for op in r.ops)
+
+
 def render_kernels_module(
     regions: list[RowRegion],
     runtime_import: str = "from .kernels_runtime import",
     grouped: frozenset[str] = frozenset(),
+    activations_import: str = "from .activations import activation",
 ) -> str:
     """`kernels.py` for the generated package: per region the PyTorch function, the Triton kernels (only when
     triton imports) and `<name>(<inputs>)` choosing Triton for CUDA tensors and PyTorch elsewhere."""
+    acts = uses_activation(regions)
     head = [
         '"""Fused regions generated by dslc: Triton kernels (forward and derived backward) on CUDA,',
         'the same regions as PyTorch ops elsewhere."""',
@@ -754,6 +779,7 @@ def render_kernels_module(
         "import torch",
         "",
         f"{runtime_import} {', '.join(RUNTIME_NAMES)}  # noqa: F401",
+        *([activations_import] if acts else []),
         "",
         "try:",
         "    import triton",
@@ -766,6 +792,10 @@ def render_kernels_module(
     for r in regions:
         body.append(render_region_torch(r))
     body.append("if triton is not None:\n")
+    if acts:
+        body.append(
+            "\n".join(("    " + ln) if ln.strip() else "" for ln in render_triton_helpers().splitlines()) + "\n"
+        )
     for r in regions:
         text = render_region_triton(r, r.name in grouped)
         body.append("\n".join(("    " + ln) if ln.strip() else "" for ln in text.splitlines()) + "\n")

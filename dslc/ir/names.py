@@ -61,6 +61,7 @@ PACKAGE_GLOBALS = {
     "nn": "modeling.py imports torch.nn as nn",
     "kernels": "modeling.py imports the package's kernels module",
     "attention": "modeling.py imports the package's attention function",
+    "activation": "modeling.py imports the package's activation function (activations.py)",
     "moe": "modeling.py imports the package's mixture-of-experts module",
     "checkpoint_call": "modeling.py imports activation checkpointing as checkpoint_call",
     "fused_linear": "modeling.py imports fused_linear for fused projections",
@@ -74,7 +75,7 @@ PACKAGE_GLOBALS = {
 
 # the files of a generated package: `from .modeling import X` in __init__.py would replace `package.X`
 PACKAGE_FILES = frozenset(
-    """__init__ config modeling attention checkpoint cuda_graphs generation kernels kernels_runtime kernels_triton
+    """__init__ config modeling activations attention checkpoint cuda_graphs generation kernels kernels_runtime kernels_triton
     losses losses_triton model_base model_core config_spec moe outputs parallel serving""".split()
 )
 
@@ -83,7 +84,7 @@ BUILTINS = frozenset(n for n in dir(builtins) if not n.startswith("_"))
 
 # names generated code uses for itself inside a method body (forward, __init__)
 GENERATED_LOCALS = frozenset(
-    """self torch F nn math ops ctx kernels attention moe checkpoint_call fused_linear constant_tensor range len super print
+    """self torch F nn math ops ctx kernels attention activation moe checkpoint_call fused_linear constant_tensor range len super print
     int float
     bool str list tuple dict isinstance any all getattr setattr Tensor None True False""".split()
 )

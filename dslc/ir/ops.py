@@ -53,6 +53,7 @@ OPS: dict[str, OpDef] = {
         OpDef("erf", "unary", "the error function", "torch.erf", fusable=True),
         OpDef("neg", "unary", "-x", fusable=True),
         OpDef("identity", "unary", "x itself", fusable=True),
+        OpDef("activation", "unary", "activation(x, name): the activation `name` of ACTIVATIONS (below)", fusable=True),
         # ---- binary elementwise (broadcasting) -----------------------------------------------------------
         OpDef("add", "binary", "a + b", fusable=True),
         OpDef("sub", "binary", "a - b", fusable=True),
@@ -101,6 +102,59 @@ OPS: dict[str, OpDef] = {
         ),
         OpDef("grouped_linear", "other", "each group of rows times its expert's weight of a stacked [E, out, in]"),
         OpDef("moe_combine", "other", "expert rows weighted by their routing weight and summed back per token"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation chosen by name (`activation(x, hidden_act)`), as transformers' `ACT2FN[name]` computes it.
+
+    `steps` are region ops (dslc/ir/regions.py) over the input `x`, each naming its result; the last step's
+    result is the activation. The Triton kernels and their derivative are derived from them
+    (dslc/codegen/activations.py); `torch` is the PyTorch spelling of the generated package, over `x`."""
+
+    name: str  # the HF name, a value of config.json's `hidden_act`
+    steps: tuple[tuple[str, str, tuple[str | float, ...]], ...]  # (result, op, args)
+    torch: str
+    doc: str
+
+
+def _act(name: str, formula: str, torch: str, doc: str) -> Activation:
+    """`formula`: `; `-separated `result = op(args)` steps over `x` (args are names or numbers)."""
+    steps = []
+    for step in formula.split("; "):
+        result, call = (p.strip() for p in step.split("="))
+        op, rest = call.rstrip(")").split("(")
+        args = tuple(float(a) if a[0].isdigit() else a for a in (x.strip() for x in rest.split(",")))
+        steps.append((result, op, args))
+    return Activation(name, tuple(steps), torch, doc)
+
+
+_GELU_TANH = 'F.gelu(x, approximate="tanh")'
+ACTIVATIONS: dict[str, Activation] = {
+    a.name: a
+    for a in (
+        _act("silu", "y = silu(x)", "F.silu(x)", "x * sigmoid(x)"),
+        _act("swish", "y = silu(x)", "F.silu(x)", "silu"),
+        _act("gelu", "y = gelu(x)", "F.gelu(x)", "x * Phi(x), the exact (erf) GELU"),
+        _act("gelu_python", "y = gelu(x)", "F.gelu(x)", "gelu"),
+        _act("gelu_pytorch_tanh", "y = gelu_tanh(x)", _GELU_TANH, "the tanh approximation of GELU"),
+        _act("gelu_new", "y = gelu_tanh(x)", _GELU_TANH, "gelu_pytorch_tanh (HF writes the formula out)"),
+        _act("gelu_fast", "y = gelu_tanh(x)", _GELU_TANH, "gelu_pytorch_tanh (sqrt(2 / pi) to 10 digits)"),
+        _act("gelu_python_tanh", "y = gelu_tanh(x)", _GELU_TANH, "gelu_pytorch_tanh"),
+        _act("gelu_accurate", "y = gelu_tanh(x)", _GELU_TANH, "gelu_pytorch_tanh"),
+        _act(
+            "quick_gelu",
+            "t = mul(x, 1.702); s = sigmoid(t); y = mul(x, s)",
+            "x * torch.sigmoid(1.702 * x)",
+            "x * sigmoid(1.702 x)",
+        ),
+        _act("relu", "y = relu(x)", "F.relu(x)", "max(x, 0)"),
+        _act("relu2", "r = relu(x); y = mul(r, r)", "torch.square(F.relu(x))", "relu(x) ** 2 (Primer)"),
+        _act("sigmoid", "y = sigmoid(x)", "torch.sigmoid(x)", "1 / (1 + e ** -x)"),
+        _act("tanh", "y = tanh(x)", "torch.tanh(x)", "hyperbolic tangent"),
+        _act("linear", "y = identity(x)", "x", "x itself"),
     )
 }
 

@@ -8,6 +8,7 @@ region can hold a norm with its prologue (residual add) and epilogue (weight, ca
 
 Ops (`RegionOp.op`), all computed in float32:
   unary:    neg exp log sqrt rsqrt tanh sigmoid silu gelu gelu_tanh relu cos sin abs erf identity
+  activation: attrs (("name", C),), C a choice input: the activation of `ops.ACTIVATIONS` it names
   binary:   add sub mul div maximum minimum pow (exponent must be a constant)
   cast:     attrs (("dtype", D),) with D "f32" | "bf16" | "f16" or "input:<name>" (that input's dtype):
             the value is rounded to D (compute stays f32)
@@ -35,7 +36,9 @@ class RegionInput:
     """A tensor (or scalar) entering the region.
 
     kind: "tensor" (broadcasts to the region's output shape; its last dim is N or 1)
-          or "scalar" (a Python number known when the module runs, e.g. eps).
+          or "scalar" (a Python number known when the module runs, e.g. eps)
+          or "choice" (a build-time string, e.g. the config's `hidden_act`, that an `activation` op's `name`
+          attribute names: a `tl.constexpr` of the Triton kernels, so each value compiles its own kernel).
     needs_grad: whether backward must produce its gradient.
     optional: an optional weight (`bias: [dim] = zeros if bias`) that may be None, read only as an added
               term: None counts as zero.

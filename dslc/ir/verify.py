@@ -304,7 +304,7 @@ class _Verifier:
             for i in r.inputs:
                 if i.name in defined:
                     self.err(f"{where}: input `%{i.name}` is defined twice")
-                if i.kind not in ("tensor", "scalar"):
+                if i.kind not in ("tensor", "scalar", "choice"):
                     self.err(f"{where}: input `%{i.name}` has unknown kind `{i.kind}`")
                 defined.add(i.name)
             for op in r.ops:

@@ -354,6 +354,14 @@ class _Fuser:
                 read_values.add(name)
             return name
 
+        def choice_name(e: N.E) -> str:
+            """The choice input carrying the build-time string `e` (a config field, a parameter or a literal)."""
+            if e not in names:
+                names[e] = unique(e.name if isinstance(e, N.Ref) else "act")
+                inputs.append(RegionInput(names[e], "choice", False))
+                args.append(e)
+            return names[e]
+
         region_ops = []
         float_input = None
         for op in ops:
@@ -365,6 +373,9 @@ class _Fuser:
                     if dtype is None:
                         return None, None, f"cast at {_where(op.span)} to the dtype of a value computed in the region"
                     attrs = (("dtype", dtype),)
+                    continue
+                if op.op == "activation" and k == 1:  # the name: a choice input, a constexpr of the kernels
+                    attrs = (("name", choice_name(a)),)
                     continue
                 if isinstance(a, N.Ref) and a.kind == "value" and a.name in members:
                     rargs.append(local[a.name])

@@ -310,7 +310,8 @@ def _time(run, device: torch.device) -> float:
 
 
 def _tile_key(kernel, lay: RowLayout, args: tuple, constexprs: dict) -> str:
-    """Kernel (name and source hash), row width, row-count bucket, argument dtypes and the constexpr flags, as
+    """Kernel (name and source hash), row width, row-count bucket, argument dtypes and the constexprs (flags and
+    activation names), as
     the disk cache's string. Every launch asks for it: a tuple of the same facts keys a memo of the strings,
     so the source hash, the formatting and the device name are worked out once per distinct launch."""
     dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
@@ -321,7 +322,7 @@ def _tile_key(kernel, lay: RowLayout, args: tuple, constexprs: dict) -> str:
         fn = getattr(kernel, "fn", kernel)
         digest = hashlib.sha1(inspect.getsource(fn).encode()).hexdigest()[:12]
         names = ",".join(str(d).removeprefix("torch.") for d in dtypes)
-        flags = ",".join(f"{k}={int(v)}" for k, v in fast[4])
+        flags = ",".join(f"{k}={v if isinstance(v, str) else int(v)}" for k, v in fast[4])  # an activation's name
         key = f"{fn.__name__}-{digest}|N={lay.N}|R<={rows}|{names}|{flags}|{_device_name(lay.device)}"
         _KEYS[fast] = key  # by the kernel's id: a kernel object lives as long as its module, and need not hash
     return key
