@@ -171,8 +171,8 @@ def make_cases(K, KT, shape, device, dtype, liger):
     )
 
     impls = {
-        "dslc": lambda a, b: tup(KT.gated_mlp_pointwise_triton(a, b)),
-        "torch": lambda a, b: tup(K.gated_mlp_pointwise_torch(a, b)),
+        "dslc": lambda a, b: tup(KT.gated_mlp_pointwise_triton(a, "silu", b)),
+        "torch": lambda a, b: tup(K.gated_mlp_pointwise_torch(a, "silu", b)),
     }
     if liger is not None:
         impls["liger"] = lambda a, b: (liger.LigerSiLUMulFunction.apply(a, b),)

@@ -18,7 +18,7 @@ def test_build_report_lists_regions_and_rejections(tmp_path, capsys):
     assert main(["build", str(ROOT / "models" / "qwen2.model"), "-o", str(tmp_path), "--report"]) == 0
     out = capsys.readouterr().out
     assert "fused regions" in out and "not fused" in out
-    assert "gated_mlp_pointwise" in out and "silu mul" in out
+    assert "gated_mlp_pointwise" in out and "activation mul" in out
     assert "no neighbour to fuse with" in out  # the last residual add, with its reason
 
 

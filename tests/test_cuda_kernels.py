@@ -73,6 +73,15 @@ def make_inputs(fn, size: str, dtype):
         if name == "eps":
             values.append(1e-6)
             needs.append(False)
+        elif name == "act":  # an activation region's name from the table (ops.ACTIVATIONS): Qwen2's
+            values.append("silu")
+            needs.append(False)
+        elif name == "emb":  # RotaryEmbedding's angles [B, T, D], float32 as the model computes them
+            values.append(torch.rand(B, T, D, generator=g).mul(6.0).to(DEVICE))
+            needs.append(True)
+        elif name == "scale":  # the rope attention factor, a Python float
+            values.append(1.0)
+            needs.append(False)
         elif name == "weight":
             values.append(1 + rn(N, scale=0.1))
             needs.append(True)

@@ -337,12 +337,19 @@ def test_unknown_config_keys_are_kept_and_written_back(qwen2, qwen2_dir, tmp_pat
     src = _write_config(qwen2_dir, tmp_path / "src", my_custom_key={"a": [1, 2]})
     shutil.copy(qwen2_dir / "model.safetensors", src)
     config = qwen2.Qwen2Config.from_pretrained(src)
-    assert config.extra["my_custom_key"] == {"a": [1, 2]} and "use_sliding_window" in config.extra
+    assert config.extra["my_custom_key"] == {"a": [1, 2]} and "use_cache" in config.extra
     model = qwen2.Qwen2ForCausalLM.from_pretrained(src)
     model.save_pretrained(tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     original = json.loads((src / "config.json").read_text())
-    for key in ("my_custom_key", "use_sliding_window", "max_window_layers", "rope_parameters", "layer_types"):
+    for key in (
+        "my_custom_key",
+        "use_cache",
+        "use_sliding_window",
+        "max_window_layers",
+        "rope_parameters",
+        "layer_types",
+    ):
         assert saved[key] == original[key], key
     assert saved["architectures"] == ["Qwen2ForCausalLM"] and saved["hidden_size"] == 64
     assert qwen2.Qwen2Config.from_pretrained(tmp_path / "out").extra["my_custom_key"] == {"a": [1, 2]}

@@ -63,9 +63,7 @@ class _Verifier:
         self.errors.append(msg + (_at(span) if span is not None else ""))
 
     # ---- static expressions ------------------------------------------------------------------
-    def static(
-        self, e: N.E | None, where: str, span: Span, params: set[str] | None, layer_index: bool = False
-    ) -> bool:
+    def static(self, e: N.E | None, where: str, span: Span, params: set[str] | None, layer_index: bool = False) -> bool:
         """Check a build-time expression: config fields, module params when `params` is given, the layer index
         `i` when `layer_index` (a repeat's module arguments). Returns whether it reads a config field."""
         if e is None:
