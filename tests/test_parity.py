@@ -323,3 +323,35 @@ def test_gemma_embedding_scale_is_rounded_to_the_dtype(packages, family, tmp_pat
         handle.remove()
     assert seen[0].dtype == torch.bfloat16
     assert torch.equal(seen[0], want)
+
+
+@pytest.mark.parametrize("legacy", ["su", "yarn"])
+def test_phi3_legacy_rope_types_load_as_longrope(packages, tmp_path, legacy):
+    """Older Phi-3 config.json files write transformers 4's `rope_scaling` with type "su" (longrope's old name)
+    or "yarn" (Phi-3's own, the same short/long factors): transformers' Phi3Config reads both as longrope, and
+    so does ours; logits match HF's with the prompt inside the 16-token original context (short factors) and
+    past it (long factors), and greedy generation across the switch matches."""
+    import json
+
+    folder = hf_oracle.make_hf_model("phi3", tmp_path, seed=5)
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    rope = data.pop("rope_parameters", None) or data.pop("rope_scaling")
+    data["rope_theta"] = rope.pop("rope_theta", data.get("rope_theta", 10000.0))
+    data["partial_rotary_factor"] = rope.pop("partial_rotary_factor", data.get("partial_rotary_factor"))
+    rope.pop("rope_type", None)
+    data["rope_scaling"] = {"type": legacy, **rope}  # as microsoft/Phi-3-mini-128k-instruct's first config.json
+    path.write_text(json.dumps(data))
+    hf = hf_oracle.load_hf(folder)
+    assert hf.config.rope_parameters["rope_type"] == "longrope"  # transformers' own reading of the legacy type
+    ours = packages["phi3"].Phi3ForCausalLM.from_pretrained(folder)
+    assert ours.config.rope_type == "longrope" and ours.config.hf_rope_type == legacy
+    assert ours.config.rope_long_factor == rope["long_factor"]
+    g = torch.Generator().manual_seed(1)
+    for length in (12, 24):  # short factors; past original_max_position_embeddings = 16: long factors
+        ids = torch.randint(3, hf_oracle.VOCAB, (2, length), generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids).logits, hf(ids).logits)
+    ids = torch.randint(3, hf_oracle.VOCAB, (1, 10), generator=g)
+    expected = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, max_new_tokens=12, pad_token_id=0), expected)
