@@ -203,6 +203,118 @@ def test_fused_loss_benchmark_runs(losses):
     assert abs(result["fused_loss"] - result["unfused_loss"]) < 1e-4
 
 
+# ---- a final soft-cap (Gemma 2's final_logit_softcapping) inside the chunks ------------------------------------------
+
+CAP = 2.0  # small next to the logits of _problem (std ~ sqrt(h) = 4): most logits are in tanh's saturated part
+
+
+def _capped(mod, hidden, weight, b, labels, num_items_in_batch=None, **options):
+    """The unfused reference: materialized logits, HF Gemma 2's cap (logits / cap, tanh, * cap), the loss."""
+    logits = hidden @ weight.T + (b if b is not None else 0)
+    logits = torch.tanh(logits / CAP) * CAP
+    return mod.causal_lm_loss(logits, labels, num_items_in_batch, **options)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [1, 5, 7, 33, None])
+def test_fused_loss_softcap_equals_unfused(losses, bias, chunk):
+    """float32: loss and every gradient (through 1 - tanh^2) equal the unfused capped loss at any chunk."""
+    mod, _ = losses
+    hidden, weight, b, labels = _problem(bias=bias)
+    fused = mod.fused_causal_lm_loss(hidden, weight, b, labels, chunk=chunk, softcap=CAP)
+    grads = torch.autograd.grad(fused * 2.5, _params(hidden, weight, b))
+    plain = _capped(mod, hidden, weight, b, labels)
+    ref = torch.autograd.grad(plain * 2.5, _params(hidden, weight, b))
+    torch.testing.assert_close(fused, plain)
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got, want)
+    # the cap is live: the uncapped loss is a different number
+    assert abs(plain.item() - _unfused(mod, hidden, weight, b, labels).item()) > 0.1
+
+
+def test_fused_loss_softcap_with_declared_options(losses):
+    """The cap composes with the declared per-row options (label smoothing, class weights, z-loss) and HF
+    Trainer's num_items_in_batch: all of them are of the capped logits."""
+    mod, _ = losses
+    hidden, weight, b, labels = _problem(bias=True)
+    cw = torch.rand(weight.shape[0], generator=torch.Generator().manual_seed(3)) + 0.5
+    loss, z = mod.fused_causal_lm_losses(
+        hidden,
+        weight,
+        b,
+        labels,
+        chunk=7,
+        num_items_in_batch=40,
+        label_smoothing=0.1,
+        class_weight=cw,
+        z_coef=1e-2,
+        softcap=CAP,
+    )
+    grads = torch.autograd.grad(loss, _params(hidden, weight, b))
+    logits = torch.tanh((hidden @ weight.T + b) / CAP) * CAP
+    ce = mod.causal_lm_loss(logits, labels, 40, label_smoothing=0.1, weight=cw)
+    want_z = mod.z_loss(logits, labels, 40, shift=True)
+    want = ce + 1e-2 * want_z
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(z, want_z)
+    for got, ref in zip(grads, torch.autograd.grad(want, _params(hidden, weight, b))):
+        torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_loss_softcap_bf16_is_as_precise_as_unfused_bf16(losses, bias):
+    """bf16 with the cap: within the bounds of the uncapped bf16 test of the float32 loss of the same inputs,
+    and no further from it than HF eager's bf16 (which caps in bf16)."""
+    mod, _ = losses
+    hidden, weight, b, labels = _problem(n_batch=2, t=40, h=32, v=500, bias=bias, dtype=torch.bfloat16)
+    ref_inputs = [x.detach().float().requires_grad_() if x is not None else None for x in (hidden, weight, b)]
+    ref = _capped(mod, *ref_inputs, labels)
+    ref_grads = torch.autograd.grad(ref, _params(*ref_inputs))
+    fused = mod.fused_causal_lm_loss(hidden, weight, b, labels, chunk=13, softcap=CAP)
+    fused_grads = torch.autograd.grad(fused, _params(hidden, weight, b))
+    plain = _capped(mod, hidden, weight, b, labels)
+    plain_grads = torch.autograd.grad(plain, _params(hidden, weight, b))
+    assert fused.dtype == torch.float32
+    assert abs(fused.item() - ref.item()) / ref.item() < 2e-3
+    for got, hf, want in zip(fused_grads, plain_grads, ref_grads):
+        assert got.dtype == torch.bfloat16
+        assert _rel(got, want) < 2e-2
+        assert _rel(got, want) <= 1.5 * _rel(hf, want) + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loss_softcap_never_allocates_the_logits(losses, dtype):
+    """With the cap, no op of forward or backward outputs an [N, V] tensor either."""
+    mod, _ = losses
+    n, v, h, chunk = 4 * 40, 301, 8, 24
+    hidden, weight, b, labels = _problem(n_batch=4, t=40, h=h, v=v, bias=True, dtype=dtype)
+    with _Shapes() as shapes:
+        loss = mod.fused_causal_lm_loss(hidden, weight, b, labels, chunk=chunk, softcap=CAP)
+        loss.backward()
+    biggest = max(shapes.numels)
+    assert biggest[0] <= max(chunk * v, v * h) < n * v, biggest
+    assert any("tanh" in func for numel, func, _ in shapes.numels if numel == chunk * v)  # the cap ran per chunk
+    assert hidden.grad is not None and weight.grad.dtype == dtype
+
+
+def test_fused_loss_softcap_chunk_rule(losses):
+    """The cap's slope is one more [C, V] buffer in the GEMM dtype: 8 bytes per logit, so smaller chunks."""
+    mod, _ = losses
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert mod.chunk_buffer_bytes(256000, bf16, softcap=True) == 8 * 256000
+    assert mod.chunk_buffer_bytes(256000, f32, softcap=True) == 8 * 256000
+    # Gemma-2-2B's head at 8192 tokens in bf16: the 2 GiB cap / 8 bytes per logit -> 1049 tokens, 8 chunks of 1024
+    assert mod.default_chunk(8192, 256000, 2304, bf16, softcap=True) == 1024
+    assert mod.default_chunk(8192, 256000, 2304, bf16) == 1366  # 6 chunks without it (1398 fit)
+
+
+def test_fused_loss_softcap_benchmark_runs(losses):
+    mod, _ = losses
+    result = mod.benchmark_fused_loss(64, 16, 500, torch.float32, device="cpu", repeats=1, softcap=CAP)
+    assert result["softcap"] == CAP and result["fused_ms"] > 0 and result["unfused_ms"] > 0
+    assert abs(result["fused_loss"] - result["unfused_loss"]) < 1e-4
+
+
 PEAK = textwrap.dedent("""
     import json, resource, sys, torch
     sys.path.insert(0, sys.argv[1])

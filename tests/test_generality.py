@@ -324,7 +324,7 @@ def kernels(pkg):
 
 
 def _run(model, kernels, backend, ids, labels):
-    """Training-mode forward + backward on one backend: (logits, loss, {param: grad})."""
+    """Training-mode forward + backward on one backend: (eval logits, loss, {param: grad})."""
     kernels.set_backend(backend)
     model.zero_grad(set_to_none=True)
     model.train()
@@ -335,7 +335,14 @@ def _run(model, kernels, backend, ids, labels):
         model.eval()
         kernels.set_backend("auto")
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    return out.logits.detach(), out.loss.detach(), grads
+    assert out.logits is None, "training with labels must take the fused loss (the soft-cap inside its chunks)"
+    kernels.set_backend(backend)
+    try:
+        with torch.no_grad():
+            logits = model(ids).logits  # eval: the capped logits, the final cap's region on this backend
+    finally:
+        kernels.set_backend("auto")
+    return logits, out.loss.detach(), grads
 
 
 def test_torch_path_matches_plain_torch_reference(model, kernels, batch):
@@ -390,11 +397,10 @@ def test_triton_path_matches_torch_path(pkg, model, kernels, batch):
     """Every fused region through its generated Triton kernels, in training mode with labels."""
     pytest.importorskip("triton", reason="triton is not installed")
     ids, labels = batch
-    # the model ends in a soft-cap after the LM head, not a plain Linear head: no fused chunked loss, the
-    # loss is taken over materialized (soft-capped) logits in training too
-    assert pkg.GemmaLikeForCausalLM.loss_head is None
+    # the model ends in a soft-cap after its Linear head: the fused chunked loss caps each chunk
+    assert pkg.GemmaLikeForCausalLM.loss_head == ("lm_head", "weight", "bias")
+    assert model.logit_softcap() == FINAL_CAP
     t_logits, t_loss, t_grads = _run(model, kernels, "torch", ids, labels)
-    assert t_logits is not None, "training with a soft-capped head must use the ordinary loss over logits"
     k_logits, k_loss, k_grads = _run(model, kernels, "triton", ids, labels)
     assert sys.modules.get(f"{PKG}.kernels_triton") is not None, "the Triton path did not run"
     torch.testing.assert_close(k_logits, t_logits)

@@ -560,7 +560,8 @@ def test_verify_program_structure():
     p = _qwen2()
     _one(verify_program(replace(p, modules=tuple(reversed(p.modules)))), r"dependency order")
     _one(verify_program(replace(p, modules=tuple(reversed(p.modules)))), r"must be the last module")
-    _one(verify_program(replace(p, fns=tuple(reversed(p.fns)))), r"listed after its caller")
+    phi3 = check_file(ROOT / "models" / "phi3.model").program  # apply_partial_rope calls apply_rope
+    _one(verify_program(replace(phi3, fns=tuple(reversed(phi3.fns)))), r"listed after its caller")
     lin = p.module("Linear")
     dup = replace(lin, weights=lin.weights + (lin.weights[0],))
     _one(verify_program(_with_module(p, dup)), r"module `Linear`: member `weight` is defined twice")
@@ -640,3 +641,36 @@ def test_show_graph(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "needs Graphviz" in err and "g.dot" in err
     assert not (tmp_path / "g.svg").exists()
+
+
+ROTATE_SPEC = """use std
+
+config C:
+    dim: int = 8
+
+model M(C): base
+    forward(x: [B, T, dim]) -> [B, T, dim]:
+        return rotate_half(x) + apply_rope_like(x)
+
+fn apply_rope_like(x: [B, T, D]) -> [B, T, D]:
+    return rotate_half(x) * 2.0
+"""
+
+
+def test_rotate_half_is_the_primitive_everywhere():
+    """`rotate_half(x)` means the primitive op, with std used or not, in a module and in a fn (std declares no fn
+    of that name; a spec's fn named like a primitive is E012, tests/ui/e012_fn_shadows_primitive), and it is
+    transformers' rotate_half: cat(-x2, x1) of the halves of the last dim."""
+    torch = pytest.importorskip("torch")
+    from transformers.models.llama.modeling_llama import rotate_half as hf_rotate_half
+
+    for text in (ROTATE_SPEC, ROTATE_SPEC.removeprefix("use std\n")):
+        program = check_source(text, "rotate.model").program
+        assert "rotate_half" not in {f.name for f in program.fns}
+        ops = [op.op for op in program.module("M").forward.body] + [op.op for f in program.fns for op in f.graph.body]
+        assert ops.count("rotate_half") == 2 and "fn" in ops  # the module's call and the fn's; the fn is called
+    from ir_reference import Reference
+
+    x = torch.randn(2, 3, 8)
+    (got,) = Reference(check_source(ROTATE_SPEC, "rotate.model").program, {})(x)
+    torch.testing.assert_close(got, hf_rotate_half(x) * 3.0, rtol=0, atol=0)

@@ -4,6 +4,7 @@ padding masks, greedy generation and the save -> HF load round trip, for every s
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import hf_oracle
 import pytest
 import torch
 from packages import built_packages
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 # family -> (spec, generated class, HF's tie default for the tiny model)
@@ -32,8 +34,6 @@ CASES = {
     "llama_gelu": ("llama.model", "LlamaForCausalLM"),  # hidden_act = "gelu_pytorch_tanh" from config.json
     "qwen2_relu": ("qwen2.model", "Qwen2ForCausalLM"),  # hidden_act = "relu"
 }
-# The chunked fused loss needs logits straight from a linear head; Gemma 2 soft-caps them after it.
-UNFUSED_LOSS = {"gemma2"}
 PARAMS = [
     ("qwen2", False),
     ("qwen2", True),
@@ -200,14 +200,63 @@ def test_training_mode_uses_fused_loss_and_matches(pair):
         b = ours(**kw, labels=labels)
     finally:
         ours.eval()
-    if family in UNFUSED_LOSS:
-        assert ours.loss_head is None and b.logits is not None
-    else:
-        assert b.logits is None, "training with labels must not materialize the logits"
+    assert b.logits is None, "training with labels must not materialize the logits"
     torch.testing.assert_close(b.loss, a.loss)
     a.loss.backward()
     b.loss.backward()
     _compare_grads(hf, ours, pkg)
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the shape and op of every tensor an op outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.outputs.append((tuple(t.shape), str(func)))
+        return out
+
+
+def test_gemma2_final_softcap_runs_in_the_fused_loss_chunks(packages, tmp_path, monkeypatch):
+    """Gemma 2's final soft-cap follows its head, inside the chunks of the fused loss: training with labels
+    never allocates the [tokens, vocab] logits (forward or backward; chunks of 8 of the 24 tokens), the cap
+    runs per chunk, and loss and gradients match HF. The kept positions' logits are capped too."""
+    pkg = packages["gemma2"]
+    folder = hf_oracle.make_hf_model("gemma2", tmp_path, seed=3)
+    hf = hf_oracle.load_hf(folder)
+    ours = pkg.Gemma2ForCausalLM.from_pretrained(folder)
+    assert ours.loss_head == ("lm_head", "weight", "bias") and ours.logit_softcap() == 5.0
+    losses = importlib.import_module(f"{pkg.__name__}.losses")
+    chunk, vocab, hidden = 8, hf_oracle.VOCAB, hf_oracle.HIDDEN
+    budget = chunk * losses.chunk_buffer_bytes(vocab, torch.float32, softcap=True)
+    monkeypatch.setattr(losses, "MIN_CHUNK_BYTES", budget)  # small chunks at this tiny size: 3 of 8 tokens
+    monkeypatch.setattr(losses, "MAX_CHUNK_BYTES", budget)
+    kw = _inputs("gemma2")
+    labels = kw["input_ids"].clone()
+    labels[0, :4] = -100
+    ours.train()
+    try:
+        with _Shapes() as shapes:
+            out = ours(**kw, labels=labels)
+            out.loss.backward()
+    finally:
+        ours.eval()
+    a = hf(**kw, labels=labels)
+    a.loss.backward()
+    torch.testing.assert_close(out.loss, a.loss)
+    _compare_grads(hf, ours, pkg)
+    weights = {(vocab, hidden), (hidden, vocab)}  # the head / embedding matrix and its transpose
+    wide = [(s, f) for s, f in shapes.outputs if vocab in s and s not in weights]
+    rows = max(math.prod(s) // vocab for s, _ in wide)
+    assert rows == chunk, f"a tensor holds the logits of {rows} tokens: {max(wide, key=lambda w: math.prod(w[0]))}"
+    assert any("tanh" in f and s == (chunk, vocab) for s, f in wide), "the cap did not run on a chunk"
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**kw, logits_to_keep=3).logits, hf(**kw, logits_to_keep=3).logits)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gpt2", "llama_gelu", "qwen2_relu"])
@@ -278,3 +327,35 @@ def test_gemma_embedding_scale_is_rounded_to_the_dtype(packages, family, tmp_pat
         handle.remove()
     assert seen[0].dtype == torch.bfloat16
     assert torch.equal(seen[0], want)
+
+
+@pytest.mark.parametrize("legacy", ["su", "yarn"])
+def test_phi3_legacy_rope_types_load_as_longrope(packages, tmp_path, legacy):
+    """Older Phi-3 config.json files write transformers 4's `rope_scaling` with type "su" (longrope's old name)
+    or "yarn" (Phi-3's own, the same short/long factors): transformers' Phi3Config reads both as longrope, and
+    so does ours; logits match HF's with the prompt inside the 16-token original context (short factors) and
+    past it (long factors), and greedy generation across the switch matches."""
+    import json
+
+    folder = hf_oracle.make_hf_model("phi3", tmp_path, seed=5)
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    rope = data.pop("rope_parameters", None) or data.pop("rope_scaling")
+    data["rope_theta"] = rope.pop("rope_theta", data.get("rope_theta", 10000.0))
+    data["partial_rotary_factor"] = rope.pop("partial_rotary_factor", data.get("partial_rotary_factor"))
+    rope.pop("rope_type", None)
+    data["rope_scaling"] = {"type": legacy, **rope}  # as microsoft/Phi-3-mini-128k-instruct's first config.json
+    path.write_text(json.dumps(data))
+    hf = hf_oracle.load_hf(folder)
+    assert hf.config.rope_parameters["rope_type"] == "longrope"  # transformers' own reading of the legacy type
+    ours = packages["phi3"].Phi3ForCausalLM.from_pretrained(folder)
+    assert ours.config.rope_type == "longrope" and ours.config.hf_rope_type == legacy
+    assert ours.config.rope_long_factor == rope["long_factor"]
+    g = torch.Generator().manual_seed(1)
+    for length in (12, 24):  # short factors; past original_max_position_embeddings = 16: long factors
+        ids = torch.randint(3, hf_oracle.VOCAB, (2, length), generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids).logits, hf(ids).logits)
+    ids = torch.randint(3, hf_oracle.VOCAB, (1, 10), generator=g)
+    expected = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, max_new_tokens=12, pad_token_id=0), expected)

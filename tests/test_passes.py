@@ -91,3 +91,50 @@ def test_a_region_call_reading_the_other_is_not_grouped():
     grouped = group_regions(program).module("Attention").forward.body
     assert [N.group_size(op) for op in grouped] == [2, 1]
     assert grouped[0].results == ("q2", "k2") and grouped[1].results == ("q3",)
+
+
+GEMMA2_RETURN = """        return final_logit_softcapping * tanh(logits / final_logit_softcapping) if final_logit_softcapping != none \\
+            else logits
+"""
+
+
+@pytest.mark.parametrize(
+    "tail,found",
+    [
+        (None, "branch"),  # gemma2.model as shipped: the build-time branch `... if cap != none else logits`
+        (
+            "return logits if final_logit_softcapping == none else \\\n"
+            "            final_logit_softcapping * tanh(logits / final_logit_softcapping)",
+            "negated",
+        ),
+        ("return tanh(logits / 30.0) * 30.0", "always"),  # unconditional, the cap on either side of the mul
+        ("return 30.0 * tanh(logits / 20.0)", None),  # two different numbers: not a soft-cap
+        ("return 30.0 * tanh(logits)", None),
+        ("return logits * 2.0", None),
+    ],
+)
+def test_loss_head_pass_finds_the_final_softcap(tmp_path, tail, found):
+    """The loss-head pass records the final soft-cap after the LM head in its three written forms (and nothing
+    else); the package's training loss then takes the fused path with the cap (`logit_softcap`)."""
+    from dslc.build import render
+
+    text = (ROOT / "models" / "gemma2.model").read_text()
+    assert GEMMA2_RETURN in text
+    if tail is not None:
+        text = text.replace(GEMMA2_RETURN, f"        {tail}\n")
+    spec = tmp_path / "capped.model"
+    spec.write_text(text)
+    # (not verify=True: the verifier refuses gemma2's per-layer `layer_types[i]` argument after `inline`)
+    program = optimize(check_file(spec).program).program
+    cap = program.module("Gemma2ForCausalLM").head_softcap
+    _, files, _ = render(spec, None, {}, None)
+    modeling = files["modeling.py"]
+    if found is None:
+        assert cap is None
+        assert "loss_head = None" in modeling and "def logit_softcap" not in modeling
+        return
+    assert cap is not None and cap.logits == "logits"
+    assert {"branch": True, "negated": True, "always": False}[found] == (cap.test is not None)
+    assert 'loss_head = ("lm_head", "weight", "bias")' in modeling and "def logit_softcap(self):" in modeling
+    wanted = {"always": "return 30.0", "negated": "if self.config.final_logit_softcapping is not None else None"}
+    assert wanted.get(found, "return self.config.final_logit_softcapping\n") in modeling

@@ -293,6 +293,8 @@ class PackageRenderer:
             if head:
                 hidden_graph = head[1]
                 extra.append(("forward_hidden", ", ".join(["self"] + args), BodyRenderer(hidden_graph, ctx).render()))
+                if m.head_softcap is not None:
+                    extra.append(("logit_softcap", "self", self._softcap_lines(m.head_softcap, ctx)))
             if self.p.router is not None:
                 attrs.append(f"router_pattern = {self.p.router.pattern!r}")
                 options = ", ".join(f"{k}={static_text(v, ctx, {}, 0)}" for k, v in self.p.router.options)
@@ -331,11 +333,27 @@ class PackageRenderer:
             args.insert(0, "config")
         return f"{s.module}({', '.join(args)})"
 
+    def _softcap_lines(self, cap: N.HeadSoftcap, ctx: BodyContext) -> list[str]:
+        """The body of the model's `logit_softcap()`: the final soft-cap the forward applies after the head."""
+        unless_none = {N.BinE("!=", cap.cap, N.Const(None)), N.BinE("!=", N.Const(None), cap.cap)}
+        plain = cap.test is None or cap.test in unless_none  # `cap if cap != none else none` is the cap
+        value = cap.cap if plain else N.CondE(cap.cap, cap.test, N.Const(None))
+        doc = '"""The soft-cap after the LM head (logits -> cap * tanh(logits / cap)), or None where it is off."""'
+        return [doc, f"return {static_text(value, ctx, {}, 0)}"]
+
     def loss_head(self, m: N.ModuleDef):
         """((submodule, weight, bias), graph up to the head's input) when the model ends in a Linear-like
-        head, so training can use the fused chunked loss instead of materializing the logits."""
+        head, or in one and the final soft-cap the loss-head pass found (`head_softcap`), so training can use
+        the fused chunked loss instead of materializing the logits."""
         g = m.forward
-        if len(g.outputs) != 1 or not g.body or not isinstance(g.body[-1], N.Op):
+        if len(g.outputs) != 1 or not g.body:
+            return None
+        if m.head_softcap is not None:  # the head call is the one whose result the cap reads
+            at = [i for i, st in enumerate(g.body) if isinstance(st, N.Op) and st.results == (m.head_softcap.logits,)]
+            if len(at) != 1:
+                return None
+            g = N.Graph(g.args, g.body[: at[0] + 1], (m.head_softcap.logits,), None, g.span)
+        if not isinstance(g.body[-1], N.Op):
             return None
         last = g.body[-1]
         if last.op != "call" or last.results != g.outputs or len(last.args) != 1:

@@ -859,6 +859,14 @@ class Lowering:
         problem = identifier_problem(f.name, role="function")
         if problem:
             self.rep.error("E012", problem, f.span)
+        elif f.name in PRIMITIVES:  # calls resolve to fns first: it would shadow the primitive
+            self.rep.error(
+                "E012",
+                f"fn `{f.name}` would shadow the primitive `{f.name}` (a call would mean the fn here, the primitive "
+                "in a spec without it)",
+                f.span,
+                f"call the primitive `{f.name}(...)` itself, or rename the fn (`my_{f.name}`)",
+            )
         scope = _Scope(self, f.name, {}, {}, {}, set(), is_fn=True)
         graph = scope.lower_graph(f.sig, f.body, f.span)
         return N.FnDef(f.name, graph, f.doc, f.span)

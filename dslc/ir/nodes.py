@@ -281,6 +281,16 @@ class TieDef:
 
 
 @dataclass(frozen=True)
+class HeadSoftcap:
+    """The final soft-cap after a model's LM head, logits -> cap * tanh(logits / cap) (Gemma 2's
+    final_logit_softcapping): the training loss runs it inside the chunks of the fused linear cross-entropy."""
+
+    logits: str  # the head call's result (the forward reads the cap's result)
+    cap: E  # the cap, a build-time expression (config fields, constants)
+    test: E | None  # when it applies (a build-time branch `... if test else logits`); None: always
+
+
+@dataclass(frozen=True)
 class ModuleDef:
     name: str
     params: tuple[ParamDef, ...]
@@ -296,6 +306,8 @@ class ModuleDef:
     # forward(x, residual) -> (forward(x + residual), x + residual), by the residual-norm pass: a norm that
     # also takes the residual add before it, called as `norm(h, residual = r)` (vLLM's and Liger's norms)
     residual: Graph | None = None
+    # a model whose forward ends in a Linear-like head and a final soft-cap, by the loss-head pass
+    head_softcap: HeadSoftcap | None = None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from dslc.passes.cleanup import copy_propagate, cse, dce
 from dslc.passes.grouping import group_regions
 from dslc.passes.horizontal import fuse_projections
 from dslc.passes.inline import inline_fusable
+from dslc.passes.losshead import find_loss_head_softcap
 from dslc.passes.residual import fuse_residual_norms
 from dslc.passes.rewrite import rotate_half, views_first
 from dslc.passes.rowfusion import FusionReport, fuse_rows
@@ -24,6 +25,7 @@ PIPELINE = [
     ("views-first", views_first),  # unsqueeze(cast(x)) -> cast(unsqueeze(x)): views move to region inputs
     ("cse", cse),  # identical pure ops computed once
     ("dce", dce),  # pure ops whose results nobody reads
+    ("loss-head-softcap", find_loss_head_softcap),  # head + cap * tanh(logits / cap): the fused loss caps per chunk
     ("horizontal-matmul", fuse_projections),  # projections of one input (q/k/v, gate/up) -> one fused_linear
     (
         "residual-norm",

@@ -153,14 +153,15 @@ MIN_CHUNK_BYTES = 256 << 20  # below this the [C, V] buffers are small next to t
 MAX_CHUNK_BYTES = 2 << 30  # above this more tokens per chunk no longer pay (accumulation traffic under ~10%)
 
 
-def chunk_buffer_bytes(vocab: int, dtype: torch.dtype) -> int:
+def chunk_buffer_bytes(vocab: int, dtype: torch.dtype, softcap: bool = False) -> int:
     """Bytes per token of the [C, V] buffers one chunk holds at once (see FusedLinearCrossEntropy.forward):
-    the float32 logits (4) and, for a narrower dtype, the logits or gradient in that dtype (2 for bf16)."""
+    the float32 logits (4) and, for a narrower dtype, the logits or gradient in that dtype (2 for bf16); a
+    final soft-cap adds its slope 1 - tanh^2 in that dtype (8 bytes per logit in bf16 and in float32)."""
     size = torch.empty((), dtype=dtype).element_size()
-    return vocab * (4 + (size if size < 4 else 0))
+    return vocab * (4 + (size if size < 4 else 0) + (size if softcap else 0))
 
 
-def default_chunk(tokens: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> int:
+def default_chunk(tokens: int, vocab: int, hidden_size: int, dtype: torch.dtype, softcap: bool = False) -> int:
     """Tokens per chunk of the fused loss for `tokens` x `hidden_size` hidden states, a `vocab`-row head in `dtype`.
 
     Memory: the chunk's [C, V] buffers (`chunk_buffer_bytes`: 6 bytes per logit in bf16, 4 in float32) get a
@@ -177,7 +178,8 @@ def default_chunk(tokens: int, vocab: int, hidden_size: int, dtype: torch.dtype)
     8 + 8, sum 4, scaled bf16 gradient 4 + 2, read by the two GEMMs 2 + 2), so the accumulation is ~160 / C
     of the chunk's time at H = 896: 8% at 2048 tokens, while hundreds of tokens (the former rule: ~220 at
     V = 151936, 37 chunks at 8192 tokens) made it a cost as large as the GEMMs. `hidden_size` does not
-    change the rule beyond this (kept for callers that size chunks by it).
+    change the rule beyond this (kept for callers that size chunks by it). `softcap`: the chunks hold a final
+    soft-cap's slope too (`chunk_buffer_bytes`), so they are smaller.
 
     Qwen2-0.5B (N = 8192, V = 151936, H = 896, bf16): the budget is 1.87 GB (0.75 * 2 * N * V), 7.47 GB of
     buffers in all, 4 chunks of 2048 tokens: 1.87 GB of [C, V] buffers per chunk, against HF's >= 12.4 GB.
@@ -188,7 +190,7 @@ def default_chunk(tokens: int, vocab: int, hidden_size: int, dtype: torch.dtype)
     if tokens <= 0:
         return 1
     size = torch.empty((), dtype=dtype).element_size()
-    per_token = chunk_buffer_bytes(vocab, dtype)
+    per_token = chunk_buffer_bytes(vocab, dtype, softcap)
     budget = min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, 3 * tokens * vocab * size // 4))
     most = max(1, budget // per_token)  # tokens that fit the budget (integers: exact at the 3/4 boundary)
     chunks = -(-tokens // most)  # the fewest chunks of at most `most` tokens...
@@ -211,6 +213,15 @@ def _chunk_grads(grad, h, weight, need_w: bool, grad_hidden, grad_weight, grad_b
     if grad_bias is not None:
         grad_bias += grad.sum(dim=0, dtype=torch.float32)
     return grad_hidden, grad_weight
+
+
+def _softcap_rows(logits, softcap: float, dtype):
+    """A chunk's soft-capped logits cap * tanh(logits / cap) in float32, and the cap's slope 1 - tanh^2 [C, V]
+    in `dtype` (computed in float32, rounded once), the factor backward takes the gradient through."""
+    z = logits.float().div_(softcap).tanh_()  # [C, V] tanh(logits / cap), in place on a float32 `logits`
+    one = torch.ones((), device=z.device)
+    slope = torch.addcmul(one, z, z, value=-1, out=torch.empty_like(z, dtype=dtype))  # 1 - tanh^2
+    return z.mul_(softcap), slope
 
 
 def _declared_rows(logits, target, keep, label_smoothing, class_weight, z_coef, total, z_total, want_grad, dtype):
@@ -272,6 +283,11 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     sum of w_y over kept rows, and the gradient (1 - eps) w_y (p - e_y) + eps / V (S p - w); the z-loss adds
     lse^2 per kept row (divided by the kept rows) and 2 lse p to the gradient, times `z_coef`. Returns (loss,
     z_loss): `loss` has the z-loss in it times `z_coef`; `z_loss` (0 without) is reported, not differentiated.
+
+    A final `softcap` (Gemma 2's final_logit_softcapping) runs in the chunks too: each chunk's logits become
+    z = cap * tanh(logits / cap) in float32 before the row pass (the losses above are of z), and the row pass's
+    gradient with respect to z is multiplied by dz/dlogits = 1 - tanh^2, kept as a [C, V] slope in the GEMM
+    dtype, before the gradient GEMMs: one more [C, V] buffer per chunk (`chunk_buffer_bytes`).
     """
 
     @staticmethod
@@ -286,6 +302,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         label_smoothing: float = 0.0,
         class_weight=None,
         z_coef=None,
+        softcap=None,
     ):
         # hidden: [N, H]; weight: [V, H]; bias: [V] or None; labels: [N] with IGNORE_INDEX skipped
         n = hidden.shape[0]
@@ -297,7 +314,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             total = torch.where(valid, class_weight[labels.clamp(min=0)], 0.0).sum()
         if num_items_in_batch is not None:
             total = z_total = torch.as_tensor(num_items_in_batch, device=hidden.device)
-        plain = label_smoothing == 0.0 and class_weight is None and z_coef is None
+        plain = label_smoothing == 0.0 and class_weight is None and z_coef is None and softcap is None
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         need_b = bias is not None and bias.requires_grad
         grad_hidden = torch.empty_like(hidden) if need_h else None
@@ -314,7 +331,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             # `z` and `grad` (bf16): 6 bytes per logit. In float32 `z` is `logits` and `grad` is `z`: 4 bytes.
             logits = h @ weight.T if b is None else torch.addmm(b, h, weight.T)  # [C, V] in dtype
             want_grad = need_h or need_w or need_b
-            if not plain:  # a declared smoothing, class weight or z-loss: the general row pass
+            if not plain:  # a declared smoothing, class weight, z-loss or soft-cap: the general row pass
+                slope = None
+                if softcap is not None:  # the losses are of cap * tanh(logits / cap)
+                    logits, slope = _softcap_rows(logits, softcap, dtype)  # float32 [C, V], [C, V] in dtype
                 grad, row_loss, row_z = _declared_rows(
                     logits, target, keep, label_smoothing, class_weight, z_coef, total, z_total, want_grad, dtype
                 )
@@ -322,10 +342,12 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 loss += row_loss
                 z_sum += row_z
                 if grad is not None:
+                    if slope is not None:
+                        grad.mul_(slope)  # through the cap: d loss / d logits = d loss / d z * (1 - tanh^2)
                     grad_hidden, grad_weight = _chunk_grads(
                         grad, h, weight, need_w, grad_hidden, grad_weight, grad_bias, start
                     )
-                del grad
+                del grad, slope
                 continue
             if use_triton(logits):  # one kernel: loss per row, gradient in place (no float32 copy)
                 from .losses_triton import cross_entropy_rows
@@ -390,6 +412,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -403,21 +426,23 @@ def fused_causal_lm_losses(
     label_smoothing: float = 0.0,
     class_weight=None,
     z_coef=None,
+    softcap=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(`causal_lm_loss(hidden @ weight.T + bias, labels, label_smoothing=, weight=)` + `z_coef` times the z-loss,
-    the z-loss) without materializing the logits; the z-loss is 0 when `z_coef` is None.
+    the z-loss) without materializing the logits; the z-loss is 0 when `z_coef` is None. `softcap`: the losses
+    are of the soft-capped logits cap * tanh((hidden @ weight.T + bias) / cap) (Gemma 2's final cap).
 
-    `chunk`: tokens per chunk; None picks `default_chunk(tokens, vocab, hidden_size, dtype)`."""
+    `chunk`: tokens per chunk; None picks `default_chunk(tokens, vocab, hidden_size, dtype, softcap)`."""
     # hidden: [B, T, H]; labels: [B, T]
     labels = _shift(labels).reshape(-1).to(hidden.device)  # [B*T]
     flat = hidden.reshape(-1, hidden.shape[-1])  # [B*T, H]
     if chunk is None:
-        chunk = default_chunk(flat.shape[0], weight.shape[0], weight.shape[1], weight.dtype)
+        chunk = default_chunk(flat.shape[0], weight.shape[0], weight.shape[1], weight.dtype, softcap is not None)
     if chunk < 1:
         raise ValueError(f"chunk={chunk}: the fused loss needs at least one token per chunk")
     class_weight = class_weights(class_weight, weight.shape[0], hidden.device)
     return FusedLinearCrossEntropy.apply(
-        flat, weight, bias, labels, chunk, num_items_in_batch, label_smoothing, class_weight, z_coef
+        flat, weight, bias, labels, chunk, num_items_in_batch, label_smoothing, class_weight, z_coef, softcap
     )
 
 
@@ -428,11 +453,13 @@ def fused_causal_lm_loss(
     labels: torch.Tensor,
     chunk: int | None = None,
     num_items_in_batch=None,
+    softcap=None,
 ) -> torch.Tensor:
-    """`causal_lm_loss(hidden @ weight.T + bias, labels)` without materializing the logits.
+    """`causal_lm_loss(hidden @ weight.T + bias, labels)` without materializing the logits; `softcap`: of
+    cap * tanh(logits / cap).
 
-    `chunk`: tokens per chunk; None picks `default_chunk(tokens, vocab, hidden_size, dtype)`."""
-    return fused_causal_lm_losses(hidden, weight, bias, labels, chunk, num_items_in_batch)[0]
+    `chunk`: tokens per chunk; None picks `default_chunk(tokens, vocab, hidden_size, dtype, softcap)`."""
+    return fused_causal_lm_losses(hidden, weight, bias, labels, chunk, num_items_in_batch, softcap=softcap)[0]
 
 
 def benchmark_fused_loss(
@@ -444,21 +471,25 @@ def benchmark_fused_loss(
     chunk: int | None = None,
     repeats: int = 5,
     unfused: bool = True,
+    softcap: float | None = None,
 ) -> dict:
     """Time forward + backward of the fused loss (and of `causal_lm_loss` on materialized logits, as HF eager)
-    at one shape; defaults are Qwen2-0.5B's head at 8192 tokens. Returns milliseconds (best of `repeats`
-    after one warm-up), the chunk used, and on CUDA the peak memory each allocated beyond its inputs."""
+    at one shape; defaults are Qwen2-0.5B's head at 8192 tokens (`softcap`: Gemma 2's final soft-cap on
+    both). Returns milliseconds (best of `repeats` after one warm-up), the chunk used, and on CUDA the peak
+    memory each allocated beyond its inputs."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     g = torch.Generator(device="cpu").manual_seed(0)
     hidden = torch.randn(1, tokens, hidden_size, generator=g).to(device, dtype).requires_grad_()
     weight = (torch.randn(vocab, hidden_size, generator=g) * 0.02).to(device, dtype).requires_grad_()
     labels = torch.randint(0, vocab, (1, tokens), generator=g).to(device)
-    used = chunk or default_chunk(tokens, vocab, hidden_size, dtype)
-    runs = {"fused": lambda: fused_causal_lm_loss(hidden, weight, None, labels, chunk=used)}
+    used = chunk or default_chunk(tokens, vocab, hidden_size, dtype, softcap is not None)
+    runs = {"fused": lambda: fused_causal_lm_loss(hidden, weight, None, labels, chunk=used, softcap=softcap)}
     if unfused:
-        runs["unfused"] = lambda: causal_lm_loss(hidden @ weight.T, labels)
+        capped = (lambda x: softcap * torch.tanh(x / softcap)) if softcap is not None else (lambda x: x)
+        runs["unfused"] = lambda: causal_lm_loss(capped(hidden @ weight.T), labels)
     result = {"tokens": tokens, "hidden_size": hidden_size, "vocab": vocab, "dtype": str(dtype), "chunk": used}
+    result["softcap"] = softcap
     for name, run in runs.items():
         best, peak, loss = float("inf"), None, None
         for i in range(repeats + 1):

@@ -268,6 +268,18 @@ class PreTrainedModel(nn.Module):
         """The LM head (the spec's `loss_head` module), or None for a model without one (BertModel)."""
         return self.get_submodule(self.loss_head[0]) if self.loss_head is not None else None
 
+    def logit_softcap(self) -> float | None:
+        """The soft-cap the spec's forward applies after the LM head (logits -> cap * tanh(logits / cap),
+        Gemma 2's final_logit_softcapping), or None: the logits are the head's output."""
+        return None
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits of `hidden` ([..., H], from `forward_hidden`) as the spec's forward computes them: the LM
+        head, then its soft-cap if it has one."""
+        logits = self.get_submodule(self.loss_head[0])(hidden)  # [..., V]
+        cap = self.logit_softcap()
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
     def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing: bool = True):
         """Resize the token embedding (and the LM head, tied or not, with its bias) to `new_num_tokens` rows
         (rounded up to a multiple of `pad_to_multiple_of`), keep the old rows, update config.vocab_size, return
@@ -757,11 +769,12 @@ class PreTrainedModel(nn.Module):
                 label_smoothing=ce.get("label_smoothing", 0.0),
                 class_weight=ce.get("weight"),
                 z_coef=z["coef"] if z is not None else None,
+                softcap=self.logit_softcap(),
             )
             return {"loss": loss, "z_loss": z_loss} if z is not None else {"loss": loss}
         if not keep_all:
             hidden = self.forward_hidden(*self.graph_args(inputs), ctx)  # [B, T, H]
-            logits = self.get_submodule(self.loss_head[0])(keep_positions(hidden, logits_to_keep))  # [B, N, V]
+            logits = self.head_logits(keep_positions(hidden, logits_to_keep))  # [B, N, V]
             return {self.output_names[0]: logits}
         outputs = self.run_graph(ctx, **inputs)
         named = dict(zip(self.output_names, outputs))
@@ -824,7 +837,7 @@ class PreTrainedModel(nn.Module):
         ctx = AttentionContext(key_mask, cache_position, use_cache=True)
         if last_only and self.loss_head is not None:
             hidden = self.forward_hidden(*self.graph_args(dict(input_ids=input_ids, position_ids=position_ids)), ctx)
-            return self.get_submodule(self.loss_head[0])(hidden[:, -1:])  # [B, 1, V]
+            return self.head_logits(hidden[:, -1:])  # [B, 1, V]
         return self.run_graph(ctx, input_ids=input_ids, position_ids=position_ids)[0]
 
     def generate(

@@ -80,7 +80,7 @@ class SlotDecoder:
         ctx = SlotContext(position_ids)
         if model.loss_head is not None:
             hidden = model.forward_hidden(*model.graph_args(dict(input_ids=input_ids, position_ids=position_ids)), ctx)
-            return model.get_submodule(model.loss_head[0])(hidden[:, -1:] if last_only else hidden)
+            return model.head_logits(hidden[:, -1:] if last_only else hidden)
         return model.run_graph(ctx, input_ids=input_ids, position_ids=position_ids)[0]
 
     @torch.no_grad()

@@ -314,10 +314,10 @@ class PreTrainedModel(model_core.PreTrainedModel, HFPreTrainedModel, GenerationM
         try:
             ctx = AttentionContext(key_mask, cache_position, use_cache=True)
             inputs = dict(input_ids=input_ids, position_ids=position_ids)
-            if self.loss_head is not None:  # the head on the kept positions only
+            if self.loss_head is not None:  # the head (and its soft-cap) on the kept positions only
                 hidden = self.forward_hidden(*self.graph_args(inputs), ctx)  # [B, T, H]
-                logits = self.get_submodule(self.loss_head[0])(keep_positions(hidden, logits_to_keep))  # [B, N, V]
-            else:  # logits that are more than a linear head (Gemma 2's final soft-cap): the whole graph
+                logits = self.head_logits(keep_positions(hidden, logits_to_keep))  # [B, N, V]
+            else:  # logits that are more than a linear head: the whole graph
                 logits = keep_positions(self.run_graph(ctx, **inputs)[0], logits_to_keep)  # [B, N, V]
         finally:
             for site in sites:
