@@ -53,9 +53,16 @@ def test_only_the_taken_side_runs_and_each_config_is_right(pkg, overrides):
     model = pkg.M(pkg.C(**overrides))
     assert (model.norm is None) == (overrides.get("use_norm") is False)  # the untaken side would call None
     ids = torch.randint(0, 64, (2, 7))
+    model.eval()
     out = model(input_ids=ids, labels=ids)
-    torch.testing.assert_close(out.logits, _reference(model, ids))
-    out.loss.backward()  # autograd through the taken side
+    reference = _reference(model, ids)
+    torch.testing.assert_close(out.logits, reference)
+    model.train()  # training takes the fused loss, the soft-cap (when set) inside its chunks: no logits out
+    loss = model(input_ids=ids, labels=ids).loss
+    expected = F.cross_entropy(reference[:, :-1].reshape(-1, reference.shape[-1]), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(out.loss, expected)
+    loss.backward()  # autograd through the taken side
     assert model.lm_head.weight.grad is not None and model.mlp.up.weight.grad is not None
 
 
