@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from dispatch_log import TensorOutputs
 from packages import MODELS, built_packages
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,21 +165,6 @@ def test_fused_loss_chunk_rule(losses):
                 assert buffers <= max(mod.MIN_CHUNK_BYTES, 3 * n * v * size // 4) or c == 1
 
 
-class _Shapes(TorchDispatchMode):
-    """Records the element counts of every op's tensor outputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.numels = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.numels.append((t.numel(), str(func), tuple(t.shape)))
-        return out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_loss_never_allocates_the_logits(losses, dtype, bias):
@@ -187,12 +172,12 @@ def test_fused_loss_never_allocates_the_logits(losses, dtype, bias):
     mod, _ = losses
     n, v, h, chunk = 4 * 40, 301, 8, 24
     hidden, weight, b, labels = _problem(n_batch=4, t=40, h=h, v=v, bias=bias, dtype=dtype)
-    with _Shapes() as shapes:
+    with TensorOutputs() as shapes:
         loss = mod.fused_causal_lm_loss(hidden, weight, b, labels, chunk=chunk)
         loss.backward()
-    biggest = max(shapes.numels)
+    biggest = max(shapes.outputs)
     assert biggest[0] <= max(chunk * v, v * h) < n * v, biggest
-    assert sum(1 for numel, _, _ in shapes.numels if numel == chunk * v) > 0  # the chunks did run
+    assert sum(1 for numel, _, _ in shapes.outputs if numel == chunk * v) > 0  # the chunks did run
     assert hidden.grad is not None and weight.grad.dtype == dtype
 
 
@@ -288,12 +273,12 @@ def test_fused_loss_softcap_never_allocates_the_logits(losses, dtype):
     mod, _ = losses
     n, v, h, chunk = 4 * 40, 301, 8, 24
     hidden, weight, b, labels = _problem(n_batch=4, t=40, h=h, v=v, bias=True, dtype=dtype)
-    with _Shapes() as shapes:
+    with TensorOutputs() as shapes:
         loss = mod.fused_causal_lm_loss(hidden, weight, b, labels, chunk=chunk, softcap=CAP)
         loss.backward()
-    biggest = max(shapes.numels)
+    biggest = max(shapes.outputs)
     assert biggest[0] <= max(chunk * v, v * h) < n * v, biggest
-    assert any("tanh" in func for numel, func, _ in shapes.numels if numel == chunk * v)  # the cap ran per chunk
+    assert any("tanh" in func for numel, func, _ in shapes.outputs if numel == chunk * v)  # the cap ran per chunk
     assert hidden.grad is not None and weight.grad.dtype == dtype
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import hf_oracle
 import pytest
 import torch
+from dispatch_log import TensorOutputs
 from packages import built_packages
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 # family -> (spec, generated class, HF's tie default for the tiny model)
@@ -207,21 +207,6 @@ def test_training_mode_uses_fused_loss_and_matches(pair):
     _compare_grads(hf, ours, pkg)
 
 
-class _Shapes(TorchDispatchMode):
-    """Records the shape and op of every tensor an op outputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.outputs = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.outputs.append((tuple(t.shape), str(func)))
-        return out
-
-
 def test_gemma2_final_softcap_runs_in_the_fused_loss_chunks(packages, tmp_path, monkeypatch):
     """Gemma 2's final soft-cap follows its head, inside the chunks of the fused loss: training with labels
     never allocates the [tokens, vocab] logits (forward or backward; chunks of 8 of the 24 tokens), the cap
@@ -241,7 +226,7 @@ def test_gemma2_final_softcap_runs_in_the_fused_loss_chunks(packages, tmp_path, 
     labels[0, :4] = -100
     ours.train()
     try:
-        with _Shapes() as shapes:
+        with TensorOutputs() as shapes:
             out = ours(**kw, labels=labels)
             out.loss.backward()
     finally:
@@ -251,7 +236,7 @@ def test_gemma2_final_softcap_runs_in_the_fused_loss_chunks(packages, tmp_path, 
     torch.testing.assert_close(out.loss, a.loss)
     _compare_grads(hf, ours, pkg)
     weights = {(vocab, hidden), (hidden, vocab)}  # the head / embedding matrix and its transpose
-    wide = [(s, f) for s, f in shapes.outputs if vocab in s and s not in weights]
+    wide = [(s, f) for _, f, s in shapes.outputs if vocab in s and s not in weights]
     rows = max(math.prod(s) // vocab for s, _ in wide)
     assert rows == chunk, f"a tensor holds the logits of {rows} tokens: {max(wide, key=lambda w: math.prod(w[0]))}"
     assert any("tanh" in f and s == (chunk, vocab) for s, f in wide), "the cap did not run on a chunk"
