@@ -50,7 +50,10 @@ def train(args: dict) -> dict | None:
 
         dist.init_process_group("gloo")
     try:
-        return _train(package, args, distributed)
+        result = _train(package, args, distributed)
+        if distributed:
+            dist.barrier()  # every rank done with its collectives before any tears the group down
+        return result
     finally:
         if distributed:
             dist.destroy_process_group()
@@ -137,3 +140,9 @@ def _train(package, args: dict, distributed: bool) -> dict | None:
 
 if __name__ == "__main__":
     main()
+    # Done and the group destroyed: leave without interpreter finalization, where gloo's worker threads can
+    # still hold work objects and abort the process ("terminate called without an active exception",
+    # pytorch/pytorch#179291), failing a rank whose results are already written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
