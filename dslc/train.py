@@ -217,7 +217,11 @@ class Run:
             self._load_checkpoint(resume)
         else:
             self._reset_metrics(0)
-        return self._loop()
+        code = self._loop()
+        if self.dist is not None and self._owns_group:  # on success only: a failed rank must not wait on the rest
+            self.dist.barrier()
+            self.dist.destroy_process_group()
+        return code
 
     def _given_lora(self) -> list[str]:
         given = [f"lora.{k}" for k in parse_lora(self.args.lora)] if self.args.lora else []
@@ -282,7 +286,8 @@ class Run:
 
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if not dist.is_initialized():
+        self._owns_group = not dist.is_initialized()  # torchrun's processes: ours to destroy when done
+        if self._owns_group:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.dist = dist
         del fsdp
