@@ -69,14 +69,19 @@ def _check_variants(spec, arch, overrides: dict, checked: Checked, limit: int) -
     derived = configs.derived_fields(program.config, set(checked.config_eval.fixed))
     strings = configs.compared_strings(program)
 
+    found: dict[tuple, list[Diagnostic]] = {}  # each variant is checked once, shrinking included
+
     def errors(changes: dict) -> list[Diagnostic]:
-        try:
-            _check_one(spec, arch, overrides, changes)
-        except DslcError as e:
-            if any(d.code == "E020" for d in e.diagnostics):
-                return []  # a `require` the variant search could not see through: not a config to check
-            return e.diagnostics
-        return []
+        key = tuple(sorted(changes.items(), key=lambda kv: kv[0]))
+        if key not in found:
+            found[key] = []
+            try:
+                _check_one(spec, arch, overrides, changes)
+            except DslcError as e:
+                # an E020 is a `require` the variant search could not see through: not a config to check
+                if not any(d.code == "E020" for d in e.diagnostics):
+                    found[key] = e.diagnostics
+        return found[key]
 
     def valid(changes: dict) -> bool:
         return configs.config_values(program.config, base, changes, derived) is not None
@@ -91,9 +96,11 @@ def _check_variants(spec, arch, overrides: dict, checked: Checked, limit: int) -
                 f"the checked config passes, and this one satisfies every `require` of `{program.config.name}`: "
                 "write the size in config fields, or rule such configs out with a `require`"
             )
-            found = {d.span: d for d in reversed(errors(small))}  # one per place: the first
+            first: dict = {}  # one error per place
+            for d in errors(small):
+                first.setdefault(d.span, d)
             raise DslcError(
-                [replace(d, message=f"with {shown}: {d.message}", help=(*d.help, help_)) for d in found.values()][::-1]
+                [replace(d, message=f"with {shown}: {d.message}", help=(*d.help, help_)) for d in first.values()]
             )
     return n
 

@@ -19,6 +19,7 @@ from dataclasses import is_dataclass
 from dslc.ir import nodes as N
 from dslc.ir import ops
 from dslc.ir.evaluate import EvalError, evaluate, free_refs
+from dslc.ir.lower import _check_type as check_type  # the config's own type rule, as lowering applies it
 
 Values = dict  # field -> value
 
@@ -46,7 +47,7 @@ def config_values(config: N.ConfigDef, base: Values, changes: Values, derived: s
     try:
         for name in by_name:
             value_of(name)
-        if not all(_type_ok(values[f.name], f) for f in config.fields):
+        if not all(check_type(values[f.name], f.type, f.optional) for f in config.fields):
             return None
         for r in config.requires:
             if not evaluate(r.test, lambda ref: values[ref.name]):
@@ -60,17 +61,6 @@ def _known(v):
     if v is _MISSING:
         raise EvalError("cycle")
     return v
-
-
-def _type_ok(v, f: N.FieldDef) -> bool:
-    if v is None:
-        return f.optional
-    return {
-        "int": isinstance(v, int) and not isinstance(v, bool),
-        "float": isinstance(v, (int, float)) and not isinstance(v, bool),
-        "bool": isinstance(v, bool),
-        "str": isinstance(v, str),
-    }.get(f.type, True)
 
 
 def derived_fields(config: N.ConfigDef, given: set[str]) -> set[str]:

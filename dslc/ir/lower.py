@@ -194,19 +194,19 @@ class Lowering:
         self._check_fn_calls()
         self.rep.raise_if_errors()
 
-        self._model_name = model.name
         order = self._dependency_order(model.name)
         fns_used = self._fns_used(order)
         mark = len(self.rep.diagnostics)
         weights = self._instantiate(model.name, {}, "", (), model.span)
         weights = self._apply_ties(weights)
         # An instance that failed has no weights: rules naming them would cascade from its error.
-        self._weights_complete = not any(d.is_error for d in self.rep.diagnostics[mark:])
+        complete = not any(d.is_error for d in self.rep.diagnostics[mark:])
+        possible = self._possible_paths(model.name)
         checkpoint = self._lower_checkpoint(decls.checkpoints)
-        if self._weights_complete:
-            self._check_layout(checkpoint, weights)
+        if complete:
+            self._check_layout(checkpoint, weights, possible)
         train = self._lower_train(decls.trains, order)
-        router = self._lower_router(decls.modules, model, weights)
+        router = self._lower_router(decls.modules, model, weights if complete else None, possible)
         losses = self._lower_losses(decls.modules, model)
         self.rep.raise_if_errors()
         return N.Program(
@@ -1414,13 +1414,13 @@ class Lowering:
                 out |= {f"{stem}.{p}" for p in self._possible_paths(side)}
         return out
 
-    def _check_layout(self, checkpoint: N.CheckpointDef, weights: list[N.WeightInfo]) -> None:
-        """Each rule's targets must be weights of the model, and its transforms must fit their shapes."""
+    def _check_layout(self, checkpoint: N.CheckpointDef, weights: list[N.WeightInfo], possible: set[str]) -> None:
+        """Each rule's targets must be weights of the model (or, `possible`, of other configs' instances), and its
+        transforms must fit their shapes."""
         import re
 
         shapes = {w.name: w.shape for w in weights}
         generic = sorted({re.sub(r"\.\d+\.", ".{i}.", n) for n in shapes})
-        possible = self._possible_paths(self._model_name)
         for rule in checkpoint.rules:
             first = [re.compile("^" + re.escape(t).replace(r"\{i\}", r"\d+") + "$") for t in rule.targets]
             matched = [[n for n in shapes if pat.match(n)] for pat in first]
@@ -1517,9 +1517,12 @@ class Lowering:
                         rule.span,
                     )
 
-    def _lower_router(self, modules: dict, model: A.ModuleDecl, weights: list[N.WeightInfo]) -> N.RouterDef | None:
-        """The model's `router` line: a pattern naming submodules of the model (`{i}` a layer index) and the
-        load-balancing options, each a build-time expression over the config, held against this config."""
+    def _lower_router(
+        self, modules: dict, model: A.ModuleDecl, weights: list[N.WeightInfo] | None, possible: set[str]
+    ) -> N.RouterDef | None:
+        """The model's `router` line: a pattern naming submodules of the model (`{i}` a layer index; `possible`:
+        paths other configs have) and the load-balancing options, each a build-time expression over the config,
+        held against this config. `weights` is None where instantiating failed: the pattern is not checked."""
         import re
 
         for m in modules.values():
@@ -1537,18 +1540,14 @@ class Lowering:
             self.rep.error(
                 "E011", "the model has more than one `router` line", extra.span, notes=(f"first at {r.span}",)
             )
-        paths = {n.rsplit(".", k)[0] for w in weights for n in [w.name] for k in range(1, n.count(".") + 1)}
+        paths = {n.rsplit(".", k)[0] for w in weights or () for n in [w.name] for k in range(1, n.count(".") + 1)}
         generic = sorted({re.sub(r"\.\d+(?=\.|$)", ".{i}", p) for p in paths})
         wanted = re.compile("^" + re.escape(r.pattern).replace(r"\{i\}", r"\d+") + "$")
         if other := next((x for x in re.findall(r"\{[^{}]*\}", r.pattern) if x != "{i}"), None):
             self.rep.error(
                 "E050", f"`{other}` in router pattern `{r.pattern}`: the only placeholder is `{{i}}`", r.span
             )
-        elif (
-            self._weights_complete
-            and not any(wanted.match(p) for p in paths)
-            and r.pattern not in self._possible_paths(model.name)
-        ):
+        elif weights is not None and not any(wanted.match(p) for p in paths) and r.pattern not in possible:
             self.rep.error(
                 "E010",
                 f"router `{r.pattern}` is not a submodule of the model",
